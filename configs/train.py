@@ -1,0 +1,86 @@
+r"""Train a GLP denoiser on an activation store.
+
+Run (tiny model, ~100 steps on CPU, embedded default store built on first use):
+  glp-train --config=configs/train.py:runlocal --workdir=runs/local
+A reference size on a real store:
+  glp-train --config=configs/train.py:model=llama1b-d6 --config.data.store=/data/llama1b_l07 --workdir=runs/d6
+Size a sweep point without training:
+  glp-train --config=configs/train.py:model=llama1b-d6 --dry_run
+
+Args (`configs/train.py:k=v,...`): model (preset name), runlocal, budget (activations, e.g. 1e9), seed.
+"""
+from glp_jax import config_lib
+import ml_collections
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, model="tiny", runlocal=False, budget=0.0, seed=0)
+  c = ml_collections.ConfigDict()
+  c.seed = a.seed                      # PRNG seed for init, noise and data order
+
+  # --- model: a preset from glp_jax.model.PRESETS, or 'custom' with the free width/depth fields ---
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = a.model             # tiny | small | llama1b-d3 | llama1b-d6 | ... | custom
+  c.model.d_input = 0                  # activation width D; 0 = take it from the store
+  c.model.width_mult = 2.0             # d_model = width_mult * d_input (custom only)
+  c.model.mlp_mult = 2.0               # d_mlp = mlp_mult * d_model (custom only)
+  c.model.n_layers = 3                 # number of SwiGLU blocks (custom only)
+  c.model.multi_layer_n_layers = 0     # >0: a multi-layer prior conditioned on the LM layer index
+  c.model.compute_dtype = "float32"    # float32 | bfloat16 (params and optimizer state stay float32)
+
+  # --- flow matching ---
+  c.flow = ml_collections.ConfigDict()
+  c.flow.sigma_sampling = "discrete"   # discrete (reference 1000-level grid) | uniform | logit_normal
+  c.flow.logit_normal_mean = 0.0       # logit_normal only
+  c.flow.logit_normal_std = 1.0        # logit_normal only
+
+  # --- data ---
+  c.data = ml_collections.ConfigDict()
+  c.data.store = ""                    # path of an activation store; "" = the embedded default (built once)
+  c.data.layer = -1                    # LM layer to train on; -1 = the store's first (or all, multi-layer)
+  c.data.block_rows = 512              # rows read contiguously per request (shuffle granularity)
+  c.data.window_blocks = 64            # blocks shuffled together in memory (rows mix within a window)
+  c.data.heldout_rows = 4096           # fixed rows at the end of the store, never trained on
+  c.data.prefetch = 2                  # batches prefetched by a background thread (0 = synchronous)
+
+  # --- optimisation (reference: AdamW 5e-5, wd 0.01, clip 1.0, warmup 1%, cosine to 0.1x) ---
+  c.batch_size = 4096                  # global batch, activation rows per step
+  c.num_activations = a.budget or 1e9  # training budget in activations seen ("epoch" = 1M activations)
+  c.opt = ml_collections.ConfigDict()
+  c.opt.lr = 5e-5                      # peak learning rate
+  c.opt.schedule = "cosine"            # cosine | constant | wsd
+  c.opt.warmup_ratio = 0.01            # fraction of steps in linear warmup from 0.01*lr
+  c.opt.final_lr_factor = 0.1          # cosine/wsd end at final_lr_factor * lr
+  c.opt.decay_ratio = 0.2              # wsd only: fraction of steps in the final decay
+  c.opt.b1 = 0.9
+  c.opt.b2 = 0.999
+  c.opt.eps = 1e-8
+  c.opt.weight_decay = 0.01            # decoupled; not applied to biases and LayerNorm scales
+  c.opt.clip_norm = 1.0                # global gradient-norm clip; 0 disables
+  c.opt.ema_decay = 0.0                # >0 keeps an EMA of params, used by eval, sampling and export
+
+  # --- mesh: -1 = the rest of the devices ---
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                     # pure data parallel axis
+  c.mesh.fsdp = 1                      # parameter + optimizer-state sharding axis (also splits the batch)
+
+  # --- checkpoints, logging, eval ---
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every_steps = 1000            # save period in steps (and always at the end / on SIGTERM)
+  c.ckpt.keep = 3                      # keep the last N
+  c.ckpt.keep_every = 0                # additionally keep every K-th step forever; 0 = off
+  c.log_every = 50                     # steps between metrics.jsonl lines
+  c.eval_every = 1000                  # steps between held-out evals (and at the end)
+  c.eval_rows = 4096                   # held-out rows used by eval (fixed rows, noise and t grid)
+
+  if a.runlocal:
+    c.model.preset = a.model if a.model != "tiny" else "tiny"
+    c.batch_size = 256
+    c.num_activations = a.budget or 256 * 100
+    c.opt.lr = 1e-3
+    c.data.heldout_rows = 1024
+    c.eval_rows = 1024
+    c.log_every = 10
+    c.eval_every = 50
+    c.ckpt.every_steps = 50
+  return c

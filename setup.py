@@ -1,0 +1,70 @@
+"""glp_jax: Generative Latent Priors (diffusion meta-models of LLM activations) in JAX/Flax NNX."""
+import setuptools
+
+# Tested ranges. The exact set that `make` installs and CI tests is pinned in requirements/lock.txt.
+# jax 0.11 needs Python >= 3.12; the accelerator images ship it, so the ranges admit both.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.12",
+    "jaxlib>=0.10.2,<0.12",
+    "flax>=0.12.8,<0.14",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "tensorstore>=0.1.86,<0.2",
+    "grain>=0.2.18,<0.3",
+    "ml-collections>=1.1.0,<2",
+    "absl-py>=2.5,<3",
+    "numpy>=2.4,<3",
+    "ml-dtypes>=0.6,<0.7",
+    "scipy>=1.17,<2",
+    "matplotlib>=3.11,<4",
+    "tqdm>=4.70,<5",
+    "safetensors>=0.8,<0.9",
+]
+
+EXTRAS = {
+    # The PyTorch side: activation extraction, export parity, LM-based evaluations.
+    # torch is pinned exactly: a looser spec pulls a multi-GB CUDA build on CPU machines.
+    "torch": [
+        "torch==2.13.0",
+        "transformers>=5.24,<6",
+        "tokenizers>=0.23,<0.24",
+        "huggingface_hub>=2.4,<3",
+        "accelerate>=1.15,<2",
+        "gguf>=0.19,<0.20",
+        "pyarrow>=26,<27",
+    ],
+    "test": [
+        "pytest>=9.2,<10",
+        "zarr>=3.1.6,<4",
+        "nbclient>=0.11,<0.12",
+        "nbformat>=5.11,<6",
+        "ipykernel>=7.4,<8",
+    ],
+    "tensorboard": ["tensorboardX>=2.6,<3"],
+    # Accelerator builds of jax (the accelerator images usually ship these preinstalled).
+    "cuda": ["jax[cuda13]>=0.10.2,<0.12"],
+    "tpu": ["jax[tpu]>=0.10.2,<0.12"],
+}
+
+setuptools.setup(
+    name="glp_jax",
+    version="0.1.0",
+    description="Generative Latent Priors of LLM activations: extract, load, train, scale, export, evaluate.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["glp_jax", "glp_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "glp-extract=glp_jax.extract:run",
+            "glp-train=glp_jax.train:run",
+            "glp-sweep=glp_jax.sweep:run",
+            "glp-fit=glp_jax.fit_cli:run",
+            "glp-export=glp_jax.export:run",
+            "glp-import=glp_jax.import_ref:run",
+            "glp-eval=glp_jax.evals.cli:run",
+        ]
+    },
+)

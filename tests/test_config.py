@@ -1,0 +1,65 @@
+"""Config system: args parse with types, wrong keys fail fast naming the key, overrides via absl flags."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from glp_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_arg_types_and_flags():
+  a = config_lib.parse_arg("model=llama1b-d6,runlocal,budget=2e6,seed=3",
+                           model="tiny", runlocal=False, budget=0.0, seed=0)
+  assert a.model == "llama1b-d6" and a.runlocal is True and a.budget == 2e6 and a.seed == 3
+  assert isinstance(a.seed, int) and isinstance(a.budget, float)
+
+
+@pytest.mark.parametrize("arg,needle", [("modle=d6", "'modle'"), ("seed=abc", "'seed'"), ("model", "'model'")])
+def test_parse_arg_errors_name_the_key(arg, needle):
+  with pytest.raises(config_lib.ConfigError, match=needle):
+    config_lib.parse_arg(arg, model="tiny", seed=0)
+
+
+def test_train_config_wrong_arg_fails_fast():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("train_cfg", os.path.join(ROOT, "configs", "train.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.get_config("runlocal").batch_size > 0
+  with pytest.raises(config_lib.ConfigError, match="'bugdet'"):
+    mod.get_config("bugdet=1e6")
+
+
+def test_write_config_round_trip(workdir):
+  a = config_lib.parse_arg("seed=5", seed=0, name="x")
+  path = config_lib.write_config(a, workdir)
+  assert json.load(open(path)) == {"seed": 5, "name": "x"}
+
+
+_FLAGS_SCRIPT = """
+import sys
+from absl import app
+from ml_collections import config_flags
+_CONFIG = config_flags.DEFINE_config_file("config", None, lock_config=True)
+def main(_):
+  print("LR", _CONFIG.value.opt.lr)
+app.run(main)
+"""
+
+
+def test_absl_override_and_unknown_key(tmp_path):
+  script = tmp_path / "s.py"
+  script.write_text(_FLAGS_SCRIPT)
+  cfg = os.path.join(ROOT, "configs", "train.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  ok = subprocess.run([sys.executable, str(script), f"--config={cfg}:runlocal", "--config.opt.lr=3e-4"],
+                      capture_output=True, text=True, env=env, cwd=ROOT)
+  assert ok.returncode == 0, ok.stderr
+  assert "LR 0.0003" in ok.stdout
+  bad = subprocess.run([sys.executable, str(script), f"--config={cfg}", "--config.opt.lrr=3e-4"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+  assert bad.returncode != 0 and "lrr" in bad.stderr
