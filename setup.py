@@ -32,6 +32,7 @@ EXTRAS = {
         "accelerate>=1.15,<2",
         "gguf>=0.19,<0.20",
         "pyarrow>=26,<27",
+        "pyyaml>=6,<7",  # reading reference config.yaml files
     ],
     "test": [
         "pytest>=9.2,<10",

@@ -1,0 +1,263 @@
+"""Prior folders on disk: our export layout and the reference GLP layout, read and written with torch only.
+
+One folder holds both layouts:
+  config.json         our config: architecture, normaliser mean/var, sampler defaults, provenance
+  model.safetensors   denoiser state dict (reference key names, torch Linear [out, in] layout)
+  config.yaml         reference `load_glp` config (`glp_kwargs`, `${rep_statistic}` interpolation)
+  rep_statistics.pt   torch.save({"mean": [D] or [L, D], "var": same}) (variance, not std)
+  final.safetensors   the same tensors as model.safetensors (a hard link when the filesystem allows)
+A reference folder has only the last three (plus `checkpoints/<name>.safetensors`).
+
+Every reader check names the offending key: a missing or unexpected tensor, a wrong shape, a config field.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from glp_jax.torch.model import DenoiserConfig
+
+FORMAT = "glp_jax.torch"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+REF_CONFIG_FILE = "config.yaml"
+REF_STATS_FILE = "rep_statistics.pt"
+REF_CHECKPOINT = "final"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Sampler defaults recorded in config.json (reference: sample() 20 steps, FD eval 1000, SDEdit u=0.5 / 20).
+SAMPLER_DEFAULTS = {"grid": "FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)",
+                    "timestep_scale": 1000, "num_steps": 20, "fd_num_steps": 1000,
+                    "manifold_start": 0.5, "manifold_steps": 20}
+
+
+def expected_shapes(cfg: DenoiserConfig) -> dict[str, tuple[int, ...]]:
+  """Reference state-dict keys and their torch shapes for an architecture."""
+  d, m, f = cfg.d_input, cfg.d_model, cfg.d_mlp
+  shapes = {"model.in_proj.weight": (m, d), "model.in_proj.bias": (m,),
+            "model.out_proj.weight": (d, m), "model.out_proj.bias": (d,),
+            "model.ln.weight": (m,), "model.ln.bias": (m,)}
+  embeds = ["time_embed"] + (["layer_embed"] if cfg.multi_layer_n_layers else [])
+  for e in embeds:
+    for i in ("0", "2"):
+      shapes[f"model.{e}.{i}.weight"] = (m, m)
+      shapes[f"model.{e}.{i}.bias"] = (m,)
+  for i in range(cfg.n_layers):
+    p = f"model.layers.{i}"
+    shapes[f"{p}.ln.weight"] = shapes[f"{p}.ln.bias"] = (m,)
+    for name in ("up_proj", "gate_proj", "time_proj"):
+      shapes[f"{p}.{name}.weight"] = (f, m)
+      shapes[f"{p}.{name}.bias"] = (f,)
+    shapes[f"{p}.down_proj.weight"] = (m, f)
+    shapes[f"{p}.down_proj.bias"] = (m,)
+  return shapes
+
+
+def check_state_dict(sd: Mapping[str, Any], cfg: DenoiserConfig, source: str) -> None:
+  """Raises KeyError / ValueError naming the first missing, unexpected or wrongly shaped key."""
+  want = expected_shapes(cfg)
+  missing = [k for k in want if k not in sd]
+  if missing:
+    raise KeyError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing) for {cfg}")
+  extra = sorted(k for k in sd if k not in want)
+  if extra:
+    raise KeyError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} unexpected) for {cfg}")
+  for k, shape in want.items():
+    got = tuple(sd[k].shape)
+    if got != shape:
+      raise ValueError(f"{source}: key {k!r} has shape {got}, the config {cfg} needs {shape}")
+
+
+def check_stats(mean: torch.Tensor, var: torch.Tensor, cfg: DenoiserConfig, source: str,
+                layers: list[int] | None = None) -> None:
+  """The normaliser statistics must be [D] (single layer) or [K, D] (multi-layer) and agree with the config."""
+  for name, t in (("mean", mean), ("var", var)):
+    multi = cfg.multi_layer_n_layers is not None
+    ok = t.shape[-1:] == (cfg.d_input,) and (t.ndim == 2 if multi else t.ndim == 1)
+    if not ok:
+      want = f"[L, {cfg.d_input}]" if multi else f"[{cfg.d_input}]"
+      raise ValueError(f"{source}: key {name!r} has shape {tuple(t.shape)}, the config needs {want}")
+  if layers is not None and mean.ndim == 2 and len(layers) != mean.shape[0]:
+    raise ValueError(f"{source}: key 'layers' names {len(layers)} LM layers for {mean.shape[0]} stacked rows")
+  if not bool(torch.all(var > 0)):
+    raise ValueError(f"{source}: key 'var' has non-positive entries (normalisation divides by sqrt(var))")
+
+
+def _yaml_scalar(v: Any) -> str:
+  """A YAML 1.1 scalar: JSON form (strings double-quoted), floats always with a '.' (PyYAML reads 5e-05 as
+  a string), None as null."""
+  if isinstance(v, float) and not isinstance(v, bool):
+    if v != v or v in (float("inf"), float("-inf")):
+      return ".nan" if v != v else (".inf" if v > 0 else "-.inf")
+    text = repr(v)
+    mantissa, e, exponent = text.partition("e")
+    return (mantissa if "." in mantissa else mantissa + ".0") + e + exponent
+  if isinstance(v, (list, tuple)):
+    return "[" + ", ".join(_yaml_scalar(x) for x in v) + "]"
+  return json.dumps(v)
+
+
+def _yaml(value: Mapping[str, Any], indent: int = 0) -> list[str]:
+  """Block-style YAML for nested dicts of scalars and lists."""
+  pad, lines = "  " * indent, []
+  for k, v in value.items():
+    if isinstance(v, Mapping):
+      lines.append(f"{pad}{k}:")
+      lines.extend(_yaml(v, indent + 1))
+    else:
+      lines.append(f"{pad}{k}: {_yaml_scalar(v)}")
+  return lines
+
+
+def reference_config(cfg: DenoiserConfig, tracedict: Mapping[str, Any] | None,
+                     extra: Mapping[str, Any] | None = None) -> str:
+  """The reference `config.yaml` text: top-level keys, `rep_statistic`, and `glp_kwargs`."""
+  top = dict(extra or {})
+  top["rep_statistic"] = REF_STATS_FILE  # load_glp overrides it with the downloaded path before resolving
+  top["glp_kwargs"] = {
+      "normalizer_config": {"rep_statistic": "${rep_statistic}"},
+      "denoiser_config": cfg.to_dict(),
+      "tracedict_config": dict(tracedict or {"layer_prefix": "model.layers", "layers": None, "retain": "output"}),
+  }
+  return "# GLP prior written by glp_jax (reference layout; load with glp.denoiser.load_glp)\n" + \
+      "\n".join(_yaml(top)) + "\n"
+
+
+def _atomic_write(path: str, data: bytes | str) -> None:
+  with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as fh:
+    fh.write(data)
+  os.replace(path + ".tmp", path)
+
+
+def reference_stats(mean: torch.Tensor, var: torch.Tensor, layers: list[int] | None,
+                    cfg: DenoiserConfig) -> tuple[torch.Tensor, torch.Tensor]:
+  """Stats as the reference indexes them: row = LM layer. Stacked rows of other LM layers are spread into a
+  [multi_layer_n_layers, D] table whose untrained layers get identity statistics (mean 0, var 1)."""
+  if mean.ndim == 1 or layers is None or list(layers) == list(range(len(layers))):
+    return mean, var
+  n = cfg.multi_layer_n_layers or (max(layers) + 1)
+  if max(layers) >= n:
+    raise ValueError(f"normalizer layers {layers} exceed multi_layer_n_layers={n}")
+  full_mean, full_var = torch.zeros(n, mean.shape[-1]), torch.ones(n, mean.shape[-1])
+  full_mean[list(layers)], full_var[list(layers)] = mean, var
+  return full_mean, full_var
+
+
+def write_folder(out: str, state_dict: Mapping[str, Any], cfg: DenoiserConfig, mean, var, *,
+                 layers: list[int] | None = None, dtype: str = "float32",
+                 tracedict: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
+                 sampler: Mapping[str, Any] | None = None,
+                 reference_extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+  """Writes both layouts into `out`; `state_dict` values may be numpy arrays or tensors. Returns the paths."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+  tensors = {k: (v.detach().cpu() if torch.is_tensor(v) else torch.from_numpy(np.array(v, np.float32)))
+             .to(DTYPES[dtype]).contiguous() for k, v in state_dict.items()}
+  check_state_dict(tensors, cfg, "export")
+  mean, var = ((t.detach().float().cpu() if torch.is_tensor(t) else torch.from_numpy(np.array(t, np.float32)))
+               for t in (mean, var))
+  check_stats(mean, var, cfg, "export", layers)
+  os.makedirs(out, exist_ok=True)
+  paths = {name: os.path.join(out, name) for name in
+           (MODEL_FILE, CONFIG_FILE, REF_CONFIG_FILE, REF_STATS_FILE, REF_CHECKPOINT + ".safetensors")}
+  safetensors.torch.save_file(tensors, paths[MODEL_FILE] + ".tmp", metadata={"format": "pt"})
+  os.replace(paths[MODEL_FILE] + ".tmp", paths[MODEL_FILE])
+  config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": cfg.to_dict(), "dtype": dtype,
+            "normalizer": {"shape": list(mean.shape), "layers": None if mean.ndim == 1 else layers,
+                           "mean": mean.tolist(), "var": var.tolist()},
+            "sampler": {**SAMPLER_DEFAULTS, **(sampler or {})},
+            "tracedict_config": dict(tracedict) if tracedict else None,
+            "provenance": dict(provenance or {})}
+  # float32 values print as the shortest float64 repr, which reads back to the same float32: lossless.
+  _atomic_write(paths[CONFIG_FILE], json.dumps(config, indent=1) + "\n")
+  _atomic_write(paths[REF_CONFIG_FILE], reference_config(cfg, tracedict, reference_extra))
+  ref_mean, ref_var = reference_stats(mean, var, layers, cfg)
+  torch.save({"mean": ref_mean.clone(), "var": ref_var.clone()}, paths[REF_STATS_FILE] + ".tmp")
+  os.replace(paths[REF_STATS_FILE] + ".tmp", paths[REF_STATS_FILE])
+  final = paths[REF_CHECKPOINT + ".safetensors"]
+  if os.path.lexists(final):
+    os.remove(final)
+  try:  # same bytes twice; a hard link keeps a multi-GB prior from doubling on disk
+    os.link(paths[MODEL_FILE], final)
+  except OSError:
+    safetensors.torch.save_file(tensors, final, metadata={"format": "pt"})
+  return paths
+
+
+def _read_yaml(path: str) -> dict:
+  try:
+    import yaml  # PyYAML (a transformers dependency); only the reference layout needs it
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"reading {path} needs PyYAML (pip install pyyaml)") from e
+  with open(path) as fh:
+    return yaml.safe_load(fh) or {}
+
+
+def is_export_folder(path: str) -> bool:
+  """True for a folder written by `write_folder` (has our config.json)."""
+  cfg_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.exists(cfg_path):
+    return False
+  with open(cfg_path) as fh:
+    return json.load(fh).get("format") == FORMAT
+
+
+def read_folder(path: str, checkpoint: str | None = None) -> dict[str, Any]:
+  """Reads our export or a reference folder into {config, state_dict, mean, var, layers, meta}; strict checks.
+
+  `checkpoint` picks `<checkpoint>.safetensors` (e.g. "final", "checkpoints/epoch_0032"); the default is
+  model.safetensors for our layout and final.safetensors for the reference layout.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"prior folder {path!r} does not exist")
+  if is_export_folder(path):
+    with open(os.path.join(path, CONFIG_FILE)) as fh:
+      meta = json.load(fh)
+    source = os.path.join(path, CONFIG_FILE)
+    for key in ("architecture", "normalizer"):
+      if key not in meta:
+        raise KeyError(f"{source}: missing key {key!r}")
+    cfg = DenoiserConfig.from_dict(meta["architecture"])
+    norm = meta["normalizer"]
+    for key in ("mean", "var"):
+      if key not in norm:
+        raise KeyError(f"{source}: missing key 'normalizer.{key}'")
+    mean, var = (torch.tensor(norm[k], dtype=torch.float32) for k in ("mean", "var"))
+    layers = norm.get("layers")
+    weights = os.path.join(path, (checkpoint + ".safetensors") if checkpoint else MODEL_FILE)
+  else:
+    ycfg = os.path.join(path, REF_CONFIG_FILE)
+    if not os.path.exists(ycfg):
+      raise FileNotFoundError(f"{path!r} is neither a glp_jax export ({CONFIG_FILE}) nor a reference prior "
+                              f"({REF_CONFIG_FILE})")
+    meta = _read_yaml(ycfg)
+    glp_kwargs = meta.get("glp_kwargs")
+    if not isinstance(glp_kwargs, dict) or not isinstance(glp_kwargs.get("denoiser_config"), dict):
+      raise KeyError(f"{ycfg}: missing key 'glp_kwargs.denoiser_config'")
+    try:
+      cfg = DenoiserConfig.from_dict(glp_kwargs["denoiser_config"])
+    except ValueError as e:
+      raise ValueError(f"{ycfg}: glp_kwargs.{e}") from None
+    stats_path = os.path.join(path, REF_STATS_FILE)
+    if not os.path.exists(stats_path):
+      raise FileNotFoundError(f"{stats_path} is missing (the normaliser statistics)")
+    stats = torch.load(stats_path, map_location="cpu", weights_only=True)
+    for key in ("mean", "var"):
+      if key not in stats:
+        raise KeyError(f"{stats_path}: missing key {key!r}")
+    mean, var, layers = stats["mean"].float(), stats["var"].float(), None
+    weights = os.path.join(path, (checkpoint or REF_CHECKPOINT) + ".safetensors")
+    source = stats_path
+  if not os.path.exists(weights):
+    raise FileNotFoundError(f"weights file {weights} is missing")
+  if cfg.multi_layer_n_layers is None and mean.ndim == 2 and mean.shape[0] == 1:
+    mean, var = mean[0], var[0]  # single-layer stats stored as [1, D]
+  check_stats(mean, var, cfg, source, layers)
+  state_dict = safetensors.torch.load_file(weights)
+  check_state_dict(state_dict, cfg, weights)
+  return {"config": cfg, "state_dict": state_dict, "mean": mean, "var": var, "layers": layers, "meta": meta}

@@ -1,0 +1,275 @@
+"""The loader: exactly-once passes, host slicing, resume, shuffle quality, normalisation, streaming, errors."""
+import json
+import os
+import pickle
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from glp_jax import data
+from glp_jax.normalizer import Normalizer
+from glp_jax.store import ActivationStore, StoreError
+
+D = 4
+
+
+def make_store(path, n_rows, layers=(0,), dtype="float32", doc_rows=100, heldout_doc_ids=None, seed=0,
+               close=True, first_shard_rows=1000):
+  """Column 0 holds the row index (exact in float32), the rest noise."""
+  st = ActivationStore.create(path, layers=list(layers), d=D, dtype=dtype, shard_rows=256, chunk_rows=32,
+                              first_shard_rows=first_shard_rows,
+                              metadata={"model": "synthetic", "heldout_doc_ids": heldout_doc_ids or []})
+  rng = np.random.default_rng(seed)
+  for doc, a in enumerate(range(0, n_rows, doc_rows)):
+    n = min(doc_rows, n_rows - a)
+    rows = {}
+    for l in layers:
+      x = rng.normal(size=(n, D)).astype(np.float32)
+      x[:, 0] = np.arange(a, a + n)
+      rows[l] = x
+    st.append(rows, doc, np.arange(n))
+  if close:
+    st.close()
+  return st
+
+
+def ids_of(loader, steps, start=0):
+  out = []
+  for s in range(start, start + steps):
+    x, layer = loader.raw_batch(s)
+    out.append(np.stack([x[:, 0].astype(np.int64), layer.astype(np.int64)], 1))
+  return np.concatenate(out)
+
+
+def loader(path, **kw):
+  args = dict(batch_size=64, block_rows=16, window_blocks=8, groups=4, heldout_rows=200, seed=3,
+              process_index=0, process_count=1, prefetch=0)
+  args.update(kw)
+  return data.Loader(path, **args)
+
+
+@pytest.mark.parametrize("block_rows,window_blocks,groups,procs,layers", [
+    (16, 8, 4, 1, (0,)), (16, 8, 4, 2, (0,)), (8, 16, 8, 4, (0,)), (32, 4, 2, 2, (0,)), (16, 8, 4, 2, (1, 4)),
+])
+def test_every_row_once_per_pass_and_process_slices(workdir, block_rows, window_blocks, groups, procs, layers):
+  path = os.path.join(workdir, "s")
+  make_store(path, 2800, layers)
+  kw = dict(block_rows=block_rows, window_blocks=window_blocks, groups=groups)
+  full = loader(path, **kw)
+  steps = 2 * int(np.ceil(full.steps_per_pass)) + 1
+  stream = ids_of(full, steps)
+  per_pass = full.rows_per_pass
+  train_rows = [(r, l) for l in layers for r in range(2600)]
+  heldout = {r for r in range(2600, 2800)}
+  for p in range(2):
+    part = stream[p * per_pass:(p + 1) * per_pass]
+    assert len({tuple(t) for t in part}) == per_pass, "a row repeated within a pass"
+    assert not heldout & set(part[:, 0].tolist()), "a held-out row was trained on"
+    assert full.unused_rows == len(train_rows) - per_pass and full.unused_rows < groups * block_rows + 200
+  # Each process reads its own slice; together they are exactly the global batch, in order.
+  slices = [loader(path, process_index=i, process_count=procs, **kw) for i in range(procs)]
+  for s in (0, 5, steps - 1):
+    parts = [ids_of(sl, 1, s) for sl in slices]
+    np.testing.assert_array_equal(np.concatenate(parts), ids_of(full, 1, s))
+    assert all(len(p) == 64 // procs for p in parts)
+    if procs > 1:
+      assert not set(map(tuple, parts[0])) & set(map(tuple, parts[1]))
+  if procs > 1:   # a process reads only blocks of its groups: its window cache holds only those
+    sl = slices[0]
+    assert {g for (_, g, _) in sl._cache} <= set(sl.local_groups)
+
+
+def test_resume_and_prefetch_equal_uninterrupted(workdir):
+  path = os.path.join(workdir, "s")
+  make_store(path, 2800, layers=(2, 3))
+  a = loader(path, prefetch=3)
+  first = [(s, b.x_BxD.copy(), b.layer_B.copy()) for s, b in a.iterate(0, 12)]
+  b = loader(path)                        # a fresh process resuming at step 7
+  for s, x, layer in first[7:]:
+    got = b.batch(s)
+    np.testing.assert_array_equal(got.x_BxD, x)
+    np.testing.assert_array_equal(got.layer_B, layer)
+  c = pickle.loads(pickle.dumps(loader(path)))   # picklable (grain workers), same batches
+  np.testing.assert_array_equal(c.batch(3).x_BxD, first[3][1])
+  other_seed = loader(path, seed=4)
+  assert not np.array_equal(other_seed.batch(0).x_BxD, first[0][1])
+
+
+def test_shuffle_not_correlated_with_store_order(workdir):
+  path = os.path.join(workdir, "s")
+  make_store(path, 6000, doc_rows=500)
+  ld = loader(path, batch_size=128, block_rows=16, window_blocks=32, groups=4)
+  ids = ids_of(ld, int(ld.steps_per_pass))[:, 0]
+  blocks = ids // 16
+  # Neighbours in the stream come from the same block about as often as chance within a window.
+  same_block = np.mean(blocks[1:] == blocks[:-1])
+  assert same_block < 0.25, same_block     # sequential order would give 15/16
+  # Batch means do not follow store order: rank correlation with the step is small.
+  means = ids.reshape(-1, 128).mean(1)
+  r = np.corrcoef(np.argsort(np.argsort(means)), np.arange(len(means)))[0, 1]
+  assert abs(r) < 0.35, r
+  # A batch mixes many blocks from across the store (fewer only in a pass's last, partial windows).
+  per_batch = [len(np.unique(b)) for b in blocks.reshape(-1, 128)]
+  assert np.median(per_batch) >= 24 and min(per_batch) >= 4, per_batch
+  spread = [b.max() - b.min() for b in ids.reshape(-1, 128)]
+  assert np.median(spread) > 2000
+
+
+def test_normalised_rows_have_zero_mean_unit_variance(workdir):
+  path = os.path.join(workdir, "s")
+  st = ActivationStore.create(path, layers=[7], d=6, dtype="bfloat16", shard_rows=512, chunk_rows=64,
+                              metadata={})
+  rng = np.random.default_rng(0)
+  mean, std = np.array([3.0, -2.0, 0.5, 10.0, 0.0, -7.0]), np.array([0.5, 2.0, 4.0, 0.1, 1.0, 3.0])
+  for doc in range(40):
+    st.append({7: (rng.normal(size=(200, 6)) * std + mean).astype(np.float32)}, doc, np.arange(200))
+  st.close()
+  ld = data.Loader(path, batch_size=256, block_rows=32, window_blocks=8, groups=4, heldout_rows=512,
+                   process_index=0, process_count=1, prefetch=0)
+  z = np.concatenate([ld.batch(s).x_BxD for s in range(int(ld.steps_per_pass))])
+  assert z.dtype == np.float32
+  np.testing.assert_allclose(z.mean(0), 0, atol=0.05)
+  np.testing.assert_allclose(z.var(0), 1, atol=0.05)
+  s = ActivationStore.open(path).stats(7)
+  np.testing.assert_allclose(np.sqrt(s["var"]), std, rtol=0.05)
+  x = ActivationStore.open(path).read(0, 100).astype(np.float32)
+  np.testing.assert_allclose(ld.normalizer.denormalize(ld.normalizer.normalize(x)), x, rtol=1e-5, atol=1e-5)
+
+
+def test_normalizer_numpy_jnp_stacked_and_errors():
+  import jax.numpy as jnp
+  n = Normalizer(np.array([[0.0, 1.0], [2.0, 3.0]]), np.array([[1.0, 4.0], [9.0, 16.0]]), layers=(3, 5))
+  x = np.array([[1.0, 1.0], [5.0, 7.0]], np.float32)
+  layer_B = np.array([3, 5], np.int32)
+  want = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
+  np.testing.assert_allclose(n.normalize(x, layer_B), want)
+  np.testing.assert_allclose(np.asarray(n.normalize(jnp.asarray(x), jnp.asarray(layer_B))), want)
+  np.testing.assert_allclose(n.denormalize(want, layer_B), x)
+  np.testing.assert_allclose(n.select(5).normalize(x[1:]), want[1:])
+  with pytest.raises(ValueError, match="need layer_B"):
+    n.normalize(x)
+  with pytest.raises(ValueError, match="variance is zero"):
+    Normalizer(np.zeros(3), np.array([1.0, 0.0, 1.0]))
+
+
+def test_heldout_rows_fixed_and_from_documents(workdir):
+  path = os.path.join(workdir, "s")
+  make_store(path, 2800, heldout_doc_ids=[3, 20])
+  ld = loader(path)
+  held = set(range(300, 400)) | set(range(2000, 2100))
+  assert set(ld.heldout_ids.tolist()) == held
+  stream = ids_of(ld, int(ld.steps_per_pass))[:, 0]
+  assert not held & set(stream.tolist())
+  h = ld.heldout(150)
+  raw = h.x_BxD * np.sqrt(ld.normalizer.var) + ld.normalizer.mean
+  np.testing.assert_allclose(raw[:, 0], sorted(held)[:150], atol=1e-3)
+  two = [loader(path, process_index=i, process_count=2).heldout(150) for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([t.x_BxD for t in two]), h.x_BxD)
+
+
+@pytest.mark.parametrize("layers", [(0,), (1, 4)])
+def test_streaming_waits_for_producer_and_publishes_progress(workdir, layers):
+  path = os.path.join(workdir, "s")
+  st = make_store(path, 600, layers, close=False, first_shard_rows=200)   # a producer still running
+  k = len(layers)
+
+  def produce():
+    rng = np.random.default_rng(1)
+    for doc, a in enumerate(range(600, 600 + 2400 * k, 100)):
+      rows = {}
+      for l in layers:
+        rows[l] = rng.normal(size=(100, D)).astype(np.float32)
+        rows[l][:, 0] = np.arange(a, a + 100)
+      st.append(rows, 100 + doc, np.arange(100))
+      st.flush()
+      time.sleep(0.01)
+    st.close()
+
+  kw = dict(streaming=True, heldout_rows=100, poll_s=0.01, wait_timeout_s=60, consumer="t1")
+  ld = loader(path, **kw)
+  assert ld.normalizer.mean.shape == ((k, D) if k > 1 else (D,))
+  t = threading.Thread(target=produce)
+  t.start()
+  got = ids_of(ld, 40)      # 40 steps x 64 rows = 2560 (row, layer) pairs: needs rows written later
+  t.join()
+  assert len({tuple(r) for r in got}) == len(got) and got[:, 0].min() >= 100
+  assert set(got[:, 1].tolist()) == set(layers)
+  progress = json.load(open(os.path.join(path, "consumers", "t1.json")))
+  assert progress["rows_consumed"] >= 100 + (39 * 64 - 128) // k
+  np.testing.assert_array_equal(ids_of(loader(path, **kw), 40), got)   # same store, same batches
+  with pytest.raises(StoreError, match="producer finished"):
+    ld.raw_batch(200)
+
+
+def test_bad_inputs_give_clear_errors(workdir):
+  path = os.path.join(workdir, "s")
+  with pytest.raises(StoreError, match="no manifest.json"):
+    loader(path)
+  empty = ActivationStore.create(path, layers=[0], d=D, dtype="float32", metadata={})
+  with pytest.raises(StoreError, match=f"{path}: store is empty"):
+    loader(path)
+  empty.close()
+  other = os.path.join(workdir, "t")
+  make_store(other, 2800)
+  with pytest.raises(StoreError, match="width d=4 but the config expects 8"):
+    loader(other, expect_d=8)
+  with pytest.raises(StoreError, match="dtype is float32 but the config expects bfloat16"):
+    loader(other, expect_dtype="bfloat16")
+  with pytest.raises(StoreError, match="layer 9 not in"):
+    loader(other, layer=9)
+  with pytest.raises(ValueError, match="multiple of groups"):
+    loader(other, batch_size=66)
+  with pytest.raises(ValueError, match="process count"):
+    loader(other, process_count=3, process_index=0)
+  with pytest.raises(StoreError, match="need at least groups"):
+    loader(other, block_rows=1024, heldout_rows=100)
+  for shard in os.listdir(os.path.join(other, "layer_00", "c")):   # corrupt every shard's data bytes
+    f = os.path.join(other, "layer_00", "c", shard, "0")
+    raw = bytearray(open(f, "rb").read())
+    raw[64:96] = bytes(32)
+    open(f, "wb").write(bytes(raw))
+  with pytest.raises(StoreError, match=r"workdir/t: reading block rows .* failed \(corrupt"):
+    loader(other).batch(0)
+
+
+def test_grain_source_and_global_array(workdir):
+  import grain
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  path = os.path.join(workdir, "s")
+  make_store(path, 1000)
+  ld = loader(path)
+  src = pickle.loads(pickle.dumps(ld.source))
+  assert len(src) == len(ld.blocks)
+  ds = grain.MapDataset.source(src)
+  rec = ds[5]
+  np.testing.assert_array_equal(rec["x"][:, 0], np.arange(ld.blocks[5, 1], ld.blocks[5, 1] + 16))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  arr = data.to_global_array(ld.batch(0).x_BxD, NamedSharding(mesh, P("data", None)))
+  assert arr.shape == (64, D) and len(arr.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(arr), ld.batch(0).x_BxD)
+
+
+def test_from_train_config_and_grain_workers(workdir):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "train_config", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "train.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config("runlocal")
+  path = os.path.join(workdir, "s")
+  make_store(path, 6000, layers=(1, 4))
+  cfg.data.store, cfg.data.block_rows, cfg.data.heldout_rows = path, 32, 500
+  one = data.from_config(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, process_index=0, process_count=1)
+  assert one.layers == [1] and not one.multi_layer and one.window_blocks == cfg.data.window_blocks
+  both = data.from_config(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, all_layers=True,
+                          process_index=0, process_count=1, workers=1)
+  assert both.layers == [1, 4] and both.normalizer.mean.shape == (2, D)
+  got = list(both.iterate(2, 5))    # one grain worker process builds the batches
+  assert [s for s, _ in got] == [2, 3, 4]
+  for s, b in got:
+    want = both.batch(s)
+    np.testing.assert_array_equal(b.x_BxD, want.x_BxD)
+    np.testing.assert_array_equal(b.layer_B, want.layer_B)
