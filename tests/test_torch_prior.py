@@ -96,7 +96,7 @@ def test_sampling_grids_identical():
   assert sig[[0, 1, 10, 19, 20]].tolist() == [1.0, 0.9474210739135742, 0.4742105305194855,
                                               0.0010000000474974513, 0.0]
   assert sig.dtype == ts.dtype == torch.float32 and ts[10].item() == np.float32(sig[10].item() * np.float32(1000))
-  for start, n in ((0.5, 20), (0.9, 20), (0.0, 20), (0.25, 100), (0.5, 1000)):
+  for start, n in ((0.5, 20), (0.9, 20), (0.0, 20), (0.25, 100), (0.5, 1000), (0.29, 100)):
     assert glp_torch.start_index(start, n) == jax_sampling.manifold_start_index(start, n)
   # The reference draws u as a float32 tensor: index = floor(float32(u) * N).
   assert glp_torch.start_index(0.29, 100) == 29 and glp_torch.start_index(0.5, 20) == 10
