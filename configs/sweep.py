@@ -1,0 +1,67 @@
+r"""A scaling sweep: sizes x activation budgets x learning rates x seeds; every run is one glp-train.
+
+Demo sweep (4 sizes x 2 budgets on the embedded default store, a few minutes on 2 CPU cores):
+  glp-sweep --config=configs/sweep.py:runlocal --root=runs/sweep
+  glp-fit --runs=runs/sweep --out=runs/sweep/fit
+What would run, and cluster launchers (written under --root; --dry_run prints them instead):
+  glp-sweep --config=configs/sweep.py:runlocal --root=runs/sweep --dry_run
+  glp-sweep --config=configs/sweep.py --config.store=/data/llama1b_l07 --root=/shared/glp/sweep --emit=slurm
+  glp-sweep --config=configs/sweep.py --config.store=/mnt/glp/llama1b_l07 --root=/mnt/glp/sweep --emit=tpu
+
+Sizes are model presets (glp_jax.model.PRESETS) or 'w<width_mult>_l<n_layers>[_m<mlp_mult>]' for the
+custom preset. Run names are '<size>_b<budget>_lr<lr>_s<seed>' and each run's workdir is <root>/<name>.
+"""
+from glp_jax import config_lib
+import ml_collections
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, runlocal=False)
+  c = ml_collections.ConfigDict()
+  c.train_config = "configs/train.py"   # the train config file of every run
+  c.train_arg = ""                      # its argument, e.g. "runlocal"
+  c.store = ""                          # -> --config.data.store ("" = the train config's default store)
+
+  # --- the grid (the paper's Llama1B GLPs x a doubling ladder of activation budgets) ---
+  c.sizes = ("llama1b-d3", "llama1b-d6", "llama1b-d12", "llama1b-d24")
+  c.budgets = (1.25e8, 2.5e8, 5e8, 1e9)  # activations seen per run (config.num_activations)
+  c.lrs = (5e-5,)                       # peak learning rates (config.opt.lr)
+  c.seeds = (0,)                        # config.seed
+
+  # Fixed overrides for every run, as train-config keys: --config.<key>=<value>.
+  c.overrides = ml_collections.ConfigDict()
+  c.overrides.eval_every = 2000
+  c.overrides.ckpt = ml_collections.ConfigDict(dict(every_steps=2000))
+
+  c.parallel = 1                        # local: runs at once; slurm: array tasks at once (0 = no limit)
+
+  # --- SLURM: one array task per run; one process per GPU, joined by jax.distributed ---
+  c.slurm = ml_collections.ConfigDict()
+  c.slurm.partition = ""
+  c.slurm.account = ""
+  c.slurm.nodes = 1
+  c.slurm.gpus_per_node = 8
+  c.slurm.cpus_per_task = 8
+  c.slurm.time = "48:00:00"
+  c.slurm.setup = "source .venv/bin/activate"  # shell lines run before srun (modules, venv, cd)
+
+  # --- TPU VM slice: every worker runs the same glp-train ---
+  c.tpu = ml_collections.ConfigDict()
+  c.tpu.name = "glp-v5e-32"
+  c.tpu.zone = "us-west4-a"
+  c.tpu.project = ""
+  c.tpu.setup = "cd ~/glp_jax && source .venv/bin/activate"
+
+  if a.runlocal:
+    c.train_arg = "runlocal"
+    c.sizes = ("w0.125_l1", "w0.25_l1", "w0.25_l2", "w0.5_l2")   # ~0.1M .. 1.8M params at D=576
+    c.budgets = (256 * 40, 256 * 160)
+    c.lrs = (2e-3,)
+    c.overrides = ml_collections.ConfigDict()
+    c.overrides.batch_size = 256
+    c.overrides.log_every = 10
+    c.overrides.eval_every = 20
+    c.overrides.eval_rows = 512
+    c.overrides.ckpt = ml_collections.ConfigDict(dict(every_steps=80))
+    c.parallel = 1
+  return c

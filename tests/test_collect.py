@@ -1,0 +1,137 @@
+"""The run table and glp-fit on fake sweep directories (trainer output files generated from a known law)."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import scaling_fakes
+from glp_jax import collect, fit_cli, scaling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def fake_sweep(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("sweep"))
+  names = scaling_fakes.write_sweep(root, budgets=(2e6, 6e6, 2e7))
+  return root, names
+
+
+def test_collect_builds_one_row_per_run(fake_sweep):
+  root, names = fake_sweep
+  rows = collect.collect(root)
+  assert [r["run"] for r in rows] == sorted(names + ["unfinished"])
+  by = {r["run"]: r for r in rows}
+  r = by["n60000_b6000000"]
+  with open(os.path.join(root, "n60000_b6000000", "summary.json")) as f:
+    s = json.load(f)
+  assert (r["N"], r["D"], r["C"], r["steps"]) == (6e4, s["examples"], s["flops"], s["steps"])
+  assert r["C_6ND"] == pytest.approx(6 * 6e4 * s["examples"])
+  assert r["final_eval_loss"] == s["eval_loss"] and r["final_eval_loss_sem"] == 0.002
+  curve = collect.eval_curve(os.path.join(root, "n60000_b6000000"))
+  assert r["best_eval_loss"] == curve["eval_loss"].min() and r["best_step"] in curve["step"]
+  assert (r["width_mult"], r["n_layers"], r["lr"], r["budget"], r["preset"]) == (1.0, 2, 1e-3, 6e6, "custom")
+  assert r["probe.auc"] == pytest.approx(1.3 - 0.9 * r["final_eval_loss"], abs=0.02)
+  assert r["probe.detail.auc_t05"] == pytest.approx(r["probe.auc"] - 0.01)
+  assert "probe.name" not in r                               # strings are not metrics
+  u = by["unfinished"]
+  assert u["done"] is False and math.isnan(u["N"]) and u["D"] > 0 and np.isfinite(u["final_eval_loss"])
+  assert collect.metric_columns(rows) == ["probe.auc", "probe.detail.auc_t05"]   # probe.n is constant
+
+
+def test_table_round_trips_through_csv_and_parquet(fake_sweep, tmp_path):
+  rows = collect.collect(fake_sweep[0])
+  paths = collect.write_table(rows, str(tmp_path / "runs.csv"))
+  back = collect.read_table(paths[0])
+  assert len(back) == len(rows)
+  for a, b in zip(rows, back):
+    for k in ("N", "D", "C", "final_eval_loss", "probe.auc"):
+      x = a.get(k, math.nan)                               # the unfinished run has no eval files
+      assert (math.isnan(x) and math.isnan(b[k])) or x == b[k], k
+    assert a["done"] == b["done"] and a["run"] == b["run"]
+  pq = pytest.importorskip("pyarrow.parquet")
+  table = pq.read_table(str(tmp_path / "runs.parquet")).to_pydict()
+  assert table["run"] == [r["run"] for r in rows]
+  np.testing.assert_array_equal(table["N"], collect.column(rows, "N"))
+
+
+def test_metrics_reader_survives_resume_duplicates_and_a_torn_line(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for step, loss in ((10, 1.0), (20, 0.9), (20, 0.8), (30, 0.7)):
+      f.write(json.dumps({"step": step, "examples": step * 4, "eval_loss": loss, "eval_loss_sem": 0.1}) + "\n")
+    f.write('{"step": 40, "exa')
+  curve = collect.eval_curve(workdir)
+  assert curve["step"].tolist() == [10, 20, 30] and curve["eval_loss"].tolist() == [1.0, 0.8, 0.7]
+
+
+def test_fit_runs_writes_table_fit_json_and_plots(fake_sweep, tmp_path):
+  root, _ = fake_sweep
+  out = str(tmp_path / "fit")
+  result = fit_cli.fit_runs(root, out, n_boot=20, seed=0, holdout=1, level=0.95, loss="final")
+  with open(os.path.join(out, "fit.json")) as f:
+    saved = json.load(f)
+  assert saved["n_runs"] == 16 and saved["n_done"] == 15
+  chin = saved["chinchilla"]
+  law = scaling_fakes.LAW
+  for k in ("alpha", "beta"):
+    assert chin[k]["value"] == pytest.approx(law[k], rel=0.15), k
+  for k in law:   # the generating law lies inside the bootstrap intervals
+    assert chin[k]["ci"][0] <= law[k] <= chin[k]["ci"][1], (k, chin[k])
+  comp = saved["compute"]
+  assert set(comp) >= {"E", "A", "alpha", "report"} and comp["alpha"]["ci"][0] < comp["alpha"]["ci"][1]
+  assert comp["report"]["holdout"]["n_holdout"] == 1 and "mean_abs_rel_error" in comp["report"]["holdout"]
+  probe = saved["metrics"]["probe.auc"]["vs_loss"]
+  assert probe["slope"]["value"] == pytest.approx(-0.9, abs=0.03)
+  for name in ("loss_vs_compute", "isoflop", "metric_probe.auc"):
+    for ext in ("png", "pdf"):
+      assert os.path.getsize(os.path.join(out, f"{name}.{ext}")) > 1000
+  assert os.path.exists(os.path.join(out, "runs.csv")) and result["table"][0].endswith("runs.csv")
+
+
+def test_fit_runs_reports_too_few_runs_instead_of_failing(tmp_path):
+  root = str(tmp_path / "sweep")
+  scaling_fakes.write_sweep(root, sizes=(2e4, 2e5), budgets=(2e6, 2e7))
+  result = fit_cli.fit_runs(root, str(tmp_path / "fit"), n_boot=5, seed=0, holdout=1, level=0.95,
+                            loss="final", make_plots=False)
+  assert "need at least 7" in result["chinchilla"]["error"]
+  assert "alpha" in result["compute"]                      # the curves still give a frontier
+
+
+def _glp_fit(*args):
+  out = subprocess.run([sys.executable, "-m", "glp_jax.fit_cli", *args], cwd=ROOT, capture_output=True,
+                       text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_glp_fit_table_forms(tmp_path):
+  law = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+  N, D = np.meshgrid(np.geomspace(7e7, 1.6e10, 5), np.geomspace(5e9, 5e11, 5))
+  with open(tmp_path / "nd.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["N", "D", "Loss"])
+    for n, d in zip(N.ravel(), D.ravel()):
+      w.writerow([n, d, scaling.predict_chinchilla(law, n, d)])
+  head = _glp_fit(f"--table={tmp_path / 'nd.csv'}", "--form=chinchilla", "--n_bootstrap=10")
+  for k in ("E", "alpha", "beta"):
+    assert head["chinchilla"][k]["value"] == pytest.approx(law[k], rel=0.02), k
+  C = np.geomspace(1e15, 1e20, 8)
+  with open(tmp_path / "c.csv", "w", newline="") as f:
+    f.write("C,loss\n" + "".join(f"{c},{0.52 + 435.1 * c ** -0.169}\n" for c in C))
+  head = _glp_fit(f"--table={tmp_path / 'c.csv'}", "--form=compute", "--n_bootstrap=10",
+                  f"--out={tmp_path / 'cfit'}")
+  assert head["compute"]["alpha"]["value"] == pytest.approx(0.169, rel=0.01)
+  assert os.path.exists(tmp_path / "cfit" / "loss_vs_compute.png")
+
+
+def test_glp_fit_runs_cli(fake_sweep, tmp_path):
+  head = _glp_fit(f"--runs={fake_sweep[0]}", f"--out={tmp_path}", "--n_bootstrap=5", "--noplots", "--loss=best")
+  assert set(head) == {"compute", "chinchilla"} and "ci" in head["chinchilla"]["beta"]
+  with open(tmp_path / "fit.json") as f:
+    assert json.load(f)["loss_column"] == "best_eval_loss"
+  assert os.path.exists(tmp_path / "runs.csv") and not os.path.exists(tmp_path / "isoflop.png")

@@ -1,0 +1,200 @@
+"""Scaling-law fits: recovery of known laws inside bootstrap CIs, order invariance, refusals, references."""
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from glp_jax import scaling
+from glp_jax import scaling_report
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+TRUE_C = dict(E=0.52, A=435.1, alpha=0.169)                         # the GLP paper's law (Fig. 2a)
+TRUE_NDL = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)    # Hoffmann et al. 2022, Approach 3
+
+
+def _compute_data(seed, n=16, noise=0.01):
+  rng = np.random.default_rng(seed)
+  C = np.logspace(15, 20, n)
+  return C, scaling.predict_compute(TRUE_C, C) * np.exp(rng.normal(0, noise, n))
+
+
+def _chinchilla_data(seed, n=30, noise=0.01):
+  rng = np.random.default_rng(seed)
+  N = np.exp(rng.uniform(np.log(7e7), np.log(1.6e10), n))   # the published model-size range
+  D = np.exp(rng.uniform(np.log(5e9), np.log(5e11), n))     # and token range
+  return N, D, scaling.predict_chinchilla(TRUE_NDL, N, D) * np.exp(rng.normal(0, noise, n))
+
+
+def test_compute_fit_recovers_parameters_inside_bootstrap_ci():
+  hits = []
+  for r in range(8):
+    C, L = _compute_data(100 + r)
+    fit = scaling.fit_compute(C, L)
+    boot = scaling.bootstrap(functools.partial(scaling.fit_compute, init=scaling.warm_starts(fit)),
+                             dict(C=C, L=L), n=50, seed=r)
+    ci = boot.ci(0.95)
+    hits.append([ci[k][0] <= TRUE_C[k] <= ci[k][1] for k in TRUE_C])
+    assert ci["alpha"][1] - ci["alpha"][0] < 0.1          # the interval is informative, not huge
+  rate = np.mean(hits, axis=0)
+  assert np.all(rate >= 0.75), dict(zip(TRUE_C, rate))
+
+
+def test_chinchilla_fit_recovers_parameters_inside_bootstrap_ci():
+  hits = []
+  for r in range(6):
+    N, D, L = _chinchilla_data(200 + r)
+    fit = scaling.fit_chinchilla(N, D, L)
+    boot = scaling.bootstrap(functools.partial(scaling.fit_chinchilla, init=scaling.warm_starts(fit)),
+                             dict(N=N, D=D, L=L), n=30, seed=r)
+    ci = boot.ci(0.95)
+    hits.append([ci[k][0] <= TRUE_NDL[k] <= ci[k][1] for k in TRUE_NDL])
+  rate = np.mean(hits, axis=0)
+  assert np.all(rate >= 4 / 6), dict(zip(TRUE_NDL, rate))
+
+
+def test_noise_free_fits_are_exact():
+  C = np.logspace(15, 20, 10)
+  fit = scaling.fit_compute(C, scaling.predict_compute(TRUE_C, C))
+  for k, v in TRUE_C.items():
+    assert fit.params[k] == pytest.approx(v, rel=2e-3), k
+  assert max(abs(r) for r in fit.residuals) < 1e-4
+  assert fit.at_bounds == ()
+  # A pure power law has no floor: E ends on its lower bound and the fit says so.
+  pure = scaling.fit_compute(C, 435.1 * C ** -0.169)
+  assert pure.at_bounds == ("E",) and pure.params["E"] < 1e-6
+  assert pure.params["alpha"] == pytest.approx(0.169, rel=1e-3)
+
+
+def test_published_chinchilla_law_refits_to_published_coefficients():
+  """Points generated from Hoffmann et al.'s Approach 3 law over their N (70M-16B) x D (5B-500B) ranges."""
+  with open(os.path.join(DATA, "chinchilla_approach3.json")) as f:
+    ref = json.load(f)
+  N, D = np.meshgrid(np.geomspace(*ref["N_range"], 7), np.geomspace(*ref["D_range"], 7))
+  N, D = N.ravel(), D.ravel()
+  L = scaling.predict_chinchilla(ref["params"], N, D)
+  fit = scaling.fit_chinchilla(N, D, L)
+  for k, v in ref["params"].items():
+    assert fit.params[k] == pytest.approx(v, rel=0.02), k
+  a, b = scaling.allocation_exponents(fit.params)
+  assert a == pytest.approx(ref["a"], abs=0.01) and b == pytest.approx(ref["b"], abs=0.01)
+  # With 0.3% multiplicative noise (E, B, beta trade off against each other, so B itself is loose) the
+  # exponents, the allocation and the loss predicted for Chinchilla itself (70B, 1.4T) stay close.
+  for seed in range(2):
+    noisy = L * np.exp(np.random.default_rng(seed).normal(0, 0.003, len(L)))
+    fit = scaling.fit_chinchilla(N, D, noisy)
+    assert fit.params["alpha"] == pytest.approx(ref["params"]["alpha"], abs=0.02)
+    assert fit.params["beta"] == pytest.approx(ref["params"]["beta"], abs=0.04)
+    assert fit.params["E"] == pytest.approx(ref["params"]["E"], abs=0.08)
+    assert scaling.allocation_exponents(fit.params)[0] == pytest.approx(ref["a"], abs=0.03)
+    assert scaling.predict_chinchilla(fit.params, 7e10, 1.4e12) == pytest.approx(
+        scaling.predict_chinchilla(ref["params"], 7e10, 1.4e12), rel=0.02)
+
+
+def test_fits_are_invariant_to_the_order_of_runs():
+  perm = np.random.default_rng(1).permutation
+  C, L = _compute_data(3)
+  p = perm(len(C))
+  assert scaling.fit_compute(C, L).params == scaling.fit_compute(C[p], L[p]).params
+  N, D, L2 = _chinchilla_data(4, n=20)
+  p = perm(len(N))
+  assert scaling.fit_chinchilla(N, D, L2).params == scaling.fit_chinchilla(N[p], D[p], L2[p]).params
+  f = scaling.predict_metric_power(dict(a=1.0, b=8.01, c=0.085), C)
+  p = perm(len(C))
+  assert scaling.fit_metric_power(C, f).params == scaling.fit_metric_power(C[p], f[p]).params
+  assert scaling.fit_linear(L, f).params == scaling.fit_linear(L[p], f[p]).params
+  # The bootstrap (and so the CIs) does not depend on the order of the points either.
+  fit_fn = functools.partial(scaling.fit_compute, init=scaling.warm_starts(scaling.fit_compute(C, L)))
+  b1 = scaling.bootstrap(fit_fn, dict(C=C, L=L), n=10, seed=5)
+  b2 = scaling.bootstrap(fit_fn, dict(C=C[p], L=L[p]), n=10, seed=5)
+  np.testing.assert_array_equal(b1.samples, b2.samples)
+
+
+def test_refusals():
+  C, L = _compute_data(0, n=4)
+  with pytest.raises(scaling.FitError, match="need at least 5"):
+    scaling.fit_compute(C, L)
+  N, D, L2 = _chinchilla_data(0, n=6)
+  with pytest.raises(scaling.FitError, match="need at least 7"):
+    scaling.fit_chinchilla(N, D, L2)
+  with pytest.raises(scaling.FitError):
+    scaling.fit_linear([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+  with pytest.raises(scaling.FitError):
+    scaling.fit_metric_power(C, L)
+  C, L = _compute_data(0, n=8)
+  with pytest.raises(scaling.FitError, match="positive"):
+    scaling.fit_compute(C, -L)
+  with pytest.raises(scaling.FitError, match="non-finite"):
+    scaling.fit_compute(np.where(np.arange(8) == 2, np.nan, C), L)
+  with pytest.raises(scaling.FitError, match="length"):
+    scaling.fit_compute(C, L[:-1])
+
+
+def test_compute_optimal_allocation_minimises_the_law_on_the_isoflop_line():
+  for c in (1e20, 1e23):
+    n_opt, d_opt = scaling.compute_optimal(TRUE_NDL, c)
+    assert 6 * n_opt * d_opt == pytest.approx(c, rel=1e-9)
+    n_grid = np.geomspace(n_opt / 30, n_opt * 30, 20001)
+    brute = n_grid[np.argmin(scaling.predict_chinchilla(TRUE_NDL, n_grid, c / (6 * n_grid)))]
+    assert brute == pytest.approx(n_opt, rel=2e-3)
+
+
+def test_frontier_matches_brute_force():
+  rng = np.random.default_rng(2)
+  C, L = rng.uniform(1, 100, 50), rng.uniform(0, 1, 50)
+  got = set(scaling.compute_frontier(C, L).tolist())
+  want = {i for i in range(50) if not any((C[j] <= C[i]) and (L[j] <= L[i]) and j != i for j in range(50))}
+  assert got == want
+
+
+def test_metric_fits_recover_published_downstream_laws():
+  C = np.logspace(15, 20, 12)
+  probe = dict(a=1.00, b=8.01, c=0.085)                    # GLP paper: 1-D probe AUC vs compute
+  fit = scaling.fit_metric_power(C, scaling.predict_metric_power(probe, C))
+  for k, v in probe.items():
+    assert fit.params[k] == pytest.approx(v, rel=1e-3), k
+  fd = dict(a=0.5, b=-30.0, c=0.1)                          # a falling metric (FD): negative b
+  fit = scaling.fit_metric_power(C, scaling.predict_metric_power(fd, C))
+  for k, v in fd.items():
+    assert fit.params[k] == pytest.approx(v, rel=1e-3), k
+  loss = np.linspace(0.8, 1.2, 9)
+  y = 1.346 - 0.928 * loss + np.random.default_rng(0).normal(0, 0.01, 9)
+  slope = np.sum((loss - loss.mean()) * (y - y.mean())) / np.sum((loss - loss.mean()) ** 2)
+  fit = scaling.fit_linear(loss, y)
+  assert fit.params["slope"] == pytest.approx(slope, rel=1e-9)
+  assert fit.params["intercept"] == pytest.approx(y.mean() - slope * loss.mean(), rel=1e-9)
+
+
+def test_report_bands_are_separate_and_holdout_is_accurate_on_a_true_law():
+  C, L = _compute_data(7, n=14, noise=0.01)
+  rep = scaling_report.analyze_compute(C, L, use_frontier=False, n_boot=40, seed=0, n_holdout=2)
+  band = {k: np.asarray(v) for k, v in rep["band"].items()}
+  assert np.all(band["conf_lo"] <= band["median"]) and np.all(band["median"] <= band["conf_hi"])
+  conf_w, pred_w = band["conf_hi"] - band["conf_lo"], band["pred_hi"] - band["pred_lo"]
+  assert np.mean(pred_w) > 1.5 * np.mean(conf_w)          # a new run scatters more than the mean law
+  inside = (L >= np.interp(C, band["C"], band["pred_lo"])) & (L <= np.interp(C, band["C"], band["pred_hi"]))
+  assert inside.mean() >= 0.75
+  assert rep["holdout"]["mean_abs_rel_error"] < 0.05
+  assert rep["holdout"]["C"] == sorted(C)[-2:]
+  # The held-out check catches a law that bends away at large compute.
+  bent = np.where(C > 3e19, L * 1.3, L)
+  rep2 = scaling_report.analyze_compute(C, bent, use_frontier=False, n_boot=10, seed=0, n_holdout=2)
+  assert rep2["holdout"]["mean_abs_rel_error"] > 0.1
+  json.dumps(rep)                                           # JSON-able as written to fit.json
+
+
+def test_report_compute_uses_the_frontier_of_grouped_curves():
+  # Three runs' training curves; the frontier mixes runs and the bootstrap resamples whole runs.
+  C_list, L_list, g_list = [], [], []
+  for i, n in enumerate((1e6, 4e6, 1.6e7)):
+    c = np.geomspace(6 * n * 1e5, 6 * n * 1e8, 12)
+    C_list.append(c)
+    L_list.append(scaling.predict_chinchilla(dict(E=0.5, A=60.0, B=300.0, alpha=0.3, beta=0.3), n, c / (6 * n)))
+    g_list += [i] * len(c)
+  C, L = np.concatenate(C_list), np.concatenate(L_list)
+  rep = scaling_report.analyze_compute(C, L, groups=np.array(g_list), n_boot=20, seed=0, n_holdout=1)
+  front = np.asarray(rep["frontier"]["C"])
+  assert np.all(np.diff(front) > 0) and np.all(np.diff(rep["frontier"]["L"]) < 0)
+  assert rep["n_fit_points"] == len(front) < len(C)
+  assert rep["holdout"]["C"] == [C.max()]

@@ -1,0 +1,160 @@
+"""glp-sweep: grid expansion, launcher text (SLURM / TPU, dry runs), and a real tiny local sweep end to end."""
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from glp_jax import collect, sweep
+from glp_jax.store import ActivationStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sweep_config(arg=""):
+  spec = importlib.util.spec_from_file_location("sweep_config", os.path.join(ROOT, "configs", "sweep.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _cli(*args):
+  out = subprocess.run([sys.executable, "-m", "glp_jax.sweep", *args], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_expand_is_a_deterministic_grid():
+  c = sweep_config("runlocal")
+  runs = sweep.expand(c, "/r")
+  assert len(runs) == len(c.sizes) * len(c.budgets) * len(c.lrs) * len(c.seeds) >= 8
+  assert [r.name for r in runs] == [r.name for r in sweep.expand(sweep_config("runlocal"), "/r")]
+  assert len({r.name for r in runs}) == len(runs)
+  r = runs[0]
+  assert r.name == "w0.125_l1_b1.024e04_lr0.002_s0" and r.workdir == "/r/w0.125_l1_b1.024e04_lr0.002_s0"
+  assert r.args[:2] == ("--config=configs/train.py:runlocal", "--workdir=/r/w0.125_l1_b1.024e04_lr0.002_s0")
+  for a in ("--config.model.preset=custom", "--config.model.width_mult=0.125", "--config.model.n_layers=1",
+            "--config.num_activations=10240.0", "--config.opt.lr=0.002", "--config.seed=0",
+            "--config.ckpt.every_steps=80"):
+    assert a in r.args
+  assert sweep.size_overrides("llama1b-d6") == {"model.preset": "llama1b-d6"}
+  assert sweep.size_overrides("w2_l4_m4")["model.mlp_mult"] == 4.0
+  c = sweep_config()
+  c.budgets = (1e8, 1e8)
+  with pytest.raises(ValueError, match="duplicate"):
+    sweep.expand(c, "/r")
+
+
+def test_slurm_script_dry_run_text():
+  text = _cli("--config=configs/sweep.py", "--config.store=/data/l07", "--root=/shared/sw", "--emit=slurm",
+              "--dry_run", "--parallel=3")
+  script = text[text.index("#!/bin/bash"):]
+  c = sweep_config()
+  c.store = "/data/l07"
+  runs = sweep.expand(c, "/shared/sw")
+  assert f"#SBATCH --array=0-{len(runs) - 1}%3" in script
+  assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --ntasks-per-node=8" in script
+  assert "export JAX_COORDINATOR_ADDRESS=" in script and "GLP_DISTRIBUTED=1" in script
+  assert script.rstrip().endswith('srun --kill-on-bad-exit=1 glp-train "${ARGS[@]}"')
+  cases = [l for l in script.splitlines() if l.strip().split(")")[0].strip().isdigit()]
+  assert len(cases) == len(runs)
+  for i, (line, r) in enumerate(zip(cases, runs)):
+    args = shlex.split(line.split("ARGS=(", 1)[1].rsplit(") ;;", 1)[0])
+    assert tuple(args) == r.args and line.strip().startswith(f"{i})")
+    assert "--config.data.store=/data/l07" in args
+  if shutil.which("bash"):
+    check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_tpu_script_dry_run_text(tmp_path):
+  text = _cli("--config=configs/sweep.py", "--config.tpu.name=v5e", "--config.tpu.project=p1",
+              f"--root={tmp_path}", "--emit=tpu", "--dry_run")
+  lines = [l for l in text.splitlines() if l.startswith("gcloud ")]
+  runs = sweep.expand(sweep_config(), str(tmp_path))
+  assert len(lines) == len(runs)
+  for line, r in zip(lines, runs):
+    argv = shlex.split(line)
+    assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "v5e"]
+    assert "--worker=all" in argv and "--project=p1" in argv
+    remote = next(a for a in argv if a.startswith("--command="))[len("--command="):]
+    setup, train_cmd = remote.rsplit(" && ", 1)
+    assert setup == sweep_config().tpu.setup
+    assert tuple(shlex.split(train_cmd)) == ("GLP_DISTRIBUTED=1", "glp-train", *r.args)
+  assert not os.listdir(tmp_path)                       # a dry run writes nothing
+  _cli("--config=configs/sweep.py", f"--root={tmp_path}", "--emit=tpu")
+  assert os.access(tmp_path / "sweep_tpu.sh", os.X_OK)
+
+
+def test_dry_run_reports_done_and_partial_runs(tmp_path):
+  runs = sweep.expand(sweep_config("runlocal"), str(tmp_path))
+  os.makedirs(runs[0].workdir)
+  with open(os.path.join(runs[0].workdir, "summary.json"), "w") as f:
+    json.dump({"done": True}, f)
+  os.makedirs(os.path.join(runs[1].workdir, "checkpoints"))
+  out = _cli("--config=configs/sweep.py:runlocal", f"--root={tmp_path}", "--dry_run")
+  status = {l.split()[1].rstrip(":"): l.split()[0] for l in out.splitlines() if not l.startswith("[")}
+  assert status[runs[0].name] == "done" and status[runs[1].name] == "partial" and status[runs[2].name] == "new"
+  assert f"{len(runs)} runs, 1 done, {len(runs) - 1} to run" in out
+  slurm = _cli("--config=configs/sweep.py:runlocal", f"--root={tmp_path}", "--emit=slurm", "--dry_run")
+  assert runs[0].name not in slurm and runs[1].name in slurm   # finished runs are not launched again
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+  """2048 rows of width 16 near a 2-D subspace, float32."""
+  path = str(tmp_path_factory.mktemp("data") / "store")
+  rng = np.random.default_rng(0)
+  mix = rng.normal(size=(2, 16))
+  st = ActivationStore.create(path, layers=[0], d=16, dtype="float32", shard_rows=1024, chunk_rows=256)
+  for doc in range(32):
+    x = rng.normal(size=(64, 2)) @ mix + 0.1 * rng.normal(size=(64, 16))
+    st.append({0: x.astype(np.float32)}, doc_id=doc, positions=np.arange(64))
+  st.close()
+  return path
+
+
+def test_local_sweep_runs_end_to_end_and_skips_finished_runs(tiny_store, tmp_path, capsys):
+  c = sweep_config("runlocal")
+  c.store = tiny_store
+  c.sizes = ("w0.5_l1", "w1_l1")
+  c.budgets = (64 * 6,)
+  c.overrides = dict(batch_size=64, log_every=2, eval_every=3, eval_rows=128,
+                     data=dict(block_rows=32, window_blocks=8, heldout_rows=256), ckpt=dict(every_steps=3))
+  runs = sweep.expand(c, str(tmp_path), train_config=os.path.join(ROOT, "configs", "train.py"))
+  results = sweep.run_local(runs, parallel=2)
+  logs = {r.name: open(os.path.join(r.workdir, "train.log")).read()[-2000:] for r in runs}
+  assert results == {r.name: 0 for r in runs}, logs
+  assert all(r.status() == "done" for r in runs)
+  capsys.readouterr()
+  assert sweep.run_local(runs, parallel=2) == {r.name: 0 for r in runs}
+  assert "start" not in capsys.readouterr().out          # finished runs are skipped
+  # An interrupted run (no summary yet, checkpoints there) is started again and resumes, not retrained.
+  with open(os.path.join(runs[0].workdir, "summary.json")) as f:
+    before = json.load(f)
+  os.remove(os.path.join(runs[0].workdir, "summary.json"))
+  assert runs[0].status() == "partial"
+  assert sweep.run_local(runs, parallel=2) == {r.name: 0 for r in runs}
+  assert f"start {runs[0].name} (partial)" in capsys.readouterr().out
+  with open(os.path.join(runs[0].workdir, "summary.json")) as f:
+    after = json.load(f)
+  assert after["params_checksum"] == before["params_checksum"] and after["steps"] == before["steps"]
+  rows = collect.collect(str(tmp_path))
+  assert [r["run"] for r in rows] == sorted(r.name for r in runs)
+  small, big = sorted(rows, key=lambda r: r["N"])
+  assert small["N"] < big["N"] and small["D"] == big["D"] == 64 * 6
+  assert small["width_mult"] == 0.5 and big["width_mult"] == 1.0 and small["steps"] == 6
+  assert np.isfinite(small["final_eval_loss"]) and small["best_eval_loss"] <= small["final_eval_loss"]
+  assert len(collect.eval_curve(big["workdir"])["eval_loss"]) == 2   # evals at steps 3 and 6
+
+
+def test_entry_points_import_together():
+  """The CLIs define their absl flags when run, so the library modules import next to glp-train's."""
+  code = "import glp_jax.sweep, glp_jax.fit_cli, glp_jax.train, glp_jax.evals.cli"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
