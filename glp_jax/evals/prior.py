@@ -1,0 +1,295 @@
+"""One view of a prior for every evaluation, whatever it was loaded from.
+
+`Prior` works on numpy float32 activations in *raw* LM space (it normalises inside) and offers what the
+evaluations need: Euler samples (`sample_raw`), the on-manifold projection (`project`, the reference's
+"activation SDEdit": noise to the start sigma of an N-step Euler grid, denoise the rest), meta-neurons, and
+the mean activation norm sqrt(sum(mean^2 + var)) used to scale steering.
+
+Backends (each supplies `integrate(z_BxD, num_steps, first) -> z_BxD`, Euler over the reference grid from
+index `first` to sigma 0, in normalised space):
+  - `from_jax_model(model, mean, var)` / `load_prior(run_dir)`: glp_jax.sampling (jit + scan on device);
+  - `from_torch_glp(glp)` / `load_prior(export_dir)`: glp_jax.torch's `GLP` (no JAX needed);
+  - `gaussian_prior(...)`: the exact velocity of Gaussian data, numpy (tests and the normaliser-only
+    baseline).
+Grid (reference §2): `euler_sigmas(N)`; the on-manifold start index is floor(u * N), u = `start` (0.5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+# integrate(z_BxD normalised, num_steps, first_index) -> z_BxD at sigma 0.
+IntegrateFn = Callable[[np.ndarray, int, int], Any]
+# meta_neurons(z_BxD normalised, timestep_B) -> [B, n_blocks * F].
+MetaFn = Callable[[np.ndarray, np.ndarray], Any]
+
+
+def euler_sigmas(num_steps: int) -> np.ndarray:
+  """The reference grid, float32 [N + 1]: linspace(1000, 1000 * f32(1/1000), N) / 1000, then 0.
+
+  Same numbers as `glp_jax.flow.reference_grid` and `glp_jax.torch.sampling.euler_grid` (tested), computed
+  here without JAX or torch so the numpy backend needs neither.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  sigma_min = float(np.float32(1.0) / np.float32(1000))
+  t = np.linspace(1000.0, sigma_min * 1000.0, num_steps) / 1000.0
+  return np.concatenate([t.astype(np.float32), np.zeros(1, np.float32)])
+
+
+def manifold_start_index(start: float, num_steps: int) -> int:
+  """Grid index where the on-manifold projection starts; `start` is the reference's u (0.5 -> t ~ 0.474)."""
+  if not 0.0 <= start < 1.0:
+    raise ValueError(f"start (the reference's u) must be in [0, 1), got {start}")
+  return int(np.floor(np.float32(start) * np.float32(num_steps)))
+
+
+@dataclasses.dataclass
+class Prior:
+  """A prior seen through numpy: raw-space float32 in, raw-space float32 out."""
+  integrate: IntegrateFn
+  mean_D: np.ndarray
+  var_D: np.ndarray
+  meta_neurons_fn: MetaFn | None = None
+  info: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    self.mean_D = np.asarray(self.mean_D, np.float64)
+    self.var_D = np.asarray(self.var_D, np.float64)
+    if self.mean_D.ndim != 1 or self.mean_D.shape != self.var_D.shape:
+      raise ValueError(f"need [D] mean and var (single-layer prior), got {self.mean_D.shape}, {self.var_D.shape}")
+
+  @property
+  def d(self) -> int:
+    return int(self.mean_D.shape[0])
+
+  @property
+  def act_norm(self) -> float:
+    """Mean activation norm estimated from the normaliser: sqrt(sum(mean^2 + var)) (reference §1)."""
+    return float(np.sqrt(np.sum(self.mean_D ** 2 + self.var_D)))
+
+  def normalize(self, x_BxD: np.ndarray) -> np.ndarray:
+    return ((np.asarray(x_BxD, np.float64) - self.mean_D) / np.sqrt(self.var_D)).astype(np.float32)
+
+  def denormalize(self, z_BxD: np.ndarray) -> np.ndarray:
+    return (np.asarray(z_BxD, np.float64) * np.sqrt(self.var_D) + self.mean_D).astype(np.float32)
+
+  def sample_raw(self, n: int, steps: int = 1000, seed: int = 42, batch_size: int = 4096) -> np.ndarray:
+    """`n` Euler samples from seeded N(0, I) noise, denormalised: [n, D] float32."""
+    noise = np.random.default_rng(seed).standard_normal((n, self.d), dtype=np.float32)
+    out = [np.asarray(self.integrate(noise[i:i + batch_size], steps, 0)) for i in range(0, n, batch_size)]
+    return self.denormalize(np.concatenate(out))
+
+  def project(self, x_BxD: np.ndarray, start: float = 0.5, steps: int = 20, seed: int = 0) -> np.ndarray:
+    """On-manifold projection of raw activations [B, D]: noise to grid[floor(start * steps)], Euler to 0."""
+    first = manifold_start_index(start, steps)
+    sigma = euler_sigmas(steps)[first]
+    z = self.normalize(x_BxD)
+    eps = np.random.default_rng(seed).standard_normal(z.shape, dtype=np.float32)
+    z = (np.float32(1.0) - sigma) * z + sigma * eps
+    return self.denormalize(np.asarray(self.integrate(z, steps, first)))
+
+  def meta_neurons(self, x_BxD: np.ndarray, sigma: float, seed: int = 42, batch_size: int = 1024) -> np.ndarray:
+    """Down-proj inputs of every block, for raw activations noised to `sigma` with fixed noise: [B, L*F]."""
+    if self.meta_neurons_fn is None:
+      raise ValueError(f"this prior ({self.info.get('source', '?')}) exposes no meta-neurons")
+    z = self.normalize(x_BxD)
+    eps = np.random.default_rng(seed).standard_normal(z.shape, dtype=np.float32)
+    z = np.float32(1.0 - sigma) * z + np.float32(sigma) * eps
+    t = np.float32(sigma) * np.float32(1000.0)
+    out = [np.asarray(self.meta_neurons_fn(z[i:i + batch_size], np.full((len(z[i:i + batch_size]),), t)))
+           for i in range(0, len(z), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+# --- the closed-form Gaussian prior -----------------------------------------------------------------------
+
+
+def gaussian_velocity(data_mean_D: np.ndarray, data_var_D: np.ndarray) -> Callable:
+  """The exact velocity E[eps - x | z_sigma] when normalised data is N(m, diag(s2)): v(z_BxD, sigma_B)."""
+  m, s2 = np.asarray(data_mean_D, np.float64), np.asarray(data_var_D, np.float64)
+
+  def velocity(z_BxD, sigma_B):
+    z, sig = np.asarray(z_BxD, np.float64), np.asarray(sigma_B, np.float64)[:, None]
+    var_z = (1 - sig) ** 2 * s2 + sig ** 2
+    resid = z - (1 - sig) * m
+    return (sig / var_z * resid - (m + (1 - sig) * s2 / var_z * resid)).astype(np.float32)
+  return velocity
+
+
+def numpy_integrate(velocity: Callable) -> IntegrateFn:
+  """Euler on the reference grid driven by a numpy `velocity(z_BxD, sigma_B)`."""
+  def integrate(z_BxD, num_steps, first):
+    sig = euler_sigmas(num_steps)[first:]
+    z = np.asarray(z_BxD, np.float32)
+    for s, s_next in zip(sig[:-1], sig[1:]):
+      z = z + (s_next - s) * velocity(z, np.full((len(z),), s, np.float32))
+    return z
+  return integrate
+
+
+def gaussian_prior(mean_D: np.ndarray, var_D: np.ndarray, data_mean_D: np.ndarray | None = None,
+                   data_var_D: np.ndarray | None = None) -> Prior:
+  """A prior whose normalised data is exactly N(data_mean, diag(data_var)) (default N(0, I)).
+
+  With the defaults its samples are N(mean, diag(var)) in raw space up to the Euler discretisation error:
+  the "normaliser-only" baseline, and an exactly known prior for tests.
+  """
+  d = len(mean_D)
+  dm = np.zeros(d) if data_mean_D is None else data_mean_D
+  dv = np.ones(d) if data_var_D is None else data_var_D
+  return Prior(numpy_integrate(gaussian_velocity(dm, dv)), mean_D, var_D, info={"source": "gaussian"})
+
+
+# --- JAX and torch backends ------------------------------------------------------------------------------
+
+
+def _bucket(n: int) -> int:
+  """Rows padded up to a power of two (>= 8) so jitted samplers compile once per bucket, not per batch."""
+  return max(8, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _padded(fn: Callable, z_BxD: np.ndarray, *rest) -> np.ndarray:
+  z = np.asarray(z_BxD, np.float32)
+  n = len(z)
+  zp = np.concatenate([z, np.zeros((_bucket(n) - n, z.shape[1]), np.float32)])
+  rest = [np.concatenate([r, np.repeat(r[-1:], len(zp) - n, 0)]) for r in rest]
+  return np.asarray(fn(zp, *rest))[:n]
+
+
+def from_jax_model(model: Any, mean_D: np.ndarray, var_D: np.ndarray, info: dict | None = None,
+                   layer: int | None = None) -> Prior:
+  """A `glp_jax.model.Denoiser` with the [D] normaliser moments of the modelled layer.
+
+  `layer` (the LM layer number) conditions a multi-layer prior; None for single-layer priors.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from glp_jax import sampling
+
+  graphdef, state = nnx.split(model)
+
+  def _layers(n):
+    return None if layer is None else jnp.full((n,), layer, jnp.int32)
+
+  @jax.jit
+  def _meta(state, z_BxD, timestep_B):
+    m = nnx.merge(graphdef, state)
+    return jnp.concatenate(m.meta_neurons(z_BxD, timestep_B, _layers(z_BxD.shape[0])), axis=-1)
+
+  def integrate(z_BxD, num_steps, first):
+    grid = sampling.euler_grid(num_steps)[first:]
+    return _padded(lambda z: sampling.integrate(model, jnp.asarray(z), grid, _layers(len(z))), z_BxD)
+
+  def meta(z_BxD, timestep_B):
+    return _padded(lambda z, t: _meta(state, jnp.asarray(z), jnp.asarray(t)), z_BxD, np.asarray(timestep_B))
+
+  return Prior(integrate, mean_D, var_D, meta_neurons_fn=meta, info=dict(info or {"source": "jax"}))
+
+
+def from_torch_glp(glp: Any, info: dict | None = None, layer: int | None = None) -> Prior:
+  """A `glp_jax.torch.GLP`: no JAX involved. `layer` (LM layer number) selects a multi-layer prior's layer."""
+  import torch
+
+  def integrate(z_BxD, num_steps, first):
+    return glp.sample(torch.as_tensor(np.asarray(z_BxD)), num_steps, layer_idx=layer,
+                      first_step=first).cpu().numpy()
+
+  def meta(z_BxD, timestep_B):
+    captured = []
+    hooks = [blk.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0].float()))
+             for blk in glp.denoiser.model.layers]
+    try:
+      with torch.no_grad():
+        glp(torch.as_tensor(np.asarray(z_BxD), device=glp.device), torch.as_tensor(timestep_B, device=glp.device),
+            layer)
+    finally:
+      for h in hooks:
+        h.remove()
+    return torch.cat(captured, dim=-1).cpu().numpy()
+
+  # The [D] moments of the chosen layer, read through the public normaliser API (works for stacked stats).
+  d = glp.cfg.d_input
+  with torch.no_grad():
+    mean = glp.denormalize(torch.zeros(1, d), layer)[0].double().cpu().numpy()
+    var = (glp.denormalize(torch.ones(1, d), layer)[0].double().cpu().numpy() - mean) ** 2
+  return Prior(integrate, mean, var, meta_neurons_fn=meta, info=dict(info or {"source": "torch"}))
+
+
+def _moments(normalizer: Any) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, var) from a glp_jax Normalizer or a mapping with mean/var."""
+  get = (lambda k: normalizer[k]) if isinstance(normalizer, dict) else (lambda k: getattr(normalizer, k))
+  return np.asarray(get("mean"), np.float64), np.asarray(get("var"), np.float64)
+
+
+def lm_info_from_config(config: Any) -> dict:
+  """{'store', 'lm', 'layer'} of the activations a run was trained on, read from its store manifest."""
+  try:
+    store, layer = config["data"]["store"], config["data"]["layer"]
+  except (KeyError, TypeError):
+    return {}
+  info: dict = {"store": store}
+  info.update(lm_info_from_store(store, layer))
+  return info
+
+
+def lm_info_from_store(store: str, layer: int | None = None) -> dict:
+  """{'lm', 'layer'} from a store's manifest (layer -1/None = the store's first layer); {} when absent."""
+  manifest = os.path.join(store or "", "manifest.json")
+  if not store or not os.path.exists(manifest):
+    return {}
+  with open(manifest) as f:
+    man = json.load(f)
+  layers = man.get("layers") or []
+  out = {"lm": (man.get("metadata") or {}).get("model")}
+  out["layer"] = int(layer) if layer is not None and int(layer) >= 0 else (int(layers[0]) if layers else None)
+  return out
+
+
+def load_prior(path: str, step: int | None = None, layer: int | None = None) -> Prior:
+  """Opens a glp_jax run dir (config.json + checkpoints/) or an exported / reference folder (torch module).
+
+  `layer` (LM layer number) is needed for multi-layer priors only.
+  """
+  if is_run_dir(path):
+    from glp_jax import train_lib  # not glp_jax.train: its absl flags clash with glp_jax.extract's
+    model, normalizer, config = train_lib.load_prior(path, step=step)
+    multi = bool(model.cfg.multi_layer_n_layers)
+    if multi and layer is None:
+      raise ValueError(f"{path} holds a multi-layer prior: say which LM layer to evaluate (--layer)")
+    if multi:
+      normalizer = normalizer.select(layer)
+    mean, var = _moments(normalizer)
+    info = {"source": "jax_run", "path": os.path.abspath(path), "step": step}
+    info.update(lm_info_from_config(config if isinstance(config, dict) else config.to_dict()))
+    return from_jax_model(model, mean, var, info, layer if multi else None)
+  from glp_jax.torch import GLP, io as torch_io
+  if not torch_io.is_export_folder(path) and not os.path.exists(os.path.join(path, "config.yaml")):
+    raise FileNotFoundError(f"{path!r} is neither a glp_jax run dir (config.json + checkpoints/) nor an "
+                            "exported / reference prior folder")
+  glp = GLP.from_pretrained(path)
+  multi = bool(glp.cfg.multi_layer_n_layers)
+  if multi and layer is None:
+    raise ValueError(f"{path} holds a multi-layer prior: say which LM layer to evaluate (--layer)")
+  info = {"source": "export", "path": os.path.abspath(path)}
+  info.update({k: v for k, v in export_provenance(path).items() if k in ("lm", "layer", "store")})
+  return from_torch_glp(glp, info, layer if multi else None)
+
+
+def is_run_dir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, "config.json"))
+
+
+def export_provenance(path: str) -> dict:
+  """The `provenance` block of a glp-export folder's config.json ({} for other folders)."""
+  cfg = os.path.join(path, "config.json")
+  if is_run_dir(path) or not os.path.exists(cfg):
+    return {}
+  with open(cfg) as f:
+    meta = json.load(f)
+  return dict(meta.get("provenance") or {}) if meta.get("format") else {}

@@ -1,0 +1,198 @@
+"""Steering with and without the prior's on-manifold projection (reference §4.3).
+
+w = the unit DiffMean of last-token activations at layer L between two text sets (built offline, e.g. the
+positive vs negative sentences of `tasks.sentiment_texts`). During greedy HF `generate`, the layer's output
+at the last position (the last prompt token, then every new token) becomes h + alpha * w, optionally
+followed by `prior.project` (start 0.5, 20 steps). alpha = r * mean activation norm, the norm estimated from
+the normaliser as sqrt(sum(mean^2 + var)).
+
+Scores of each continuation (both with the *unsteered* base LM reading prompt + continuation):
+  concept  = mean over the continuation's tokens of <h_L, w>   (higher = more of the concept)
+  nll      = mean per-token NLL of the continuation given the prompt   (fluency; lower = more fluent)
+An optional judge (AxBench-style 0-2 concept / fluency ratings from an LLM behind an OpenAI-compatible
+endpoint) is off unless `judge` is passed; nothing here touches the network otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.request
+from typing import Callable, Sequence
+
+import numpy as np
+
+# judge(prompt, continuation, concept_description) -> (concept 0-2, fluency 0-2)
+JudgeFn = Callable[[str, str, str], tuple[float, float]]
+
+
+def diffmean_direction(model, tokenizer, pos_texts: Sequence[str], neg_texts: Sequence[str], layer: int
+                       ) -> np.ndarray:
+  """Unit vector mean(h_pos) - mean(h_neg) of last-token activations at `layer`: [D] float32."""
+  from glp_jax.evals import tasks
+  pos = tasks.last_token_activations(model, tokenizer, pos_texts, layer)
+  neg = tasks.last_token_activations(model, tokenizer, neg_texts, layer)
+  w = pos.mean(0) - neg.mean(0)
+  return (w / np.linalg.norm(w)).astype(np.float32)
+
+
+def steer_edit(w_D: np.ndarray, alpha: float, prior=None, start: float = 0.5, steps: int = 20, seed: int = 0):
+  """Layer-output edit: h[:, -1] += alpha * w, then (with a prior) h[:, -1] = prior.project(h[:, -1])."""
+  import torch
+
+  def edit(h_BxSxD):
+    out = h_BxSxD.clone()
+    last = out[:, -1].float() + alpha * torch.as_tensor(w_D, device=out.device)
+    if prior is not None:
+      last = torch.as_tensor(prior.project(last.cpu().numpy(), start=start, steps=steps, seed=seed),
+                             device=out.device)
+    out[:, -1] = last.to(out.dtype)
+    return out
+  return edit
+
+
+def generate(model, tokenizer, prompts: Sequence[str], layer: int | None = None, edit=None,
+             max_new_tokens: int = 20) -> list[list[int]]:
+  """Greedy continuations (token ids, cut at EOS) of each prompt, with `edit` on layer `layer`'s output."""
+  import contextlib
+  import torch
+  from glp_jax import lm
+  from glp_jax.evals import tasks
+  # Left padding: new tokens must follow each prompt's real last token.
+  ids, mask = tasks.pad([tasks.encode(tokenizer, p) for p in prompts], tasks.pad_id(tokenizer), left=True)
+  device = next(model.parameters()).device
+  ctx = lm.edit_layer_output(model, layer, edit) if edit is not None else contextlib.nullcontext()
+  with ctx, torch.inference_mode():
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tasks.pad_id(tokenizer))
+  conts = []
+  for row in out[:, ids.shape[1]:].tolist():
+    if tokenizer.eos_token_id in row:
+      row = row[:row.index(tokenizer.eos_token_id)]
+    conts.append(row)
+  return conts
+
+
+def score_continuations(model, tokenizer, prompts: Sequence[str], conts: Sequence[Sequence[int]], layer: int,
+                        w_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(concept [N], nll [N]) of each continuation under the base LM; NaN for empty continuations."""
+  import torch
+  from glp_jax import lm
+  from glp_jax.evals import tasks
+  device = next(model.parameters()).device
+  concept, nll = np.full(len(prompts), np.nan), np.full(len(prompts), np.nan)
+  w = torch.as_tensor(w_D, device=device)
+  with lm.ResidualCapture(model, [layer], stop=False) as cap:
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+      if not c:
+        continue
+      pid = tasks.encode(tokenizer, p)
+      ids = torch.as_tensor([pid + list(c)], device=device)
+      cap.outputs = {}
+      with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=False).logits[0].float()
+      h_SxD = cap.outputs[layer][0].float()
+      n = len(pid)
+      concept[i] = float((h_SxD[n:] @ w).mean())
+      logp = torch.log_softmax(logits[n - 1:-1], -1)
+      nll[i] = float(-logp.gather(-1, ids[0, n:, None]).mean())
+  return concept, nll
+
+
+def evaluate_steering(prior, model, tokenizer, layer: int, pos_texts: Sequence[str], neg_texts: Sequence[str],
+                      prompts: Sequence[str], rs: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0),
+                      max_new_tokens: int = 20, start: float = 0.5, steps: int = 20, seed: int = 0,
+                      judge: JudgeFn | None = None, concept_name: str = "positive sentiment",
+                      plot_path: str | None = None) -> tuple[dict[str, float], list[dict]]:
+  """Concept and fluency over the r grid, plain and with the prior: (flat metrics, one row per point).
+
+  Also draws the frontier PNG when `plot_path` is given.
+  """
+  t0 = time.time()
+  w = diffmean_direction(model, tokenizer, pos_texts, neg_texts, layer)
+  norm = prior.act_norm
+  out: dict[str, float] = {"steer_act_norm": norm, "steer_layer": float(layer)}
+  rows = []
+  for mode, p in (("add", None), ("glp", prior)):
+    for r in rs:
+      conts = generate(model, tokenizer, prompts, layer, steer_edit(w, r * norm, p, start, steps, seed),
+                       max_new_tokens)
+      concept, nll = score_continuations(model, tokenizer, prompts, conts, layer, w)
+      key = f"steer_{mode}_r{r:g}"
+      out[key + "_concept"], out[key + "_nll"] = float(np.nanmean(concept)), float(np.nanmean(nll))
+      out[key + "_concept_sem"] = float(np.nanstd(concept, ddof=1) / np.sqrt(np.isfinite(concept).sum()))
+      if judge is not None:
+        scores = np.array([judge(pr, tokenizer.decode(c), concept_name) for pr, c in zip(prompts, conts)])
+        out[key + "_judge_concept"], out[key + "_judge_fluency"] = (float(v) for v in scores.mean(0))
+      rows.append({"mode": mode, "r": r, "concept": out[key + "_concept"], "nll": out[key + "_nll"],
+                   "example": tokenizer.decode(conts[0])})
+  big = [r for r in rs if r >= 1.0] or [r for r in rs if r > 0] or list(rs)   # reference: |r| > 1
+  for mode in ("add", "glp"):   # the summaries the scaling collector reads
+    out[f"steer_{mode}_concept"] = float(np.mean([out[f"steer_{mode}_r{r:g}_concept"] for r in big]))
+    out[f"steer_{mode}_nll"] = float(np.mean([out[f"steer_{mode}_r{r:g}_nll"] for r in big]))
+    if 0.0 in rs:   # relative to unsteered generation: what the scaling plots use
+      out[f"steer_{mode}_concept_gain"] = out[f"steer_{mode}_concept"] - out["steer_add_r0_concept"]
+      out[f"steer_{mode}_nll_increase"] = out[f"steer_{mode}_nll"] - out["steer_add_r0_nll"]
+  out["steer_seconds"] = time.time() - t0
+  if plot_path:
+    plot_frontier(rows, plot_path)
+  return out, rows
+
+
+def plot_frontier(rows: list[dict], path: str) -> str:
+  """Concept vs NLL, one line per mode, points labelled with r."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for mode, label in (("add", "add alpha*w"), ("glp", "add alpha*w + GLP projection")):
+    pts = [r for r in rows if r["mode"] == mode]
+    ax.plot([p["nll"] for p in pts], [p["concept"] for p in pts], "o-", label=label)
+    for p in pts:
+      ax.annotate(f"r={p['r']:g}", (p["nll"], p["concept"]), fontsize=7)
+  ax.set_xlabel("continuation NLL under the base LM (lower = more fluent)")
+  ax.set_ylabel("concept score <h, w>")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+# --- optional LLM judge (AxBench-style 0-2 ratings) ------------------------------------------------------
+
+_CONCEPT_PROMPT = ("Rate how strongly the text below expresses the concept \"{concept}\".\n"
+                   "0 = not at all, 1 = somewhat, 2 = clearly and strongly.\n\nText: {text}\n\n"
+                   "Explain briefly, then end with \"Rating: [[score]]\".")
+_FLUENCY_PROMPT = ("Rate the fluency of the continuation below (grammar, coherence with the start).\n"
+                   "0 = broken or repetitive, 1 = somewhat fluent, 2 = fully fluent.\n\nStart: {prompt}\n"
+                   "Continuation: {text}\n\nExplain briefly, then end with \"Rating: [[score]]\".")
+
+
+def parse_rating(reply: str) -> float:
+  """The last 'Rating: [[n]]' in a judge reply (NaN when absent)."""
+  found = re.findall(r"Rating:\s*\[\[\s*([0-9.]+)\s*\]\]", reply)
+  return float(found[-1]) if found else float("nan")
+
+
+def openai_judge(model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0
+                 ) -> JudgeFn:
+  """A judge calling an OpenAI-compatible /chat/completions endpoint; used only when explicitly configured."""
+  key = os.environ.get(api_key_env)
+  if not key:
+    raise ValueError(f"the judge needs an API key in ${api_key_env}")
+
+  def ask(content: str) -> str:
+    body = json.dumps({"model": model, "temperature": 0,
+                       "messages": [{"role": "user", "content": content}]}).encode()
+    req = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", data=body,
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+      return json.load(resp)["choices"][0]["message"]["content"]
+
+  def judge(prompt: str, continuation: str, concept: str) -> tuple[float, float]:
+    c = parse_rating(ask(_CONCEPT_PROMPT.format(concept=concept, text=prompt + continuation)))
+    f = parse_rating(ask(_FLUENCY_PROMPT.format(prompt=prompt, text=continuation)))
+    return c, f
+  return judge

@@ -1,0 +1,113 @@
+"""LM-side evaluations on a random-init tiny Llama (saved to tmp) and, where a real LM is needed, SmolLM2."""
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.torch
+
+DOCS = ["The quick brown fox jumps over the lazy dog near the quiet river bank today.",
+        "Python lists are mutable sequences, typically used to store collections of items.",
+        "A function returns a value to its caller when it reaches a return statement.",
+        "Every morning the baker opens the shop and sells fresh bread to the neighbours."]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+  import torch
+  import transformers
+  from glp_jax import lm
+  torch.manual_seed(0)
+  tok = lm.load_tokenizer(lm.EMBEDDED)
+  cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id)
+  path = str(tmp_path_factory.mktemp("tiny_llama"))
+  transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+  tok.save_pretrained(path)
+  return lm.load_causal_lm(path, dtype="float32")
+
+
+def _stats_prior(model, tok, layer):
+  from glp_jax.evals import prior as prior_lib, tasks
+  x = tasks.last_token_activations(model, tok, DOCS * 4, layer)
+  return prior_lib.gaussian_prior(x.mean(0), x.var(0) + 1e-3)
+
+
+def test_per_doc_loss_matches_hf_loss(tiny_lm):
+  import torch
+  from glp_jax.evals import delta_lm, tasks
+  model, tok = tiny_lm
+  docs = delta_lm.tokenize_documents(tok, DOCS[:2], max_length=32)
+  assert all(d[0] == tok.bos_token_id for d in docs)
+  ids, mask = tasks.pad(docs, tasks.pad_id(tok))
+  with torch.no_grad():
+    got = delta_lm.per_doc_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+    for i, d in enumerate(docs):
+      t = torch.as_tensor([d])
+      np.testing.assert_allclose(got[i], float(model(input_ids=t, labels=t).loss), rtol=1e-5)
+
+
+def test_delta_lm_identity_is_exactly_zero(tiny_lm):
+  from glp_jax.evals import delta_lm
+  model, tok = tiny_lm
+  res = delta_lm.evaluate_delta_lm(_stats_prior(model, tok, 0), model, tok, DOCS, layer=0, max_length=32,
+                                   batch_size=3)
+  assert res["delta_lm_identity"] == 0.0
+  assert np.isfinite(res["delta_lm"]) and np.isfinite(res["delta_lm_sem"]) and res["delta_lm_docs"] == 4
+  assert res["delta_lm"] != 0.0
+
+
+def test_delta_lm_mean_replacement_hurts_a_real_lm():
+  from glp_jax import lm
+  from glp_jax.evals import delta_lm, prior as prior_lib, tasks
+  model, tok = lm.load_causal_lm(lm.EMBEDDED, dtype="float32")
+  x = tasks.last_token_activations(model, tok, DOCS, 10, max_length=24)
+  edits = {"mean": delta_lm.constant_edit(x.mean(0)), "identity": delta_lm.identity_edit}
+  res = delta_lm.delta_lm_losses(model, tok, DOCS, 10, edits, max_length=24, batch_size=4)
+  assert res["identity"]["delta"] == 0.0
+  assert res["mean"]["delta"] > 0.5 and res["mean"]["delta"] > 3 * res["mean"]["sem"], res
+
+
+def test_steering_concept_grows_with_alpha(tiny_lm, tmp_path):
+  from glp_jax.evals import steer, tasks
+  model, tok = tiny_lm
+  pos, neg = tasks.sentiment_texts()
+  prior = _stats_prior(model, tok, 1)
+  out, rows = steer.evaluate_steering(prior, model, tok, 1, pos[::40], neg[::40], tasks.neutral_prompts()[:3],
+                                rs=(0.0, 1.0, 3.0), max_new_tokens=5, plot_path=str(tmp_path / "f.png"))
+  assert len(rows) == 6 and (tmp_path / "f.png").stat().st_size > 1000
+  c = [out[f"steer_add_r{r:g}_concept"] for r in (0, 1, 3)]
+  assert c[0] < c[1] < c[2], c
+  assert out["steer_glp_r3_concept"] > out["steer_glp_r0_concept"], out
+  assert all(np.isfinite(out[k]) for k in ("steer_add_nll", "steer_glp_nll", "steer_glp_concept"))
+
+
+def test_judge_rating_parser():
+  from glp_jax.evals import steer
+  assert steer.parse_rating("blah Rating: [[1]] ... Rating: [[2]]") == 2.0
+  assert np.isnan(steer.parse_rating("no rating"))
+  with pytest.raises(ValueError, match="API key"):
+    steer.openai_judge("m", "http://localhost:1", api_key_env="GLP_TEST_NO_SUCH_KEY")
+
+
+def test_last_token_activations_and_mlp_neurons(tiny_lm):
+  import torch
+  from glp_jax import lm
+  from glp_jax.evals import tasks
+  model, tok = tiny_lm
+  texts = ["A short one.", "A somewhat longer sentence than the first one is."]
+  x, mlp = tasks.last_token_activations(model, tok, texts, layer=1, mlp_neurons=True)
+  assert x.shape == (2, 64) and mlp.shape == (2, 128)
+  x0 = tasks.last_token_activations(model, tok, texts, layer=0)   # hidden_states[1]; [2] is final-normed
+  mlp_mod = lm.decoder_layers(model)[1].mlp
+  for i, t in enumerate(texts):                 # unpadded, one at a time, full forward
+    ids = torch.as_tensor([tasks.encode(tok, t)])
+    seen = []
+    handle = mlp_mod.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+      hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+      h = seen[0][0, -1]
+      neurons = mlp_mod.act_fn(mlp_mod.gate_proj(h)) * mlp_mod.up_proj(h)
+    handle.remove()
+    np.testing.assert_allclose(x0[i], hs[1][0, -1].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mlp[i], neurons.numpy(), rtol=1e-4, atol=1e-5)
