@@ -1,0 +1,255 @@
+"""extract.py: rows equal the LM's hidden states, BOS excluded, resumable after SIGKILL, stats, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from glp_jax import extract
+from glp_jax import store as store_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------ pure helpers (no torch)
+def test_plan_batches_covers_every_nonempty_doc_once_within_budget():
+  rng = np.random.default_rng(0)
+  lengths = [int(x) for x in rng.integers(0, 60, 200)]
+  batches = extract.plan_batches(lengths, batch_tokens=256, max_batch_docs=8)
+  flat = sorted(i for b in batches for i in b)
+  assert flat == [i for i, n in enumerate(lengths) if n > 0]
+  for b in batches:
+    assert len(b) <= 8
+    assert len(b) * max(lengths[i] for i in b) <= 256
+    assert lengths[b[0]] == max(lengths[i] for i in b)   # first doc sets the padded length
+  assert extract.plan_batches([500, 3], 100, 8) == [[0], [1]]  # a doc longer than the budget goes alone
+
+
+def test_select_positions():
+  assert extract.select_positions(5, 1, 0, 0, 0).tolist() == [1, 2, 3, 4]
+  assert extract.select_positions(1, 1, 0, 0, 0).tolist() == []
+  assert extract.select_positions(3, 0, 0, 0, 0).tolist() == [0, 1, 2]
+  a = extract.select_positions(100, 1, 10, seed=5, doc_index=7)
+  assert len(a) == 10 and (np.diff(a) > 0).all() and a.min() >= 1
+  assert a.tolist() == extract.select_positions(100, 1, 10, seed=5, doc_index=7).tolist()
+  assert a.tolist() != extract.select_positions(100, 1, 10, seed=5, doc_index=8).tolist()
+  assert extract.select_positions(6, 1, 10, 5, 7).tolist() == [1, 2, 3, 4, 5]
+
+
+def test_windows_are_aligned_to_fixed_boundaries():
+  docs = list(range(23))
+  full = list(extract._windows(iter(docs), 5, 0))
+  assert [(f, w) for f, w in full][-1] == (20, [20, 21, 22])
+  assert list(extract._windows(iter(docs), 5, 12)) == full[2:]   # a resume recomputes the window of doc 12
+
+
+# ------------------------------------------------------------------ with torch
+torch = pytest.importorskip("torch")
+from glp_jax import lm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  return lm.save_tiny_llama(str(tmp_path_factory.mktemp("tiny")), hidden=64, n_layers=4)
+
+
+def _config(model, **over):
+  c = extract._load_config_file(f"runlocal,layers=1+3")
+  c.model.name = model
+  c.model.dtype = c.store.dtype = "float32"
+  c.corpus.max_docs = 12
+  c.context_length = 64
+  c.max_rows = 0
+  c.window_docs = 5
+  c.batch_tokens = 256
+  c.max_batch_docs = 4
+  c.store.shard_rows, c.store.chunk_rows = 128, 64
+  c.progress = False
+  for k, v in over.items():
+    obj = c
+    *path, last = k.split(".")
+    for p in path:
+      obj = obj[p]
+    obj[last] = v
+  return c
+
+
+def _reference(model_path, config, layer_ids):
+  """Per document, unbatched: hidden_states[L + 1] of output_hidden_states=True, BOS dropped."""
+  from glp_jax import corpus as corpus_lib
+  model, tok = lm.load_causal_lm(model_path, "float32", "cpu")
+  rule = extract.token_rule(tok, True)
+  docs = list(corpus_lib.Corpus.from_config(config.corpus).train())
+  ids = extract.encode(tok, [d.text for d in docs], config.context_length, rule)
+  out = {l: [] for l in layer_ids}
+  with torch.inference_mode():
+    for x in ids:
+      x = torch.from_numpy(x)[None]
+      hs = model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True).hidden_states
+      for l in layer_ids:
+        out[l].append(hs[l + 1][0, 1:].numpy())
+  return ids, {l: np.concatenate(v) for l, v in out.items()}
+
+
+@pytest.mark.torch
+def test_rows_equal_output_hidden_states_bit_exactly(tiny, workdir):
+  # One document per forward batch: the same matmul shapes as the unbatched reference, so bit-exact.
+  config = _config(tiny, max_batch_docs=1)
+  summary = extract.extract(config, workdir)
+  st = store_lib.ActivationStore.open(summary["store"])
+  ids, ref = _reference(tiny, config, [1, 3])
+  assert st.layers == [1, 3] and st.d == 64 and st.dtype == "float32"
+  assert st.num_docs == 12 and st.num_rows == sum(len(x) - 1 for x in ids)  # every token but BOS
+  assert all(x[0] == 1 for x in ids)                                          # the BOS that was dropped
+  np.testing.assert_array_equal(st.read(0, st.num_rows, layer=1), ref[1])
+  # The last layer's hidden_states entry has the final norm applied; the store holds the residual stream.
+  model, _ = lm.load_causal_lm(tiny, "float32", "cpu")
+  with torch.inference_mode():
+    normed = model.model.norm(torch.from_numpy(st.read(0, st.num_rows, layer=3))).numpy()
+  np.testing.assert_allclose(normed, ref[3], rtol=1e-5, atol=1e-6)
+  docs = st.docs()
+  assert docs[:, 0].tolist() == list(range(12))
+  assert docs[:, 2].tolist() == [len(x) - 1 for x in ids]
+  assert st.positions().tolist() == [p for x in ids for p in range(1, len(x))]
+  # Statistics over all rows match numpy.
+  for l in (1, 3):
+    s = st.stats(l)
+    x = st.read(0, st.num_rows, layer=l).astype(np.float64)
+    assert s["count"] == len(x)
+    np.testing.assert_allclose(s["mean"], x.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s["var"], x.var(0), rtol=1e-9, atol=1e-12)
+  # An f32 store reads back with plain zarr.
+  zarr = pytest.importorskip("zarr")
+  z = zarr.open_array(os.path.join(summary["store"], "layer_01"), mode="r")
+  np.testing.assert_array_equal(np.asarray(z[:st.num_rows]), ref[1])
+  meta = st.metadata
+  assert meta["model"] == tiny and "leading BOS" in meta["token_selection"]["rule"]
+  assert meta["corpus"]["heldout"]["fraction"] == 0.05
+
+
+@pytest.mark.torch
+def test_batched_rows_match_and_subsampling(tiny, workdir):
+  config = _config(tiny, tokens_per_doc=7, max_rows=40, layers=(2,))
+  summary = extract.extract(config, workdir)
+  st = store_lib.ActivationStore.open(summary["store"])
+  ids, ref = _reference(tiny, config, [2])
+  pos = st.positions()
+  docs = st.docs()
+  assert st.num_rows >= 40 and st.num_rows - docs[-1, 2] < 40       # stops after the doc reaching 40
+  offsets = np.cumsum([0] + [len(x) - 1 for x in ids])
+  want = np.concatenate([ref[2][offsets[d] + pos[a:a + n] - 1] for d, a, n, _ in docs])
+  np.testing.assert_allclose(st.read(0, st.num_rows), want, rtol=1e-5, atol=1e-5)
+  assert (docs[:, 2] == 7).all() and pos.min() >= 1
+
+
+@pytest.mark.torch
+def test_bad_inputs(tiny, workdir, tmp_path):
+  with pytest.raises(extract.ExtractError, match="config.model.name: cannot load causal LM"):
+    extract.extract(_config(str(tmp_path / "no_such_model")), workdir)
+  with pytest.raises(extract.ExtractError, match=r"layers: layer\(s\) \[9\] out of range"):
+    extract.extract(_config(tiny, layers=(1, 9)), workdir)
+  assert not os.path.exists(os.path.join(workdir, "store"))
+  extract.extract(_config(tiny, max_rows=20), workdir)
+  with pytest.raises(store_lib.StoreError, match="layers"):
+    extract.extract(_config(tiny, max_rows=20, layers=(2,)), workdir)
+  other = lm.save_tiny_llama(str(tmp_path / "other"), hidden=32, n_layers=4)
+  with pytest.raises(store_lib.StoreError, match="model"):
+    extract.extract(_config(other, max_rows=20), workdir)
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text(json.dumps({"text": "   "}) + "\n")
+  with pytest.raises(Exception, match="no tokens|yields no"):
+    extract.extract(_config(tiny, **{"corpus.source": str(empty)}), str(tmp_path / "w2"))
+  assert not os.path.exists(tmp_path / "w2" / "store")
+
+
+@pytest.mark.torch
+def test_disk_full_is_a_clear_error(tiny, workdir, monkeypatch):
+  real = store_lib.ActivationStore.append
+  calls = []
+
+  def append(self, *a, **k):
+    calls.append(1)
+    if len(calls) > 3:
+      raise OSError(28, "No space left on device")
+    return real(self, *a, **k)
+  monkeypatch.setattr(store_lib.ActivationStore, "append", append)
+  with pytest.raises(extract.ExtractError, match="disk full.*committed rows are intact"):
+    extract.extract(_config(tiny), workdir)
+
+
+def _cli(workdir, *extra):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu")
+  return [sys.executable, "-m", "glp_jax.extract", f"--workdir={workdir}", *extra], env
+
+
+def _rows(path):
+  st = store_lib.ActivationStore.open(path)
+  return st, {l: st.read(0, st.num_rows, layer=l) for l in st.layers}
+
+
+@pytest.mark.torch
+def test_sigkill_then_restart_equals_an_uninterrupted_run(tiny, tmp_path):
+  """`glp-extract` killed with SIGKILL part-way, then rerun: the store equals an uninterrupted run's."""
+  over = {"store.shard_rows": 256, "store.chunk_rows": 64, "window_docs": 8, "max_batch_docs": 64,
+          "batch_tokens": 8192, "corpus.max_docs": 0, "max_rows": 6000, "context_length": 128}
+  flags = [f"--config={ROOT}/configs/extract.py:runlocal,layers=1+3,rows=6000,ctx=128",
+           f"--config.model.name={tiny}", "--config.model.dtype=bfloat16", "--config.store.dtype=bfloat16",
+           "--config.progress=False"] + [f"--config.{k}={v}" for k, v in over.items() if k != "context_length"]
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  config = _config(tiny, **over)
+  config.model.dtype = config.store.dtype = "bfloat16"
+  extract.extract(config, a)                     # uninterrupted, in this process
+  argv, env = _cli(b, *flags)                    # killed part-way, through the CLI
+  proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  manifest = os.path.join(b, "store", store_lib.MANIFEST)
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    try:
+      if json.load(open(manifest))["num_rows"] > 0:
+        break
+    except (OSError, ValueError, KeyError):
+      pass
+    time.sleep(0.02)
+  assert proc.poll() is None, f"the run ended before it could be killed part-way: {proc.stderr.read()[-2000:]}"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  killed_at = json.load(open(manifest))["num_rows"]
+  st_a, rows_a = _rows(os.path.join(a, "store"))
+  assert 0 < killed_at < st_a.num_rows
+  summary = extract.extract(config, b)           # restarted with the same config
+  assert summary["resumed_from_doc"] > 0 and summary["rows_this_run"] == st_a.num_rows - killed_at
+  st_b, rows_b = _rows(os.path.join(b, "store"))
+  assert st_b.num_rows == st_a.num_rows and st_b.num_docs == st_a.num_docs
+  for l in rows_a:
+    np.testing.assert_array_equal(rows_a[l].view(np.uint16), rows_b[l].view(np.uint16))
+  np.testing.assert_array_equal(st_a.docs(), st_b.docs())
+  np.testing.assert_array_equal(st_a.positions(), st_b.positions())
+  for l in rows_a:
+    np.testing.assert_allclose(st_a.stats(l)["mean"], st_b.stats(l)["mean"], rtol=1e-12)
+
+
+@pytest.mark.torch
+def test_embedded_default_model(workdir):
+  """The real SmolLM2 (bf16 forward, bf16 store): BOS dropped, rows equal output_hidden_states."""
+  config = _config(lm.EMBEDDED, layers=(15,), max_rows=300, max_batch_docs=1, **{"corpus.max_docs": 4})
+  config.model.dtype = config.store.dtype = "bfloat16"
+  summary = extract.extract(config, workdir)
+  st = store_lib.ActivationStore.open(summary["store"])
+  assert st.d == 576 and st.layers == [15]
+  model, tok = lm.load_causal_lm(lm.EMBEDDED, "bfloat16", "cpu")
+  from glp_jax import corpus as corpus_lib
+  doc = next(corpus_lib.Corpus.from_config(config.corpus).train())
+  x = torch.from_numpy(extract.encode(tok, [doc.text], 64, extract.token_rule(tok, True))[0])[None]
+  with torch.inference_mode():
+    hs = model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True).hidden_states
+  want = hs[16][0, 1:].float().numpy()
+  n = st.docs()[0, 2]
+  assert n == x.shape[1] - 1
+  np.testing.assert_array_equal(st.read(0, n).astype(np.float32), want)
+  # The BOS row (an attention sink with a huge norm) is not in the store.
+  bos_norm = float(hs[16][0, 0].float().norm())
+  assert bos_norm > 10 * np.linalg.norm(st.read(0, n).astype(np.float32), axis=1).max()

@@ -1,0 +1,100 @@
+"""producer.py: extract-while-training keeps committed rows within the buffer of the slowest consumer."""
+import os
+import threading
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+from glp_jax import producer as producer_lib
+from glp_jax import store as store_lib
+
+
+def _stream_cfg(buffer_rows, warmup_rows, poll=0.01):
+  return ml_collections.ConfigDict({"buffer_rows": buffer_rows, "warmup_rows": warmup_rows,
+                                    "poll_seconds": poll})
+
+
+def test_consumer_files(tmp_path):
+  path = str(tmp_path)
+  assert producer_lib.min_consumed(path) == (0, 0)
+  producer_lib.publish_consumed(path, "trainer", 500)
+  producer_lib.publish_consumed(path, "eval", 300)
+  assert producer_lib.min_consumed(path) == (300, 2)
+  producer_lib.publish_consumed(path, "eval", 900)
+  assert producer_lib.min_consumed(path) == (500, 2)
+
+
+def test_bad_stream_config():
+  with pytest.raises(ValueError, match="buffer_rows must be > 0"):
+    producer_lib.Producer(_stream_cfg(0, 0))
+  with pytest.raises(ValueError, match="must be >= stream.warmup_rows"):
+    producer_lib.Producer(_stream_cfg(100, 200))
+
+
+torch = pytest.importorskip("torch")
+from glp_jax import extract  # noqa: E402
+from glp_jax import lm  # noqa: E402
+
+
+@pytest.mark.torch
+def test_buffer_bound_warmup_stats_and_finish(tmp_path):
+  tiny = lm.save_tiny_llama(str(tmp_path / "tiny"), hidden=32, n_layers=2)
+  config = extract._load_config_file("runlocal,layers=0+1,ctx=64")
+  config.model.name = tiny
+  config.progress = False
+  config.max_rows = 5000
+  config.window_docs = 16
+  config.store.shard_rows, config.store.chunk_rows = 128, 64
+  config.stream.buffer_rows, config.stream.warmup_rows, config.stream.poll_seconds = 1024, 512, 0.01
+  workdir = str(tmp_path / "run")
+  producer = producer_lib.Producer(config.stream)
+  errors, summary = [], {}
+
+  def produce():
+    try:
+      summary.update(extract.extract(config, workdir, producer))
+    except BaseException as e:  # surfaced in the main thread
+      errors.append(e)
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  path = extract.store_path(config, workdir)
+  # The consumer: waits for the warm-up rows, then reads slowly, publishing its progress.
+  deadline = time.time() + 180
+  while not os.path.exists(os.path.join(path, store_lib.MANIFEST)) or \
+      store_lib.ActivationStore.open(path).num_rows < 512:
+    assert not errors and time.time() < deadline, errors
+    time.sleep(0.02)
+  st = store_lib.ActivationStore.open(path)
+  assert st.manifest["first_shard_rows"] == 512 and not st.manifest.get("finished")
+  slack = 128 + 64  # commit granularity: one shard plus one document
+  # Nothing consumed yet: the producer must stop once the buffer is full.
+  while not producer.waiting:
+    assert not errors and thread.is_alive() and time.time() < deadline, errors
+    time.sleep(0.01)
+  time.sleep(0.2)
+  st.refresh()
+  assert 1024 < st.num_rows <= 1024 + slack and producer.waiting
+  consumed = 0
+  while thread.is_alive() or consumed < st.num_rows:
+    assert not errors, errors
+    assert time.time() < deadline
+    st.refresh()
+    assert st.num_rows - consumed <= 1024 + slack, (st.num_rows, consumed)
+    consumed = min(st.num_rows, consumed + 200)
+    producer_lib.publish_consumed(path, "trainer", consumed)
+    time.sleep(0.05)
+  thread.join()
+  assert not errors, errors
+  st.refresh()
+  assert st.manifest["finished"] is True and st.num_rows >= 5000
+  assert producer.waited_seconds > 0.2
+  # The warm-up statistic covers exactly the first 512 rows of each layer.
+  for layer in (0, 1):
+    s = st.stats(layer, which="first_shard")
+    x = st.read(0, 512, layer=layer).astype(np.float64)
+    assert s["count"] == 512
+    np.testing.assert_allclose(s["mean"], x.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s["var"], x.var(0), rtol=1e-9, atol=1e-12)
+  assert summary["num_rows"] == st.num_rows
