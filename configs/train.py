@@ -42,6 +42,11 @@ def get_config(arg=None):
   c.data.window_blocks = 64            # blocks shuffled together in memory (rows mix within a window)
   c.data.heldout_rows = 4096           # fixed rows at the end of the store, never trained on
   c.data.prefetch = 2                  # batches prefetched by a background thread (0 = synchronous)
+  c.data.workers = 0                   # >0: grain worker processes build batches (IPC-bound on small hosts)
+  c.data.groups = 8                    # batch/window split into groups; processes own whole groups
+  c.data.streaming = False             # True: read a store still being written (extract-while-training)
+  c.data.consumer = "trainer"          # streaming: name of <store>/consumers/<name>.json progress file
+  c.data.stats = ""                    # normaliser stats: all | first_shard; "" = all (streaming: first_shard)
 
   # --- optimisation (reference: AdamW 5e-5, wd 0.01, clip 1.0, warmup 1%, cosine to 0.1x) ---
   c.batch_size = 4096                  # global batch, activation rows per step
@@ -72,6 +77,7 @@ def get_config(arg=None):
   c.log_every = 50                     # steps between metrics.jsonl lines
   c.eval_every = 1000                  # steps between held-out evals (and at the end)
   c.eval_rows = 4096                   # held-out rows used by eval (fixed rows, noise and t grid)
+  c.debug_sleep_s = 0.0                # test hook: host sleep per step, so kill/resume tests can hit mid-run
 
   if a.runlocal:
     c.model.preset = a.model if a.model != "tiny" else "tiny"

@@ -1,0 +1,249 @@
+r"""Training-step throughput: the JAX step of glp_jax vs an equivalent PyTorch step of the same denoiser.
+
+  python bench/train_step.py --quick          # < 30 s: d3 only, d_input 64, batch 32, no torch.compile
+  python bench/train_step.py                  # d3/d6/d12 at Llama-1B width (d_input 2048), batch 256 on CPU
+  python bench/train_step.py --batch=4096     # the reference batch (accelerators)
+
+For each depth: examples/s and MFU (analytic training FLOPs / the device's peak) of
+  jax            glp_jax.train_lib.make_train_step (AdamW, clip, flow-matching loss; compute dtype per flag)
+  torch_eager    glp_jax.torch.model.TransformerMLPDenoiser, torch.optim.AdamW, clip, bf16 autocast (reference)
+  torch_compile  the same with torch.compile on the forward + loss.
+The torch setups run in a child process each (`--torch_threads` sets its CPU threads; see docs/benchmarks.md
+for why one thread is the default with --quick).
+The peak is the published dense bf16 figure on known GPUs/TPUs; on CPU it is a measured large f32 matmul rate
+("measured_matmul_peak"), so CPU MFU reads "fraction of what this CPU's GEMM reaches". Also reports the host
+overhead per step on a tiny model of the split-once plain `jax.jit` step vs an `nnx.jit` step.
+The last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "Small and fast (< 30 s).")
+flags.DEFINE_string("depths", "", "Denoiser depths to measure (default 3,6,12; 3 with --quick).")
+flags.DEFINE_integer("d_input", 0, "Activation width (0: 2048 = Llama-1B, or 64 with --quick).")
+flags.DEFINE_integer("batch", 0, "Rows per step (0: 4096 on accelerators, 256 on CPU, 32 with --quick).")
+flags.DEFINE_integer("steps", 0, "Timed steps per setup (0: 5, or 10 with --quick).")
+flags.DEFINE_string("jax_dtype", "", "JAX compute dtype (default bfloat16 on accelerators, float32 on CPU).")
+flags.DEFINE_bool("torch", True, "Also time the PyTorch step.")
+flags.DEFINE_string("torch_worker", "", "Internal: 'depth,d_input,batch,steps,compiled,threads' -> one JSON line.")
+flags.DEFINE_integer("torch_threads", -1, "torch CPU threads (0: torch's default, all cores; -1: 1 with --quick, "
+                     "else 0). On an oversubscribed host torch's OpenMP barriers made 2 threads up to 90x slower "
+                     "than 1 for small models.")
+flags.DEFINE_bool("torch_compile", None, "Also time torch.compile (default: on, off with --quick: it takes "
+                  "minutes to compile on a small CPU).")
+
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
+PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5e": 197e12,
+         "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def device_peak() -> tuple[float, str]:
+  import jax
+  import jax.numpy as jnp
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAKS.items():
+    if name.lower() in kind.lower():
+      return peak, f"vendor dense bf16 ({kind})"
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(8):   # best of several: a shared host's load spikes would understate the peak
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best, f"measured_matmul_peak ({kind}, f32 {n}^3, best of 8)"
+
+
+def config_for(depth: int, d_input: int, batch: int, dtype: str):
+  import ml_collections
+  spec = {"seed": 0, "batch_size": batch, "num_activations": float(batch * 1000),
+          "model": {"preset": "custom", "d_input": d_input, "width_mult": 2.0, "mlp_mult": 2.0, "n_layers": depth,
+                    "multi_layer_n_layers": 0, "compute_dtype": dtype},
+          "flow": {"sigma_sampling": "discrete", "logit_normal_mean": 0.0, "logit_normal_std": 1.0},
+          "opt": {"lr": 5e-5, "schedule": "cosine", "warmup_ratio": 0.01, "final_lr_factor": 0.1,
+                  "decay_ratio": 0.2, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "clip_norm": 1.0,
+                  "ema_decay": 0.0},
+          "mesh": {"data": -1, "fsdp": 1}}
+  return ml_collections.ConfigDict(spec)
+
+
+def time_jax(config, steps: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from glp_jax import model as model_lib
+  from glp_jax import sharding, train_lib
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  model_cfg = model_lib.model_config(config.model, None)
+  graphdef, state = train_lib.split(sharding.create_sharded(train_lib.creator(model_cfg, config, 1000), mesh))
+  step = train_lib.make_train_step(graphdef, config, 1000)
+  x = sharding.put_global(np.random.default_rng(0).standard_normal(
+      (config.batch_size, model_cfg.d_input), dtype=np.float32), sharding.batch_sharding(mesh))
+  t = time.perf_counter()
+  state, m = step(state, x, jnp.int32(0))
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  for s in range(1, steps + 1):
+    state, m = step(state, x, jnp.int32(s))
+  jax.block_until_ready((state, m))
+  dt = (time.perf_counter() - t) / steps
+  return {"step_s": dt, "examples_per_s": config.batch_size / dt, "first_step_s": compile_s,
+          "loss": float(m["loss"])}
+
+
+def time_torch(config, steps: int, compiled: bool) -> dict:
+  import torch
+  from glp_jax.torch.model import DenoiserConfig, TransformerMLPDenoiser
+  from glp_jax import model as model_lib
+  mc = model_lib.model_config(config.model, None)
+  torch.manual_seed(0)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  net = TransformerMLPDenoiser(DenoiserConfig(mc.d_input, mc.d_model, mc.d_mlp, mc.n_layers)).to(device)
+  opt = torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.01)
+  b = config.batch_size
+  x = torch.randn(b, mc.d_input, device=device)
+
+  def loss_fn(x_BxD, eps_BxD, sigma_B):
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):   # the reference's mixed precision
+      z = (1 - sigma_B[:, None]) * x_BxD + sigma_B[:, None] * eps_BxD
+      v = net(z, sigma_B * 1000)
+      return torch.nn.functional.mse_loss(v.float(), eps_BxD - x_BxD)
+  fn = torch.compile(loss_fn) if compiled else loss_fn
+
+  def step():
+    eps = torch.randn_like(x)
+    sigma = (1000 - torch.randint(0, 1000, (b,), device=device)).float() / 1000
+    loss = fn(x, eps, sigma)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  t = time.perf_counter()
+  step()
+  sync()
+  first = time.perf_counter() - t
+  for _ in range(3):   # oneDNN / inductor settle over the first few steps
+    step()
+  sync()
+  t = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  sync()
+  dt = (time.perf_counter() - t) / steps
+  return {"step_s": dt, "examples_per_s": b / dt, "first_step_s": first, "loss": float(loss)}
+
+
+def host_overhead(steps: int = 50) -> dict:
+  """Per-step wall time on a tiny model (device work ~nothing): split-once plain jit vs nnx.jit."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+  from glp_jax import flow, model as model_lib
+  cfg = model_lib.ModelConfig(d_input=16, d_model=16, d_mlp=32, n_layers=2)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16), dtype=np.float32))
+  key = jax.random.key(0)
+
+  def update(model, opt, step):
+    loss, grads = nnx.value_and_grad(lambda m: flow.loss(m, x, jax.random.fold_in(key, step)))(model)
+    opt.update(model, grads)
+    return loss
+
+  model = model_lib.Denoiser(cfg, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+  nnx_step = nnx.jit(update, donate_argnums=(0, 1))
+  graphdef, state = nnx.split((model, opt))
+
+  @jax.jit
+  def plain_step(state, step):
+    m, o = nnx.merge(graphdef, state)
+    loss = update(m, o, step)
+    return nnx.state((m, o)), loss
+
+  out = {}
+  for name in ("nnx_jit", "split_jit"):
+    for rep in range(2):   # first rep compiles
+      t = time.perf_counter()
+      for s in range(steps):
+        if name == "nnx_jit":
+          loss = nnx_step(model, opt, jnp.int32(s))
+        else:
+          state, loss = plain_step(state, jnp.int32(s))
+      loss.block_until_ready()
+      out[name + "_us_per_step"] = (time.perf_counter() - t) / steps * 1e6
+  return out
+
+
+def main(argv):
+  del argv
+  if FLAGS.torch_worker:   # child process: no JAX backend is ever initialised here
+    depth, d_input, batch, steps, compiled, threads = (int(v) for v in FLAGS.torch_worker.split(","))
+    if threads > 0:
+      import torch
+      torch.set_num_threads(threads)
+    print(json.dumps(time_torch(config_for(depth, d_input, batch, "float32"), steps, bool(compiled))))
+    return
+  import jax
+  from glp_jax import flops, model as model_lib
+  accel = jax.default_backend() != "cpu"
+  d_input = FLAGS.d_input or (64 if FLAGS.quick else 2048)
+  batch = FLAGS.batch or (32 if FLAGS.quick else (4096 if accel else 256))
+  steps = FLAGS.steps or (10 if FLAGS.quick else 5)
+  dtype = FLAGS.jax_dtype or ("bfloat16" if accel else "float32")
+  depths = [int(d) for d in (FLAGS.depths or ("3" if FLAGS.quick else "3,6,12")).split(",")]
+  rows = []
+  for depth in depths:
+    mc = model_lib.model_config(config_for(depth, d_input, batch, dtype).model, None)
+    rows.append({"depth": depth, "params": flops.param_count(mc), "train_flops_per_example":
+                 flops.train_flops_per_example(mc)})
+  # PyTorch runs in a child process, so the two frameworks' CPU thread pools never share one process.
+  torch_threads = FLAGS.torch_threads if FLAGS.torch_threads >= 0 else (1 if FLAGS.quick else 0)
+  torch_setups = []
+  if FLAGS.torch:
+    torch_setups.append(("torch_eager", False))
+    if FLAGS.torch_compile if FLAGS.torch_compile is not None else not FLAGS.quick:
+      torch_setups.append(("torch_compile", True))
+  for row in rows:
+    for name, compiled in torch_setups:
+      spec = f"{row['depth']},{d_input},{batch},{steps},{int(compiled)},{torch_threads}"
+      out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--torch_worker={spec}"],
+                           stdout=subprocess.PIPE, text=True, check=True)
+      row[name] = json.loads(out.stdout.strip().splitlines()[-1])
+  peak, peak_source = device_peak()
+  for row in rows:
+    row["jax"] = time_jax(config_for(row["depth"], d_input, batch, dtype), steps)
+    for name in ["jax"] + [n for n, _ in torch_setups]:
+      r = row[name]
+      r["mfu"] = r["examples_per_s"] * row["train_flops_per_example"] / peak
+      print(f"d{row['depth']} {name}: {r['examples_per_s']:.1f} examples/s, step {r['step_s'] * 1e3:.1f} ms, "
+            f"MFU {100 * r['mfu']:.2f}%", flush=True)
+    best_torch = max((row[n]["examples_per_s"] for n, _ in torch_setups), default=0)
+    if best_torch:
+      row["jax_over_best_torch"] = row["jax"]["examples_per_s"] / best_torch
+  results = rows
+  out = {"bench": "train_step", "quick": FLAGS.quick, "device": jax.devices()[0].device_kind,
+         "backend": jax.default_backend(), "d_input": d_input, "batch": batch, "steps": steps,
+         "jax_compute_dtype": dtype, "torch_threads": torch_threads or "default", "peak_flops": peak, "peak_source": peak_source, "results": results,
+         "host_overhead": host_overhead(20 if FLAGS.quick else 100)}
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  app.run(main)

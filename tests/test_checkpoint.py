@@ -1,0 +1,70 @@
+"""Checkpointer: retention, sharded restore, partial checkpoints ignored, shape refusal, stop signals."""
+import os
+import signal
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from glp_jax import checkpoint as ckpt_lib
+from glp_jax import sharding
+from glp_jax.config_lib import ConfigError
+
+
+def state_on(mesh, scale=1.0):
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp"))
+  w = sharding.put_global(np.arange(64, dtype=np.float32).reshape(4, 16) * scale, sh)
+  return {"model": {"w": w, "layers": {0: {"b": jax.numpy.ones(3) * scale}}}, "opt": {"step": jax.numpy.int32(7)}}
+
+
+def test_keep_last_n_plus_every_k(tmp_path):
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8)))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=2, keep_every=4)
+  for step in range(1, 11):
+    ck.save(step, state_on(mesh, step), {"step": step})
+  ck.wait()
+  assert ck.all_steps() == [4, 8, 9, 10]
+  assert ck.read_meta() == {"step": 10}
+  ck.close()
+
+
+def test_restore_onto_fewer_devices_and_ignore_partial(tmp_path):
+  mesh8 = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8)))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+  saved = state_on(mesh8, 3.0)
+  ck.save(5, saved, {"step": 5})
+  ck.close()
+  # A save that died before its commit leaves only a temporary directory: never listed, never restored.
+  os.makedirs(tmp_path / "ck" / "9.orbax-checkpoint-tmp-1700000000000000")
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+  assert ck.latest_step() == 5
+  mesh2 = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=2)), devices=jax.devices()[:2])
+  target = ckpt_lib.abstract_like(state_on(mesh2))
+  restored, meta = ck.restore(5, target)
+  assert meta == {"step": 5}
+  w = restored["model"]["w"]
+  assert w.sharding.mesh.devices.size == 2 and w.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert {s.data.shape for s in w.addressable_shards} == {(4, 8)}
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ck.close()
+
+
+def test_shape_signature_refuses_other_model():
+  a = ckpt_lib.shape_signature({"in_proj": {"kernel": np.zeros((4, 8))}, "layers": {0: {"b": np.zeros(8)}}})
+  assert a == {"in_proj/kernel": [4, 8], "layers/0/b": [8]}
+  ckpt_lib.check_signature(a, dict(a), "/ck")
+  b = dict(a, **{"in_proj/kernel": [4, 16]})
+  with pytest.raises(ConfigError, match=r"different model shape.*in_proj/kernel: checkpoint \[4, 8\] vs "
+                                        r"config \[4, 16\]"):
+    ckpt_lib.check_signature(a, b, "/ck")
+
+
+def test_stop_request_catches_sigterm_and_restores_handler():
+  before = signal.getsignal(signal.SIGTERM)
+  with ckpt_lib.StopRequest() as stop:
+    assert not stop.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested and stop.signum == signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) == before

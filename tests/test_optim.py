@@ -1,0 +1,89 @@
+"""Schedules against an independent NumPy implementation, the weight-decay mask, clipping and EMA."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from glp_jax import model as model_lib
+from glp_jax import optim
+from glp_jax.config_lib import ConfigError
+
+
+def opt_cfg(**kw):
+  base = dict(lr=1e-3, schedule="cosine", warmup_ratio=0.1, final_lr_factor=0.1, decay_ratio=0.2, b1=0.9,
+              b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0, ema_decay=0.0)
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def numpy_cosine(step, total, warm_ratio, final):
+  """The reference's LambdaLR multiplier, written independently."""
+  warm = int(warm_ratio * total)
+  if step < warm:
+    return 0.01 + 0.99 * step / warm
+  p = min(max((step - warm) / (total - warm), 0.0), 1.0)
+  return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def test_cosine_matches_reference_formula():
+  total = 1000
+  steps = np.arange(0, total + 1, 7)
+  got = np.asarray(jax.vmap(lambda s: optim.lr_factor(s, total, warmup_ratio=0.01, final_lr_factor=0.1))(steps))
+  want = np.array([numpy_cosine(int(s), total, 0.01, 0.1) for s in steps])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert float(optim.lr_factor(0, total)) == pytest.approx(0.01)
+  assert float(optim.lr_factor(10, total)) == pytest.approx(1.0)     # end of warmup: the peak
+  assert float(optim.lr_factor(total, total)) == pytest.approx(0.1)  # not to zero
+
+
+def test_constant_and_wsd():
+  kw = dict(warmup_ratio=0.1, final_lr_factor=0.1, decay_ratio=0.2)
+  assert float(optim.lr_factor(5, 100, schedule="constant", **kw)) == pytest.approx(0.01 + 0.99 * 0.5)
+  assert float(optim.lr_factor(60, 100, schedule="constant", **kw)) == 1.0
+  assert float(optim.lr_factor(79, 100, schedule="wsd", **kw)) == 1.0   # stable until the last 20%
+  assert float(optim.lr_factor(90, 100, schedule="wsd", **kw)) == pytest.approx(0.55)
+  assert float(optim.lr_factor(100, 100, schedule="wsd", **kw)) == pytest.approx(0.1)
+  with pytest.raises(ConfigError, match="schedule"):
+    optim.make_schedule(opt_cfg(schedule="linear"), 10)
+
+
+def test_weight_decay_skips_biases_and_layernorm():
+  model = model_lib.Denoiser(model_lib.ModelConfig(d_input=8, d_model=16, d_mlp=32, n_layers=1), rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  mask = optim.decay_mask(params)
+  flat = {jax.tree_util.keystr(p): (m, v) for (p, m), v in
+          zip(jax.tree_util.tree_flatten_with_path(mask)[0], jax.tree.leaves(params))}
+  assert all(m == (k.endswith("['kernel']")) for k, (m, _) in flat.items())
+  # With zero gradients Adam's update is 0, so only decoupled decay moves the parameters: p <- p (1 - lr wd).
+  cfg = opt_cfg(schedule="constant", warmup_ratio=0.0, weight_decay=0.5, clip_norm=0.0)
+  tx = optim.make_tx(cfg, 10)
+  upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, upd)
+  for (path, p), q in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(new)):
+    factor = 1 - 1e-3 * 0.5 if jax.tree_util.keystr(path).endswith("['kernel']") else 1.0
+    np.testing.assert_allclose(np.asarray(q), np.asarray(p) * factor, rtol=1e-6, err_msg=str(path))
+
+
+def test_global_norm_clipping_golden():
+  # eps = 1 makes Adam's first step depend on the gradient's size, so clipping is visible:
+  # update = -lr * g_c / (|g_c| + 1) elementwise, with g_c = g * clip / ||g|| when ||g|| > clip.
+  params = {"w": jnp.zeros((3, 2))}
+  g = {"w": jnp.arange(6.0).reshape(3, 2) * 10.0}
+  norm = float(np.linalg.norm(np.arange(6.0) * 10.0))
+  for clip in (1.0, 0.0):
+    cfg = opt_cfg(schedule="constant", warmup_ratio=0.0, eps=1.0, weight_decay=0.0, clip_norm=clip)
+    tx = optim.make_tx(cfg, 10)
+    upd, _ = tx.update(g, tx.init(params), params)
+    gc = np.arange(6.0).reshape(3, 2) * 10.0 * (clip / norm if clip else 1.0)
+    np.testing.assert_allclose(np.asarray(upd["w"]), -1e-3 * gc / (np.abs(gc) + 1.0), rtol=1e-5)
+
+
+def test_ema_update():
+  ema = {"a": jnp.array([1.0, 2.0])}
+  new = optim.ema_update(ema, {"a": jnp.array([3.0, 6.0])}, 0.9)
+  np.testing.assert_allclose(np.asarray(new["a"]), [1.2, 2.4], rtol=1e-6)
