@@ -30,8 +30,13 @@ from glp_jax import config_lib
 from glp_jax import corpus as corpus_lib
 from glp_jax import store as store_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Extraction config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, summary.json, store/).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined when the CLI runs, not on import, so the library imports beside glp-train's flags."""
+  config_flags.DEFINE_config_file("config", None, "Extraction config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (config.json, summary.json, store/).")
 
 
 class ExtractError(ValueError):
@@ -359,7 +364,7 @@ def _load_config_file(arg: str):
 def main(argv):
   del argv
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = FLAGS.config, FLAGS.workdir
   if not workdir:
     raise app.UsageError("--workdir is required")
   config_lib.write_config(config, workdir)
@@ -379,6 +384,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (`glp-extract`)."""
+  define_flags()
   app.run(main)
 
 

@@ -36,9 +36,13 @@ log = logging.getLogger("glp_jax")
 ConfigError = config_lib.ConfigError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Train config file (configs/train.py:<args>).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints, summary).")
-flags.DEFINE_bool("dry_run", False, "Build abstractly, AOT-compile the step, print one JSON object, exit.")
+
+
+def define_flags() -> None:
+  """Defined when the CLI runs, not on import, so `load_prior` etc. import beside other CLIs' flags."""
+  config_flags.DEFINE_config_file("config", None, "Train config file (configs/train.py:<args>).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints, summary).")
+  flags.DEFINE_bool("dry_run", False, "Build abstractly, AOT-compile the step, print one JSON object, exit.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -242,6 +246,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """Console-script entry point (glp-train)."""
+  define_flags()
   app.run(main)
 
 

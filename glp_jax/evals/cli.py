@@ -204,6 +204,7 @@ def main(argv) -> None:
   if not FLAGS.prior:
     raise app.UsageError("--prior is required")
   logging.getLogger("glp_jax").setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)   # orbax logs every restore at INFO
   ctx = Context()
   out_dir = FLAGS.out or FLAGS.prior
   os.makedirs(out_dir, exist_ok=True)

@@ -1,0 +1,97 @@
+"""`make demo`: the whole pipeline end to end on the embedded default LM and corpus.
+
+extract -> store -> sweep (train 4 sizes x 2 budgets) -> fit scaling law -> export the largest prior ->
+evaluate every prior -> loss -> utility fits. Everything lands under --out (default runs/demo). Each stage
+is the same console entry point a user would run, so the demo doubles as a worked example; a stage whose
+output is already complete is skipped, so a second `make demo` is quick.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", "runs/demo", "Directory for everything the demo writes.")
+_EVALS = flags.DEFINE_list("evals", ["fd", "delta_lm", "steer", "probe"], "Evaluations run on each prior.")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stage(title: str, argv: list[str]) -> None:
+  """Runs one pipeline stage as a subprocess, echoing the command; raises on failure."""
+  print(f"\n=== {title}\n$ {shlex.join(argv)}", flush=True)
+  t0 = time.time()
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+  subprocess.run(argv, check=True, cwd=ROOT, env=env)
+  print(f"=== {title}: done in {time.time() - t0:.0f}s", flush=True)
+
+
+def _py(module: str, *args: str) -> list[str]:
+  return [sys.executable, "-m", module, *args]
+
+
+def _done(path: str) -> bool:
+  """A run or stage is complete when its summary says so."""
+  try:
+    with open(path) as f:
+      return bool(json.load(f).get("done"))
+  except (OSError, ValueError):
+    return False
+
+
+def main(argv):
+  del argv
+  out = os.path.abspath(_OUT.value)
+  os.makedirs(out, exist_ok=True)
+  extract_dir, sweep_dir, fit_dir, export_dir = (os.path.join(out, d) for d in ("extract", "sweep", "fit",
+                                                                                "export"))
+  store = os.path.join(extract_dir, "store")
+
+  # --- extract: SmolLM2-135M residual stream over Python's own documentation ---
+  if not _done(os.path.join(extract_dir, "summary.json")):
+    _stage("extract activations", _py("glp_jax.extract", "--config=configs/extract.py",
+                                      f"--workdir={extract_dir}"))
+
+  # --- sweep: 4 sizes x 2 activation budgets, trained with glp-train ---
+  _stage("scaling sweep", _py("glp_jax.sweep", "--config=configs/sweep.py:runlocal",
+                              f"--config.store={store}", f"--root={sweep_dir}"))
+  runs = sorted(os.path.join(sweep_dir, d) for d in os.listdir(sweep_dir)
+                if _done(os.path.join(sweep_dir, d, "summary.json")))
+
+  # --- evaluate every prior; results land in <run>/eval_<name>.json for the collector ---
+  # One process per run and evaluation list, so the LM is loaded once per run.
+  for run in runs:
+    todo = [n for n in _EVALS.value if not os.path.exists(os.path.join(run, f"eval_{n}.json"))]
+    for name in (["all"] if todo == ["fd", "delta_lm", "steer", "probe"] else todo):
+      _stage(f"eval {name}: {os.path.basename(run)}",
+             _py("glp_jax.evals.cli", name, f"--prior={run}", f"--store={store}", "--quick"))
+
+  # --- fit: loss vs compute, Chinchilla form, loss -> utility ---
+  _stage("scaling fits and plots", _py("glp_jax.fit_cli", f"--runs={sweep_dir}", f"--out={fit_dir}"))
+
+  # --- export the largest-compute prior to PyTorch (and the reference layout) ---
+  largest = max(runs, key=lambda r: json.load(open(os.path.join(r, "summary.json")))["flops"])
+  _stage("export to PyTorch", _py("glp_jax.export", f"--workdir={largest}", f"--out={export_dir}"))
+
+  fit = json.load(open(os.path.join(fit_dir, "fit.json")))
+  print("\n=== demo complete; everything is under", out)
+  print(f"store:   {store}\nruns:    {sweep_dir}\nfits:    {fit_dir}\nexport:  {export_dir}")
+  compute = fit.get("compute", {})
+  if "alpha" in compute:
+    a = compute["alpha"]
+    print(f"L(C) = E + A*C^-alpha: alpha = {a['value']:.3f} "
+          f"(95% CI {a['ci'][0]:.3f} .. {a['ci'][1]:.3f}); plot: "
+          f"{os.path.join(fit_dir, 'loss_vs_compute.png')}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
