@@ -14,6 +14,7 @@ import glob
 import json
 import math
 import os
+import re
 from typing import Any, Iterable
 
 import numpy as np
@@ -155,7 +156,11 @@ def column(rows: Iterable[dict], name: str) -> np.ndarray:
 
 
 # Last words of eval keys that are bookkeeping, not a metric (fd_wall_seconds, lm_layer, delta_lm_sem, ...).
-_NOT_METRICS = {"seconds", "time", "layer", "seed", "docs", "n", "count", "step", "steps", "sem", "rows"}
+_NOT_METRICS = {"seconds", "time", "layer", "seed", "docs", "n", "count", "step", "steps", "sem", "rows",
+                "lo", "hi"}
+# Per-task breakdowns ('probe_auc_t0.1/tense') and per-grid-point rows ('steer_glp_r0.5_nll') stay in the table
+# but are not fitted: the headline metric of each evaluation summarises them.
+_DETAIL = re.compile(r"/|_r[0-9.]+_")
 
 
 def metric_columns(rows: Iterable[dict]) -> list[str]:
@@ -163,7 +168,7 @@ def metric_columns(rows: Iterable[dict]) -> list[str]:
   rows = list(rows)
   out = []
   for c in columns(rows):
-    if "." not in c or c.rsplit(".", 1)[1].rsplit("_", 1)[-1] in _NOT_METRICS:
+    if "." not in c or c.rsplit(".", 1)[1].rsplit("_", 1)[-1] in _NOT_METRICS or _DETAIL.search(c):
       continue
     v = column(rows, c)
     v = v[np.isfinite(v)]

@@ -72,21 +72,48 @@ def main(argv):
              _py("glp_jax.evals.cli", name, f"--prior={run}", f"--store={store}", "--quick"))
 
   # --- fit: loss vs compute, Chinchilla form, loss -> utility ---
-  _stage("scaling fits and plots", _py("glp_jax.fit_cli", f"--runs={sweep_dir}", f"--out={fit_dir}"))
+  _stage("scaling fits and plots", _py("glp_jax.fit_cli", f"--runs={sweep_dir}", f"--out={fit_dir}",
+                                       "--n_bootstrap=500"))
 
   # --- export the largest-compute prior to PyTorch (and the reference layout) ---
   largest = max(runs, key=lambda r: json.load(open(os.path.join(r, "summary.json")))["flops"])
   _stage("export to PyTorch", _py("glp_jax.export", f"--workdir={largest}", f"--out={export_dir}"))
 
+  _report(out, store, sweep_dir, fit_dir, export_dir)
+
+
+# Headline columns of runs.csv printed at the end (the table has every metric and per-task detail).
+_HEADLINE = (("N", "params", "{:.3g}"), ("D", "acts", "{:.3g}"), ("final_eval_loss", "loss", "{:.4f}"),
+             ("fd.fd_normalized", "FD(norm)", "{:.1f}"), ("delta_lm.delta_lm", "dLM", "{:.3f}"),
+             ("probe.probe_auc_t0.1", "AUC@0.1", "{:.3f}"), ("steer.steer_glp_concept_gain", "steer+", "{:.2f}"))
+
+
+def _report(out: str, store: str, sweep_dir: str, fit_dir: str, export_dir: str) -> None:
+  """Prints where everything is, each run's loss and utility metrics, and the fitted laws."""
+  import csv  # pylint: disable=g-import-not-at-top
   fit = json.load(open(os.path.join(fit_dir, "fit.json")))
   print("\n=== demo complete; everything is under", out)
-  print(f"store:   {store}\nruns:    {sweep_dir}\nfits:    {fit_dir}\nexport:  {export_dir}")
-  compute = fit.get("compute", {})
-  if "alpha" in compute:
-    a = compute["alpha"]
-    print(f"L(C) = E + A*C^-alpha: alpha = {a['value']:.3f} "
-          f"(95% CI {a['ci'][0]:.3f} .. {a['ci'][1]:.3f}); plot: "
-          f"{os.path.join(fit_dir, 'loss_vs_compute.png')}")
+  print(f"store:   {store}\nruns:    {sweep_dir}\nfits:    {fit_dir}  (runs.csv, fit.json, plots)\n"
+        f"export:  {export_dir}")
+  rows = sorted(csv.DictReader(open(os.path.join(fit_dir, "runs.csv"))), key=lambda r: float(r["C"] or 0))
+  cols = [c for c in _HEADLINE if c[0] in (rows[0] if rows else {})]
+  print("\n" + "  ".join(f"{h:>9}" for _, h, _ in cols) + "  run")
+  for r in rows:
+    cells = [fmt.format(float(r[k])) if r.get(k) not in (None, "") else "-" for k, _, fmt in cols]
+    print("  ".join(f"{c:>9}" for c in cells) + "  " + r["run"])
+  law = fit.get("compute", {})
+  if "alpha" in law:
+    a = law["alpha"]
+    print(f"\nL(C) = E + A*C^-alpha: alpha = {a['value']:.3f} (95% CI {a['ci'][0]:.3f} .. {a['ci'][1]:.3f}); "
+          f"plot: {os.path.join(fit_dir, 'loss_vs_compute.png')}")
+  else:
+    print(f"\nL(C) fit: {law.get('error', 'not available')}")
+  print("loss -> utility (linear fit of each metric on eval loss; r = Pearson correlation):")
+  for name, fits in sorted(fit.get("metrics", {}).items()):
+    rep = fits["vs_loss"].get("report", {})
+    if "params" in rep:
+      print(f"  {name:<34} slope {rep['params']['slope']:+.4g} per unit loss, r = {rep.get('pearson_r', float('nan')):+.2f}")
+  print(f"plot: {os.path.join(fit_dir, 'loss_vs_utility.png')}")
 
 
 def run():

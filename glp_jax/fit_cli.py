@@ -102,6 +102,10 @@ def _plot_runs(out: str, curves, done, result, loss) -> list[str]:
     if runs:
       paths += plots.isoflop(runs, os.path.join(out, "isoflop"), chinchilla=chin)
   y = collect.column(done, f"{loss}_eval_loss")
+  if result["metrics"]:
+    paths += plots.utility_panel(y, [(name, collect.column(done, name), fits["vs_loss"].get("report"))
+                                     for name, fits in result["metrics"].items()],
+                                 os.path.join(out, "loss_vs_utility"), xlabel=f"{loss} eval loss")
   for name, fits in result["metrics"].items():
     m = collect.column(done, name)
     sel = np.isfinite(m) & np.isfinite(y)

@@ -116,3 +116,29 @@ def metric_vs(x: np.ndarray, y: np.ndarray, report: Mapping | None, out_base: st
   ax.grid(True, alpha=0.25)
   ax.legend(fontsize=7)
   return save(fig, out_base)
+
+
+def utility_panel(loss: np.ndarray, metrics: Sequence[tuple[str, np.ndarray, Mapping | None]], out_base: str,
+                  *, xlabel: str) -> list[str]:
+  """Every downstream metric against eval loss on one page (the paper's 'loss predicts utility' view)."""
+  n = len(metrics)
+  cols = min(n, 4)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+  for ax, (name, y, report) in zip(axes.flat, metrics):
+    ok = np.isfinite(loss) & np.isfinite(y)
+    ax.plot(loss[ok], y[ok], "ko", ms=3)
+    if report and "band" in report:
+      b = {k: np.asarray(v) for k, v in report["band"].items()}
+      ax.fill_between(b["x"], b["conf_lo"], b["conf_hi"], color="tab:blue", alpha=0.25)
+      ax.plot(b["x"], scaling.predict_linear(report["params"], b["x"]), "b-", lw=1)
+      if "pearson_r" in report:
+        name = f"{name}  (r={report['pearson_r']:.2f})"
+    ax.set_title(name, fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=7)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.25)
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  fig.tight_layout()
+  return save(fig, out_base)

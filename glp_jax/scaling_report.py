@@ -124,6 +124,8 @@ def analyze_metric(x, y, *, kind: str = "linear", n_boot: int = 1000, seed: int 
   boot = bootstrap(fit_fn, cols, n=n_boot, seed=seed)
   band = bands(lambda p: predict(p, grid), boot, fit.residuals, level=level, log_space=False, seed=seed,
                n_params=len(fit.params))
+  # Pearson r of the metric with loss (linear) or log compute (power): how tightly loss/compute predict it.
+  r = float(np.corrcoef(x if kind == "linear" else np.log(x), y)[0, 1])
   return dict(form=fit.form, n_points=int(len(x)), params=fit.params, ci=_ci_dict(boot, level), level=level,
-              residual_std=fit.residual_std, bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed),
+              residual_std=fit.residual_std, pearson_r=r, bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed),
               band=dict(x=grid.tolist(), **{k: v.tolist() for k, v in band.items()}))
