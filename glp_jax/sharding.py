@@ -28,7 +28,6 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
 # a [D, M] kernel splits M. LayerNorm parameters stay replicated (small, and read by every row).
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("input", "fsdp"),
-    ("act", "fsdp"),     # an earlier name of `input`
     ("embed", "fsdp"),
     ("mlp", "fsdp"),
     ("cond", "fsdp"),
