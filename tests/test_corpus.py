@@ -39,7 +39,7 @@ def test_local_files(tmp_path):
   with open(tmp_path / "c.jsonl", "w") as f:
     for t in ["json one", "", "json two", "json one"]:
       f.write(json.dumps({"text": t, "meta": 1}) + "\n")
-  import pyarrow as pa
+  pa = pytest.importorskip("pyarrow", reason="parquet corpora need pyarrow (the torch extra)")
   import pyarrow.parquet as pq
   pq.write_table(pa.table({"text": ["parquet row", None, "json two"]}), tmp_path / "d.parquet")
   (tmp_path / "ignored.csv").write_text("x")
