@@ -62,10 +62,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = train_lib.Input(config, mesh)
   model_cfg = model_lib.model_config(config.model, data.d_input)
   train_lib.check_model_vs_input(model_cfg, data)
+  # A run keeps the normaliser it started with (a resumed run, or a prior brought in by glp-import that is
+  # trained further on another store): the weights only make sense in the space they were trained in.
+  if os.path.exists(os.path.join(workdir, "normalizer.npz")):
+    train_lib.use_normalizer(data, train_lib.load_normalizer(workdir))
+  elif is_main:
+    train_lib.save_normalizer(data.normalizer, workdir)
   heldout_x, heldout_layer = data.heldout(config.eval_rows)
   eval_chunks = train_lib.eval_arrays(heldout_x, config.batch_size, mesh, heldout_layer)
-  if is_main:
-    train_lib.save_normalizer(data.normalizer, workdir)
 
   # ---------------------------------------------------------------- model + shard
   create = train_lib.creator(model_cfg, config, total_steps)

@@ -106,6 +106,17 @@ def save_normalizer(normalizer: Normalizer, workdir: str) -> None:
   os.replace(path + ".tmp", path)
 
 
+def use_normalizer(data: Input, normalizer: Normalizer) -> None:
+  """Makes the loader normalise with `normalizer` (the run's own) instead of the store's statistics."""
+  stacked = normalizer.mean.ndim == 2   # multi-layer: the stacked rows must name the same LM layers
+  same_layers = not stacked or normalizer.layers == data.normalizer.layers
+  if normalizer.mean.shape != data.normalizer.mean.shape or not same_layers:
+    raise ConfigError(f"the run's normalizer.npz has shape {normalizer.mean.shape} (layers {normalizer.layers}) "
+                      f"but the store {data.path} gives {data.normalizer.mean.shape} (layers "
+                      f"{data.normalizer.layers}): use a new --workdir for a different store layout")
+  data.normalizer = data.loader.normalizer = normalizer
+
+
 def load_normalizer(workdir: str) -> Normalizer:
   z = np.load(os.path.join(workdir, "normalizer.npz"))
   layers = tuple(int(l) for l in z["layers"]) or None

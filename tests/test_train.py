@@ -22,6 +22,7 @@ from flax import nnx
 from glp_jax import config_lib, sharding, train, train_lib
 from glp_jax import model as model_lib
 from glp_jax.metrics import NonFiniteLoss, read_jsonl
+from glp_jax.normalizer import Normalizer
 from glp_jax.store import ActivationStore, StoreError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,3 +274,26 @@ def test_multi_layer_store_trains_with_layer_conditioning(tmp_path):
 def test_multi_layer_model_needs_a_multi_layer_store(store, tmp_path):
   with pytest.raises(config_lib.ConfigError, match="gives one layer"):
     train.train_and_evaluate(make_config(store, **{"model.multi_layer_n_layers": 3}), str(tmp_path / "w"))
+
+
+def test_run_keeps_its_own_normalizer(reference, store, tmp_path):
+  """A workdir that already has normalizer.npz (a resumed run, or a prior from glp-import trained further on
+  another store) trains and evaluates in that space, not in the store's."""
+  workdir = str(tmp_path / "seeded")
+  os.makedirs(workdir)
+  _, store_norm, _ = train.load_prior(reference[0])
+  shifted = Normalizer(store_norm.mean + np.sqrt(store_norm.var), store_norm.var * 4.0)
+  train_lib.save_normalizer(shifted, workdir)
+  short = {"num_activations": 64 * 10, "eval_every": 0}
+  seeded = train.train_and_evaluate(make_config(store, **short), workdir)
+  plain = train.train_and_evaluate(make_config(store, **short), str(tmp_path / "plain"))
+  kept = train_lib.load_normalizer(workdir)
+  np.testing.assert_array_equal(kept.mean, shifted.mean)
+  np.testing.assert_array_equal(kept.var, shifted.var)
+  np.testing.assert_array_equal(train_lib.load_normalizer(str(tmp_path / "plain")).mean, store_norm.mean)
+  assert seeded["params_checksum"] != plain["params_checksum"]   # the inputs really were normalised differently
+  bad = str(tmp_path / "bad")
+  os.makedirs(bad)
+  train_lib.save_normalizer(Normalizer(np.zeros(D + 1), np.ones(D + 1)), bad)
+  with pytest.raises(config_lib.ConfigError, match="normalizer.npz"):
+    train.train_and_evaluate(make_config(store), bad)
