@@ -74,3 +74,17 @@ def require(cfg: ml_collections.ConfigDict, key: str, ok: bool, what: str) -> No
   """Raises ConfigError naming `key` when `ok` is false; `what` says what the value must be."""
   if not ok:
     raise ConfigError(f"config.{key}: {what} (got {cfg[key] if key in cfg else '<missing>'!r})")
+
+
+def override(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys in place (`{"opt.lr": 3e-4}`), as `--config.opt.lr=3e-4` would; returns `cfg`."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = cfg
+    try:
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    except (KeyError, AttributeError) as e:
+      raise ConfigError(f"unknown config key {key!r}: {e}") from None
+  return cfg

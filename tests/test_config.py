@@ -63,3 +63,12 @@ def test_absl_override_and_unknown_key(tmp_path):
   bad = subprocess.run([sys.executable, str(script), f"--config={cfg}", "--config.opt.lrr=3e-4"],
                        capture_output=True, text=True, env=env, cwd=ROOT)
   assert bad.returncode != 0 and "lrr" in bad.stderr
+
+
+def test_override_sets_dotted_keys_and_rejects_unknown():
+  import ml_collections
+  c = ml_collections.ConfigDict({"opt": {"lr": 1.0}, "seed": 0})
+  c.lock()
+  assert config_lib.override(c, {"opt.lr": 3e-4, "seed": 2}).opt.lr == 3e-4 and c.seed == 2
+  with pytest.raises(config_lib.ConfigError, match="'opt.lrr'"):
+    config_lib.override(c, {"opt.lrr": 1.0})

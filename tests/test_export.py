@@ -14,6 +14,7 @@ import safetensors.torch  # noqa: E402
 import yaml  # noqa: E402
 
 from glp_jax import checkpoint as ckpt_lib  # noqa: E402
+from glp_jax import config_lib  # noqa: E402
 from glp_jax import export as export_lib  # noqa: E402
 from glp_jax import import_ref, sharding, train, train_lib  # noqa: E402
 from glp_jax import model as model_lib  # noqa: E402
@@ -133,7 +134,6 @@ def make_run(workdir: str, step: int = 6):
   model_lib.load_reference_state_dict(ema, ema_flat)
   pure = train_lib.pure(train_lib.split((model, opt, ema))[1])
   os.makedirs(workdir)
-  import glp_jax.config_lib as config_lib
   config_lib.write_config(config, workdir)
   rng = np.random.default_rng(0)
   train_lib.save_normalizer(Normalizer(rng.standard_normal(D), rng.uniform(0.5, 2, D)), workdir)
@@ -264,13 +264,7 @@ def train_config(store: str, **extra) -> ml_collections.ConfigDict:
   c.data.store, c.batch_size, c.num_activations = store, 64, 64 * 6
   c.data.block_rows, c.data.window_blocks, c.data.heldout_rows, c.eval_rows = 32, 8, 256, 256
   c.log_every, c.eval_every, c.ckpt.every_steps, c.opt.ema_decay = 2, 3, 3, 0.5
-  for k, v in extra.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return config_lib.override(c, extra)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from glp_jax import extract
+from glp_jax import config_lib, extract
 from glp_jax import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,13 +69,7 @@ def _config(model, **over):
   c.max_batch_docs = 4
   c.store.shard_rows, c.store.chunk_rows = 128, 64
   c.progress = False
-  for k, v in over.items():
-    obj = c
-    *path, last = k.split(".")
-    for p in path:
-      obj = obj[p]
-    obj[last] = v
-  return c
+  return config_lib.override(c, over)
 
 
 def _reference(model_path, config, layer_ids):

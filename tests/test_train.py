@@ -41,14 +41,7 @@ def get_config(arg="runlocal"):
 
 
 def make_config(store, **extra):
-  c = get_config()
-  for k, v in {**OVERRIDES, "data.store": store, **extra}.items():
-    *parents, leaf = k.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return config_lib.override(get_config(), {**OVERRIDES, "data.store": store, **extra})
 
 
 @pytest.fixture(scope="module")
