@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import os
 import queue
 import threading
 import time
@@ -35,7 +33,7 @@ import grain
 import numpy as np
 
 from glp_jax.normalizer import Normalizer
-from glp_jax.store import ActivationStore, StoreError
+from glp_jax.store import ActivationStore, StoreError, publish_consumed
 
 
 @dataclasses.dataclass
@@ -359,13 +357,7 @@ class Loader:
     consumed = int(self._stream_block(np.asarray([w * self.window_blocks]))[0, 1])
     if consumed <= self._published or self.process_index != 0:   # every process is at the same window
       return
-    d = os.path.join(self.path, "consumers")
-    os.makedirs(d, exist_ok=True)
-    name = os.path.join(d, f"{self.consumer}.json")
-    tmp = f"{name}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump({"rows_consumed": consumed, "step": int(step), "updated": time.time()}, f)
-    os.replace(tmp, name)
+    publish_consumed(self.path, self.consumer, consumed, step=int(step))
     self._published = consumed
 
 

@@ -17,44 +17,12 @@ devices or hosts sharing a file system):
 """
 from __future__ import annotations
 
-import glob
-import json
-import os
 import time
 
 from absl import logging
 
 from glp_jax import config_lib
 from glp_jax import store as store_lib
-
-CONSUMERS = "consumers"
-
-
-def consumer_path(store_path: str, name: str) -> str:
-  return os.path.join(store_path, CONSUMERS, f"{name}.json")
-
-
-def publish_consumed(store_path: str, name: str, rows_consumed: int) -> None:
-  """Consumer side: records that rows below `rows_consumed` are no longer needed (atomic rename)."""
-  path = consumer_path(store_path, name)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump({"rows_consumed": int(rows_consumed), "updated": time.time()}, f)
-  os.replace(tmp, path)
-
-
-def min_consumed(store_path: str) -> tuple[int, int]:
-  """(min rows_consumed over consumers, number of consumers); (0, 0) before any consumer published."""
-  values = []
-  for path in glob.glob(os.path.join(store_path, CONSUMERS, "*.json")):
-    try:
-      with open(path) as f:
-        values.append(int(json.load(f)["rows_consumed"]))
-    except (OSError, ValueError, KeyError):  # a consumer mid-write (atomic renames make this rare)
-      values.append(0)
-  return (min(values) if values else 0), len(values)
-
 
 class Producer:
   """Throttles an extraction so committed rows stay within `buffer_rows` of the slowest consumer."""
@@ -90,7 +58,7 @@ class Producer:
     announced = t0 - self._last_announce < 30  # log at most every 30 s: waits are frequent when streaming
     self.waiting = True
     while True:
-      self._consumed = max(self._consumed, min_consumed(store.path)[0])
+      self._consumed = max(self._consumed, store_lib.min_consumed(store.path)[0])
       if not self._full(store):
         break
       if not announced:

@@ -22,6 +22,7 @@ The write path (buffering, whole-shard writes, commits) is in store_writer.py.
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import math
 import os
@@ -393,3 +394,35 @@ class ActivationStore:
 
   def __exit__(self, *exc):
     self.close()
+
+
+# ---------------------------------------------------------------- consumer progress (extract while training)
+# Readers of a store still being written publish `<store>/consumers/<name>.json` = {"rows_consumed": n}:
+# rows below n are no longer needed. The producer (producer.py) bounds its lead over the slowest consumer.
+CONSUMERS = "consumers"
+
+
+def consumer_path(store_path: str, name: str) -> str:
+  return os.path.join(store_path, CONSUMERS, f"{name}.json")
+
+
+def publish_consumed(store_path: str, name: str, rows_consumed: int, **extra: Any) -> None:
+  """Consumer side: records that rows below `rows_consumed` are no longer needed (atomic rename)."""
+  path = consumer_path(store_path, name)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump({"rows_consumed": int(rows_consumed), "updated": time.time(), **extra}, f)
+  os.replace(tmp, path)
+
+
+def min_consumed(store_path: str) -> tuple[int, int]:
+  """(min rows_consumed over consumers, number of consumers); (0, 0) before any consumer published."""
+  values = []
+  for path in glob.glob(os.path.join(store_path, CONSUMERS, "*.json")):
+    try:
+      with open(path) as f:
+        values.append(int(json.load(f)["rows_consumed"]))
+    except (OSError, ValueError, KeyError):  # a consumer mid-write (atomic renames make this rare)
+      values.append(0)
+  return (min(values) if values else 0), len(values)

@@ -18,12 +18,12 @@ def _stream_cfg(buffer_rows, warmup_rows, poll=0.01):
 
 def test_consumer_files(tmp_path):
   path = str(tmp_path)
-  assert producer_lib.min_consumed(path) == (0, 0)
-  producer_lib.publish_consumed(path, "trainer", 500)
-  producer_lib.publish_consumed(path, "eval", 300)
-  assert producer_lib.min_consumed(path) == (300, 2)
-  producer_lib.publish_consumed(path, "eval", 900)
-  assert producer_lib.min_consumed(path) == (500, 2)
+  assert store_lib.min_consumed(path) == (0, 0)
+  store_lib.publish_consumed(path, "trainer", 500)
+  store_lib.publish_consumed(path, "eval", 300)
+  assert store_lib.min_consumed(path) == (300, 2)
+  store_lib.publish_consumed(path, "eval", 900)
+  assert store_lib.min_consumed(path) == (500, 2)
 
 
 def test_bad_stream_config():
@@ -83,7 +83,7 @@ def test_buffer_bound_warmup_stats_and_finish(tmp_path):
     st.refresh()
     assert st.num_rows - consumed <= 1024 + slack, (st.num_rows, consumed)
     consumed = min(st.num_rows, consumed + 200)
-    producer_lib.publish_consumed(path, "trainer", consumed)
+    store_lib.publish_consumed(path, "trainer", consumed)
     time.sleep(0.05)
   thread.join()
   assert not errors, errors
