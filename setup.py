@@ -19,6 +19,9 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.11,<4",
     "tqdm>=4.70,<5",
     "safetensors>=0.8,<0.9",
+    "pyyaml>=6,<7",          # the reference layout's config.yaml (written on export, read on import)
+    "filelock>=3.12,<5",     # one-time builds and the store writer lock, across processes
+    "threadpoolctl>=3.5,<4",  # single-threaded BLAS inside the scaling fits' optimiser
 ]
 
 EXTRAS = {
@@ -32,7 +35,6 @@ EXTRAS = {
         "accelerate>=1.15,<2",
         "gguf>=0.19,<0.20",
         "pyarrow>=26,<27",
-        "pyyaml>=6,<7",  # reading reference config.yaml files
     ],
     "test": [
         "pytest>=9.2,<10",
@@ -54,17 +56,19 @@ setuptools.setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["glp_jax", "glp_jax.*"]),
+    # configs/ stays at the top level for users to edit, and ships inside the package as glp_jax.configs.
+    packages=setuptools.find_packages(include=["glp_jax", "glp_jax.*"]) + ["glp_jax.configs"],
+    package_dir={"glp_jax.configs": "configs"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "glp-extract=glp_jax.extract:run",
-            "glp-train=glp_jax.train:run",
-            "glp-sweep=glp_jax.sweep:run",
-            "glp-fit=glp_jax.fit_cli:run",
-            "glp-export=glp_jax.export:run",
-            "glp-import=glp_jax.import_ref:run",
+            "glp-extract=glp_jax.extraction.cli:run",
+            "glp-train=glp_jax.training.cli:run",
+            "glp-sweep=glp_jax.scaling.cli:run_sweep",
+            "glp-fit=glp_jax.scaling.cli:run_fit",
+            "glp-export=glp_jax.interop.cli:run_export",
+            "glp-import=glp_jax.interop.cli:run_import",
             "glp-eval=glp_jax.evals.cli:run",
         ]
     },

@@ -32,8 +32,9 @@ def time_config(name: str, batch: int, steps: int) -> dict:
   import optax
   from flax import nnx
 
-  from glp_jax import flops, flow
-  from glp_jax import model as model_lib
+  from glp_jax.core import flops
+  from glp_jax.core import flow
+  from glp_jax.core import model as model_lib
 
   cfg = model_lib.model_config(ml_collections.ConfigDict(dict(
       preset=name, d_input=0, multi_layer_n_layers=0, compute_dtype=FLAGS.compute_dtype)),

@@ -36,7 +36,9 @@ _DEVICE = flags.DEFINE_string("device", "auto", "auto | cpu | cuda.")
 def bare_forward(config, n_docs: int) -> tuple[int, float]:
   """(tokens, seconds) of the truncated forward over the first `n_docs` documents, batched as extract does."""
   import torch
-  from glp_jax import corpus as corpus_lib, extract, lm
+  from glp_jax.extraction import corpus as corpus_lib
+  from glp_jax.extraction import extractor as extract
+  from glp_jax.extraction import lm
   model, tok = lm.load_causal_lm(config.model.name, config.model.dtype, config.model.device)
   rule = extract.token_rule(tok, config.prepend_bos)
   device = next(model.parameters()).device
@@ -66,7 +68,9 @@ def bare_forward(config, n_docs: int) -> tuple[int, float]:
 
 def _docs_for_rows(config, rows: int) -> int:
   """How many documents the extractor takes to reach `rows` (it stops after the document that does)."""
-  from glp_jax import corpus as corpus_lib, extract, lm
+  from glp_jax.extraction import corpus as corpus_lib
+  from glp_jax.extraction import extractor as extract
+  from glp_jax.extraction import lm
   tok = lm.load_tokenizer(config.model.name)
   rule = extract.token_rule(tok, config.prepend_bos)
   total = 0
@@ -81,10 +85,12 @@ def main(argv):
   del argv
   import numpy as np
   import torch
-  from glp_jax import extract, lm
-  from glp_jax import store as store_lib
+  from glp_jax.extraction import extractor as extract
+  from glp_jax.extraction import lm
+  from glp_jax.data import store as store_lib
+  from glp_jax.util import config as config_lib
   rows = 3000 if _QUICK.value else _ROWS.value
-  config = extract._load_config_file(  # pylint: disable=protected-access
+  config = config_lib.load_file(config_lib.packaged_config("configs/extract.py"),
       f"layers={_LAYER.value},ctx={_CTX.value},rows={rows}" + ("" if _MODEL.value == "embedded" else
                                                               f",model={_MODEL.value}"))
   config.model.dtype = _DTYPE.value
@@ -95,7 +101,7 @@ def main(argv):
   n_docs = _docs_for_rows(config, rows)
   with tempfile.TemporaryDirectory() as tmp:
     # Warm-up: a few documents, so one-time costs (kernels, allocator) land outside both timings.
-    warm = extract._load_config_file(  # pylint: disable=protected-access
+    warm = config_lib.load_file(config_lib.packaged_config("configs/extract.py"),
         f"layers={_LAYER.value},ctx={_CTX.value},rows=200")
     warm.model = config.model
     warm.progress = False

@@ -6,7 +6,7 @@ r"""Loader throughput from a store on local disk vs the trainer's consumption ra
 Writes a D=2048 bfloat16 store (the llama1b width) in a temp dir, then times (page cache warm, as in
 training after the first pass): raw block reads, `Loader.batch` (read + window shuffle + float32
 normalisation), the prefetching iterator, and grain worker processes. The trainer rate is one jitted
-loss+grad step of the llama1b-d6 denoiser (glp_jax.model / glp_jax.flow) on this machine's CPU.
+loss+grad step of the llama1b-d6 denoiser (glp_jax.core.model / glp_jax.core.flow) on this machine's CPU.
 Last line: one JSON object with rows_per_s (Loader.batch, single process) and trainer_rows_per_s.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from absl import app, flags
+from glp_jax.data.writer import StoreWriter
 
 flags.DEFINE_bool("quick", False, "Small sizes (< 30 s).")
 flags.DEFINE_string("dir", "", "Where to write the store (default: a temp dir on local disk, removed).")
@@ -32,11 +33,11 @@ D = 2048
 
 def write_store(path: str, n_rows: int) -> float:
   import numpy as np
-  from glp_jax.store import ActivationStore
+  from glp_jax.data.store import ActivationStore
   rng = np.random.default_rng(0)
   base = (rng.normal(size=(4096, D)) * 2 + 0.5).astype(np.float32)
   t = time.perf_counter()
-  with ActivationStore.create(path, layers=[7], d=D, dtype="bfloat16",
+  with StoreWriter.create(path, layers=[7], d=D, dtype="bfloat16",
                               metadata={"model": "bench", "corpus": "synthetic"}) as st:
     for doc, a in enumerate(range(0, n_rows, 1024)):
       x = base[(doc % 4) * 1024:(doc % 4 + 1) * 1024] + np.float32(doc % 7)
@@ -45,21 +46,21 @@ def write_store(path: str, n_rows: int) -> float:
 
 
 def time_loader(path: str, steps: int, batch: int, **kw) -> dict:
-  from glp_jax import data
-  ld = data.Loader(path, batch_size=batch, seed=0, process_index=0, process_count=1, **kw)
+  from glp_jax.data import loader as data
+  ld = data.StaticLoader(path, batch_size=batch, seed=0, process_index=0, process_count=1, **kw)
   steps = min(steps, int(ld.steps_per_pass))
   ld.raw_batch(0)   # warm-up: first window read, permutation built
   t = time.perf_counter()
   for s in range(1, steps):
     ld.raw_batch(s)
   raw_s = (time.perf_counter() - t) / (steps - 1)
-  ld2 = data.Loader(path, batch_size=batch, seed=1, process_index=0, process_count=1, **kw)
+  ld2 = data.StaticLoader(path, batch_size=batch, seed=1, process_index=0, process_count=1, **kw)
   ld2.batch(0)
   t = time.perf_counter()
   for s in range(1, steps):
     ld2.batch(s)
   norm_s = (time.perf_counter() - t) / (steps - 1)
-  ld3 = data.Loader(path, batch_size=batch, seed=2, process_index=0, process_count=1, prefetch=4, **kw)
+  ld3 = data.StaticLoader(path, batch_size=batch, seed=2, process_index=0, process_count=1, prefetch=4, **kw)
   it = ld3.iterate(0, steps)
   next(it)
   t = time.perf_counter()
@@ -70,8 +71,8 @@ def time_loader(path: str, steps: int, batch: int, **kw) -> dict:
 
 
 def time_workers(path: str, steps: int, batch: int, workers: int, **kw) -> float:
-  from glp_jax import data
-  ld = data.Loader(path, batch_size=batch, seed=3, process_index=0, process_count=1, **kw)
+  from glp_jax.data import loader as data
+  ld = data.StaticLoader(path, batch_size=batch, seed=3, process_index=0, process_count=1, **kw)
   steps = min(steps, int(ld.steps_per_pass))
   it = ld.grain_iterate(0, steps, workers)
   next(it)             # worker start-up excluded
@@ -84,13 +85,15 @@ def time_trainer(batch: int, reps: int, n_blocks: int | None) -> dict:
   """Rows/s of a jitted loss+grad step of the llama1b-d6 denoiser. Parameters are constants built from
   the abstract shapes (random init of 856M parameters takes minutes here and does not change the FLOPs).
   With `n_blocks`, the d6 width is timed with that many blocks and the rate scaled to 6 blocks by the
-  analytic FLOP ratio (glp_jax.flops), to fit --quick."""
+  analytic FLOP ratio (glp_jax.core.flops), to fit --quick."""
   import dataclasses
   import jax
   import jax.numpy as jnp
   import ml_collections
   from flax import nnx
-  from glp_jax import flops, flow, model as model_lib
+  from glp_jax.core import flops
+  from glp_jax.core import flow
+  from glp_jax.core import model as model_lib
   d6 = model_lib.model_config(ml_collections.ConfigDict({"preset": "llama1b-d6"}), D)
   cfg = dataclasses.replace(d6, n_layers=n_blocks) if n_blocks else d6
   t0 = time.perf_counter()

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 from absl import app, flags
+from glp_jax.data.writer import StoreWriter
 
 flags.DEFINE_bool("quick", False, "Small sizes (< 30 s).")
 FLAGS = flags.FLAGS
@@ -27,12 +28,12 @@ D = 2048
 
 def bench_one(root: str, compression: str, n_rows: int) -> dict:
   import numpy as np
-  from glp_jax.store import ActivationStore
+  from glp_jax.data.store import ActivationStore
   path = os.path.join(root, compression)
   rng = np.random.default_rng(0)
   base = (rng.normal(size=(4096, D)) * 2).astype(np.float32)
   t = time.perf_counter()
-  with ActivationStore.create(path, layers=[7], d=D, dtype="bfloat16", compression=compression,
+  with StoreWriter.create(path, layers=[7], d=D, dtype="bfloat16", compression=compression,
                               metadata={"model": "bench"}) as st:
     for doc, a in enumerate(range(0, n_rows, 1024)):
       st.append({7: base[(doc % 4) * 1024:(doc % 4 + 1) * 1024]}, doc, np.arange(1024))

@@ -5,7 +5,7 @@ r"""Training-step throughput: the JAX step of glp_jax vs an equivalent PyTorch s
   python bench/train_step.py --batch=4096     # the reference batch (accelerators)
 
 For each depth: examples/s and MFU (analytic training FLOPs / the device's peak) of
-  jax            glp_jax.train_lib.make_train_step (AdamW, clip, flow-matching loss; compute dtype per flag)
+  jax            glp_jax.training.state.make_train_step (AdamW, clip, flow-matching loss; compute dtype per flag)
   torch_eager    glp_jax.torch.model.TransformerMLPDenoiser, torch.optim.AdamW, clip, bf16 autocast (reference)
   torch_compile  the same with torch.compile on the forward + loss.
 The torch setups run in a child process each (`--torch_threads` sets its CPU threads; see docs/benchmarks.md
@@ -24,6 +24,7 @@ import sys
 import time
 
 from absl import app, flags
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,11 +84,12 @@ def time_jax(config, steps: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from glp_jax import model as model_lib
-  from glp_jax import sharding, train_lib
+  from glp_jax.core import model as model_lib
+  from glp_jax.training import sharding
+  from glp_jax.training import state as train_lib
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   model_cfg = model_lib.model_config(config.model, None)
-  graphdef, state = train_lib.split(sharding.create_sharded(train_lib.creator(model_cfg, config, 1000), mesh))
+  graphdef, state = nnx.split(sharding.create_sharded(train_lib.creator(model_cfg, config, 1000), mesh))
   step = train_lib.make_train_step(graphdef, config, 1000)
   x = sharding.put_global(np.random.default_rng(0).standard_normal(
       (config.batch_size, model_cfg.d_input), dtype=np.float32), sharding.batch_sharding(mesh))
@@ -107,7 +109,7 @@ def time_jax(config, steps: int) -> dict:
 def time_torch(config, steps: int, compiled: bool) -> dict:
   import torch
   from glp_jax.torch.model import DenoiserConfig, TransformerMLPDenoiser
-  from glp_jax import model as model_lib
+  from glp_jax.core import model as model_lib
   mc = model_lib.model_config(config.model, None)
   torch.manual_seed(0)
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,7 +158,8 @@ def host_overhead(steps: int = 50) -> dict:
   import numpy as np
   import optax
   from flax import nnx
-  from glp_jax import flow, model as model_lib
+  from glp_jax.core import flow
+  from glp_jax.core import model as model_lib
   cfg = model_lib.ModelConfig(d_input=16, d_model=16, d_mlp=32, n_layers=2)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16), dtype=np.float32))
   key = jax.random.key(0)
@@ -201,7 +204,8 @@ def main(argv):
     print(json.dumps(time_torch(config_for(depth, d_input, batch, "float32"), steps, bool(compiled))))
     return
   import jax
-  from glp_jax import flops, model as model_lib
+  from glp_jax.core import flops
+  from glp_jax.core import model as model_lib
   accel = jax.default_backend() != "cpu"
   d_input = FLAGS.d_input or (64 if FLAGS.quick else 2048)
   batch = FLAGS.batch or (32 if FLAGS.quick else (4096 if accel else 256))

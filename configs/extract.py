@@ -13,7 +13,7 @@ Extract while training (the trainer reads the store as rows commit; see README):
 Args (`configs/extract.py:k=v,...`): model (HF name, local folder, or 'embedded'), layers ('15' or '0-15' or
 '3+7'), ctx (context length), runlocal, stream (buffer rows; 0 = plain extraction), rows (max rows).
 """
-from glp_jax import config_lib
+from glp_jax.util import config as config_lib
 import ml_collections
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"

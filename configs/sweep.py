@@ -8,10 +8,10 @@ What would run, and cluster launchers (written under --root; --dry_run prints th
   glp-sweep --config=configs/sweep.py --config.store=/data/llama1b_l07 --root=/shared/glp/sweep --emit=slurm
   glp-sweep --config=configs/sweep.py --config.store=/mnt/glp/llama1b_l07 --root=/mnt/glp/sweep --emit=tpu
 
-Sizes are model presets (glp_jax.model.PRESETS) or 'w<width_mult>_l<n_layers>[_m<mlp_mult>]' for the
+Sizes are model presets (glp_jax.core.model.PRESETS) or 'w<width_mult>_l<n_layers>[_m<mlp_mult>]' for the
 custom preset. Run names are '<size>_b<budget>_lr<lr>_s<seed>' and each run's workdir is <root>/<name>.
 """
-from glp_jax import config_lib
+from glp_jax.util import config as config_lib
 import ml_collections
 
 

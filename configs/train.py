@@ -9,7 +9,7 @@ Size a sweep point without training:
 
 Args (`configs/train.py:k=v,...`): model (preset name), runlocal, budget (activations, e.g. 1e9), seed.
 """
-from glp_jax import config_lib
+from glp_jax.util import config as config_lib
 import ml_collections
 
 
@@ -18,7 +18,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = a.seed                      # PRNG seed for init, noise and data order
 
-  # --- model: a preset from glp_jax.model.PRESETS, or 'custom' with the free width/depth fields ---
+  # --- model: a preset from glp_jax.core.model.PRESETS, or 'custom' with the free width/depth fields ---
   c.model = ml_collections.ConfigDict()
   c.model.preset = a.model             # tiny | small | llama1b-d3 | llama1b-d6 | ... | custom
   c.model.d_input = 0                  # activation width D; 0 = take it from the store

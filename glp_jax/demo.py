@@ -7,19 +7,19 @@ output is already complete is skipped, so a second `make demo` is quick.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-_OUT = flags.DEFINE_string("out", "runs/demo", "Directory for everything the demo writes.")
-_EVALS = flags.DEFINE_list("evals", ["fd", "delta_lm", "steer", "probe"], "Evaluations run on each prior.")
+from glp_jax.util import cli, files
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = cli.flag_values()
+flags.DEFINE_string("out", "runs/demo", "Directory for everything the demo writes.", flag_values=FLAGS)
+flags.DEFINE_list("evals", ["fd", "delta_lm", "steer", "probe"], "Evaluations run on each prior.", flag_values=FLAGS)
 
 
 def _stage(title: str, argv: list[str]) -> None:
@@ -27,26 +27,22 @@ def _stage(title: str, argv: list[str]) -> None:
   print(f"\n=== {title}\n$ {shlex.join(argv)}", flush=True)
   t0 = time.time()
   env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-  subprocess.run(argv, check=True, cwd=ROOT, env=env)
+  subprocess.run(argv, check=True, env=env)
   print(f"=== {title}: done in {time.time() - t0:.0f}s", flush=True)
 
 
-def _py(module: str, *args: str) -> list[str]:
-  return [sys.executable, "-m", module, *args]
+def _tool(name: str, *args: str) -> list[str]:
+  """A console script of this environment (installed next to its python), as a user would run it."""
+  return [os.path.join(os.path.dirname(sys.executable), name), *args]
 
 
 def _done(path: str) -> bool:
   """A run or stage is complete when its summary says so."""
-  try:
-    with open(path) as f:
-      return bool(json.load(f).get("done"))
-  except (OSError, ValueError):
-    return False
+  return bool((files.read_json(path) or {}).get("done"))
 
 
-def main(argv):
-  del argv
-  out = os.path.abspath(_OUT.value)
+def main(fv: flags.FlagValues) -> None:
+  out = os.path.abspath(fv.out)
   os.makedirs(out, exist_ok=True)
   extract_dir, sweep_dir, fit_dir, export_dir = (os.path.join(out, d) for d in ("extract", "sweep", "fit",
                                                                                 "export"))
@@ -54,11 +50,11 @@ def main(argv):
 
   # --- extract: SmolLM2-135M residual stream over Python's own documentation ---
   if not _done(os.path.join(extract_dir, "summary.json")):
-    _stage("extract activations", _py("glp_jax.extract", "--config=configs/extract.py",
+    _stage("extract activations", _tool("glp-extract", "--config=configs/extract.py",
                                       f"--workdir={extract_dir}"))
 
   # --- sweep: 4 sizes x 2 activation budgets, trained with glp-train ---
-  _stage("scaling sweep", _py("glp_jax.sweep", "--config=configs/sweep.py:runlocal",
+  _stage("scaling sweep", _tool("glp-sweep", "--config=configs/sweep.py:runlocal",
                               f"--config.store={store}", f"--root={sweep_dir}"))
   runs = sorted(os.path.join(sweep_dir, d) for d in os.listdir(sweep_dir)
                 if _done(os.path.join(sweep_dir, d, "summary.json")))
@@ -66,18 +62,18 @@ def main(argv):
   # --- evaluate every prior; results land in <run>/eval_<name>.json for the collector ---
   # One process per run and evaluation list, so the LM is loaded once per run.
   for run in runs:
-    todo = [n for n in _EVALS.value if not os.path.exists(os.path.join(run, f"eval_{n}.json"))]
+    todo = [n for n in fv.evals if not os.path.exists(os.path.join(run, f"eval_{n}.json"))]
     for name in (["all"] if todo == ["fd", "delta_lm", "steer", "probe"] else todo):
       _stage(f"eval {name}: {os.path.basename(run)}",
-             _py("glp_jax.evals.cli", name, f"--prior={run}", f"--store={store}", "--quick"))
+             _tool("glp-eval", name, f"--prior={run}", f"--store={store}", "--quick"))
 
   # --- fit: loss vs compute, Chinchilla form, loss -> utility ---
-  _stage("scaling fits and plots", _py("glp_jax.fit_cli", f"--runs={sweep_dir}", f"--out={fit_dir}",
+  _stage("scaling fits and plots", _tool("glp-fit", f"--runs={sweep_dir}", f"--out={fit_dir}",
                                        "--n_bootstrap=500"))
 
   # --- export the largest-compute prior to PyTorch (and the reference layout) ---
-  largest = max(runs, key=lambda r: json.load(open(os.path.join(r, "summary.json")))["flops"])
-  _stage("export to PyTorch", _py("glp_jax.export", f"--workdir={largest}", f"--out={export_dir}"))
+  largest = max(runs, key=lambda r: files.read_json(os.path.join(r, "summary.json"))["flops"])
+  _stage("export to PyTorch", _tool("glp-export", f"--workdir={largest}", f"--out={export_dir}"))
 
   _report(out, store, sweep_dir, fit_dir, export_dir)
 
@@ -91,7 +87,7 @@ _HEADLINE = (("N", "params", "{:.3g}"), ("D", "acts", "{:.3g}"), ("final_eval_lo
 def _report(out: str, store: str, sweep_dir: str, fit_dir: str, export_dir: str) -> None:
   """Prints where everything is, each run's loss and utility metrics, and the fitted laws."""
   import csv  # pylint: disable=g-import-not-at-top
-  fit = json.load(open(os.path.join(fit_dir, "fit.json")))
+  fit = files.read_json(os.path.join(fit_dir, "fit.json"))
   print("\n=== demo complete; everything is under", out)
   print(f"store:   {store}\nruns:    {sweep_dir}\nfits:    {fit_dir}  (runs.csv, fit.json, plots)\n"
         f"export:  {export_dir}")
@@ -116,8 +112,8 @@ def _report(out: str, store: str, sweep_dir: str, fit_dir: str, export_dir: str)
   print(f"plot: {os.path.join(fit_dir, 'loss_vs_utility.png')}")
 
 
-def run():
-  app.run(main)
+def run(argv: list[str] | None = None) -> None:
+  cli.run(main, FLAGS, __doc__, argv)
 
 
 if __name__ == "__main__":

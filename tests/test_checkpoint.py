@@ -7,9 +7,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from glp_jax import checkpoint as ckpt_lib
-from glp_jax import sharding
-from glp_jax.config_lib import ConfigError
+from glp_jax.training import checkpoint as ckpt_lib
+from glp_jax.training import sharding
+from glp_jax.util import runtime
+from glp_jax.util.config import ConfigError
 
 
 def state_on(mesh, scale=1.0):
@@ -40,7 +41,7 @@ def test_restore_onto_fewer_devices_and_ignore_partial(tmp_path):
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
   assert ck.latest_step() == 5
   mesh2 = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=2)), devices=jax.devices()[:2])
-  target = ckpt_lib.abstract_like(state_on(mesh2))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_on(mesh2))
   restored, meta = ck.restore(5, target)
   assert meta == {"step": 5}
   w = restored["model"]["w"]
@@ -63,7 +64,7 @@ def test_shape_signature_refuses_other_model():
 
 def test_stop_request_catches_sigterm_and_restores_handler():
   before = signal.getsignal(signal.SIGTERM)
-  with ckpt_lib.StopRequest() as stop:
+  with runtime.StopRequest() as stop:
     assert not stop.requested
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.requested and stop.signum == signal.SIGTERM

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 import scaling_fakes
-from glp_jax import collect, fit_cli, scaling
+from tools import tool
+from glp_jax.scaling import collect
+from glp_jax.scaling import analysis as fit_cli
+from glp_jax.scaling import fit as scaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +106,7 @@ def test_fit_runs_reports_too_few_runs_instead_of_failing(tmp_path):
 
 
 def _glp_fit(*args):
-  out = subprocess.run([sys.executable, "-m", "glp_jax.fit_cli", *args], cwd=ROOT, capture_output=True,
+  out = subprocess.run([tool("glp-fit"), *args], cwd=ROOT, capture_output=True,
                        text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from glp_jax import config_lib
+from glp_jax.util import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from glp_jax import corpus as corpus_lib
+from glp_jax.extraction import corpus as corpus_lib
 
 
 def test_embedded_corpus_is_deterministic_deduplicated_and_split():

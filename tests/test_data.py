@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from glp_jax import data
-from glp_jax.normalizer import Normalizer
-from glp_jax.store import ActivationStore, StoreError
+from glp_jax.data import loader as data
+from glp_jax.core.normalizer import Normalizer
+from glp_jax.data.store import ActivationStore, StoreError
+from glp_jax.data.writer import StoreWriter
 
 D = 4
 
@@ -18,7 +19,7 @@ D = 4
 def make_store(path, n_rows, layers=(0,), dtype="float32", doc_rows=100, heldout_doc_ids=None, seed=0,
                close=True, first_shard_rows=1000):
   """Column 0 holds the row index (exact in float32), the rest noise."""
-  st = ActivationStore.create(path, layers=list(layers), d=D, dtype=dtype, shard_rows=256, chunk_rows=32,
+  st = StoreWriter.create(path, layers=list(layers), d=D, dtype=dtype, shard_rows=256, chunk_rows=32,
                               first_shard_rows=first_shard_rows,
                               metadata={"model": "synthetic", "heldout_doc_ids": heldout_doc_ids or []})
   rng = np.random.default_rng(seed)
@@ -47,7 +48,9 @@ def loader(path, **kw):
   args = dict(batch_size=64, block_rows=16, window_blocks=8, groups=4, heldout_rows=200, seed=3,
               process_index=0, process_count=1, prefetch=0)
   args.update(kw)
-  return data.Loader(path, **args)
+  if args.pop("streaming", False):
+    return data.StreamingLoader(path, **args)
+  return data.StaticLoader(path, **args)
 
 
 @pytest.mark.parametrize("block_rows,window_blocks,groups,procs,layers", [
@@ -119,14 +122,14 @@ def test_shuffle_not_correlated_with_store_order(workdir):
 
 def test_normalised_rows_have_zero_mean_unit_variance(workdir):
   path = os.path.join(workdir, "s")
-  st = ActivationStore.create(path, layers=[7], d=6, dtype="bfloat16", shard_rows=512, chunk_rows=64,
+  st = StoreWriter.create(path, layers=[7], d=6, dtype="bfloat16", shard_rows=512, chunk_rows=64,
                               metadata={})
   rng = np.random.default_rng(0)
   mean, std = np.array([3.0, -2.0, 0.5, 10.0, 0.0, -7.0]), np.array([0.5, 2.0, 4.0, 0.1, 1.0, 3.0])
   for doc in range(40):
     st.append({7: (rng.normal(size=(200, 6)) * std + mean).astype(np.float32)}, doc, np.arange(200))
   st.close()
-  ld = data.Loader(path, batch_size=256, block_rows=32, window_blocks=8, groups=4, heldout_rows=512,
+  ld = data.StaticLoader(path, batch_size=256, block_rows=32, window_blocks=8, groups=4, heldout_rows=512,
                    process_index=0, process_count=1, prefetch=0)
   z = np.concatenate([ld.batch(s).x_BxD for s in range(int(ld.steps_per_pass))])
   assert z.dtype == np.float32
@@ -207,7 +210,7 @@ def test_bad_inputs_give_clear_errors(workdir):
   path = os.path.join(workdir, "s")
   with pytest.raises(StoreError, match="no manifest.json"):
     loader(path)
-  empty = ActivationStore.create(path, layers=[0], d=D, dtype="float32", metadata={})
+  empty = StoreWriter.create(path, layers=[0], d=D, dtype="float32", metadata={})
   with pytest.raises(StoreError, match=f"{path}: store is empty"):
     loader(path)
   empty.close()
@@ -241,7 +244,7 @@ def test_grain_source_and_global_array(workdir):
   path = os.path.join(workdir, "s")
   make_store(path, 1000)
   ld = loader(path)
-  src = pickle.loads(pickle.dumps(ld.source))
+  src = pickle.loads(pickle.dumps(ld.source()))
   assert len(src) == len(ld.blocks)
   ds = grain.MapDataset.source(src)
   rec = ds[5]

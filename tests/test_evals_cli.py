@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from glp_jax.data.writer import StoreWriter
 
 pytestmark = pytest.mark.torch
 
@@ -12,7 +13,8 @@ pytestmark = pytest.mark.torch
 def setup(tmp_path_factory):
   import torch
   import transformers
-  from glp_jax import lm, store as store_lib
+  from glp_jax.extraction import lm
+  from glp_jax.data import store as store_lib
   from glp_jax.evals import tasks
   from glp_jax.torch import GLP, DenoiserConfig
   torch.manual_seed(0)
@@ -27,7 +29,7 @@ def setup(tmp_path_factory):
   model, tok = lm.load_causal_lm(lm_dir, dtype="float32")
   pos, neg = tasks.sentiment_texts()
   x = tasks.last_token_activations(model, tok, pos[:300] + neg[:300], layer=1)
-  st = store_lib.ActivationStore.create(str(root / "store"), layers=[1], d=32, dtype="float32",
+  st = StoreWriter.create(str(root / "store"), layers=[1], d=32, dtype="float32",
                                         metadata={"model": lm_dir})
   for i in range(0, len(x), 50):
     st.append({1: x[i:i + 50]}, doc_id=i // 50, positions=np.arange(1, 51))
@@ -39,14 +41,13 @@ def setup(tmp_path_factory):
 
 
 def test_cli_all_quick_writes_flat_json(setup):
-  from absl import flags
   from glp_jax.evals import cli
   out = os.path.join(setup, "out")
-  flags.FLAGS(["glp-eval", f"--prior={setup}/export", f"--store={setup}/store", f"--out={out}", "--quick"])
+  cli.FLAGS(["glp-eval", f"--prior={setup}/export", f"--store={setup}/store", f"--out={out}", "--quick"])
   try:
-    cli.main(["glp-eval", "all"])
+    cli.main(cli.FLAGS, ["all"])
   finally:
-    flags.FLAGS.unparse_flags()
+    cli.FLAGS.unparse_flags()
   res = {}
   for name in cli.NAMES:
     with open(os.path.join(out, f"eval_{name}.json")) as f:
@@ -66,8 +67,7 @@ def test_cli_all_quick_writes_flat_json(setup):
 
 def test_jax_run_and_torch_export_give_the_same_fd(setup, tmp_path):
   # The same weights as a glp_jax run dir (glp-import of the export) and as the torch export: one number.
-  from absl import flags
-  from glp_jax import import_ref
+  from glp_jax.interop import import_ref
   from glp_jax.evals import cli
   cfg = import_ref.default_config()
   cfg.batch_size, cfg.num_activations = 8, 80
@@ -75,12 +75,12 @@ def test_jax_run_and_torch_export_give_the_same_fd(setup, tmp_path):
   import_ref.import_prior(f"{setup}/export", run, config=cfg)
   got = {}
   for name, prior in (("jax", run), ("torch", f"{setup}/export")):
-    flags.FLAGS(["glp-eval", f"--prior={prior}", f"--store={setup}/store", f"--out={tmp_path / name}",
-                 "--quick"])
+    cli.FLAGS(["glp-eval", f"--prior={prior}", f"--store={setup}/store", f"--out={tmp_path / name}",
+               "--quick"])
     try:
       os.makedirs(tmp_path / name)
       got[name] = cli.evaluate("fd", cli.Context(), str(tmp_path / name))
     finally:
-      flags.FLAGS.unparse_flags()
+      cli.FLAGS.unparse_flags()
   assert got["jax"]["fd_floor"] == got["torch"]["fd_floor"]
   np.testing.assert_allclose(got["jax"]["fd"], got["torch"]["fd"], rtol=1e-3)

@@ -4,6 +4,7 @@ import pytest
 
 from glp_jax.evals import fd
 from glp_jax.evals import prior as prior_lib
+from glp_jax.core import grid
 
 
 def _random_spd(rng, d, cond=10.0):
@@ -91,10 +92,10 @@ def test_exact_prior_is_at_floor_and_mismatched_prior_matches_closed_form():
 
 
 def test_euler_grid_matches_reference():
-  s = prior_lib.euler_sigmas(20)
+  s = grid.euler_grid(20)
   assert s.shape == (21,) and s[0] == 1.0 and s[-1] == 0.0
   np.testing.assert_allclose(s[-2], 0.001)
-  i = prior_lib.manifold_start_index(0.5, 20)
+  i = grid.manifold_start_index(0.5, 20)
   assert i == 10
   np.testing.assert_allclose(s[i] * 1000, 474.2105263, rtol=1e-6)   # reference: timestep ~474.2
 

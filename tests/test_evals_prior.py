@@ -3,26 +3,19 @@ import numpy as np
 import pytest
 
 from glp_jax.evals import prior as prior_lib
+from glp_jax.core import grid
 
 
 def _numpy_euler(velocity, z, steps, first):
-  sig = prior_lib.euler_sigmas(steps)[first:]
+  sig = grid.euler_grid(steps)[first:]
   for s, s_next in zip(sig[:-1], sig[1:]):
     z = z + (s_next - s) * velocity(z, s)
   return z
 
 
-def test_grid_matches_jax_and_torch_grids():
-  from glp_jax import flow, sampling
-  for n in (1, 2, 20, 1000):
-    np.testing.assert_array_equal(prior_lib.euler_sigmas(n), flow.reference_grid(n))
-  for u, n in ((0.5, 20), (0.9, 20), (0.0, 7), (0.3, 1000)):
-    assert prior_lib.manifold_start_index(u, n) == sampling.manifold_start_index(u, n)
-
-
 def _tiny_jax_model(d=8):
   from flax import nnx
-  from glp_jax import model as model_lib
+  from glp_jax.core import model as model_lib
   cfg = model_lib.ModelConfig(d_input=d, d_model=16, d_mlp=24, n_layers=2)
   return model_lib.Denoiser(cfg, rngs=nnx.Rngs(0))
 
@@ -37,7 +30,7 @@ def test_jax_backend_matches_numpy_euler_and_exposes_meta_neurons():
   np.testing.assert_allclose(np.asarray(p.integrate(z, 20, 10)), _numpy_euler(vel, z, 20, 10), atol=2e-5)
   # project = normalise, noise with the seed, integrate from index 10, denormalise.
   x = rng.standard_normal((5, 8)).astype(np.float32) * 3
-  s10 = prior_lib.euler_sigmas(20)[10]
+  s10 = grid.euler_grid(20)[10]
   eps = np.random.default_rng(7).standard_normal((5, 8), dtype=np.float32)
   zn = (1 - s10) * p.normalize(x) + s10 * eps
   np.testing.assert_allclose(p.project(x, seed=7), p.denormalize(_numpy_euler(vel, zn, 20, 10)), atol=1e-4)
@@ -56,8 +49,8 @@ def test_torch_backend_matches_numpy_euler():
   import torch
   from glp_jax.torch import GLP, DenoiserConfig, euler_grid, start_index
   for n in (1, 20, 1000):
-    np.testing.assert_array_equal(prior_lib.euler_sigmas(n), euler_grid(n)[0].numpy())
-    assert prior_lib.manifold_start_index(0.5, n) == start_index(0.5, n)
+    np.testing.assert_array_equal(grid.euler_grid(n), euler_grid(n)[0].numpy())
+    assert grid.manifold_start_index(0.5, n) == start_index(0.5, n)
   torch.manual_seed(0)
   glp = GLP(DenoiserConfig(d_input=8, d_model=16, d_mlp=24, n_layers=2),
             torch.randn(8), torch.rand(8) + 0.5).eval()
@@ -86,7 +79,7 @@ def test_multi_layer_priors_select_their_layer():
   assert not np.allclose(p1.integrate(z, 4, 0), p2.integrate(z, 4, 0))
   # The JAX model takes the layer too.
   from flax import nnx
-  from glp_jax import model as model_lib
+  from glp_jax.core import model as model_lib
   m = model_lib.Denoiser(model_lib.ModelConfig(d_input=8, d_model=16, d_mlp=24, n_layers=2, multi_layer_n_layers=4),
                          rngs=nnx.Rngs(0))
   j1 = prior_lib.from_jax_model(m, mean[1].numpy(), var[1].numpy(), layer=1)

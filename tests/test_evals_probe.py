@@ -90,7 +90,7 @@ def test_bootstrap_ci():
 
 def test_evaluate_probe_planted_axis_and_random_labels():
   from flax import nnx
-  from glp_jax import model as model_lib
+  from glp_jax.core import model as model_lib
   from glp_jax.evals import prior as prior_lib
   m = model_lib.Denoiser(model_lib.ModelConfig(d_input=8, d_model=16, d_mlp=32, n_layers=2), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(5)

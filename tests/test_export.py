@@ -13,13 +13,20 @@ import ml_collections  # noqa: E402
 import safetensors.torch  # noqa: E402
 import yaml  # noqa: E402
 
-from glp_jax import checkpoint as ckpt_lib  # noqa: E402
-from glp_jax import config_lib  # noqa: E402
-from glp_jax import export as export_lib  # noqa: E402
-from glp_jax import import_ref, sharding, train, train_lib  # noqa: E402
-from glp_jax import model as model_lib  # noqa: E402
-from glp_jax.normalizer import Normalizer  # noqa: E402
+from glp_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from glp_jax.util import config as config_lib  # noqa: E402
+from glp_jax.interop import export as export_lib  # noqa: E402
+from glp_jax.interop import import_ref  # noqa: E402
+from glp_jax.training import sharding
+from glp_jax.training import trainer as train
+from glp_jax.training import state as train_lib
+from glp_jax.core import model as model_lib  # noqa: E402
+from glp_jax.core.normalizer import Normalizer  # noqa: E402
 from glp_jax.torch import GLP  # noqa: E402
+from glp_jax.data.writer import StoreWriter
+from glp_jax.training import input as input_lib
+from flax import nnx
+from glp_jax.training.prior import load_prior
 
 pytestmark = pytest.mark.torch
 D, M, F, L = 16, 32, 64, 2
@@ -91,7 +98,7 @@ def test_reference_folder_import_then_export_is_identity(tmp_path, multi):
   out = import_ref.import_prior(str(tmp_path / "ref"), run, config=small_config())
   assert out["layout"] == "reference" and out["model"]["multi_layer_n_layers"] == multi
   # The run opens like a trained one: load_prior gives exactly the reference tensors and statistics.
-  model, normalizer, config = train.load_prior(run)
+  model, normalizer, config = load_prior(run)
   got = model_lib.to_reference_state_dict(model)
   assert set(got) == set(tensors)
   for k, v in tensors.items():
@@ -132,11 +139,11 @@ def make_run(workdir: str, step: int = 6):
                                             mesh)
   ema_flat = {k: v * 0.5 + 0.01 for k, v in model_lib.to_reference_state_dict(model).items()}
   model_lib.load_reference_state_dict(ema, ema_flat)
-  pure = train_lib.pure(train_lib.split((model, opt, ema))[1])
+  pure = train_lib.pure(nnx.split((model, opt, ema))[1])
   os.makedirs(workdir)
   config_lib.write_config(config, workdir)
   rng = np.random.default_rng(0)
-  train_lib.save_normalizer(Normalizer(rng.standard_normal(D), rng.uniform(0.5, 2, D)), workdir)
+  input_lib.save_normalizer(Normalizer(rng.standard_normal(D), rng.uniform(0.5, 2, D)), workdir)
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   for s in (step - 2, step):
     ck.save(s, pure, {"step": s, "examples": s * 8, "flops": s * 8 * 1000, "wall_time": 1.0,
@@ -177,18 +184,19 @@ def test_export_uses_ema_and_records_provenance(tmp_path):
     export_lib.export(run, str(tmp_path / "out5"), step=5)
 
 
-def test_cli_import_then_export(tmp_path):
+def test_cli_import_then_export(tmp_path, capsys):
   write_reference(tmp_path / "ref", 0, seed=3)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   # Both console scripts in one process (one jax import): their flags must not collide with each other
-  # or with glp_jax.train's, which export imports.
+  # or with glp_jax.training.trainer's, which export imports.
   script = f"""
-from glp_jax import export, import_ref, train
-for tool, argv in ((import_ref, ['glp-import', '--src={tmp_path / 'ref'}', '--workdir={tmp_path / 'run'}',
+from glp_jax.interop import cli
+from glp_jax.training import trainer as train
+for tool, argv in ((cli.run_import, ['glp-import', '--src={tmp_path / 'ref'}', '--workdir={tmp_path / 'run'}',
                                  '--config={root}/configs/train.py:runlocal']),
-                   (export, ['glp-export', '--workdir={tmp_path / 'run'}', '--out={tmp_path / 'out'}'])):
+                   (cli.run_export, ['glp-export', '--workdir={tmp_path / 'run'}', '--out={tmp_path / 'out'}'])):
   try:
-    tool.run(argv)
+    tool(argv)
   except SystemExit as e:
     assert not e.code, e.code
 """
@@ -200,11 +208,14 @@ for tool, argv in ((import_ref, ['glp-import', '--src={tmp_path / 'ref'}', '--wo
   a = safetensors.torch.load_file(str(tmp_path / "ref" / "final.safetensors"))
   b = safetensors.torch.load_file(str(tmp_path / "out" / "final.safetensors"))
   assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-  # Bad flags stop before any work, naming the flag.
-  with pytest.raises(SystemExit, match="step"):
-    export_lib.run(["glp-export", "--step=x"])
-  with pytest.raises(SystemExit, match="bogus"):
-    import_ref.run(["glp-import", "--bogus=1"])
+  # Bad flags stop before any work: one line on stderr naming the flag, exit status 2.
+  from glp_jax.interop import cli
+  for run, argv, name in ((cli.run_export, ["glp-export", "--step=x"], "step"),
+                          (cli.run_import, ["glp-import", "--bogus=1"], "bogus")):
+    with pytest.raises(SystemExit) as e:
+      run(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and name in err[0], err
 
 
 def test_bad_reference_folder_names_the_key(tmp_path):
@@ -247,10 +258,10 @@ def test_bad_reference_folder_names_the_key(tmp_path):
 
 
 def tiny_store(path: str, rows: int = 2048) -> str:
-  from glp_jax.store import ActivationStore
+  from glp_jax.data.store import ActivationStore
   rng = np.random.default_rng(0)
   mean, scale, mix = rng.normal(size=D) * 3, rng.uniform(0.5, 2, size=D), rng.normal(size=(2, D))
-  st = ActivationStore.create(path, layers=[3], d=D, dtype="float32", shard_rows=1024, chunk_rows=256,
+  st = StoreWriter.create(path, layers=[3], d=D, dtype="float32", shard_rows=1024, chunk_rows=256,
                               metadata={"model": "tiny/lm"})
   for doc in range(rows // 64):
     x = rng.normal(size=(64, 2)) @ mix + 0.1 * rng.normal(size=(64, D))
@@ -278,7 +289,7 @@ def test_trained_run_export_parity_and_reimport_then_train(tmp_path):
   assert (prov["step"], prov["activations_seen"], prov["ema"]) == (6, 384, True)
   assert prov["eval_loss"] == summary["eval_loss"] and prov["params_checksum"] == summary["params_checksum"]
   assert (prov["lm"], prov["layer"]) == ("tiny/lm", 3)
-  model, normalizer, _ = train.load_prior(run)
+  model, normalizer, _ = load_prior(run)
   glp = GLP.from_pretrained(tmp_path / "out")
   x = np.random.default_rng(1).standard_normal((32, D)).astype(np.float32)
   t = np.linspace(1, 1000, 32).astype(np.float32)
@@ -292,9 +303,9 @@ def test_trained_run_export_parity_and_reimport_then_train(tmp_path):
   assert import_ref.import_prior(str(tmp_path / "out"), run2, config=cfg2)["layout"] == "glp_jax"
   source = json.loads(open(os.path.join(run2, "imported_from.json")).read())
   assert source["model_name"] == "tiny/lm" and source["source_provenance"]["step"] == 6
-  start = model_lib.to_reference_state_dict(train.load_prior(run2)[0])
+  start = model_lib.to_reference_state_dict(load_prior(run2)[0])
   exported = {k: v.numpy() for k, v in glp.denoiser.state_dict().items()}
   assert all(np.array_equal(start[k], exported[k]) for k in exported)
   assert train.train_and_evaluate(cfg2, run2)["done"]
-  end = model_lib.to_reference_state_dict(train.load_prior(run2)[0])
+  end = model_lib.to_reference_state_dict(load_prior(run2)[0])
   assert all(np.allclose(end[k], exported[k], atol=1e-6) for k in exported)

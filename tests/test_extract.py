@@ -9,8 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from glp_jax import config_lib, extract
-from glp_jax import store as store_lib
+from glp_jax.util import config as config_lib
+from glp_jax.extraction import extractor as extract
+from glp_jax.data import store as store_lib
+from glp_jax.data.writer import StoreWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +51,7 @@ def test_windows_are_aligned_to_fixed_boundaries():
 
 # ------------------------------------------------------------------ with torch
 torch = pytest.importorskip("torch")
-from glp_jax import lm  # noqa: E402
+from glp_jax.extraction import lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def tiny(tmp_path_factory):
 
 
 def _config(model, **over):
-  c = extract._load_config_file(f"runlocal,layers=1+3")
+  c = config_lib.load_file(os.path.join(ROOT, "configs", "extract.py"), "runlocal,layers=1+3")
   c.model.name = model
   c.model.dtype = c.store.dtype = "float32"
   c.corpus.max_docs = 12
@@ -74,7 +76,7 @@ def _config(model, **over):
 
 def _reference(model_path, config, layer_ids):
   """Per document, unbatched: hidden_states[L + 1] of output_hidden_states=True, BOS dropped."""
-  from glp_jax import corpus as corpus_lib
+  from glp_jax.extraction import corpus as corpus_lib
   model, tok = lm.load_causal_lm(model_path, "float32", "cpu")
   rule = extract.token_rule(tok, True)
   docs = list(corpus_lib.Corpus.from_config(config.corpus).train())
@@ -162,7 +164,7 @@ def test_bad_inputs(tiny, workdir, tmp_path):
 
 @pytest.mark.torch
 def test_disk_full_is_a_clear_error(tiny, workdir, monkeypatch):
-  real = store_lib.ActivationStore.append
+  real = StoreWriter.append
   calls = []
 
   def append(self, *a, **k):
@@ -170,14 +172,14 @@ def test_disk_full_is_a_clear_error(tiny, workdir, monkeypatch):
     if len(calls) > 3:
       raise OSError(28, "No space left on device")
     return real(self, *a, **k)
-  monkeypatch.setattr(store_lib.ActivationStore, "append", append)
+  monkeypatch.setattr(StoreWriter, "append", append)
   with pytest.raises(extract.ExtractError, match="disk full.*committed rows are intact"):
     extract.extract(_config(tiny), workdir)
 
 
 def _cli(workdir, *extra):
   env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu")
-  return [sys.executable, "-m", "glp_jax.extract", f"--workdir={workdir}", *extra], env
+  return [sys.executable, "-m", "glp_jax.extraction.cli", f"--workdir={workdir}", *extra], env
 
 
 def _rows(path):
@@ -235,7 +237,7 @@ def test_embedded_default_model(workdir):
   st = store_lib.ActivationStore.open(summary["store"])
   assert st.d == 576 and st.layers == [15]
   model, tok = lm.load_causal_lm(lm.EMBEDDED, "bfloat16", "cpu")
-  from glp_jax import corpus as corpus_lib
+  from glp_jax.extraction import corpus as corpus_lib
   doc = next(corpus_lib.Corpus.from_config(config.corpus).train())
   x = torch.from_numpy(extract.encode(tok, [doc.text], 64, extract.token_rule(tok, True))[0])[None]
   with torch.inference_mode():

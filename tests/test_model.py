@@ -7,9 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from glp_jax import flow
-from glp_jax import model as M
-from glp_jax.config_lib import ConfigError
+from glp_jax.core import flow
+from glp_jax.core import model as M
+from glp_jax.util.config import ConfigError
 
 CFG = M.ModelConfig(d_input=12, d_model=16, d_mlp=40, n_layers=3)
 MULTI = M.ModelConfig(d_input=12, d_model=16, d_mlp=40, n_layers=2, multi_layer_n_layers=16)

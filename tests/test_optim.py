@@ -9,9 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
-from glp_jax import model as model_lib
-from glp_jax import optim
-from glp_jax.config_lib import ConfigError
+from glp_jax.core import model as model_lib
+from glp_jax.training import optim
+from glp_jax.util.config import ConfigError
 
 
 def opt_cfg(**kw):
@@ -30,24 +30,31 @@ def numpy_cosine(step, total, warm_ratio, final):
   return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def factor(schedule, step, total, **kw):
+  """The schedule's learning rate as a multiple of the peak (lr = 1)."""
+  return float(optim.make_schedule(opt_cfg(lr=1.0, schedule=schedule, **kw), total)(step))
+
+
 def test_cosine_matches_reference_formula():
   total = 1000
+  schedule = optim.make_schedule(opt_cfg(lr=1.0, warmup_ratio=0.01, final_lr_factor=0.1), total)
   steps = np.arange(0, total + 1, 7)
-  got = np.asarray(jax.vmap(lambda s: optim.lr_factor(s, total, warmup_ratio=0.01, final_lr_factor=0.1))(steps))
+  got = np.asarray(jax.vmap(schedule)(steps))
   want = np.array([numpy_cosine(int(s), total, 0.01, 0.1) for s in steps])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  assert float(optim.lr_factor(0, total)) == pytest.approx(0.01)
-  assert float(optim.lr_factor(10, total)) == pytest.approx(1.0)     # end of warmup: the peak
-  assert float(optim.lr_factor(total, total)) == pytest.approx(0.1)  # not to zero
+  assert float(schedule(0)) == pytest.approx(0.01)
+  assert float(schedule(10)) == pytest.approx(1.0)     # end of warmup: the peak
+  assert float(schedule(total)) == pytest.approx(0.1)  # not to zero
 
 
 def test_constant_and_wsd():
   kw = dict(warmup_ratio=0.1, final_lr_factor=0.1, decay_ratio=0.2)
-  assert float(optim.lr_factor(5, 100, schedule="constant", **kw)) == pytest.approx(0.01 + 0.99 * 0.5)
-  assert float(optim.lr_factor(60, 100, schedule="constant", **kw)) == 1.0
-  assert float(optim.lr_factor(79, 100, schedule="wsd", **kw)) == 1.0   # stable until the last 20%
-  assert float(optim.lr_factor(90, 100, schedule="wsd", **kw)) == pytest.approx(0.55)
-  assert float(optim.lr_factor(100, 100, schedule="wsd", **kw)) == pytest.approx(0.1)
+  assert factor("constant", 5, 100, **kw) == pytest.approx(0.01 + 0.99 * 0.5)
+  assert factor("constant", 60, 100, **kw) == 1.0
+  assert factor("wsd", 79, 100, **kw) == 1.0   # stable until the last 20%
+  assert factor("wsd", 90, 100, **kw) == pytest.approx(0.55)
+  assert factor("wsd", 100, 100, **kw) == pytest.approx(0.1)
+  assert factor("cosine", 0, 100, warmup_ratio=0.0) == 1.0   # no warmup: the peak at once
   with pytest.raises(ConfigError, match="schedule"):
     optim.make_schedule(opt_cfg(schedule="linear"), 10)
 

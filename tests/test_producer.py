@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from glp_jax import producer as producer_lib
-from glp_jax import store as store_lib
+from glp_jax.data import streaming as producer_lib
+from glp_jax.data import store as store_lib
 
 
 def _stream_cfg(buffer_rows, warmup_rows, poll=0.01):
@@ -18,12 +18,12 @@ def _stream_cfg(buffer_rows, warmup_rows, poll=0.01):
 
 def test_consumer_files(tmp_path):
   path = str(tmp_path)
-  assert store_lib.min_consumed(path) == (0, 0)
-  store_lib.publish_consumed(path, "trainer", 500)
-  store_lib.publish_consumed(path, "eval", 300)
-  assert store_lib.min_consumed(path) == (300, 2)
-  store_lib.publish_consumed(path, "eval", 900)
-  assert store_lib.min_consumed(path) == (500, 2)
+  assert streaming.min_consumed(path) == (0, 0)
+  streaming.publish_consumed(path, "trainer", 500)
+  streaming.publish_consumed(path, "eval", 300)
+  assert streaming.min_consumed(path) == (300, 2)
+  streaming.publish_consumed(path, "eval", 900)
+  assert streaming.min_consumed(path) == (500, 2)
 
 
 def test_bad_stream_config():
@@ -34,14 +34,16 @@ def test_bad_stream_config():
 
 
 torch = pytest.importorskip("torch")
-from glp_jax import extract  # noqa: E402
-from glp_jax import lm  # noqa: E402
+from glp_jax.extraction import extractor as extract  # noqa: E402
+from glp_jax.extraction import lm  # noqa: E402
+from glp_jax.data import streaming
+from glp_jax.util import config as config_lib
 
 
 @pytest.mark.torch
 def test_buffer_bound_warmup_stats_and_finish(tmp_path):
   tiny = lm.save_tiny_llama(str(tmp_path / "tiny"), hidden=32, n_layers=2)
-  config = extract._load_config_file("runlocal,layers=0+1,ctx=64")
+  config = config_lib.load_file(config_lib.packaged_config("configs/extract.py"), "runlocal,layers=0+1,ctx=64")
   config.model.name = tiny
   config.progress = False
   config.max_rows = 5000
@@ -83,7 +85,7 @@ def test_buffer_bound_warmup_stats_and_finish(tmp_path):
     st.refresh()
     assert st.num_rows - consumed <= 1024 + slack, (st.num_rows, consumed)
     consumed = min(st.num_rows, consumed + 200)
-    store_lib.publish_consumed(path, "trainer", consumed)
+    streaming.publish_consumed(path, "trainer", consumed)
     time.sleep(0.05)
   thread.join()
   assert not errors, errors

@@ -1,7 +1,7 @@
 """Entry-point plumbing: 8 fake devices are present; distributed init is skipped on one host."""
 import jax
 
-from glp_jax import runtime
+from glp_jax.util import runtime
 
 
 def test_eight_fake_devices():

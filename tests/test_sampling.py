@@ -6,19 +6,19 @@ import optax
 import pytest
 from flax import nnx
 
-from glp_jax import flow
-from glp_jax import model as M
-from glp_jax import sampling
+from glp_jax.core import flow
+from glp_jax.core import model as M
+from glp_jax.core import sampling
+from glp_jax.core import grid
 
 
 def test_euler_grid_is_reference_grid():
-  np.testing.assert_array_equal(sampling.euler_grid(20), flow.reference_grid(20))
-  assert sampling.manifold_start_index(0.5, 20) == 10
-  assert sampling.euler_grid(20)[sampling.manifold_start_index(0.5, 20)] == pytest.approx(0.474210, abs=1e-6)
-  assert sampling.manifold_start_index(0.9, 1000) == 900
-  assert sampling.manifold_start_index(0.29, 100) == 29  # float32 product, as the reference
+  assert grid.manifold_start_index(0.5, 20) == 10
+  assert grid.euler_grid(20)[grid.manifold_start_index(0.5, 20)] == pytest.approx(0.474210, abs=1e-6)
+  assert grid.manifold_start_index(0.9, 1000) == 900
+  assert grid.manifold_start_index(0.29, 100) == 29  # float32 product, as the reference
   with pytest.raises(ValueError):
-    sampling.manifold_start_index(1.0, 20)
+    grid.manifold_start_index(1.0, 20)
 
 
 def _np_euler(fn, z, sigmas):
@@ -32,7 +32,7 @@ def test_euler_matches_numpy_loop_on_nonlinear_field():
   np_fn = lambda z, t: np.sin(z) * (t / 1000.0) - 0.3 * z
   noise = jax.random.normal(jax.random.key(0), (4, 3))
   for n in (1, 7, 20):
-    want = _np_euler(np_fn, np.asarray(noise, np.float64), sampling.euler_grid(n).astype(np.float64))
+    want = _np_euler(np_fn, np.asarray(noise, np.float64), grid.euler_grid(n).astype(np.float64))
     np.testing.assert_allclose(sampling.sample(fn, noise, n), want, rtol=1e-5, atol=1e-5)
 
 
@@ -64,7 +64,7 @@ def test_sample_on_manifold_noise_level_and_determinism():
   key = jax.random.key(7)
   zero = lambda z, t, layer=None: jnp.zeros_like(z)
   got = sampling.sample_on_manifold(zero, x, key)
-  sigma = sampling.euler_grid(20)[10]
+  sigma = grid.euler_grid(20)[10]
   eps = jax.random.normal(key, x.shape)
   np.testing.assert_allclose(got, (1 - sigma) * x + sigma * eps, rtol=1e-6)
   one = lambda z, t, layer=None: jnp.ones_like(z)

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from glp_jax import scaling
-from glp_jax import scaling_report
+from glp_jax.scaling import fit as scaling
+from glp_jax.scaling import report as scaling_report
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TRUE_C = dict(E=0.52, A=435.1, alpha=0.169)                         # the GLP paper's law (Fig. 2a)

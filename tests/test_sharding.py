@@ -6,9 +6,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from glp_jax import model as model_lib
-from glp_jax import sharding
-from glp_jax.config_lib import ConfigError
+from glp_jax.core import model as model_lib
+from glp_jax.training import sharding
+from glp_jax.util.config import ConfigError
 
 
 def mesh_cfg(data, fsdp):

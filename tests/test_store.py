@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from glp_jax import store as store_lib
-from glp_jax.store import ActivationStore, StoreError
+from glp_jax.data import store as store_lib
+from glp_jax.data.store import ActivationStore, StoreError
+from glp_jax.data.writer import StoreWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D = 8
@@ -37,7 +38,7 @@ def new_store(path, **kw):
   args = dict(layers=LAYERS, d=D, dtype="float32", shard_rows=64, chunk_rows=16, first_shard_rows=100,
               metadata={"model": "tiny", "corpus": "synthetic"})
   args.update(kw)
-  return ActivationStore.create(path, **args)
+  return StoreWriter.create(path, **args)
 
 
 def expected(docs, layer):
@@ -79,7 +80,7 @@ def test_commits_only_whole_documents_in_whole_shards(workdir):
   # Only rows of documents that end inside the fully written shards are visible.
   assert r.num_rows == max([0] + [e for e in ends if e <= (ends[-1] // 64) * 64])
   assert r.num_rows % 64 != 0 or r.num_rows == 0 or r.num_rows in ends
-  assert st.committed_docs == r.num_docs == int(np.sum(ends <= r.num_rows))
+  assert st.num_docs == r.num_docs == int(np.sum(ends <= r.num_rows))
   st.close()
   assert ActivationStore.open(path).num_rows == ends[-1]
 
@@ -115,11 +116,11 @@ CHILD = textwrap.dedent("""
   import os, signal, sys
   sys.path.insert(0, {tests!r})
   from test_store import write_docs, new_store
-  from glp_jax.store import ActivationStore
+  from glp_jax.data.writer import StoreWriter
   path, kill_after = sys.argv[1], int(sys.argv[2])
   st = new_store(path) if not os.path.exists(os.path.join(path, "manifest.json")) else \\
-      ActivationStore.open_for_append(path, expect={{"model": "tiny", "layers": [2, 5], "d": 8}})
-  for i in range(st.committed_docs, 60):
+      StoreWriter.open_for_append(path, expect={{"model": "tiny", "layers": [2, 5], "d": 8}})
+  for i in range(st.num_docs, 60):
     write_docs(st, [i])
     if i == kill_after:
       os.kill(os.getpid(), signal.SIGKILL)
@@ -200,14 +201,14 @@ def test_refuses_overwrite_and_mismatched_append(workdir):
   with pytest.raises(StoreError, match="already exists"):
     new_store(path)
   with pytest.raises(StoreError, match=r"model='tiny' but 'other'"):
-    ActivationStore.open_for_append(path, expect={"model": "other"})
+    StoreWriter.open_for_append(path, expect={"model": "other"})
   with pytest.raises(StoreError, match="layers"):
-    ActivationStore.open_for_append(path, expect={"layers": [7]})
+    StoreWriter.open_for_append(path, expect={"layers": [7]})
   with pytest.raises(StoreError, match="dtype"):
-    ActivationStore.open_for_append(path, expect={"dtype": "bfloat16"})
+    StoreWriter.open_for_append(path, expect={"dtype": "bfloat16"})
   with pytest.raises(StoreError, match="d=8"):
-    ActivationStore.open_for_append(path, expect={"d": 16})
-  ActivationStore.open_for_append(path, expect={"model": "tiny", "layers": (2, 5)}).close()  # lock released
+    StoreWriter.open_for_append(path, expect={"d": 16})
+  StoreWriter.open_for_append(path, expect={"model": "tiny", "layers": (2, 5)}).close()  # lock released
   notempty = os.path.join(workdir, "notempty")
   os.makedirs(notempty)
   open(os.path.join(notempty, "x"), "w").close()
@@ -225,9 +226,9 @@ def test_bad_appends_and_second_writer(workdir):
   with pytest.raises(StoreError, match="positions"):
     st.append({2: np.zeros((3, D)), 5: np.zeros((3, D))}, 0, np.arange(2))
   with pytest.raises(StoreError, match="another writer"):
-    ActivationStore.open_for_append(path)
+    StoreWriter.open_for_append(path)
   st.close()
-  ActivationStore.open_for_append(path).close()   # the lock is released on close
+  StoreWriter.open_for_append(path).close()   # the lock is released on close
 
 
 def test_reader_errors_name_the_path(workdir):
@@ -284,7 +285,7 @@ def test_documents_longer_than_the_buffer(workdir):
   path = os.path.join(workdir, "s")
   rng = np.random.default_rng(5)
   docs = [rng.normal(size=(n, D)).astype(np.float32) for n in (500, 3, 0, 250, 64)]
-  with ActivationStore.create(path, layers=[0], d=D, dtype="float32", shard_rows=64, chunk_rows=16) as st:
+  with StoreWriter.create(path, layers=[0], d=D, dtype="float32", shard_rows=64, chunk_rows=16) as st:
     for i, x in enumerate(docs):
       st.append({0: x}, i, np.arange(len(x)))
       ends = np.cumsum([len(y) for y in docs[:i + 1]])

@@ -10,8 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from glp_jax import collect, sweep
-from glp_jax.store import ActivationStore
+from glp_jax.scaling import collect
+from glp_jax.scaling import sweep
+from glp_jax.data.writer import StoreWriter
+from tools import tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +26,7 @@ def sweep_config(arg=""):
 
 
 def _cli(*args):
-  out = subprocess.run([sys.executable, "-m", "glp_jax.sweep", *args], cwd=ROOT, capture_output=True, text=True)
+  out = subprocess.run([tool("glp-sweep"), *args], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
@@ -111,7 +113,7 @@ def tiny_store(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("data") / "store")
   rng = np.random.default_rng(0)
   mix = rng.normal(size=(2, 16))
-  st = ActivationStore.create(path, layers=[0], d=16, dtype="float32", shard_rows=1024, chunk_rows=256)
+  st = StoreWriter.create(path, layers=[0], d=16, dtype="float32", shard_rows=1024, chunk_rows=256)
   for doc in range(32):
     x = rng.normal(size=(64, 2)) @ mix + 0.1 * rng.normal(size=(64, 16))
     st.append({0: x.astype(np.float32)}, doc_id=doc, positions=np.arange(64))
@@ -154,7 +156,8 @@ def test_local_sweep_runs_end_to_end_and_skips_finished_runs(tiny_store, tmp_pat
 
 
 def test_entry_points_import_together():
-  """The CLIs define their absl flags when run, so the library modules import next to glp-train's."""
-  code = "import glp_jax.sweep, glp_jax.fit_cli, glp_jax.train, glp_jax.evals.cli"
+  """Every CLI keeps its flags in a registry of its own, so all of them (and the library) import together."""
+  code = ("import glp_jax.scaling.cli, glp_jax.training.cli, glp_jax.extraction.cli, glp_jax.interop.cli, "
+          "glp_jax.evals.cli, glp_jax.demo, glp_jax.training.trainer")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -13,8 +13,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from glp_jax import model as model_lib  # noqa: E402
-from glp_jax import sampling as jax_sampling  # noqa: E402
+from glp_jax.core import model as model_lib  # noqa: E402
+from glp_jax.core import sampling as jax_sampling  # noqa: E402
+from glp_jax.core import grid
 from glp_jax import torch as glp_torch  # noqa: E402
 from glp_jax.torch import io as torch_io  # noqa: E402
 
@@ -88,7 +89,7 @@ def test_velocity_parity_bf16(tmp_path):
 def test_sampling_grids_identical():
   for n in (1, 2, 7, 20, 100, 1000):
     sig_t, ts_t = glp_torch.euler_grid(n)
-    sig_j = jax_sampling.euler_grid(n)
+    sig_j = grid.euler_grid(n)
     np.testing.assert_array_equal(sig_t.numpy(), sig_j)
     np.testing.assert_array_equal(ts_t.numpy(), np.asarray(jax_sampling.flow.timesteps_of(sig_j[:-1])))
   sig, ts = glp_torch.euler_grid(20)
@@ -97,7 +98,7 @@ def test_sampling_grids_identical():
                                               0.0010000000474974513, 0.0]
   assert sig.dtype == ts.dtype == torch.float32 and ts[10].item() == np.float32(sig[10].item() * np.float32(1000))
   for start, n in ((0.5, 20), (0.9, 20), (0.0, 20), (0.25, 100), (0.5, 1000), (0.29, 100)):
-    assert glp_torch.start_index(start, n) == jax_sampling.manifold_start_index(start, n)
+    assert glp_torch.start_index(start, n) == grid.manifold_start_index(start, n)
   # The reference draws u as a float32 tensor: index = floor(float32(u) * N).
   assert glp_torch.start_index(0.29, 100) == 29 and glp_torch.start_index(0.5, 20) == 10
 
@@ -256,7 +257,7 @@ def test_torch_module_works_without_jax(tmp_path):
     glp.save_pretrained({str(tmp_path / 'again')!r})
     assert GLP.from_pretrained({str(tmp_path / 'again')!r}).cfg == glp.cfg
     bad = [m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "orbax")
-           or m in ("glp_jax.model", "glp_jax.sampling", "glp_jax.flow")]
+           or m in ("glp_jax.core.model", "glp_jax.core.sampling", "glp_jax.core.flow")]
     assert not bad, bad
     print("OK")
   """)

@@ -1,6 +1,6 @@
 """The trainer end to end on 8 fake CPU devices over a tiny synthetic store (no LM involved).
 
-One uninterrupted in-process run is the reference; subprocess runs of `python -m glp_jax.train` are killed
+One uninterrupted in-process run is the reference; subprocess runs of `python -m glp_jax.training.trainer` are killed
 (SIGKILL, then SIGTERM) and resumed and must end bit-identical to it; its checkpoint restores on 2 devices.
 """
 import importlib.util
@@ -19,11 +19,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glp_jax import config_lib, sharding, train, train_lib
-from glp_jax import model as model_lib
-from glp_jax.metrics import NonFiniteLoss, read_jsonl
-from glp_jax.normalizer import Normalizer
-from glp_jax.store import ActivationStore, StoreError
+from glp_jax.util import config as config_lib
+from glp_jax.training import sharding
+from glp_jax.training import trainer as train
+from glp_jax.training import state as train_lib
+from glp_jax.core import model as model_lib
+from glp_jax.training.metrics import NonFiniteLoss
+from glp_jax.util.files import read_jsonl
+from glp_jax.core.normalizer import Normalizer
+from glp_jax.data.store import ActivationStore, StoreError
+from glp_jax.data.writer import StoreWriter
+from glp_jax.training import input as input_lib
+from glp_jax.training.prior import load_prior
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, ROWS = 16, 4096
@@ -50,7 +57,7 @@ def store(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("data") / "store")
   rng = np.random.default_rng(0)
   mean, scale, mix = rng.normal(size=D) * 3, rng.uniform(0.5, 2, size=D), rng.normal(size=(2, D))
-  st = ActivationStore.create(path, layers=[0], d=D, dtype="float32", shard_rows=1024, chunk_rows=256)
+  st = StoreWriter.create(path, layers=[0], d=D, dtype="float32", shard_rows=1024, chunk_rows=256)
   for doc in range(ROWS // 64):
     x = rng.normal(size=(64, 2)) @ mix + 0.1 * rng.normal(size=(64, D))
     st.append({0: ((x + mean) * scale).astype(np.float32)}, doc_id=doc, positions=np.arange(64))
@@ -71,7 +78,7 @@ def launch(workdir, store, devices=8, **extra):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(workdir), "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return subprocess.Popen([sys.executable, "-m", "glp_jax.train", "--config=configs/train.py:runlocal",
+  return subprocess.Popen([sys.executable, "-m", "glp_jax.training.cli", "--config=configs/train.py:runlocal",
                            f"--workdir={workdir}", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
@@ -113,9 +120,9 @@ def test_reference_run_outputs(reference):
   assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 64
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "30"]
   # load_prior gives the trained model back, with the run's normaliser.
-  model, normalizer, config = train.load_prior(workdir)
+  model, normalizer, config = load_prior(workdir)
   assert normalizer.mean.shape == (D,) and config.batch_size == 64
-  assert train.params_checksum(nnx.to_pure_dict(nnx.state(model))) == summary["params_checksum"]
+  assert train_lib.params_checksum(nnx.to_pure_dict(nnx.state(model))) == summary["params_checksum"]
 
 
 def test_resume_of_finished_run_is_a_noop(reference, store, tmp_path):
@@ -154,12 +161,13 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(reference, store, tmp
 
 
 def test_checkpoint_from_8_devices_restores_on_2(reference, tmp_path):
-  code = ("import jax, ml_collections; from flax import nnx; from glp_jax import sharding, train;"
+  code = ("import jax, ml_collections; from flax import nnx; from glp_jax.training import sharding, state;"
+          "from glp_jax.training.prior import load_prior;"
           "mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=2)));"
-          f"m, _, _ = train.load_prior({reference[0]!r}, mesh=mesh);"
+          f"m, _, _ = load_prior({reference[0]!r}, mesh=mesh);"
           "k = m.layers[0].up_proj.kernel[...];"
           "print(jax.device_count(), tuple(k.sharding.spec), len(k.addressable_shards));"
-          "print(train.params_checksum(nnx.to_pure_dict(nnx.state(m))))")
+          "print(state.params_checksum(nnx.to_pure_dict(nnx.state(m))))")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=240)
@@ -176,7 +184,7 @@ def test_sharded_step_matches_single_device(store):
   results = []
   for mesh in (sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4))),
                sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), devices=jax.devices()[:1])):
-    graphdef, state = train_lib.split(sharding.create_sharded(train_lib.creator(model_cfg, config, 30), mesh))
+    graphdef, state = nnx.split(sharding.create_sharded(train_lib.creator(model_cfg, config, 30), mesh))
     step = train_lib.make_train_step(graphdef, config, 30)
     x = sharding.put_global(x_np, sharding.batch_sharding(mesh))
     losses = []
@@ -217,7 +225,7 @@ def test_non_finite_loss_stops_and_saves_nothing(store, tmp_path):
 
 
 def test_dry_run_reference_size():
-  out = train.dry_run(get_config("model=llama1b-d6"))
+  out = train_lib.dry_run(get_config("model=llama1b-d6"))
   assert out["params"] == 855_881_728
   assert out["flops_per_step"] == out["flops_per_example"] * 4096
   assert out["mesh"] == {"data": 8, "fsdp": 1} and out["memory_per_device"]["argument_size_in_bytes"] > 0
@@ -227,7 +235,7 @@ def test_ema_is_updated_and_used_by_eval(store):
   config = make_config(store, **{"opt.ema_decay": 0.75})
   model_cfg = model_lib.ModelConfig(d_input=D, d_model=8, d_mlp=16, n_layers=1)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), devices=jax.devices()[:1])
-  graphdef, state = train_lib.split(sharding.create_sharded(train_lib.creator(model_cfg, config, 30), mesh))
+  graphdef, state = nnx.split(sharding.create_sharded(train_lib.creator(model_cfg, config, 30), mesh))
   before = jax.tree.map(np.array, train_lib.pure(state))
   np.testing.assert_array_equal(before["ema"]["in_proj"]["kernel"], before["model"]["in_proj"]["kernel"])
   x = jnp.asarray(np.random.default_rng(2).normal(size=(64, D)), jnp.float32)
@@ -241,7 +249,7 @@ def test_ema_is_updated_and_used_by_eval(store):
   eps = jnp.asarray(np.random.default_rng(3).normal(size=(64, D)), jnp.float32)
   sigma = jnp.linspace(0.01, 1.0, 64)
   _, _, ema_model = nnx.merge(graphdef, state)
-  from glp_jax import flow
+  from glp_jax.core import flow
   np.testing.assert_allclose(np.asarray(train_lib.make_eval_step(graphdef)(state, x, eps, sigma)),
                              np.asarray(flow.per_example_loss(ema_model, x, eps, sigma)), rtol=1e-6)
 
@@ -249,7 +257,7 @@ def test_ema_is_updated_and_used_by_eval(store):
 def test_multi_layer_store_trains_with_layer_conditioning(tmp_path):
   path = str(tmp_path / "multi")
   rng = np.random.default_rng(5)
-  st = ActivationStore.create(path, layers=[0, 2], d=D, dtype="float32", shard_rows=512, chunk_rows=128)
+  st = StoreWriter.create(path, layers=[0, 2], d=D, dtype="float32", shard_rows=512, chunk_rows=128)
   for doc in range(2048 // 64):
     st.append({0: rng.normal(size=(64, D)).astype(np.float32),
                2: (3 + 2 * rng.normal(size=(64, D))).astype(np.float32)}, doc_id=doc, positions=np.arange(64))
@@ -258,10 +266,10 @@ def test_multi_layer_store_trains_with_layer_conditioning(tmp_path):
   summary = train.train_and_evaluate(make_config(path, num_activations=64 * 4, eval_every=4, log_every=2,
                                                  **{"model.multi_layer_n_layers": 3, "opt.ema_decay": 0.5}), w)
   assert summary["done"] and np.isfinite(summary["eval_loss"]) and summary["steps"] == 4
-  model, normalizer, _ = train.load_prior(w)
+  model, normalizer, _ = load_prior(w)
   assert normalizer.stacked and normalizer.layers == (0, 2) and model.layer_embed is not None
   # load_prior hands out the EMA weights (summary's checksum is of the raw weights).
-  assert train.params_checksum(nnx.to_pure_dict(nnx.state(model))) != summary["params_checksum"]
+  assert train_lib.params_checksum(nnx.to_pure_dict(nnx.state(model))) != summary["params_checksum"]
 
 
 def test_multi_layer_model_needs_a_multi_layer_store(store, tmp_path):
@@ -274,19 +282,19 @@ def test_run_keeps_its_own_normalizer(reference, store, tmp_path):
   another store) trains and evaluates in that space, not in the store's."""
   workdir = str(tmp_path / "seeded")
   os.makedirs(workdir)
-  _, store_norm, _ = train.load_prior(reference[0])
+  _, store_norm, _ = load_prior(reference[0])
   shifted = Normalizer(store_norm.mean + np.sqrt(store_norm.var), store_norm.var * 4.0)
-  train_lib.save_normalizer(shifted, workdir)
+  input_lib.save_normalizer(shifted, workdir)
   short = {"num_activations": 64 * 10, "eval_every": 0}
   seeded = train.train_and_evaluate(make_config(store, **short), workdir)
   plain = train.train_and_evaluate(make_config(store, **short), str(tmp_path / "plain"))
-  kept = train_lib.load_normalizer(workdir)
+  kept = input_lib.load_normalizer(workdir)
   np.testing.assert_array_equal(kept.mean, shifted.mean)
   np.testing.assert_array_equal(kept.var, shifted.var)
-  np.testing.assert_array_equal(train_lib.load_normalizer(str(tmp_path / "plain")).mean, store_norm.mean)
+  np.testing.assert_array_equal(input_lib.load_normalizer(str(tmp_path / "plain")).mean, store_norm.mean)
   assert seeded["params_checksum"] != plain["params_checksum"]   # the inputs really were normalised differently
   bad = str(tmp_path / "bad")
   os.makedirs(bad)
-  train_lib.save_normalizer(Normalizer(np.zeros(D + 1), np.ones(D + 1)), bad)
+  input_lib.save_normalizer(Normalizer(np.zeros(D + 1), np.ones(D + 1)), bad)
   with pytest.raises(config_lib.ConfigError, match="normalizer.npz"):
     train.train_and_evaluate(make_config(store), bad)

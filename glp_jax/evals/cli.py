@@ -16,51 +16,56 @@ probe_auc_{raw,mlp,t0.1,t0.5} with _lo/_hi bootstrap CIs.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
 import time
 
 from absl import app, flags
 
 from glp_jax.evals import fd as fd_lib
 from glp_jax.evals import prior as prior_lib
+from glp_jax.util import cli, files
 
 NAMES = ("fd", "delta_lm", "steer", "probe")
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("prior", None, "glp_jax run dir or exported prior folder.")
-flags.DEFINE_integer("step", None, "Checkpoint step of a run dir (default: latest).")
-flags.DEFINE_string("out", None, "Where eval_<name>.json goes (default: the prior folder).")
-flags.DEFINE_string("store", None, "Activation store (default: the run config's data.store).")
-flags.DEFINE_string("lm", None, "LM name/folder (default: the store's model).")
-flags.DEFINE_integer("layer", None, "LM layer the prior models (default: the store's layer).")
-flags.DEFINE_string("lm_dtype", "float32", "LM forward dtype: float32 | bfloat16 (--quick uses bfloat16).")
-flags.DEFINE_string("device", "auto", "LM device: auto | cpu | cuda.")
-flags.DEFINE_bool("quick", False, "Smoke-test sizes (seconds to minutes on CPU).")
-flags.DEFINE_integer("seed", 42, "Seed for samples, noise and splits.")
+FLAGS = cli.flag_values()
+flags.DEFINE_string("prior", None, "glp_jax run dir or exported prior folder.", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step of a run dir (default: latest).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Where eval_<name>.json goes (default: the prior folder).", flag_values=FLAGS)
+flags.DEFINE_string("store", None, "Activation store (default: the run config's data.store).", flag_values=FLAGS)
+flags.DEFINE_string("lm", None, "LM name/folder (default: the store's model).", flag_values=FLAGS)
+flags.DEFINE_integer("layer", None, "LM layer the prior models (default: the store's layer).", flag_values=FLAGS)
+flags.DEFINE_string("lm_dtype", "float32", "LM forward dtype: float32 | bfloat16 (--quick uses bfloat16).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("device", "auto", "LM device: auto | cpu | cuda.", flag_values=FLAGS)
+flags.DEFINE_bool("quick", False, "Smoke-test sizes (seconds to minutes on CPU).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 42, "Seed for samples, noise and splits.", flag_values=FLAGS)
 # fd
-flags.DEFINE_integer("num_samples", 50_000, "fd: samples per side (capped at half the held-out rows).")
-flags.DEFINE_integer("steps", 1000, "fd: Euler steps.")
-flags.DEFINE_enum("fd_method", "eigh", fd_lib.METHODS, "fd: matrix square-root route.")
-flags.DEFINE_integer("heldout_rows", None, "fd: held-out rows at the store's end (default: run config).")
+flags.DEFINE_integer("num_samples", 50_000, "fd: samples per side (capped at half the held-out rows).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("steps", 1000, "fd: Euler steps.", flag_values=FLAGS)
+flags.DEFINE_enum("fd_method", "eigh", fd_lib.METHODS, "fd: matrix square-root route.", flag_values=FLAGS)
+flags.DEFINE_integer("heldout_rows", None, "fd: held-out rows at the store's end (default: run config).",
+                     flag_values=FLAGS)
 # delta_lm / steering projection
-flags.DEFINE_integer("num_docs", 256, "delta_lm: held-out documents.")
-flags.DEFINE_integer("max_length", 128, "delta_lm: tokens per document.")
-flags.DEFINE_integer("batch_size", 8, "delta_lm: documents per forward.")
-flags.DEFINE_float("start", 0.5, "On-manifold start (reference u; 0.5 -> sigma ~0.474).")
-flags.DEFINE_integer("manifold_steps", 20, "On-manifold grid length.")
+flags.DEFINE_integer("num_docs", 256, "delta_lm: held-out documents.", flag_values=FLAGS)
+flags.DEFINE_integer("max_length", 128, "delta_lm: tokens per document.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "delta_lm: documents per forward.", flag_values=FLAGS)
+flags.DEFINE_float("start", 0.5, "On-manifold start (reference u; 0.5 -> sigma ~0.474).", flag_values=FLAGS)
+flags.DEFINE_integer("manifold_steps", 20, "On-manifold grid length.", flag_values=FLAGS)
 # steer
-flags.DEFINE_list("rs", ["0", "0.25", "0.5", "1", "2"], "steer: alpha / mean activation norm grid.")
-flags.DEFINE_integer("max_new_tokens", 20, "steer: greedy tokens per continuation.")
-flags.DEFINE_integer("num_prompts", 10, "steer: neutral prompts.")
-flags.DEFINE_string("judge_model", "", "steer: LLM judge model name (off when empty; needs --judge_url).")
-flags.DEFINE_string("judge_url", "", "steer: OpenAI-compatible base URL of the judge.")
+flags.DEFINE_list("rs", ["0", "0.25", "0.5", "1", "2"], "steer: alpha / mean activation norm grid.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 20, "steer: greedy tokens per continuation.", flag_values=FLAGS)
+flags.DEFINE_integer("num_prompts", 10, "steer: neutral prompts.", flag_values=FLAGS)
+flags.DEFINE_string("judge_model", "", "steer: LLM judge model name (off when empty; needs --judge_url).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("judge_url", "", "steer: OpenAI-compatible base URL of the judge.", flag_values=FLAGS)
 # probe
-flags.DEFINE_string("tasks", "builtin", "probe: 'builtin' or an SAE-Probes CSV file/folder.")
-flags.DEFINE_list("sigmas", ["0.1", "0.5"], "probe: noise levels of the meta-neuron forward.")
-flags.DEFINE_integer("top_k", 512, "probe: features kept by class-mean difference.")
-flags.DEFINE_integer("n_per_task", 400, "probe: examples per built-in task / max rows per CSV task.")
+flags.DEFINE_string("tasks", "builtin", "probe: 'builtin' or an SAE-Probes CSV file/folder.", flag_values=FLAGS)
+flags.DEFINE_list("sigmas", ["0.1", "0.5"], "probe: noise levels of the meta-neuron forward.", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 512, "probe: features kept by class-mean difference.", flag_values=FLAGS)
+flags.DEFINE_integer("n_per_task", 400, "probe: examples per built-in task / max rows per CSV task.",
+                     flag_values=FLAGS)
 
 
 class Context:
@@ -71,8 +76,8 @@ class Context:
     prov = prior_lib.export_provenance(FLAGS.prior)
     self.store = FLAGS.store or _cfg(self.config, "data", "store") or prov.get("store")
     if not self.store and self.config:   # the run trained on the embedded default store (data.store = "")
-      from glp_jax import extract
-      self.store = extract.default_store()
+      from glp_jax.training.input import default_store
+      self.store = default_store()
     info = prior_lib.lm_info_from_store(self.store, _cfg(self.config, "data", "layer")) if self.store else {}
     self.lm_name = FLAGS.lm or info.get("lm") or prov.get("lm")
     self.layer = FLAGS.layer if FLAGS.layer is not None else info.get("layer", prov.get("layer"))
@@ -81,7 +86,7 @@ class Context:
 
   def lm(self):
     if self._lm is None:
-      from glp_jax import lm
+      from glp_jax.extraction import lm
       if not self.lm_name or self.layer is None:
         raise app.UsageError("cannot tell which LM/layer this prior models: pass --store or --lm and --layer")
       dtype = "bfloat16" if FLAGS.quick else FLAGS.lm_dtype   # bf16: ~3x faster on CPU, as the extractor
@@ -90,11 +95,7 @@ class Context:
 
 
 def _run_config(path: str) -> dict:
-  cfg = os.path.join(path, "config.json")
-  if not os.path.exists(cfg):
-    return {}
-  with open(cfg) as f:
-    return json.load(f)
+  return files.read_json(os.path.join(path, "config.json"), {})
 
 
 def _cfg(config: dict, *keys, default=None):
@@ -107,7 +108,7 @@ def _cfg(config: dict, *keys, default=None):
 
 def run_fd(ctx: Context) -> dict:
   import numpy as np
-  from glp_jax import store as store_lib
+  from glp_jax.data import store as store_lib
   if not ctx.store:
     raise app.UsageError("fd needs real activations: pass --store")
   st = store_lib.ActivationStore.open(ctx.store)
@@ -124,7 +125,8 @@ def run_fd(ctx: Context) -> dict:
 
 
 def _heldout_texts(ctx: Context, n: int) -> list[str]:
-  from glp_jax import corpus as corpus_lib, store as store_lib
+  from glp_jax.extraction import corpus as corpus_lib
+  from glp_jax.data import store as store_lib
   desc = store_lib.ActivationStore.open(ctx.store).metadata.get("corpus", {}) if ctx.store else {}
   held = desc.get("heldout", {})
   corpus = corpus_lib.Corpus(desc.get("source", corpus_lib.EMBEDDED), text_field=desc.get("text_field", "text"),
@@ -153,12 +155,11 @@ def run_steer(ctx: Context, out_dir: str) -> dict:
                                 max_new_tokens=8 if quick else FLAGS.max_new_tokens, start=FLAGS.start,
                                 steps=FLAGS.manifold_steps, seed=FLAGS.seed, judge=judge,
                                 plot_path=os.path.join(out_dir, "steer_frontier.png"))
-  _write_json(os.path.join(out_dir, "steer_rows.json"), rows)
+  files.write_json(os.path.join(out_dir, "steer_rows.json"), rows, indent=1, sort_keys=True)
   return res
 
 
 def run_probe(ctx: Context) -> dict:
-  import numpy as np
   from glp_jax.evals import probe, tasks
   model, tok = ctx.lm()
   n = 120 if FLAGS.quick else FLAGS.n_per_task
@@ -178,12 +179,6 @@ def run_probe(ctx: Context) -> dict:
                               baselines=baselines)
 
 
-def _write_json(path: str, obj) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
-
-
 def evaluate(name: str, ctx: Context, out_dir: str) -> dict:
   """Runs one evaluation and writes `<out_dir>/eval_<name>.json`; returns the flat result."""
   t0 = time.time()
@@ -194,29 +189,27 @@ def evaluate(name: str, ctx: Context, out_dir: str) -> dict:
   res[f"{name}_wall_seconds"] = time.time() - t0
   if ctx.layer is not None:
     res.setdefault("lm_layer", float(ctx.layer))
-  _write_json(os.path.join(out_dir, f"eval_{name}.json"), res)
+  files.write_json(os.path.join(out_dir, f"eval_{name}.json"), res, indent=1, sort_keys=True)
   return res
 
 
-def main(argv) -> None:
-  if len(argv) != 2 or argv[1] not in NAMES + ("all",):
-    raise app.UsageError(f"usage: glp-eval {{{','.join(NAMES)},all}} --prior=RUN_OR_EXPORT [flags]; got {argv[1:]}")
-  if not FLAGS.prior:
+def main(fv: flags.FlagValues, args: list[str]) -> None:
+  if len(args) != 1 or args[0] not in NAMES + ("all",):
+    raise app.UsageError(f"usage: glp-eval {{{','.join(NAMES)},all}} --prior=RUN_OR_EXPORT [flags]; got {args}")
+  if not fv.prior:
     raise app.UsageError("--prior is required")
-  logging.getLogger("glp_jax").setLevel(logging.INFO)
-  logging.getLogger("absl").setLevel(logging.WARNING)   # orbax logs every restore at INFO
   ctx = Context()
-  out_dir = FLAGS.out or FLAGS.prior
+  out_dir = fv.out or fv.prior
   os.makedirs(out_dir, exist_ok=True)
-  for name in NAMES if argv[1] == "all" else (argv[1],):
+  for name in NAMES if args[0] == "all" else (args[0],):
     res = evaluate(name, ctx, out_dir)
     print(json.dumps({"eval": name, **res}), flush=True)
 
 
-def run() -> None:
+def run(argv: list[str] | None = None) -> None:
   """Console-script entry point (glp-eval)."""
-  app.run(main)
+  cli.run(main, FLAGS, __doc__, argv, positional=True)
 
 
 if __name__ == "__main__":
-  sys.exit(run())
+  run()

@@ -74,7 +74,7 @@ def delta_lm_losses(model, tokenizer, texts: Iterable[str], layer: int, edits: d
                     max_length: int = 128, batch_size: int = 8, skip_first: bool = True) -> dict[str, dict]:
   """Per intervention: {delta, sem, base, edited, n_docs} (losses in nats per token)."""
   import torch
-  from glp_jax import lm
+  from glp_jax.extraction import lm
 
   docs = tokenize_documents(tokenizer, list(texts), max_length)
   if not docs:

@@ -7,45 +7,29 @@ the mean activation norm sqrt(sum(mean^2 + var)) used to scale steering.
 
 Backends (each supplies `integrate(z_BxD, num_steps, first) -> z_BxD`, Euler over the reference grid from
 index `first` to sigma 0, in normalised space):
-  - `from_jax_model(model, mean, var)` / `load_prior(run_dir)`: glp_jax.sampling (jit + scan on device);
+  - `from_jax_model(model, mean, var)` / `load_prior(run_dir)`: glp_jax.core.sampling (jit + scan on device);
   - `from_torch_glp(glp)` / `load_prior(export_dir)`: glp_jax.torch's `GLP` (no JAX needed);
   - `gaussian_prior(...)`: the exact velocity of Gaussian data, numpy (tests and the normaliser-only
     baseline).
-Grid (reference §2): `euler_sigmas(N)`; the on-manifold start index is floor(u * N), u = `start` (0.5).
+Grid (reference §2): `glp_jax.core.grid.euler_grid(N)`; the on-manifold start index is floor(u * N), u = `start`
+(0.5). Normalisation is `glp_jax.core.normalizer.Normalizer`, the trainer's own (float32).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
 import numpy as np
 
+from glp_jax.core import grid
+from glp_jax.core.normalizer import Normalizer
+from glp_jax.util import files
+
 # integrate(z_BxD normalised, num_steps, first_index) -> z_BxD at sigma 0.
 IntegrateFn = Callable[[np.ndarray, int, int], Any]
 # meta_neurons(z_BxD normalised, timestep_B) -> [B, n_blocks * F].
 MetaFn = Callable[[np.ndarray, np.ndarray], Any]
-
-
-def euler_sigmas(num_steps: int) -> np.ndarray:
-  """The reference grid, float32 [N + 1]: linspace(1000, 1000 * f32(1/1000), N) / 1000, then 0.
-
-  Same numbers as `glp_jax.flow.reference_grid` and `glp_jax.torch.sampling.euler_grid` (tested), computed
-  here without JAX or torch so the numpy backend needs neither.
-  """
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  sigma_min = float(np.float32(1.0) / np.float32(1000))
-  t = np.linspace(1000.0, sigma_min * 1000.0, num_steps) / 1000.0
-  return np.concatenate([t.astype(np.float32), np.zeros(1, np.float32)])
-
-
-def manifold_start_index(start: float, num_steps: int) -> int:
-  """Grid index where the on-manifold projection starts; `start` is the reference's u (0.5 -> t ~ 0.474)."""
-  if not 0.0 <= start < 1.0:
-    raise ValueError(f"start (the reference's u) must be in [0, 1), got {start}")
-  return int(np.floor(np.float32(start) * np.float32(num_steps)))
 
 
 @dataclasses.dataclass
@@ -62,6 +46,7 @@ class Prior:
     self.var_D = np.asarray(self.var_D, np.float64)
     if self.mean_D.ndim != 1 or self.mean_D.shape != self.var_D.shape:
       raise ValueError(f"need [D] mean and var (single-layer prior), got {self.mean_D.shape}, {self.var_D.shape}")
+    self.normalizer = Normalizer(self.mean_D, self.var_D)
 
   @property
   def d(self) -> int:
@@ -73,10 +58,10 @@ class Prior:
     return float(np.sqrt(np.sum(self.mean_D ** 2 + self.var_D)))
 
   def normalize(self, x_BxD: np.ndarray) -> np.ndarray:
-    return ((np.asarray(x_BxD, np.float64) - self.mean_D) / np.sqrt(self.var_D)).astype(np.float32)
+    return self.normalizer.normalize(np.asarray(x_BxD))
 
   def denormalize(self, z_BxD: np.ndarray) -> np.ndarray:
-    return (np.asarray(z_BxD, np.float64) * np.sqrt(self.var_D) + self.mean_D).astype(np.float32)
+    return self.normalizer.denormalize(np.asarray(z_BxD))
 
   def sample_raw(self, n: int, steps: int = 1000, seed: int = 42, batch_size: int = 4096) -> np.ndarray:
     """`n` Euler samples from seeded N(0, I) noise, denormalised: [n, D] float32."""
@@ -86,8 +71,8 @@ class Prior:
 
   def project(self, x_BxD: np.ndarray, start: float = 0.5, steps: int = 20, seed: int = 0) -> np.ndarray:
     """On-manifold projection of raw activations [B, D]: noise to grid[floor(start * steps)], Euler to 0."""
-    first = manifold_start_index(start, steps)
-    sigma = euler_sigmas(steps)[first]
+    first = grid.manifold_start_index(start, steps)
+    sigma = grid.euler_grid(steps)[first]
     z = self.normalize(x_BxD)
     eps = np.random.default_rng(seed).standard_normal(z.shape, dtype=np.float32)
     z = (np.float32(1.0) - sigma) * z + sigma * eps
@@ -124,7 +109,7 @@ def gaussian_velocity(data_mean_D: np.ndarray, data_var_D: np.ndarray) -> Callab
 def numpy_integrate(velocity: Callable) -> IntegrateFn:
   """Euler on the reference grid driven by a numpy `velocity(z_BxD, sigma_B)`."""
   def integrate(z_BxD, num_steps, first):
-    sig = euler_sigmas(num_steps)[first:]
+    sig = grid.euler_grid(num_steps)[first:]
     z = np.asarray(z_BxD, np.float32)
     for s, s_next in zip(sig[:-1], sig[1:]):
       z = z + (s_next - s) * velocity(z, np.full((len(z),), s, np.float32))
@@ -163,14 +148,14 @@ def _padded(fn: Callable, z_BxD: np.ndarray, *rest) -> np.ndarray:
 
 def from_jax_model(model: Any, mean_D: np.ndarray, var_D: np.ndarray, info: dict | None = None,
                    layer: int | None = None) -> Prior:
-  """A `glp_jax.model.Denoiser` with the [D] normaliser moments of the modelled layer.
+  """A `glp_jax.core.model.Denoiser` with the [D] normaliser moments of the modelled layer.
 
   `layer` (the LM layer number) conditions a multi-layer prior; None for single-layer priors.
   """
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from glp_jax import sampling
+  from glp_jax.core import sampling
 
   graphdef, state = nnx.split(model)
 
@@ -183,8 +168,8 @@ def from_jax_model(model: Any, mean_D: np.ndarray, var_D: np.ndarray, info: dict
     return jnp.concatenate(m.meta_neurons(z_BxD, timestep_B, _layers(z_BxD.shape[0])), axis=-1)
 
   def integrate(z_BxD, num_steps, first):
-    grid = sampling.euler_grid(num_steps)[first:]
-    return _padded(lambda z: sampling.integrate(model, jnp.asarray(z), grid, _layers(len(z))), z_BxD)
+    sigmas = grid.euler_grid(num_steps)[first:]
+    return _padded(lambda z: sampling.integrate(model, jnp.asarray(z), sigmas, _layers(len(z))), z_BxD)
 
   def meta(z_BxD, timestep_B):
     return _padded(lambda z, t: _meta(state, jnp.asarray(z), jnp.asarray(t)), z_BxD, np.asarray(timestep_B))
@@ -240,11 +225,9 @@ def lm_info_from_config(config: Any) -> dict:
 
 def lm_info_from_store(store: str, layer: int | None = None) -> dict:
   """{'lm', 'layer'} from a store's manifest (layer -1/None = the store's first layer); {} when absent."""
-  manifest = os.path.join(store or "", "manifest.json")
-  if not store or not os.path.exists(manifest):
+  man = files.read_json(os.path.join(store, "manifest.json")) if store else None
+  if man is None:
     return {}
-  with open(manifest) as f:
-    man = json.load(f)
   layers = man.get("layers") or []
   out = {"lm": (man.get("metadata") or {}).get("model")}
   out["layer"] = int(layer) if layer is not None and int(layer) >= 0 else (int(layers[0]) if layers else None)
@@ -257,8 +240,8 @@ def load_prior(path: str, step: int | None = None, layer: int | None = None) -> 
   `layer` (LM layer number) is needed for multi-layer priors only.
   """
   if is_run_dir(path):
-    from glp_jax import train_lib  # not glp_jax.train: its absl flags clash with glp_jax.extract's
-    model, normalizer, config = train_lib.load_prior(path, step=step)
+    from glp_jax.training.prior import load_prior as load_run   # JAX: only for run dirs
+    model, normalizer, config = load_run(path, step=step)
     multi = bool(model.cfg.multi_layer_n_layers)
     if multi and layer is None:
       raise ValueError(f"{path} holds a multi-layer prior: say which LM layer to evaluate (--layer)")
@@ -287,9 +270,5 @@ def is_run_dir(path: str) -> bool:
 
 def export_provenance(path: str) -> dict:
   """The `provenance` block of a glp-export folder's config.json ({} for other folders)."""
-  cfg = os.path.join(path, "config.json")
-  if is_run_dir(path) or not os.path.exists(cfg):
-    return {}
-  with open(cfg) as f:
-    meta = json.load(f)
+  meta = {} if is_run_dir(path) else files.read_json(os.path.join(path, "config.json"), {})
   return dict(meta.get("provenance") or {}) if meta.get("format") else {}

@@ -57,7 +57,7 @@ def generate(model, tokenizer, prompts: Sequence[str], layer: int | None = None,
   """Greedy continuations (token ids, cut at EOS) of each prompt, with `edit` on layer `layer`'s output."""
   import contextlib
   import torch
-  from glp_jax import lm
+  from glp_jax.extraction import lm
   from glp_jax.evals import tasks
   # Left padding: new tokens must follow each prompt's real last token.
   ids, mask = tasks.pad([tasks.encode(tokenizer, p) for p in prompts], tasks.pad_id(tokenizer), left=True)
@@ -78,7 +78,7 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], conts: Sequenc
                         w_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(concept [N], nll [N]) of each continuation under the base LM; NaN for empty continuations."""
   import torch
-  from glp_jax import lm
+  from glp_jax.extraction import lm
   from glp_jax.evals import tasks
   device = next(model.parameters()).device
   concept, nll = np.full(len(prompts), np.nan), np.full(len(prompts), np.nan)

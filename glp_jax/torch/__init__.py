@@ -7,7 +7,8 @@ the on-disk layouts. Nothing here may import jax or a glp_jax module that does.
 from glp_jax.torch.io import expected_shapes, read_folder, write_folder
 from glp_jax.torch.model import Denoiser, DenoiserConfig, Normalizer, TransformerMLPDenoiser, sinusoidal_embedding
 from glp_jax.torch.prior import GLP
-from glp_jax.torch.sampling import euler_grid, euler_sample, start_index
+from glp_jax.core.grid import manifold_start_index as start_index
+from glp_jax.torch.sampling import euler_grid, euler_sample
 
 __all__ = ["GLP", "Denoiser", "DenoiserConfig", "Normalizer", "TransformerMLPDenoiser", "euler_grid",
            "euler_sample", "expected_shapes", "read_folder", "sinusoidal_embedding", "start_index",

@@ -19,8 +19,10 @@ from typing import Any, Mapping
 import numpy as np
 import safetensors.torch
 import torch
+import yaml
 
 from glp_jax.torch.model import DenoiserConfig
+from glp_jax.util import files
 
 FORMAT = "glp_jax.torch"
 FORMAT_VERSION = 1
@@ -88,32 +90,6 @@ def check_stats(mean: torch.Tensor, var: torch.Tensor, cfg: DenoiserConfig, sour
     raise ValueError(f"{source}: key 'var' has non-positive entries (normalisation divides by sqrt(var))")
 
 
-def _yaml_scalar(v: Any) -> str:
-  """A YAML 1.1 scalar: JSON form (strings double-quoted), floats always with a '.' (PyYAML reads 5e-05 as
-  a string), None as null."""
-  if isinstance(v, float) and not isinstance(v, bool):
-    if v != v or v in (float("inf"), float("-inf")):
-      return ".nan" if v != v else (".inf" if v > 0 else "-.inf")
-    text = repr(v)
-    mantissa, e, exponent = text.partition("e")
-    return (mantissa if "." in mantissa else mantissa + ".0") + e + exponent
-  if isinstance(v, (list, tuple)):
-    return "[" + ", ".join(_yaml_scalar(x) for x in v) + "]"
-  return json.dumps(v)
-
-
-def _yaml(value: Mapping[str, Any], indent: int = 0) -> list[str]:
-  """Block-style YAML for nested dicts of scalars and lists."""
-  pad, lines = "  " * indent, []
-  for k, v in value.items():
-    if isinstance(v, Mapping):
-      lines.append(f"{pad}{k}:")
-      lines.extend(_yaml(v, indent + 1))
-    else:
-      lines.append(f"{pad}{k}: {_yaml_scalar(v)}")
-  return lines
-
-
 def reference_config(cfg: DenoiserConfig, tracedict: Mapping[str, Any] | None,
                      extra: Mapping[str, Any] | None = None) -> str:
   """The reference `config.yaml` text: top-level keys, `rep_statistic`, and `glp_kwargs`."""
@@ -124,14 +100,9 @@ def reference_config(cfg: DenoiserConfig, tracedict: Mapping[str, Any] | None,
       "denoiser_config": cfg.to_dict(),
       "tracedict_config": dict(tracedict or {"layer_prefix": "model.layers", "layers": None, "retain": "output"}),
   }
-  return "# GLP prior written by glp_jax (reference layout; load with glp.denoiser.load_glp)\n" + \
-      "\n".join(_yaml(top)) + "\n"
-
-
-def _atomic_write(path: str, data: bytes | str) -> None:
-  with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as fh:
-    fh.write(data)
-  os.replace(path + ".tmp", path)
+  # safe_dump writes floats with a '.' (5.0e-05), which YAML 1.1 readers such as PyYAML read back as floats.
+  return ("# GLP prior written by glp_jax (reference layout; load with glp.denoiser.load_glp)\n"
+          + yaml.safe_dump(top, sort_keys=False, default_flow_style=False))
 
 
 def reference_stats(mean: torch.Tensor, var: torch.Tensor, layers: list[int] | None,
@@ -165,8 +136,8 @@ def write_folder(out: str, state_dict: Mapping[str, Any], cfg: DenoiserConfig, m
   os.makedirs(out, exist_ok=True)
   paths = {name: os.path.join(out, name) for name in
            (MODEL_FILE, CONFIG_FILE, REF_CONFIG_FILE, REF_STATS_FILE, REF_CHECKPOINT + ".safetensors")}
-  safetensors.torch.save_file(tensors, paths[MODEL_FILE] + ".tmp", metadata={"format": "pt"})
-  os.replace(paths[MODEL_FILE] + ".tmp", paths[MODEL_FILE])
+  with files.atomic_path(paths[MODEL_FILE]) as tmp:
+    safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})
   config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": cfg.to_dict(), "dtype": dtype,
             "normalizer": {"shape": list(mean.shape), "layers": None if mean.ndim == 1 else layers,
                            "mean": mean.tolist(), "var": var.tolist()},
@@ -174,11 +145,11 @@ def write_folder(out: str, state_dict: Mapping[str, Any], cfg: DenoiserConfig, m
             "tracedict_config": dict(tracedict) if tracedict else None,
             "provenance": dict(provenance or {})}
   # float32 values print as the shortest float64 repr, which reads back to the same float32: lossless.
-  _atomic_write(paths[CONFIG_FILE], json.dumps(config, indent=1) + "\n")
-  _atomic_write(paths[REF_CONFIG_FILE], reference_config(cfg, tracedict, reference_extra))
+  files.atomic_write(paths[CONFIG_FILE], json.dumps(config, indent=1) + "\n")
+  files.atomic_write(paths[REF_CONFIG_FILE], reference_config(cfg, tracedict, reference_extra))
   ref_mean, ref_var = reference_stats(mean, var, layers, cfg)
-  torch.save({"mean": ref_mean.clone(), "var": ref_var.clone()}, paths[REF_STATS_FILE] + ".tmp")
-  os.replace(paths[REF_STATS_FILE] + ".tmp", paths[REF_STATS_FILE])
+  with files.atomic_path(paths[REF_STATS_FILE]) as tmp:
+    torch.save({"mean": ref_mean.clone(), "var": ref_var.clone()}, tmp)
   final = paths[REF_CHECKPOINT + ".safetensors"]
   if os.path.lexists(final):
     os.remove(final)
@@ -190,10 +161,6 @@ def write_folder(out: str, state_dict: Mapping[str, Any], cfg: DenoiserConfig, m
 
 
 def _read_yaml(path: str) -> dict:
-  try:
-    import yaml  # PyYAML (a transformers dependency); only the reference layout needs it
-  except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(f"reading {path} needs PyYAML (pip install pyyaml)") from e
   with open(path) as fh:
     return yaml.safe_load(fh) or {}
 

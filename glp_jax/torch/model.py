@@ -4,15 +4,19 @@ Module paths equal the reference state-dict keys (`model.in_proj.weight`, `model
 under `Denoiser`), so a reference `final.safetensors` loads with `strict=True` and forward hooks on
 `denoiser.model.layers.{i}.down_proj` see the meta-neurons as in the reference scripts.
 
-Imports only torch: this package must work where JAX is not installed.
+Imports torch and NumPy (and glp_jax's NumPy-only core normaliser): this package must work where JAX is not
+installed.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 
+import numpy as np
 import torch
 from torch import nn
+
+from glp_jax.core.normalizer import Normalizer as CoreNormalizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,21 +156,15 @@ class Normalizer(nn.Module):
 
   def __init__(self, mean: torch.Tensor, var: torch.Tensor, layers: list[int] | None = None):
     super().__init__()
-    mean, var = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(var, dtype=torch.float32)
-    if mean.shape != var.shape or mean.ndim not in (1, 2):
-      raise ValueError(f"normalizer: mean {tuple(mean.shape)} and var {tuple(var.shape)} must both be [D] or "
-                       "[K, D]")
-    layers = list(range(mean.shape[0])) if mean.ndim == 2 and layers is None else layers
-    if mean.ndim == 2 and (len(layers) != mean.shape[0] or len(set(layers)) != len(layers) or min(layers) < 0):
-      raise ValueError(f"normalizer: layers {layers} do not name the {mean.shape[0]} stacked rows")
-    self.layers = None if mean.ndim == 1 else [int(l) for l in layers]
-    row_of_layer = torch.full((max(self.layers) + 1 if self.layers else 1,), -1, dtype=torch.long)
-    if self.layers:
-      row_of_layer[self.layers] = torch.arange(len(self.layers))
+    # The checks (shapes, finite, var > 0, layer names) and the layer -> row table are the core normaliser's.
+    core = CoreNormalizer(torch.as_tensor(mean, dtype=torch.float32).numpy(),
+                          torch.as_tensor(var, dtype=torch.float32).numpy(), layers)
+    self.layers = list(core.layers) if core.stacked else None
+    rows = core.row_of_layer if core.stacked else np.zeros(1)
     # Not persistent: the denoiser state dict stays exactly the reference `final.safetensors` content.
-    self.register_buffer("mean", mean, persistent=False)
-    self.register_buffer("var", var, persistent=False)
-    self.register_buffer("row_of_layer", row_of_layer, persistent=False)
+    self.register_buffer("mean", torch.from_numpy(core.mean), persistent=False)
+    self.register_buffer("var", torch.from_numpy(core.var), persistent=False)
+    self.register_buffer("row_of_layer", torch.from_numpy(rows.astype(np.int64)), persistent=False)
 
   @property
   def multi_layer(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from glp_jax.core import grid
 from glp_jax.torch import io
 from glp_jax.torch import sampling
 from glp_jax.torch.model import Denoiser, DenoiserConfig, Normalizer
@@ -108,7 +109,7 @@ class GLP(nn.Module):
     steps=20 -> sigma ~ 0.474), Euler-integrate the remaining steps to sigma=0, denormalise, cast back.
     `layer_idx` (multi-layer priors) is an int or broadcasts to the leading shape; `noise` overrides the draw.
     """
-    first = sampling.start_index(start, steps)
+    first = grid.manifold_start_index(start, steps)
     sigmas, _ = sampling.euler_grid(steps)
     z = self.normalize(x.to(self.device), layer_idx)
     if noise is None:

@@ -1,0 +1,378 @@
+"""The input pipeline: shuffled, normalised, step-deterministic batches of activation rows from a store.
+
+Order of rows (the "plan"): training rows are cut into blocks of `block_rows` contiguous rows (one read
+each). Each pass permutes all blocks with a seeded permutation and deals them round-robin to `groups`
+groups; each group cuts its blocks into windows of `window_blocks / groups` blocks and shuffles the rows of a
+window in memory. Step s takes rows [s*b, (s+1)*b) of every group's row stream (b = batch / groups) and the
+global batch is the groups' slices concatenated in group order. So:
+  - every training row is seen exactly once per pass (passes follow each other with fresh permutations);
+  - batch(step) is a pure function of (seed, step): resume needs only the step;
+  - process i of P (P divides groups) owns groups [i*G/P, (i+1)*G/P), reads only their blocks, and the
+    global batch is the same for any process count.
+
+Two loaders share that plan (`Loader`, the base):
+  - `StaticLoader`, a finished store: training rows exclude the held-out rows (the store's held-out
+    documents when it has rows for them, else the last `heldout_rows` rows); a segment's remainder of
+    < block_rows rows and the last blocks beyond a multiple of `groups` are not used (`unused_rows`).
+  - `StreamingLoader`, a store still being written: held-out = the first `heldout_rows` rows; then windows
+    of `window_blocks` consecutive blocks in store order (block-permuted and dealt to groups inside the
+    window), a single endless pass. It waits (polling the manifest) until the store commits the rows a step
+    needs, and publishes its progress to `<store>/consumers/<name>.json` (streaming.py), so a producer can
+    bound its buffer. Statistics: the store's 'first_shard' entry once complete (a fixed warm-up prefix, so
+    a resumed run normalises identically).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from glp_jax.core.normalizer import Normalizer
+from glp_jax.data.store import ActivationStore, StoreError
+from glp_jax.data.streaming import publish_consumed
+from glp_jax.util import threads
+
+
+@dataclasses.dataclass
+class Batch:
+  x_BxD: np.ndarray              # float32, normalised (the local process's rows)
+  layer_B: np.ndarray | None     # int32 LM layer of each row (multi-layer), else None
+
+
+class BlockSource(grain.sources.RandomAccessDataSource):
+  """Grain source whose record i is block i: {'x': [block_rows, D] store dtype, 'layer': int32}.
+
+  `blocks` is an int64 [n, 2] table of (LM layer, first row). The tensorstore handle opens lazily per
+  process and is dropped when pickled (grain workers)."""
+
+  def __init__(self, path: str, blocks: np.ndarray, block_rows: int):
+    self.path, self.blocks, self.block_rows = path, np.asarray(blocks, np.int64), block_rows
+    self._store = None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_store": None}
+
+  def __len__(self) -> int:
+    return len(self.blocks)
+
+  def __getitem__(self, i: int) -> dict:
+    return self._getitems([i])[0]
+
+  def _getitems(self, ids) -> list[dict]:
+    if self._store is None:
+      self._store = ActivationStore.open(self.path)
+    blocks = self.blocks[np.asarray(list(ids), np.int64)]
+    return [{"x": x, "layer": np.int32(layer)}
+            for x, (layer, _) in zip(self._store.read_blocks(blocks, self.block_rows), blocks)]
+
+
+def _segments(n_rows: int, excluded: np.ndarray) -> list[tuple[int, int]]:
+  """Maximal [start, stop) runs of [0, n_rows) avoiding the sorted `excluded` rows."""
+  cuts = np.concatenate([[-1], np.unique(excluded), [n_rows]])
+  return [(int(a) + 1, int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a + 1]
+
+
+class Loader:
+  """batch(step) / iterate(start_step) / heldout(n) over an ActivationStore (see the module docstring).
+
+  The base class holds the group/window plan; subclasses say where a group's windows come from
+  (`_window_blocks`), where row q of a group's stream lies (`_locate`) and how the held-out rows and the
+  statistics are chosen (`_setup`).
+  """
+  stats_default = "all"
+
+  def __init__(self, path: str, *, batch_size: int, seed: int = 0, block_rows: int = 512,
+               window_blocks: int = 64, groups: int = 8, heldout_rows: int = 4096, layer: int = -1,
+               prefetch: int = 2, workers: int = 0, stats: str = "", expect_d: int = 0, expect_dtype: str = "",
+               process_index: int | None = None, process_count: int | None = None):
+    if process_index is None or process_count is None:
+      import jax
+      process_index, process_count = jax.process_index(), jax.process_count()
+    self.path, self.seed, self.block_rows, self.groups = path, seed, block_rows, groups
+    self.batch_size, self.prefetch, self.workers = batch_size, prefetch, workers
+    self.process_index, self.process_count = process_index, process_count
+    for name, v in (("batch_size", batch_size), ("window_blocks", window_blocks)):
+      if v % groups:
+        raise ValueError(f"data: {name}={v} must be a multiple of groups={groups}")
+    if groups % process_count:
+      raise ValueError(f"data: groups={groups} must be a multiple of the process count {process_count}")
+    self.window_blocks, self.group_window = window_blocks, window_blocks // groups
+    self.group_batch = batch_size // groups
+    self.local_groups = range(process_index * groups // process_count,
+                              (process_index + 1) * groups // process_count)
+    self.store = st = ActivationStore.open(path)
+    if expect_d and st.d != expect_d:
+      raise StoreError(f"{path}: store rows have width d={st.d} but the config expects {expect_d}")
+    if expect_dtype and st.dtype != expect_dtype:
+      raise StoreError(f"{path}: store dtype is {st.dtype} but the config expects {expect_dtype}")
+    self.layers = st.layers if layer < 0 else [layer]
+    if layer >= 0 and layer not in st.layers:
+      raise StoreError(f"{path}: layer {layer} not in the store's layers {st.layers}")
+    self.multi_layer = len(self.layers) > 1
+    self.d_input = self.d = st.d
+    self._setup(heldout_rows)
+    self.normalizer = Normalizer.from_store(st, self.layers if self.multi_layer else self.layers[0],
+                                            stats or self.stats_default)
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()   # the prefetch thread and the caller may both build batches
+
+  def __getstate__(self):
+    state = {**self.__dict__, "_cache": collections.OrderedDict()}
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  # ---------------------------------------------------------------- what subclasses supply
+  def _setup(self, heldout_rows: int) -> None:
+    """Sets `heldout_ids`, `rows_per_pass`, `steps_per_pass`, `unused_rows`."""
+    raise NotImplementedError
+
+  def _window_blocks(self, p: int, g: int, w: int) -> np.ndarray:
+    """(layer, first row) of the blocks in window w of group g in pass p."""
+    raise NotImplementedError
+
+  def _locate(self, q: int) -> tuple[int, int]:
+    """(pass, offset in that pass) of row q of a group's row stream."""
+    raise NotImplementedError
+
+  def _ensure_rows(self, need: int) -> None:
+    """Hook before reading rows [0, need): a static store has them all."""
+
+  def _after_batch(self, step: int) -> None:
+    """Hook after a batch was assembled (with the batch lock held)."""
+
+  # ---------------------------------------------------------------- the shared plan
+  def _window(self, p: int, g: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shuffled rows [n, D] (store dtype) and their layers [n] of one group window (cached)."""
+    key = (p, g, w)
+    if key in self._cache:
+      self._cache.move_to_end(key)
+      return self._cache[key]
+    blocks = self._window_blocks(p, g, w)
+    self._ensure_rows(int(blocks[:, 1].max()) + self.block_rows)
+    x = np.concatenate(self.store.read_blocks(blocks, self.block_rows))
+    layer = np.repeat(blocks[:, 0].astype(np.int32), self.block_rows)
+    perm = np.random.default_rng([self.seed, 1, p, g, w]).permutation(len(x))
+    self._cache[key] = (x[perm], layer[perm])
+    while len(self._cache) > 2 * len(self.local_groups):
+      self._cache.popitem(last=False)
+    return self._cache[key]
+
+  def _group_rows(self, g: int, q0: int, q1: int):
+    """Rows [q0, q1) of group g's row stream."""
+    xs, ls = [], []
+    win_rows = self.group_window * self.block_rows
+    q = q0
+    while q < q1:
+      p, off = self._locate(q)
+      w, i = divmod(off, win_rows)
+      x, layer = self._window(p, g, w)
+      take = min(q1 - q, len(x) - i)
+      xs.append(x[i:i + take])
+      ls.append(layer[i:i + take])
+      q += take
+    return np.concatenate(xs), np.concatenate(ls)
+
+  # ---------------------------------------------------------------- batches
+  def raw_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """The local rows of `step` in store dtype and their LM layers (no normalisation)."""
+    b = self.group_batch
+    with self._lock:
+      parts = [self._group_rows(g, step * b, (step + 1) * b) for g in self.local_groups]
+      self._after_batch(step)
+    return np.concatenate([x for x, _ in parts]), np.concatenate([l for _, l in parts])
+
+  def batch(self, step: int) -> Batch:
+    """The local process's slice of the global batch of `step`: normalised float32 rows."""
+    x, layer = self.raw_batch(step)
+    layer_B = layer if self.multi_layer else None
+    return Batch(self.normalizer.normalize(x, layer_B), layer_B)
+
+  def iterate(self, start_step: int = 0, stop_step: int | None = None) -> Iterator[tuple[int, Batch]]:
+    """(step, Batch) from start_step, prefetched by a background thread (`prefetch` batches ahead), or
+    built by grain worker processes when `workers` > 0."""
+    if self.workers > 0:
+      yield from self.grain_iterate(start_step, stop_step if stop_step is not None else 2 ** 40, self.workers)
+      return
+    steps = range(start_step, stop_step if stop_step is not None else 2 ** 62)
+    batches = ((s, self.batch(s)) for s in steps)
+    yield from threads.prefetch(batches, self.prefetch) if self.prefetch > 0 else batches
+
+  def grain_iterate(self, start_step: int, stop_step: int, workers: int) -> Iterator[tuple[int, Batch]]:
+    """(step, Batch) computed by `workers` grain worker processes (order preserved). Each worker builds
+    whole batches, so a window shared by consecutive steps may be read by several workers."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():   # grain workers read absl flags
+      flags.FLAGS.mark_as_parsed()
+    ds = (grain.MapDataset.range(start_step, stop_step).map(_StepBatch(self))
+          .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(self.prefetch, 1)))
+          .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+    for rec in ds:   # copies: grain hands out shared-memory views that must not outlive the iterator
+      yield int(rec["step"]), Batch(np.array(rec["x"]), np.array(rec["layer"]) if self.multi_layer else None)
+
+  def heldout(self, n: int, process_local: bool = True) -> Batch:
+    """The first n fixed held-out rows (layers cycled for multi-layer stores); this process's slice."""
+    k = len(self.layers)
+    if n > len(self.heldout_ids) * k:
+      raise StoreError(f"{self.path}: {n} held-out rows requested, only {len(self.heldout_ids) * k} exist")
+    lo, hi = 0, n
+    if process_local:
+      lo, hi = self.process_index * n // self.process_count, (self.process_index + 1) * n // self.process_count
+    idx = np.arange(lo, hi)
+    rows, layers = self.heldout_ids[idx // k], np.asarray(self.layers, np.int32)[idx % k]
+    x = np.empty((len(idx), self.d), np.float32)
+    for li, l in enumerate(self.layers):
+      sel = np.nonzero(idx % k == li)[0]
+      if len(sel):
+        x[sel] = self._read_rows(rows[sel], l)
+    layer_B = layers if self.multi_layer else None
+    return Batch(self.normalizer.normalize(x, layer_B), layer_B)
+
+  def _read_rows(self, rows: np.ndarray, layer: int) -> np.ndarray:
+    """Rows at sorted indices, one read per contiguous run (held-out documents may be scattered)."""
+    self._ensure_rows(int(rows.max()) + 1)
+    breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
+    return np.concatenate([self.store.read(int(r[0]), int(r[-1]) + 1, layer=layer)
+                           for r in np.split(rows, breaks)])
+
+
+class StaticLoader(Loader):
+  """A finished store: passes over a seeded block permutation (see the module docstring)."""
+
+  def _setup(self, heldout_rows: int) -> None:
+    st, R = self.store, self.block_rows
+    if st.num_rows == 0:
+      raise StoreError(f"{self.path}: store is empty (no committed rows)")
+    held = st.heldout_rows()
+    if len(held) == 0:
+      if heldout_rows >= st.num_rows:
+        raise StoreError(f"{self.path}: heldout_rows={heldout_rows} leaves no training rows "
+                         f"({st.num_rows} rows)")
+      held = np.arange(st.num_rows - heldout_rows, st.num_rows)
+    self.heldout_ids = held
+    starts = np.concatenate([np.arange(a, b - R + 1, R) for a, b in _segments(st.num_rows, held)] + [[]])
+    per_layer = len(starts)
+    blocks = np.stack([np.repeat(self.layers, per_layer), np.tile(starts, len(self.layers))], 1)
+    usable = (len(blocks) // self.groups) * self.groups
+    if usable == 0:
+      raise StoreError(f"{self.path}: {st.num_rows} rows give {len(blocks)} blocks of {R} rows; need at "
+                       f"least groups={self.groups}")
+    self.blocks = blocks[:usable].astype(np.int64)
+    self.rows_per_pass = usable * R
+    self.unused_rows = (st.num_rows - len(held)) * len(self.layers) - self.rows_per_pass
+    self.steps_per_pass = self.rows_per_pass / self.batch_size
+    self._pass_perm: tuple[int, np.ndarray] | None = None
+
+  def _window_blocks(self, p: int, g: int, w: int) -> np.ndarray:
+    if self._pass_perm is None or self._pass_perm[0] != p:
+      self._pass_perm = (p, np.random.default_rng([self.seed, 0, p]).permutation(len(self.blocks)))
+    mine = self._pass_perm[1][g::self.groups]
+    return self.blocks[mine[w * self.group_window:(w + 1) * self.group_window]]
+
+  def _locate(self, q: int) -> tuple[int, int]:
+    return divmod(q, self.rows_per_pass // self.groups)
+
+  def source(self) -> BlockSource:
+    """The training blocks as a grain source (record i = block i of the table `blocks`)."""
+    return BlockSource(self.path, self.blocks, self.block_rows)
+
+
+class StreamingLoader(Loader):
+  """A store still being written: one endless pass in store order, waiting for commits (module docstring)."""
+  stats_default = "first_shard"
+
+  def __init__(self, path: str, *, consumer: str = "trainer", poll_s: float = 0.2,
+               wait_timeout_s: float = 3600.0, **kw):
+    self.consumer, self.poll_s, self.wait_timeout_s = consumer, poll_s, wait_timeout_s
+    self._published = -1
+    self._stats = kw.get("stats") or self.stats_default
+    super().__init__(path, **kw)
+
+  def _setup(self, heldout_rows: int) -> None:
+    self.heldout_ids = np.arange(heldout_rows)
+    self.rows_per_pass = self.steps_per_pass = float("inf")
+    self.unused_rows = 0
+    first_n = self.store.manifest["first_shard_rows"]
+    need = max(heldout_rows, first_n if self._stats == "first_shard" else 1)
+    self._wait_rows(need, allow_finished=True)
+
+  def _block(self, i: np.ndarray) -> np.ndarray:
+    """Streaming block index -> (layer, first row): row-blocks in store order, layers interleaved."""
+    k = len(self.layers)
+    return np.stack([np.asarray(self.layers)[i % k], len(self.heldout_ids) + (i // k) * self.block_rows], 1)
+
+  def _window_blocks(self, p: int, g: int, w: int) -> np.ndarray:
+    tau = np.random.default_rng([self.seed, 2, w]).permutation(self.window_blocks)
+    return self._block(w * self.window_blocks + tau[g::self.groups])
+
+  def _locate(self, q: int) -> tuple[int, int]:
+    return 0, q
+
+  def _ensure_rows(self, need: int) -> None:
+    self._wait_rows(need)
+
+  def _wait_rows(self, need: int, allow_finished: bool = False) -> None:
+    """Blocks until the store has committed `need` rows (polling its manifest)."""
+    t0 = time.time()
+    while self.store.num_rows < need:
+      if self.store.manifest.get("finished"):
+        if allow_finished and self.store.num_rows > 0:
+          return
+        raise StoreError(f"{self.path}: the producer finished at {self.store.num_rows} rows; "
+                         f"{need} are needed")
+      if time.time() - t0 > self.wait_timeout_s:
+        raise StoreError(f"{self.path}: waited {self.wait_timeout_s:.0f} s for {need} committed rows "
+                         f"(have {self.store.num_rows})")
+      time.sleep(self.poll_s)
+      self.store.refresh()
+
+  def _after_batch(self, step: int) -> None:
+    """Publishes rows_consumed = the first store row still needed (start of the oldest window in use)."""
+    q = step * self.group_batch
+    w = q // (self.group_window * self.block_rows)
+    consumed = int(self._block(np.asarray([w * self.window_blocks]))[0, 1])
+    if consumed <= self._published or self.process_index != 0:   # every process is at the same window
+      return
+    publish_consumed(self.path, self.consumer, consumed, step=int(step))
+    self._published = consumed
+
+
+class _StepBatch(grain.transforms.Map):
+  """step -> that step's local batch (runs inside grain workers; the loader pickles without handles)."""
+
+  def __init__(self, loader: Loader):
+    self.loader = loader
+
+  def map(self, step):
+    b = self.loader.batch(int(step))
+    layer = b.layer_B if b.layer_B is not None else np.zeros(0, np.int32)
+    return {"step": np.int64(step), "x": b.x_BxD, "layer": layer}
+
+
+def from_config(cfg, *, batch_size: int, seed: int, all_layers: bool = False, **kw) -> Loader:
+  """A loader from the train config's `data` section (c.data.*). `layer=-1` means the store's first
+  layer, or every layer when `all_layers` (a multi-layer prior)."""
+  layer = cfg.layer
+  if layer < 0 and not all_layers:
+    layer = ActivationStore.open(cfg.store).layers[0]
+  args = dict(block_rows=cfg.block_rows, window_blocks=cfg.window_blocks, heldout_rows=cfg.heldout_rows,
+              layer=layer, prefetch=cfg.prefetch, workers=cfg.get("workers", 0), groups=cfg.get("groups", 8),
+              stats=cfg.get("stats", ""))
+  if cfg.get("streaming", False):
+    return StreamingLoader(cfg.store, batch_size=batch_size, seed=seed, consumer=cfg.get("consumer", "trainer"),
+                           **{**args, **kw})
+  return StaticLoader(cfg.store, batch_size=batch_size, seed=seed, **{**args, **kw})
+
+
+def to_global_array(local_BxD: np.ndarray, sharding, global_shape=None):
+  """The global jax.Array from each process's rows (rows sharded over the batch axes of `sharding`)."""
+  import jax
+  return jax.make_array_from_process_local_data(sharding, local_BxD, global_shape)

@@ -1,0 +1,107 @@
+"""Extract while training: `glp-extract` feeding running trainers through a bounded buffer.
+
+Protocol (all through files in the store folder, so producer and trainers may be different processes,
+devices or hosts sharing a file system):
+* Rows become visible when the store commits them (whole shards, at document boundaries; see store.py).
+* Statistics: in streaming mode the store's `first_shard_rows` is `stream.warmup_rows`, so
+  `manifest.stats.first_shard` is the statistic of a fixed warm-up prefix; a trainer waits until
+  `num_rows >= first_shard_rows` and then normalises with it for the whole run (a resumed trainer too).
+* Consumers (loader.py) publish `<store>/consumers/<name>.json` = {"rows_consumed": n}: rows below n are no
+  longer needed. The producer keeps `num_rows - min(rows_consumed) <= buffer_rows` (it may overshoot by at
+  most one shard plus one document, the commit granularity); before any consumer has published, its
+  `rows_consumed` counts as 0. Warm-up rows are produced regardless of consumers.
+* When the producer ends, `store.close()` commits `"finished": true` (every other commit writes false), so a
+  waiting trainer stops waiting.
+* Multi-layer stores hold one array per layer over the same rows; the loader interleaves the layers' blocks
+  and attaches each row's layer index (loader.py), so the producer needs nothing per layer.
+This module owns both sides of the protocol: the consumer files (`publish_consumed`, `min_consumed`) and the
+`Producer` that throttles an extraction by them.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import time
+from typing import Any
+
+from absl import logging
+
+from glp_jax.data import store as store_lib
+from glp_jax.util import files
+from glp_jax.util.errors import ConfigError
+
+# ---------------------------------------------------------------- consumers
+# Readers of a store still being written publish `<store>/consumers/<name>.json` = {"rows_consumed": n}:
+# rows below n are no longer needed. The `Producer` below bounds its lead over the slowest consumer.
+CONSUMERS = "consumers"
+
+
+def consumer_path(store_path: str, name: str) -> str:
+  return os.path.join(store_path, CONSUMERS, f"{name}.json")
+
+
+def publish_consumed(store_path: str, name: str, rows_consumed: int, **extra: Any) -> None:
+  """Consumer side: records that rows below `rows_consumed` are no longer needed (atomic rename)."""
+  files.write_json(consumer_path(store_path, name),
+                   {"rows_consumed": int(rows_consumed), "updated": time.time(), **extra}, indent=None)
+
+
+def min_consumed(store_path: str) -> tuple[int, int]:
+  """(min rows_consumed over consumers, number of consumers); (0, 0) before any consumer published."""
+  # A file that cannot be read counts as 0 (atomic renames make a half-written one rare).
+  values = [int((files.read_json(p) or {}).get("rows_consumed", 0))
+            for p in glob.glob(os.path.join(store_path, CONSUMERS, "*.json"))]
+  return (min(values) if values else 0), len(values)
+
+
+# ---------------------------------------------------------------- the producer
+class Producer:
+  """Throttles an extraction so committed rows stay within `buffer_rows` of the slowest consumer."""
+
+  def __init__(self, stream_cfg):
+    self.buffer_rows = int(stream_cfg.buffer_rows)
+    self.warmup_rows = int(stream_cfg.warmup_rows)
+    self.poll_seconds = float(stream_cfg.poll_seconds)
+    if self.buffer_rows <= 0:
+      raise ConfigError(f"stream.buffer_rows must be > 0, got {self.buffer_rows}")
+    if self.buffer_rows < self.warmup_rows:
+      raise ConfigError(f"stream.buffer_rows ({self.buffer_rows}) must be >= stream.warmup_rows "
+                      f"({self.warmup_rows}): trainers start only after the warm-up rows are committed")
+    self._consumed = 0          # a lower bound of min rows_consumed (it never decreases)
+    self.waited_seconds = 0.0
+    self.waiting = False        # True while blocked on a full buffer (read by tests and progress)
+    self._last_announce = -1e9
+
+  def start(self, store: store_lib.ActivationStore) -> None:
+    if store.manifest["first_shard_rows"] != self.warmup_rows:
+      raise store_lib.StoreError(
+          f"{store.path}: first_shard_rows={store.manifest['first_shard_rows']} but stream.warmup_rows="
+          f"{self.warmup_rows}; the warm-up statistic must cover exactly the warm-up rows")
+
+  def _full(self, store) -> bool:
+    return store.num_rows >= self.warmup_rows and store.num_rows - self._consumed > self.buffer_rows
+
+  def wait_for_room(self, store: store_lib.ActivationStore) -> None:
+    """Blocks while the buffer is full (re-reading the consumers' files every `poll_seconds`)."""
+    if not self._full(store):
+      return
+    t0 = time.time()
+    announced = t0 - self._last_announce < 30  # log at most every 30 s: waits are frequent when streaming
+    self.waiting = True
+    while True:
+      self._consumed = max(self._consumed, min_consumed(store.path)[0])
+      if not self._full(store):
+        break
+      if not announced:
+        self._last_announce = time.time()
+        logging.info("buffer full: %d committed rows, slowest consumer at %d; waiting", store.num_rows,
+                     self._consumed)
+        announced = True
+      time.sleep(self.poll_seconds)
+    self.waiting = False
+    self.waited_seconds += time.time() - t0
+
+  def finish(self, store: store_lib.ActivationStore) -> None:
+    """Called after `store.close()`, which commits `finished: true` (trainers stop waiting for rows)."""
+    logging.info("stream finished at %d rows (waited %.1f s for consumers)", store.num_rows,
+                 self.waited_seconds)

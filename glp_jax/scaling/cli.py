@@ -1,0 +1,106 @@
+r"""glp-sweep and glp-fit: run a grid of training runs, then fit scaling laws to them.
+
+  glp-sweep --config=configs/sweep.py:runlocal --root=runs/sweep              # run here, 1 at a time
+  glp-sweep --config=configs/sweep.py:runlocal --root=runs/sweep --dry_run    # print what would run
+  glp-sweep --config=configs/sweep.py --root=/shared/sweep --emit=slurm       # <root>/sweep.slurm
+  glp-sweep --config=configs/sweep.py --root=/shared/sweep --emit=tpu         # <root>/sweep_tpu.sh
+  glp-fit --runs=runs/sweep --out=runs/fit          # table (runs.csv/.parquet), fit.json, *.png/*.pdf
+  glp-fit --table=points.csv --form=chinchilla      # columns N, D, loss (or --form=compute: C, loss)
+
+glp-fit's last stdout line is one JSON object: each form's parameters with their confidence intervals.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+
+from absl import flags
+
+from glp_jax.scaling import analysis, sweep
+from glp_jax.util import cli
+from glp_jax.util import config as config_lib
+from glp_jax.util.errors import ConfigError
+
+SWEEP_FLAGS = cli.flag_values()
+cli.define_config(SWEEP_FLAGS, "Sweep config (configs/sweep.py[:runlocal]).")
+flags.DEFINE_string("root", None, "Sweep folder: every run's workdir is <root>/<run name>.", flag_values=SWEEP_FLAGS)
+flags.DEFINE_bool("dry_run", False, "Print what would run (or the launcher text) and exit.", flag_values=SWEEP_FLAGS)
+flags.DEFINE_enum("emit", "local", ["local", "slurm", "tpu"], "Run here, or write a launcher.",
+                  flag_values=SWEEP_FLAGS)
+flags.DEFINE_integer("parallel", None, "Override config.parallel.", flag_values=SWEEP_FLAGS)
+
+FIT_FLAGS = cli.flag_values()
+flags.DEFINE_string("runs", None, "Sweep root: every run directory below it is collected.", flag_values=FIT_FLAGS)
+flags.DEFINE_string("table", None, "A CSV of points to fit instead of runs.", flag_values=FIT_FLAGS)
+flags.DEFINE_enum("form", "chinchilla", ["chinchilla", "compute"], "Law for --table.", flag_values=FIT_FLAGS)
+flags.DEFINE_string("out", None, "Output folder (default: <runs>/fit or the table's folder).", flag_values=FIT_FLAGS)
+flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap resamples (over runs).", flag_values=FIT_FLAGS)
+flags.DEFINE_integer("seed", 0, "Bootstrap seed.", flag_values=FIT_FLAGS)
+flags.DEFINE_integer("holdout", 1, "Largest-compute runs held out for the prediction check.", flag_values=FIT_FLAGS)
+flags.DEFINE_float("level", 0.95, "Confidence level of intervals and bands.", flag_values=FIT_FLAGS)
+flags.DEFINE_enum("loss", "final", ["final", "best"], "Per-run loss for the Chinchilla fit.", flag_values=FIT_FLAGS)
+flags.DEFINE_bool("plots", True, "Write PNG + PDF plots.", flag_values=FIT_FLAGS)
+
+
+def sweep_main(fv: flags.FlagValues) -> None:
+  config = fv.config
+  if config is None or not fv.root:
+    raise ConfigError("--config and --root are required (see --help)")
+  if fv.parallel is not None:
+    config.parallel = fv.parallel
+  emit = fv.emit
+  root = fv.root if emit != "local" else os.path.abspath(fv.root)
+  # Local runs get the train config as an absolute path (the packaged copy where there is no checkout).
+  train_config = None if emit != "local" else os.path.abspath(config_lib.packaged_config(config.train_config))
+  runs = sweep.expand(config, root, train_config)
+  pending = [r for r in runs if r.status() != "done"]
+  print(f"[glp-sweep] {len(runs)} runs, {len(runs) - len(pending)} done, {len(pending)} to run", flush=True)
+  if emit in ("slurm", "tpu"):
+    if not pending:
+      return
+    text = sweep.slurm_script(config, pending, root) if emit == "slurm" else sweep.tpu_script(config, pending)
+    if fv.dry_run:
+      print(text, end="", flush=True)
+      return
+    path = os.path.join(root, "sweep.slurm" if emit == "slurm" else "sweep_tpu.sh")
+    os.makedirs(root, exist_ok=True)
+    with open(path, "w") as f:
+      f.write(text)
+    os.chmod(path, 0o755)
+    print(f"[glp-sweep] wrote {path}; submit with: " + (f"sbatch {path}" if emit == "slurm" else f"bash {path}"))
+    return
+  if fv.dry_run:
+    for r in runs:
+      print(f"{r.status():8s} {r.name}: {shlex.join(sweep.command(r))}", flush=True)
+    return
+  results = sweep.run_local(runs, config.parallel)
+  failed = sorted(k for k, rc in results.items() if rc)
+  print(json.dumps({"root": root, "runs": len(runs), "failed": failed}), flush=True)
+  if failed:
+    sys.exit(1)
+
+
+def fit_main(fv: flags.FlagValues) -> None:
+  if bool(fv.runs) == bool(fv.table):
+    raise ConfigError("give exactly one of --runs or --table")
+  kw = dict(n_boot=fv.n_bootstrap, seed=fv.seed, holdout=fv.holdout, level=fv.level, make_plots=fv.plots)
+  if fv.runs:
+    out = fv.out or os.path.join(fv.runs, "fit")
+    result = analysis.fit_runs(fv.runs, out, loss=fv.loss, **kw)
+  else:
+    out = fv.out or os.path.dirname(os.path.abspath(fv.table))
+    result = analysis.fit_table(fv.table, fv.form, out, **kw)
+  print(f"fit.json: {os.path.join(out, 'fit.json')}", flush=True)
+  print(json.dumps(analysis.headline(result)), flush=True)
+
+
+def run_sweep(argv: list[str] | None = None) -> None:
+  """Console-script entry point (glp-sweep)."""
+  cli.run(sweep_main, SWEEP_FLAGS, __doc__, argv)
+
+
+def run_fit(argv: list[str] | None = None) -> None:
+  """Console-script entry point (glp-fit)."""
+  cli.run(fit_main, FIT_FLAGS, __doc__, argv)

@@ -1,0 +1,388 @@
+"""Scaling-law fits: pure functions over numpy arrays (scipy L-BFGS-B); no I/O, no plotting.
+
+Forms (C = 6*N*D FLOPs, N = denoiser parameters, D = activations seen):
+  compute:    L(C)    = E + A*C^-alpha                 (fitted over the compute frontier)
+  chinchilla: L(N, D) = E + A*N^-alpha + B*D^-beta      (fitted over all runs)
+Both are fitted as log L = LSE(e, a - alpha*log C [, b - beta*log D]) with E = exp(e), A = exp(a), B = exp(b)
+(Hoffmann et al. 2022; Epoch AI's replication), minimising a Huber loss on the log residuals with bounded
+L-BFGS-B from a grid of starts; E is bounded above by the lowest observed loss. Inputs are centred on their
+geometric mean before optimising so gradients are O(1); parameters come back in the plain form above.
+Points are sorted canonically first, so every fit is bit-for-bit invariant to the order of runs.
+Uncertainty: `bootstrap` resamples runs (groups of points) with replacement; `bands` turns the bootstrap
+parameter sets into a confidence band (the mean law) and a wider prediction band (a new run's loss).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import threadpoolctl
+from scipy import optimize, special
+
+HUBER_DELTA = 1e-3
+COMPUTE_PARAMS = ("E", "A", "alpha")
+CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")
+METRIC_POWER_PARAMS = ("a", "b", "c")
+LINEAR_PARAMS = ("intercept", "slope")
+
+
+class FitError(ValueError):
+  """Data that cannot be fitted (too few points, non-positive or non-finite values)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  """A fitted law: `params` by name, the objective reached and the residuals, observed - predicted (in log
+  space for the loss laws)."""
+  form: str
+  params: dict[str, float]
+  n_points: int
+  objective: float
+  residuals: tuple[float, ...]
+  at_bounds: tuple[str, ...] = ()   # parameters on a bound, or E when negligible (no floor in the data)
+
+  @property
+  def residual_std(self) -> float:
+    r = np.asarray(self.residuals)
+    dof = max(len(r) - len(self.params), 1)
+    return float(np.sqrt(np.sum(r ** 2) / dof))
+
+
+@functools.cache
+def _threadpools() -> threadpoolctl.ThreadpoolController:
+  return threadpoolctl.ThreadpoolController()   # inspects the loaded BLAS libraries once
+
+
+def single_thread_blas():
+  """L-BFGS-B's tiny BLAS calls run ~10x slower when OpenBLAS spins threads on a loaded machine."""
+  return _threadpools().limit(limits=1, user_api="blas")
+
+
+def _check(n_params: int, **cols: np.ndarray) -> dict[str, np.ndarray]:
+  arrays = {k: np.asarray(v, np.float64).reshape(-1) for k, v in cols.items()}
+  lengths = {len(v) for v in arrays.values()}
+  if len(lengths) != 1:
+    raise FitError(f"columns differ in length: { {k: len(v) for k, v in arrays.items()} }")
+  n = lengths.pop()
+  if n < n_params + 2:
+    raise FitError(f"refusing to fit {n_params} parameters to {n} points: need at least {n_params + 2}")
+  for k, v in arrays.items():
+    if not np.all(np.isfinite(v)):
+      raise FitError(f"column {k!r} has non-finite values")
+  return arrays
+
+
+def _canonical_order(*cols: np.ndarray) -> np.ndarray:
+  """Indices sorting points by all columns (last column the primary key of np.lexsort)."""
+  return np.lexsort(tuple(reversed(cols)))
+
+
+def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+  """Huber value and derivative, divided by delta**2 so L-BFGS-B's relative tolerances bite."""
+  a = np.abs(r)
+  quad = a <= delta
+  val = np.where(quad, 0.5 * r ** 2, delta * (a - 0.5 * delta)) / delta ** 2
+  grad = np.where(quad, r, delta * np.sign(r)) / delta ** 2
+  return val, grad
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Log-sum-exp power laws: log L = LSE(e, a_k - alpha_k * x_k) with centred x_k = log X_k - m_k.
+# theta = [e, a_1..a_K, alpha_1..alpha_K] (centred a_k).
+# ---------------------------------------------------------------------------------------------------------
+def _lse_objective(theta: np.ndarray, x_KxP: np.ndarray, logl_P: np.ndarray, delta: float):
+  k = x_KxP.shape[0]
+  e, a_K, alpha_K = theta[0], theta[1:1 + k], theta[1 + k:]
+  terms = np.concatenate([np.full((1, x_KxP.shape[1]), e), a_K[:, None] - alpha_K[:, None] * x_KxP])
+  top = terms.max(axis=0)
+  w = np.exp(terms - top)
+  z = w.sum(axis=0)
+  logpred = top + np.log(z)
+  w /= z                                             # softmax weights = d logpred / d term
+  val, dr = _huber(logpred - logl_P, delta)
+  grad = np.concatenate([[np.sum(dr * w[0])], w[1:] @ dr, -(w[1:] * x_KxP) @ dr])
+  return float(np.sum(val)), grad
+
+
+def _fit_lse(logx_KxP: np.ndarray, loss_P: np.ndarray, delta: float,
+             init: Sequence[np.ndarray] | None) -> tuple[np.ndarray, float, np.ndarray, list[int]]:
+  """Fits in centred coordinates; returns plain theta [e, log A_k, alpha_k], objective, log residuals and
+  the indices of the parameters that ended on a bound."""
+  k = logx_KxP.shape[0]
+  if np.any(loss_P <= 0):
+    raise FitError("losses must be positive for a log-space fit")
+  m_K = logx_KxP.mean(axis=1)
+  x_KxP = logx_KxP - m_K[:, None]
+  logl_P = np.log(loss_P)
+  lo = float(logl_P.min())
+  bounds = [(lo - 25.0, lo)] + [(lo - 30.0, float(logl_P.max()) + 5.0)] * k + [(1e-3, 3.0)] * k
+  if init is None:
+    starts = []
+    grid = (0.1, 0.3, 0.7) if k == 1 else (0.15, 0.5)
+    for frac in (0.05, 0.5, 0.9):
+      e0 = np.log(frac) + lo
+      gap = max(float(np.exp(logl_P.mean())) - np.exp(e0), 0.05 * np.exp(lo))
+      for alphas in np.stack(np.meshgrid(*[grid] * k, indexing="ij"), -1).reshape(-1, k):
+        for share in ((0.25, 0.75) if k == 2 else (1.0,)):
+          shares = np.array([share, 1 - share]) if k == 2 else np.array([1.0])
+          starts.append(np.concatenate([[e0], np.log(gap * shares), alphas]))
+  else:  # plain-form starts (e, log A_k, alpha_k) -> centred
+    starts = [np.concatenate([[t[0]], t[1:1 + k] - t[1 + k:] * m_K, t[1 + k:]]) for t in init]
+  best = None
+  with single_thread_blas():
+    for s in starts:
+      s = np.clip(s, [b[0] for b in bounds], [b[1] for b in bounds])
+      res = optimize.minimize(_lse_objective, s, args=(x_KxP, logl_P, delta), jac=True, method="L-BFGS-B",
+                              bounds=bounds, options=dict(maxiter=500, ftol=1e-11, gtol=1e-8))
+      if best is None or res.fun < best.fun - 1e-12:
+        best = res
+  theta = best.x.copy()
+  theta[1:1 + k] += theta[1 + k:] * m_K                 # un-centre: a = a_c + alpha * m
+  terms = np.concatenate([[np.full(x_KxP.shape[1], best.x[0])],
+                          best.x[1:1 + k, None] - best.x[1 + k:, None] * x_KxP])
+  resid = logl_P - special.logsumexp(terms, axis=0)   # observed - predicted, as for every fit
+  on_bound = [i for i, (v, (lo_b, hi_b)) in enumerate(zip(best.x, bounds))
+              if abs(v - lo_b) < 1e-6 or abs(v - hi_b) < 1e-6]
+  if 0 not in on_bound and np.max(np.exp(best.x[0] - special.logsumexp(terms, axis=0))) < 1e-4:
+    on_bound.insert(0, 0)   # E is below 0.01% of every prediction: the data show no floor
+  return theta, float(best.fun), resid, on_bound
+
+
+def fit_compute(C, L, *, delta: float = HUBER_DELTA, init: Sequence[np.ndarray] | None = None) -> Fit:
+  """L(C) = E + A*C^-alpha over the given points (pass the frontier, see `compute_frontier`)."""
+  d = _check(len(COMPUTE_PARAMS), C=C, L=L)
+  if np.any(d["C"] <= 0):
+    raise FitError("compute must be positive")
+  o = _canonical_order(d["C"], d["L"])
+  theta, obj, resid, on_bound = _fit_lse(np.log(d["C"][o])[None], d["L"][o], delta, init)
+  params = dict(E=float(np.exp(theta[0])), A=float(np.exp(theta[1])), alpha=float(theta[2]))
+  return Fit("compute", params, len(o), obj, tuple(resid.tolist()), tuple(COMPUTE_PARAMS[i] for i in on_bound))
+
+
+def fit_chinchilla(N, D, L, *, delta: float = HUBER_DELTA, init: Sequence[np.ndarray] | None = None) -> Fit:
+  """L(N, D) = E + A*N^-alpha + B*D^-beta over all runs."""
+  d = _check(len(CHINCHILLA_PARAMS), N=N, D=D, L=L)
+  if np.any(d["N"] <= 0) or np.any(d["D"] <= 0):
+    raise FitError("N and D must be positive")
+  o = _canonical_order(d["N"], d["D"], d["L"])
+  theta, obj, resid, on_bound = _fit_lse(np.log(np.stack([d["N"][o], d["D"][o]])), d["L"][o], delta, init)
+  params = dict(E=float(np.exp(theta[0])), A=float(np.exp(theta[1])), B=float(np.exp(theta[2])),
+                alpha=float(theta[3]), beta=float(theta[4]))
+  return Fit("chinchilla", params, len(o), obj, tuple(resid.tolist()),
+             tuple(CHINCHILLA_PARAMS[i] for i in on_bound))
+
+
+def warm_starts(fit: Fit) -> list[np.ndarray]:
+  """The start for refits near `fit` (bootstrap resamples): the fit itself, in plain form."""
+  p = fit.params
+  if fit.form == "metric_power":
+    return [np.array([p["a"], p["b"], p["c"]])]
+  if fit.form == "compute":
+    return [np.array([np.log(p["E"]), np.log(p["A"]), p["alpha"]])]
+  return [np.array([np.log(p["E"]), np.log(p["A"]), np.log(p["B"]), p["alpha"], p["beta"]])]
+
+
+def predict_compute(params: Mapping[str, float], C) -> np.ndarray:
+  return params["E"] + params["A"] * np.asarray(C, np.float64) ** -params["alpha"]
+
+
+def predict_chinchilla(params: Mapping[str, float], N, D) -> np.ndarray:
+  N, D = np.asarray(N, np.float64), np.asarray(D, np.float64)
+  return params["E"] + params["A"] * N ** -params["alpha"] + params["B"] * D ** -params["beta"]
+
+
+def allocation_exponents(params: Mapping[str, float]) -> tuple[float, float]:
+  """(a, b) with N_opt ~ C^a and D_opt ~ C^b under C = 6*N*D."""
+  s = params["alpha"] + params["beta"]
+  return params["beta"] / s, params["alpha"] / s
+
+
+def compute_optimal(params: Mapping[str, float], C) -> tuple[np.ndarray, np.ndarray]:
+  """N_opt(C), D_opt(C) minimising the Chinchilla law subject to 6*N*D = C (Hoffmann et al. eq. 4)."""
+  a, b = allocation_exponents(params)
+  g = (params["alpha"] * params["A"] / (params["beta"] * params["B"])) ** (1.0 / (params["alpha"] + params["beta"]))
+  c6 = np.asarray(C, np.float64) / 6.0
+  return g * c6 ** a, c6 ** b / g
+
+
+def compute_frontier(C, L) -> np.ndarray:
+  """Indices (ascending C) of points whose loss is below every point with less or equal compute."""
+  C, L = np.asarray(C, np.float64), np.asarray(L, np.float64)
+  o = _canonical_order(C, L)
+  keep, best = [], np.inf
+  for i in o:
+    if L[i] < best:
+      keep.append(i)
+      best = L[i]
+  return np.asarray(keep, np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Downstream metrics: linear in loss, saturating power law in compute.
+# ---------------------------------------------------------------------------------------------------------
+def fit_linear(x, y) -> Fit:
+  """y = intercept + slope * x by least squares (metric vs loss)."""
+  d = _check(len(LINEAR_PARAMS), x=x, y=y)
+  o = _canonical_order(d["x"], d["y"])
+  x, y = d["x"][o], d["y"][o]
+  if np.ptp(x) == 0:
+    raise FitError("x is constant: the slope is undefined")
+  slope, intercept = np.polyfit(x, y, 1)
+  resid = y - (intercept + slope * x)
+  return Fit("linear", dict(intercept=float(intercept), slope=float(slope)), len(x),
+             float(np.sum(resid ** 2)), tuple(resid.tolist()))
+
+
+def predict_linear(params: Mapping[str, float], x) -> np.ndarray:
+  return params["intercept"] + params["slope"] * np.asarray(x, np.float64)
+
+
+def predict_metric_power(params: Mapping[str, float], C) -> np.ndarray:
+  return params["a"] - params["b"] * np.asarray(C, np.float64) ** -params["c"]
+
+
+def fit_metric_power(C, f, *, init: Sequence[np.ndarray] | None = None) -> Fit:
+  """f(C) = a - b*C^-c (b > 0 for a metric that rises with compute, b < 0 for one that falls, e.g. FD).
+
+  Least squares in f; for each exponent c in a grid (a, b) is a linear solve, which seeds L-BFGS-B.
+  """
+  d = _check(len(METRIC_POWER_PARAMS), C=C, f=f)
+  if np.any(d["C"] <= 0):
+    raise FitError("compute must be positive")
+  o = _canonical_order(d["C"], d["f"])
+  logc, f = np.log(d["C"][o]), d["f"][o]
+  m = logc.mean()
+  x = logc - m
+  scale = max(float(np.std(f)), 1e-12)
+
+  def objective(th):  # th = [a, b_c (centred), c]; f_hat = a - b_c * exp(-c x)
+    u = np.exp(-th[2] * x)
+    r = (th[0] - th[1] * u - f) / scale
+    g = np.array([np.sum(r), -np.sum(r * u), np.sum(r * th[1] * u * x)]) / scale
+    return 0.5 * float(np.sum(r ** 2)), g
+
+  if init is None:
+    starts = []
+    for c0 in (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5):
+      u = np.exp(-c0 * x)
+      (a0, nb0), *_ = np.linalg.lstsq(np.stack([np.ones_like(u), u], 1), f, rcond=None)
+      starts.append(np.array([a0, -nb0, c0]))
+  else:  # plain (a, b, c) -> centred b_c = b * exp(-c m)
+    starts = [np.array([t[0], t[1] * np.exp(-t[2] * m), t[2]]) for t in init]
+  bounds = [(None, None), (None, None), (1e-4, 5.0)]
+  best = None
+  with single_thread_blas():
+    for s in starts:
+      s = np.array([s[0], s[1], np.clip(s[2], 1e-4, 5.0)])
+      res = optimize.minimize(objective, s, jac=True, method="L-BFGS-B", bounds=bounds,
+                              options=dict(maxiter=2000, ftol=1e-14, gtol=1e-10))
+      if best is None or res.fun < best.fun - 1e-14:
+        best = res
+  a, bc, c = best.x
+  params = dict(a=float(a), b=float(bc * np.exp(c * m)), c=float(c))
+  resid = f - predict_metric_power(params, np.exp(logc))
+  return Fit("metric_power", params, len(f), float(best.fun), tuple(resid.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Uncertainty: bootstrap over runs, intervals, bands, held-out check.
+# ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Bootstrap:
+  """Parameter samples (one row per successful resample) and how many resamples could not be fitted."""
+  names: tuple[str, ...]
+  samples: np.ndarray          # [n_ok, n_params]
+  n_failed: int
+
+  def ci(self, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    q = 50 * (1 - level)
+    lo, hi = np.percentile(self.samples, [q, 100 - q], axis=0)
+    return {k: (float(l), float(h)) for k, l, h in zip(self.names, lo, hi)}
+
+  def param_dicts(self) -> list[dict[str, float]]:
+    return [dict(zip(self.names, row)) for row in self.samples]
+
+
+def bootstrap(fit_fn: Callable[..., Fit], columns: Mapping[str, np.ndarray], *, groups=None,
+              n: int = 1000, seed: int = 0, derived: Callable[[dict], dict] | None = None) -> Bootstrap:
+  """Refits `fit_fn(**columns)` on `n` resamples of runs drawn with replacement.
+
+  `groups` labels each point with its run (default: each point its own run), so a run's points travel
+  together. Resamples that cannot be fitted (too few distinct points) are counted in `n_failed`;
+  `derived(params) -> dict` adds derived quantities (e.g. allocation exponents) to every sample.
+  """
+  cols = {k: np.asarray(v, np.float64).reshape(-1) for k, v in columns.items()}
+  n_points = len(next(iter(cols.values())))
+  labels = np.arange(n_points) if groups is None else np.asarray(groups)
+  # Canonical group order (sorted unique labels) keeps resamples independent of the input order.
+  uniq, inverse = np.unique(labels, return_inverse=True)
+  members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+  order = _canonical_order(*cols.values())
+  rank = np.empty(n_points, np.int64)
+  rank[order] = np.arange(n_points)
+  members = [m[np.argsort(rank[m])] for m in members]
+  # Order groups by their canonical first member so labels themselves do not matter.
+  members.sort(key=lambda m: tuple(cols[k][m[0]] for k in cols))
+  rng = np.random.default_rng(seed)
+  rows, names, failed = [], None, 0
+  for _ in range(n):
+    pick = rng.integers(0, len(members), len(members))
+    idx = np.concatenate([members[g] for g in pick])
+    try:
+      fit = fit_fn(**{k: v[idx] for k, v in cols.items()})
+    except FitError:
+      failed += 1
+      continue
+    p = dict(fit.params)
+    if derived is not None:
+      p.update(derived(p))
+    names = names or tuple(p)
+    rows.append([p[k] for k in names])
+  if not rows:
+    raise FitError(f"no bootstrap resample could be fitted ({failed} failed)")
+  return Bootstrap(names, np.asarray(rows), failed)
+
+
+def bands(predict_fn: Callable[[Mapping[str, float]], np.ndarray], boot: Bootstrap, residuals,
+          *, level: float = 0.95, log_space: bool = True, seed: int = 0, n_params: int | None = None) -> dict:
+  """Confidence band (spread of the fitted law) and prediction band (law + a new run's scatter).
+
+  `predict_fn(params) -> [G]` predicts on a grid. The prediction band adds residuals drawn from the full
+  fit's residuals (inflated by sqrt(n / (n - p)) for the fitted parameters), multiplicatively for log-space
+  fits. Returns dict(median, conf_lo, conf_hi, pred_lo, pred_hi), each [G].
+  """
+  preds_BxG = np.stack([predict_fn(p) for p in boot.param_dicts()])
+  r = np.asarray(residuals, np.float64)
+  p = n_params if n_params is not None else len(boot.names)
+  r = r * np.sqrt(len(r) / max(len(r) - p, 1))
+  rng = np.random.default_rng(seed)
+  noise_BxG = rng.choice(r, size=preds_BxG.shape)
+  new_BxG = preds_BxG * np.exp(noise_BxG) if log_space else preds_BxG + noise_BxG
+  q = 50 * (1 - level)
+  c_lo, med, c_hi = np.percentile(preds_BxG, [q, 50, 100 - q], axis=0)
+  p_lo, p_hi = np.percentile(new_BxG, [q, 100 - q], axis=0)
+  return dict(median=med, conf_lo=c_lo, conf_hi=c_hi, pred_lo=p_lo, pred_hi=p_hi)
+
+
+def holdout_split(compute, groups=None, n_holdout: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Boolean masks (train, held_out): the `n_holdout` runs with the largest compute are held out."""
+  c = np.asarray(compute, np.float64)
+  labels = np.arange(len(c)) if groups is None else np.asarray(groups)
+  uniq = np.unique(labels)
+  if n_holdout < 1 or n_holdout >= len(uniq):
+    raise FitError(f"cannot hold out {n_holdout} of {len(uniq)} runs")
+  run_c = np.array([c[labels == g].max() for g in uniq])
+  held = set(uniq[np.lexsort((np.arange(len(uniq)), -run_c))[:n_holdout]].tolist())
+  mask = np.array([g in held for g in labels.tolist()])
+  return ~mask, mask
+
+
+def holdout_errors(observed, predicted) -> dict:
+  """Relative errors of held-out predictions and their mean absolute value."""
+  obs, pred = np.asarray(observed, np.float64), np.asarray(predicted, np.float64)
+  rel = (pred - obs) / obs
+  return dict(observed=obs.tolist(), predicted=pred.tolist(), rel_error=rel.tolist(),
+              mean_abs_rel_error=float(np.mean(np.abs(rel))))
+

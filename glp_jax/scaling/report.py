@@ -1,0 +1,131 @@
+"""Scaling reports: a fit + bootstrap CIs + confidence/prediction bands + held-out check as one JSON-able
+dict (what `glp-fit` writes to fit.json and the notebooks plot). The math lives in `glp_jax.scaling.fit`.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from glp_jax.scaling.fit import (COMPUTE_PARAMS, Bootstrap, Fit, FitError, allocation_exponents, bands, bootstrap,
+                             compute_frontier, compute_optimal, fit_chinchilla, fit_compute, fit_linear,
+                             fit_metric_power, holdout_errors, holdout_split, predict_chinchilla, predict_compute,
+                             predict_linear, predict_metric_power, warm_starts)
+
+# Reports: fit + bootstrap + bands + held-out check as one JSON-able dict (what glp-fit writes).
+# ---------------------------------------------------------------------------------------------------------
+def _ci_dict(boot: Bootstrap, level: float) -> dict[str, list[float]]:
+  return {k: list(v) for k, v in boot.ci(level).items()}
+
+
+def _frontier_fit(C, L, **kw) -> Fit:
+  i = compute_frontier(C, L)
+  return fit_compute(np.asarray(C)[i], np.asarray(L)[i], **kw)
+
+
+def analyze_compute(C, L, groups=None, *, use_frontier: bool = True, n_boot: int = 1000, seed: int = 0,
+                    n_holdout: int = 1, level: float = 0.95, n_grid: int = 64) -> dict:
+  """L(C) = E + A*C^-alpha on the frontier of all points (e.g. every eval point of every run).
+
+  `groups` names each point's run: the bootstrap resamples runs and the held-out check drops the
+  `n_holdout` runs with the most compute, refits, and predicts their final (largest-compute) loss.
+  """
+  C, L = np.asarray(C, np.float64), np.asarray(L, np.float64)
+  fit_fn = _frontier_fit if use_frontier else fit_compute
+  front = compute_frontier(C, L) if use_frontier else np.argsort(C, kind="stable")
+  fit = fit_fn(C, L)
+  boot = bootstrap(functools.partial(fit_fn, init=warm_starts(fit)), dict(C=C, L=L), groups=groups,
+                   n=n_boot, seed=seed)
+  grid = np.logspace(np.log10(C.min()), np.log10(C.max()) + 0.5, n_grid)
+  band = bands(lambda p: predict_compute(p, grid), boot, fit.residuals, level=level, seed=seed,
+               n_params=len(COMPUTE_PARAMS))
+  out = dict(form="compute", law="L = E + A*C^-alpha", n_points=int(len(C)), n_fit_points=fit.n_points,
+             params=fit.params, ci=_ci_dict(boot, level), level=level, residual_std=fit.residual_std,
+             at_bounds=list(fit.at_bounds), bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed),
+             frontier=dict(C=C[front].tolist(), L=L[front].tolist()),
+             band=dict(C=grid.tolist(), **{k: v.tolist() for k, v in band.items()}))
+  out["holdout"] = _holdout(C, L, groups, n_holdout, lambda c, l: fit_fn(c, l),
+                            lambda p, m: predict_compute(p, C[m]))
+  return out
+
+
+def _holdout(C, L, groups, n_holdout, fit_fn, predict_fn) -> dict:
+  """Fits without the largest-compute runs; errors on each held-out run's largest-compute point."""
+  if n_holdout <= 0:
+    return dict(skipped="n_holdout = 0")
+  try:
+    train, held = holdout_split(C, groups, n_holdout)
+    fit = fit_fn(*(x[train] for x in (C, L)))
+  except FitError as e:
+    return dict(skipped=str(e))
+  labels = np.arange(len(C)) if groups is None else np.asarray(groups)
+  last = np.zeros(len(C), bool)
+  for g in np.unique(labels[held]):
+    idx = np.flatnonzero(labels == g)
+    last[idx[np.argmax(C[idx])]] = True
+  out = holdout_errors(L[last], predict_fn(fit.params, last))
+  out.update(n_holdout=n_holdout, C=C[last].tolist(), params=fit.params)
+  return out
+
+
+def analyze_chinchilla(N, D, L, *, n_boot: int = 1000, seed: int = 0, n_holdout: int = 1,
+                       level: float = 0.95, n_grid: int = 32) -> dict:
+  """L(N, D) over all runs (one point per run) and the compute-optimal allocation with CIs."""
+  N, D, L = (np.asarray(x, np.float64) for x in (N, D, L))
+  fit = fit_chinchilla(N, D, L)
+
+  def derived(p):
+    a, b = allocation_exponents(p)
+    return dict(a=a, b=b)
+
+  boot = bootstrap(functools.partial(fit_chinchilla, init=warm_starts(fit)), dict(N=N, D=D, L=L),
+                   n=n_boot, seed=seed, derived=derived)
+  C = 6.0 * N * D
+  grid = np.logspace(np.log10(C.min()), np.log10(C.max()) + 1.0, n_grid)
+  q = 50 * (1 - level)
+  n_opt_BxG = np.stack([compute_optimal(p, grid)[0] for p in boot.param_dicts()])
+  n_opt, d_opt = compute_optimal(fit.params, grid)
+  params = dict(fit.params, **derived(fit.params))
+  out = dict(form="chinchilla", law="L = E + A*N^-alpha + B*D^-beta", n_points=int(len(L)),
+             n_fit_points=fit.n_points, params=params, ci=_ci_dict(boot, level), level=level,
+             residual_std=fit.residual_std, at_bounds=list(fit.at_bounds),
+             bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed),
+             optimal=dict(C=grid.tolist(), N_opt=n_opt.tolist(), D_opt=d_opt.tolist(),
+                          N_opt_lo=np.percentile(n_opt_BxG, q, axis=0).tolist(),
+                          N_opt_hi=np.percentile(n_opt_BxG, 100 - q, axis=0).tolist()))
+  if n_holdout <= 0:
+    out["holdout"] = dict(skipped="n_holdout = 0")
+  else:
+    try:
+      train, held = holdout_split(C, None, n_holdout)
+      hfit = fit_chinchilla(N[train], D[train], L[train])
+      out["holdout"] = dict(holdout_errors(L[held], predict_chinchilla(hfit.params, N[held], D[held])),
+                            n_holdout=n_holdout, C=C[held].tolist(), params=hfit.params)
+    except FitError as e:
+      out["holdout"] = dict(skipped=str(e))
+  return out
+
+
+def analyze_metric(x, y, *, kind: str = "linear", n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95, n_grid: int = 64) -> dict:
+  """A downstream metric vs loss (`kind='linear'`) or vs compute (`kind='power'`, f = a - b*C^-c)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if kind == "linear":
+    fit_fn, predict, cols = fit_linear, predict_linear, dict(x=x, y=y)
+    grid = np.linspace(x.min(), x.max(), n_grid)
+    fit = fit_fn(**cols)
+  elif kind == "power":
+    fit = fit_metric_power(x, y)
+    fit_fn = functools.partial(lambda x, y, init: fit_metric_power(x, y, init=init), init=warm_starts(fit))
+    predict, cols = predict_metric_power, dict(x=x, y=y)
+    grid = np.logspace(np.log10(x.min()), np.log10(x.max()), n_grid)
+  else:
+    raise ValueError(f"kind must be 'linear' or 'power', got {kind!r}")
+  boot = bootstrap(fit_fn, cols, n=n_boot, seed=seed)
+  band = bands(lambda p: predict(p, grid), boot, fit.residuals, level=level, log_space=False, seed=seed,
+               n_params=len(fit.params))
+  # Pearson r of the metric with loss (linear) or log compute (power): how tightly loss/compute predict it.
+  r = float(np.corrcoef(x if kind == "linear" else np.log(x), y)[0, 1])
+  return dict(form=fit.form, n_points=int(len(x)), params=fit.params, ci=_ci_dict(boot, level), level=level,
+              residual_std=fit.residual_std, pearson_r=r, bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed),
+              band=dict(x=grid.tolist(), **{k: v.tolist() for k, v in band.items()}))

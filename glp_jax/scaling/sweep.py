@@ -1,0 +1,163 @@
+"""A sweep: a grid of sizes x budgets x learning rates x seeds expanded into `glp-train` runs, run here
+(`run_local`, `parallel` at a time) or written out as a SLURM array / TPU-VM launcher.
+
+A run whose summary.json says done is skipped; an interrupted one is simply started again (glp-train
+resumes from its last checkpoint). Launchers hold environment set-up and the glp-train command only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+import ml_collections
+
+from glp_jax.util import files
+
+_CUSTOM = re.compile(r"^w(?P<w>[0-9.]+)_l(?P<l>[0-9]+)(?:_m(?P<m>[0-9.]+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  workdir: str
+  args: tuple[str, ...]   # glp-train arguments
+
+  def status(self) -> str:
+    """done | partial (something written: resumes) | new."""
+    if (files.read_json(os.path.join(self.workdir, "summary.json")) or {}).get("done"):
+      return "done"
+    if any(os.path.exists(os.path.join(self.workdir, p)) for p in ("checkpoints", "metrics.jsonl")):
+      return "partial"
+    return "new"
+
+
+def _num(x: float) -> str:
+  """Compact, filename-safe number: 10240 -> 10240, 1.25e8 -> 1.25e08, 5e-5 -> 5e-05."""
+  return f"{x:.4g}".replace("+", "")
+
+
+def size_overrides(size: str) -> dict[str, Any]:
+  """Train-config overrides of one size: a preset name, or w<width_mult>_l<n_layers>[_m<mlp_mult>]."""
+  m = _CUSTOM.match(size)
+  if not m:
+    return {"model.preset": size}
+  out = {"model.preset": "custom", "model.width_mult": float(m["w"]), "model.n_layers": int(m["l"])}
+  if m["m"]:
+    out["model.mlp_mult"] = float(m["m"])
+  return out
+
+
+def flatten(cfg: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+  """Nested overrides -> {'a.b': value} in sorted key order."""
+  out = {}
+  for k in sorted(cfg.keys()):
+    v = cfg[k]
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _value(v: Any) -> str:
+  return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def expand(config: ml_collections.ConfigDict, root: str, train_config: str | None = None) -> list[Run]:
+  """The grid in a fixed order (size, budget, lr, seed); names and workdirs are pure functions of it."""
+  train_config = train_config or config.train_config
+  spec = f"{train_config}:{config.train_arg}" if config.train_arg else train_config
+  fixed = flatten(config.overrides)
+  runs, seen = [], set()
+  for size, budget, lr, seed in itertools.product(config.sizes, config.budgets, config.lrs, config.seeds):
+    name = f"{size}_b{_num(float(budget))}_lr{_num(float(lr))}_s{int(seed)}"
+    if name in seen:
+      raise ValueError(f"duplicate run {name!r}: the grid repeats a value")
+    seen.add(name)
+    workdir = os.path.join(root, name)
+    over = dict(fixed)
+    if config.store:
+      over["data.store"] = config.store
+    over.update(size_overrides(size))
+    over.update({"num_activations": float(budget), "opt.lr": float(lr), "seed": int(seed)})
+    args = (f"--config={spec}", f"--workdir={workdir}", *(f"--config.{k}={_value(v)}" for k, v in over.items()))
+    runs.append(Run(name, workdir, args))
+  return runs
+
+
+def command(run: Run, python: str = sys.executable) -> list[str]:
+  """The local command of a run: the glp-train entry point in this interpreter."""
+  return [python, "-m", "glp_jax.training.cli", *run.args]
+
+
+def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, poll_s: float = 0.2) -> dict:
+  """Runs every run not done, `parallel` at a time; each logs to <workdir>/train.log. Returns name -> rc."""
+  todo = [r for r in runs if r.status() != "done"]
+  results = {r.name: 0 for r in runs if r not in todo}
+  active: list[tuple[Run, subprocess.Popen, Any]] = []
+  while todo or active:
+    while todo and len(active) < max(parallel, 1):
+      r = todo.pop(0)
+      os.makedirs(r.workdir, exist_ok=True)
+      log = open(os.path.join(r.workdir, "train.log"), "a")
+      print(f"[glp-sweep] start {r.name} ({r.status()})", flush=True)
+      active.append((r, subprocess.Popen(command(r), stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    time.sleep(poll_s)
+    for item in list(active):
+      r, proc, log = item
+      if proc.poll() is not None:
+        log.close()
+        active.remove(item)
+        results[r.name] = proc.returncode
+        state = "done" if proc.returncode == 0 else f"FAILED rc={proc.returncode}, see {r.workdir}/train.log"
+        print(f"[glp-sweep] {state}: {r.name}", flush=True)
+  return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers: environment + the same entry point, nothing else.
+# ---------------------------------------------------------------------------------------------------------
+def slurm_script(config: ml_collections.ConfigDict, runs: list[Run], root: str) -> str:
+  """A SLURM array script: task i runs run i with one process per GPU (srun), joined by jax.distributed."""
+  s = config.slurm
+  n_tasks = s.nodes * s.gpus_per_node
+  limit = f"%{config.parallel}" if config.parallel else ""
+  head = ["#!/bin/bash", "#SBATCH --job-name=glp-sweep", f"#SBATCH --array=0-{len(runs) - 1}{limit}",
+          f"#SBATCH --nodes={s.nodes}", f"#SBATCH --ntasks-per-node={s.gpus_per_node}",
+          f"#SBATCH --gpus-per-node={s.gpus_per_node}", f"#SBATCH --cpus-per-task={s.cpus_per_task}",
+          f"#SBATCH --time={s.time}", f"#SBATCH --output={os.path.join(root, 'slurm-%A_%a.out')}"]
+  head += [f"#SBATCH --partition={s.partition}"] * bool(s.partition)
+  head += [f"#SBATCH --account={s.account}"] * bool(s.account)
+  body = [f"# {len(runs)} runs of glp-sweep; {n_tasks} processes (one per GPU) per run. Written by glp-sweep.",
+          "set -euo pipefail", s.setup, "case \"$SLURM_ARRAY_TASK_ID\" in"]
+  for i, r in enumerate(runs):
+    body.append(f"  {i}) ARGS=({' '.join(shlex.quote(a) for a in r.args)}) ;;  # {r.name}")
+  body += ["  *) echo \"no run for array task $SLURM_ARRAY_TASK_ID\" >&2; exit 1 ;;", "esac",
+           "# jax.distributed: the first node coordinates; process count and ids come from SLURM (srun).",
+           "export JAX_COORDINATOR_ADDRESS=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)"
+           ":$((20000 + SLURM_ARRAY_TASK_ID % 10000))\"",
+           "export GLP_DISTRIBUTED=1",
+           "srun --kill-on-bad-exit=1 glp-train \"${ARGS[@]}\""]
+  return "\n".join(head + [""] + [b for b in body if b]) + "\n"
+
+
+def tpu_script(config: ml_collections.ConfigDict, runs: list[Run]) -> str:
+  """One `gcloud compute tpus tpu-vm ssh --worker=all` line per run (the runs go one after another)."""
+  t = config.tpu
+  project = f" --project={shlex.quote(t.project)}" if t.project else ""
+  lines = ["#!/bin/bash", f"# {len(runs)} runs of glp-sweep on TPU VM {t.name}; every worker runs the same "
+           "glp-train and jax.distributed reads the slice from the TPU metadata. Written by glp-sweep.",
+           "set -euo pipefail"]
+  for r in runs:
+    remote = " && ".join(x for x in (t.setup, "GLP_DISTRIBUTED=1 glp-train " +
+                                      " ".join(shlex.quote(a) for a in r.args)) if x)
+    lines.append(f"gcloud compute tpus tpu-vm ssh {shlex.quote(t.name)} --zone={shlex.quote(t.zone)}{project} "
+                 f"--worker=all --command={shlex.quote(remote)}")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,87 @@
+"""Checkpoints: the only module that imports orbax.
+
+One checkpoint = the train state (model, optimizer, EMA as plain nested dicts of arrays) + a JSON `meta` item
+(step, examples, FLOPs, wall time, the data position and the parameter shapes). Saves are asynchronous;
+orbax writes each step into a temporary directory and renames it only once every item is durable, so a killed
+process leaves at most a `*.orbax-checkpoint-tmp-*` directory that `all_steps()` ignores (and that is cleaned
+up at the next start). Restores go into an abstract state whose leaves carry the *current* mesh's shardings,
+so a run saved on 8 devices resumes on 1, 2 or 4.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from glp_jax.util.errors import ConfigError
+
+
+def shape_signature(pure_params: Any) -> dict[str, list[int]]:
+  """{'in_proj/kernel': [D, M], ...}: what must match for a checkpoint to fit a model."""
+  flat = jax.tree_util.tree_flatten_with_path(pure_params)[0]
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): list(np.shape(leaf))
+          for path, leaf in flat}
+
+
+def check_signature(saved: dict[str, list[int]], current: dict[str, list[int]], directory: str) -> None:
+  """Raises ConfigError naming the differing parameters when a checkpoint belongs to another model shape."""
+  if saved == current:
+    return
+  diffs = [f"{k}: checkpoint {saved.get(k)} vs config {current.get(k)}"
+           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  raise ConfigError(f"the checkpoint in {directory} is of a different model shape ({len(diffs)} parameters "
+                    f"differ, e.g. {'; '.join(diffs[:3])}): use a fresh --workdir or the config it was "
+                    f"trained with")
+
+
+class Checkpointer:
+  """Async orbax CheckpointManager over `<workdir>/checkpoints`, keeping the last N plus every K-th step."""
+
+  def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(int(keep), 1), keep_period=int(keep_every) or None, create=True,
+        cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Starts an async save of `state` (nested dicts of jax arrays) and `meta`; returns once the arrays are
+    copied off the devices, so the caller may donate them to the next step."""
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)), force=True)
+
+  def read_meta(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+  def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+    """Restores `state` into `target` (a tree of jax.ShapeDtypeStruct with shardings) and the meta."""
+    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                              meta=ocp.args.JsonRestore()))
+    return out.state, dict(out.meta)
+
+  def restore_parts(self, step: int, target: dict) -> dict:
+    """Restores only the top-level parts named in `target` (e.g. {'model': ..., 'ema': ...}), never reading
+    the optimizer state: what export and evaluation need, at a third of the memory."""
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    return dict(self._manager.restore(step, args=ocp.args.Composite(state=args)).state)
+
+  def wait(self) -> None:
+    """Blocks until every pending save is committed (call before the process exits)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

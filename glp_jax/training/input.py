@@ -1,0 +1,109 @@
+"""The trainer's input: the loader over the configured store (or the embedded default), global arrays on
+the mesh, the held-out rows, and the run's own normaliser.
+
+The batch of step s is a pure function of (seed, s) (see `glp_jax.data.loader`), so resume needs only s.
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+from glp_jax.core import model as model_lib
+from glp_jax.core.normalizer import Normalizer
+from glp_jax.data import loader as loader_lib
+from glp_jax.training import sharding
+from glp_jax.util import files
+from glp_jax.util.errors import ConfigError
+
+NORMALIZER_FILE = "normalizer.npz"
+
+
+class Input:
+  """The loader over the configured store (or the embedded default) plus global-array assembly."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    path = config.data.store or default_store()
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+      raise ConfigError(f"config.data.store: no activation store at {path!r} (expected {path}/manifest.json); "
+                        "run glp-extract first or leave it empty for the embedded default")
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.store = path
+    multi = config.model.multi_layer_n_layers or model_lib.PRESETS.get(config.model.preset, {}).get(
+        "multi_layer_n_layers", 0)
+    self.loader = loader_lib.from_config(data_cfg, batch_size=config.batch_size, seed=config.seed,
+                                         all_layers=bool(multi), expect_d=int(config.model.get("d_input", 0) or 0))
+    self.path, self.d_input, self.normalizer = path, self.loader.d_input, self.loader.normalizer
+    self.multi_layer = self.loader.multi_layer
+    self.batch_size = config.batch_size
+    self._rows, self._vec = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+
+  def check_model(self, model_cfg: model_lib.ModelConfig) -> None:
+    """A multi-layer prior needs a multi-layer store and a single-layer prior a single layer."""
+    if bool(model_cfg.multi_layer_n_layers) != self.multi_layer:
+      layers = self.loader.layers if self.multi_layer else self.loader.layers[0]
+      raise ConfigError(f"config.model.multi_layer_n_layers={model_cfg.multi_layer_n_layers} but the store "
+                        f"{self.path} gives {'several layers' if self.multi_layer else 'one layer'} "
+                        f"(config.data.layer={layers})")
+
+  def use_normalizer(self, normalizer: Normalizer) -> None:
+    """Normalise with `normalizer` (the run's own) instead of the store's statistics."""
+    stacked = normalizer.mean.ndim == 2   # multi-layer: the stacked rows must name the same LM layers
+    same_layers = not stacked or normalizer.layers == self.normalizer.layers
+    if normalizer.mean.shape != self.normalizer.mean.shape or not same_layers:
+      raise ConfigError(f"the run's {NORMALIZER_FILE} has shape {normalizer.mean.shape} (layers "
+                        f"{normalizer.layers}) but the store {self.path} gives {self.normalizer.mean.shape} "
+                        f"(layers {self.normalizer.layers}): use a new --workdir for a different store layout")
+    self.normalizer = self.loader.normalizer = normalizer
+
+  def batches(self, start_step: int, stop_step: int):
+    """(step, x_BxD, layer_B or None) as global arrays, prefetched on a background thread."""
+    for step, b in self.loader.iterate(start_step, stop_step):
+      x = loader_lib.to_global_array(b.x_BxD, self._rows, (self.batch_size, self.d_input))
+      layer = None if b.layer_B is None else loader_lib.to_global_array(
+          np.asarray(b.layer_B, np.int32), self._vec, (self.batch_size,))
+      yield step, x, layer
+
+  def heldout(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first n fixed held-out rows (all processes read the same rows)."""
+    n = min(n, len(self.loader.heldout_ids) * len(self.loader.layers))
+    b = self.loader.heldout(n, process_local=False)
+    return b.x_BxD, b.layer_B
+
+
+def default_store() -> str:
+  """Path of the embedded default store, built on first use (cached) by the extractor.
+
+  Built in a child process: the extractor is the torch side, and the trainer process never imports torch.
+  """
+  from glp_jax.extraction.extractor import default_store_path   # no torch at import time
+  path = default_store_path()
+  if os.path.exists(os.path.join(path, "manifest.json")):
+    return path
+  print(f"building the embedded default store at {path} (once; about a minute on 2 CPU cores)",
+        file=sys.stderr, flush=True)
+  code = "from glp_jax.extraction import extractor; print(extractor.default_store())"
+  out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+  if out.returncode != 0:
+    raise ConfigError("config.data.store is empty and building the embedded default store failed (see the "
+                      "log above); name a store with --config.data.store=PATH")
+  return out.stdout.strip().splitlines()[-1]
+
+
+def save_normalizer(normalizer: Normalizer, workdir: str) -> None:
+  """The run's normaliser, kept for the life of the workdir (a resumed run must use the same one)."""
+  buf = io.BytesIO()
+  np.savez(buf, mean=normalizer.mean, var=normalizer.var,
+           layers=np.asarray(normalizer.layers if normalizer.layers else [], np.int64))
+  files.atomic_write(os.path.join(workdir, NORMALIZER_FILE), buf.getvalue())
+
+
+def load_normalizer(workdir: str) -> Normalizer:
+  z = np.load(os.path.join(workdir, NORMALIZER_FILE))
+  layers = tuple(int(l) for l in z["layers"]) or None
+  return Normalizer(z["mean"], z["var"], layers)

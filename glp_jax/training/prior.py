@@ -1,0 +1,47 @@
+"""A trained run read back for sampling, export and evaluation: `load_prior(workdir)`.
+
+It needs only the workdir (config.json, normalizer.npz and the checkpoint, whose meta records the model
+shape), not the store, and reads only the weights it returns (never the optimizer state).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+
+from glp_jax.core import model as model_lib
+from glp_jax.core.normalizer import Normalizer
+from glp_jax.training import checkpoint as ckpt_lib
+from glp_jax.training import sharding
+from glp_jax.training.input import load_normalizer
+from glp_jax.util import files
+
+
+def load_prior(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[model_lib.Denoiser, Normalizer, ml_collections.ConfigDict]:
+  """(model, normalizer, config) of a run: the EMA parameters when the run kept them, else the raw ones.
+
+  Built on `mesh` (default: the first local device), whatever mesh saved them.
+  """
+  config = files.read_json(os.path.join(workdir, "config.json"))
+  if config is None:
+    raise FileNotFoundError(f"{workdir}: no config.json (not a glp-train run?)")
+  config = ml_collections.ConfigDict(config)
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    step = ck.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{workdir}: no checkpoint to load")
+    model_cfg = model_lib.ModelConfig(**ck.read_meta(step)["model"])
+    if mesh is None:
+      mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), devices=jax.local_devices()[:1])
+    graphdef, target = sharding.abstract_state_with_shardings(
+        lambda: model_lib.Denoiser(model_cfg, rngs=nnx.Rngs(params=config.seed)), mesh)
+    part = "ema" if config.opt.ema_decay > 0 else "model"   # the EMA weights when the run kept them
+    restored = ck.restore_parts(step, {part: nnx.to_pure_dict(target)})   # the optimizer state is not read
+  finally:
+    ck.close()
+  nnx.replace_by_pure_dict(target, restored[part])
+  return nnx.merge(graphdef, target), load_normalizer(workdir), config

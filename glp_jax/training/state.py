@@ -1,0 +1,181 @@
+"""The train state and its steps: the budget, building (model, optimizer[, EMA]), the jitted train and eval
+steps, the fixed eval set, the dry run, and a checksum of the parameters.
+
+Train state = the nnx graph `(model, optimizer)` or `(model, optimizer, ema_model)`, split once into a
+graphdef and an `nnx.State`. Checkpoints hold it as plain nested dicts: {"model", "opt"[, "ema"]}.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from glp_jax.core import flops, flow
+from glp_jax.core import model as model_lib
+from glp_jax.training import optim, sharding
+from glp_jax.util.errors import ConfigError
+
+PARTS = ("model", "opt", "ema")
+EVAL_NOISE_SEED = 0x5EED  # the held-out noise is fixed across runs and seeds, so eval losses compare
+
+
+# ---------------------------------------------------------------- budget
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """Optimizer steps for the activation budget: floor(num_activations / batch_size), at least one."""
+  if config.batch_size < 1:
+    raise ConfigError(f"config.batch_size must be >= 1, got {config.batch_size}")
+  steps = int(float(config.num_activations) // config.batch_size)
+  if steps < 1:
+    raise ConfigError(f"config.num_activations={config.num_activations:g} is less than one batch of "
+                      f"{config.batch_size}: raise the budget")
+  return steps
+
+
+# ---------------------------------------------------------------- train state
+
+def creator(model_cfg: model_lib.ModelConfig, config: ml_collections.ConfigDict,
+            n_steps: int) -> Callable[[], tuple]:
+  """A function that builds (model, optimizer[, ema_model]) from the seed; traced by `create_sharded`."""
+  tx = optim.make_tx(config.opt, n_steps)
+  keep_ema = config.opt.ema_decay > 0
+
+  def create():
+    model = model_lib.Denoiser(model_cfg, rngs=nnx.Rngs(params=config.seed))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    if keep_ema:
+      return model, opt, model_lib.Denoiser(model_cfg, rngs=nnx.Rngs(params=config.seed))
+    return model, opt
+  return create
+
+
+def pure(state: nnx.State) -> dict:
+  """{'model': ..., 'opt': ..., ['ema': ...]} nested dicts of arrays (what checkpoints hold)."""
+  return {PARTS[i]: nnx.to_pure_dict(state[i]) for i in range(len(state))}
+
+
+def replace_pure(state: nnx.State, restored: dict) -> nnx.State:
+  for i in range(len(state)):
+    nnx.replace_by_pure_dict(state[i], restored[PARTS[i]])
+  return state
+
+
+def count_params(state: nnx.State) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(state[0]))))
+
+
+# ---------------------------------------------------------------- steps
+
+def make_train_step(graphdef: Any, config: ml_collections.ConfigDict, n_steps: int) -> Callable:
+  """jit(state, x_BxD, step[, layer_B]) -> (state, {'loss', 'grad_norm'}); the state is donated."""
+  base_key = jax.random.key(config.seed)
+  fc = config.flow
+  decay = float(config.opt.ema_decay)
+
+  def step_fn(state, x_BxD, step, layer_B=None):
+    model, opt, *ema = nnx.merge(graphdef, state)
+    key = jax.random.fold_in(base_key, step)  # noise of step s is a pure function of (seed, s)
+
+    def loss_fn(m):
+      return flow.loss(m, x_BxD, key, layer_B, mode=fc.sigma_sampling, logit_normal_mean=fc.logit_normal_mean,
+                       logit_normal_std=fc.logit_normal_std)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    grad_norm = optax.global_norm(grads)
+    opt.update(model, grads)
+    if ema:
+      new = optim.ema_update(nnx.state(ema[0], nnx.Param), nnx.state(model, nnx.Param), decay)
+      nnx.update(ema[0], new)
+    return nnx.state((model, opt, *ema)), {"loss": loss, "grad_norm": grad_norm}
+  return jax.jit(step_fn, donate_argnums=0)
+
+
+def make_eval_step(graphdef: Any) -> Callable:
+  """jit(state, x_BxD, eps_BxD, sigma_B[, layer_B]) -> per-row loss [B], with the EMA model when kept."""
+  def eval_fn(state, x_BxD, eps_BxD, sigma_B, layer_B=None):
+    model, _, *ema = nnx.merge(graphdef, state)
+    return flow.per_example_loss((ema or [model])[0], x_BxD, eps_BxD, sigma_B, layer_B)
+  return jax.jit(eval_fn)
+
+
+def eval_arrays(x_NxD: np.ndarray, batch_size: int, mesh: jax.sharding.Mesh,
+                layer_N: np.ndarray | None = None) -> list[tuple]:
+  """Fixed eval chunks (x, eps, sigma[, layer]) as global arrays: the same rows, noise and sigma grid in
+  every run. sigma runs evenly over the reference's 1000-level grid."""
+  div = sharding.batch_divisor(mesh)
+  n = (len(x_NxD) // div) * div
+  if n == 0:
+    raise ConfigError(f"the held-out split has {len(x_NxD)} rows, fewer than the {div} batch shards")
+  x_NxD = np.asarray(x_NxD[:n], np.float32)
+  eps_NxD = np.random.default_rng(EVAL_NOISE_SEED).standard_normal(x_NxD.shape, dtype=np.float32)
+  sigma_N = (np.ceil((np.arange(n) + 0.5) / n * flow.NUM_TRAIN_TIMESTEPS)
+             / flow.NUM_TRAIN_TIMESTEPS).astype(np.float32)
+  chunk = max((min(batch_size, n) // div) * div, div)
+  rows, vecs = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+  out = []
+  for a in range(0, n, chunk):
+    b = min(a + chunk, n)
+    item = (sharding.put_global(x_NxD[a:b], rows), sharding.put_global(eps_NxD[a:b], rows),
+            sharding.put_global(sigma_N[a:b], vecs))
+    if layer_N is not None:
+      item += (sharding.put_global(np.asarray(layer_N[a:b], np.int32), vecs),)
+    out.append(item)
+  return out
+
+
+def evaluate(eval_step: Callable, state: nnx.State, chunks: list[tuple]) -> dict[str, float]:
+  """Mean held-out loss over the fixed eval chunks and its standard error."""
+  per_row = np.concatenate([np.asarray(jax.device_get(eval_step(state, *chunk))) for chunk in chunks])
+  return {"eval_loss": float(per_row.mean()), "eval_loss_sem": float(per_row.std(ddof=1) / np.sqrt(len(per_row)))}
+
+
+# ---------------------------------------------------------------- dry run
+
+def dry_run(config: ml_collections.ConfigDict) -> dict:
+  """Abstract build + AOT compile of the train step on the current devices; no store, no allocation."""
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.batch_size, mesh)
+  model_cfg = model_lib.model_config(config.model, None)
+  n_steps = total_steps(config)
+  graphdef, target = sharding.abstract_state_with_shardings(creator(model_cfg, config, n_steps), mesh)
+  x = jax.ShapeDtypeStruct((config.batch_size, model_cfg.d_input), jnp.float32,
+                           sharding=sharding.batch_sharding(mesh, 2))
+  layer = None
+  if model_cfg.multi_layer_n_layers:
+    layer = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
+  step = jax.ShapeDtypeStruct((), jnp.int32)
+  compiled = make_train_step(graphdef, config, n_steps).lower(target, x, step, layer).compile()
+  mem = compiled.memory_analysis()
+  memory = {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                              "temp_size_in_bytes", "alias_size_in_bytes",
+                                              "generated_code_size_in_bytes") if hasattr(mem, k)}
+  if memory:
+    memory["peak_estimate_bytes"] = (memory.get("argument_size_in_bytes", 0) + memory.get("output_size_in_bytes", 0)
+                                     + memory.get("temp_size_in_bytes", 0) - memory.get("alias_size_in_bytes", 0))
+  fpe = flops.train_flops_per_example(model_cfg)
+  return {"params": flops.param_count(model_cfg), "flops_per_example": fpe,
+          "flops_per_step": fpe * config.batch_size, "six_n_flops_per_example": flops.six_n_flops(model_cfg),
+          "total_steps": n_steps, "total_flops": fpe * config.batch_size * n_steps,
+          "memory_per_device": memory, "mesh": dict(mesh.shape), "devices": jax.device_count(),
+          "backend": jax.default_backend(), "model": {k: getattr(model_cfg, k) for k in (
+              "d_input", "d_model", "d_mlp", "n_layers", "multi_layer_n_layers", "compute_dtype")}}
+
+
+def params_checksum(pure_params: Any) -> str:
+  """sha256 over the parameter bytes in sorted path order (gathered to the host)."""
+  flat = jax.tree_util.tree_flatten_with_path(pure_params)[0]
+  h = hashlib.sha256()
+  for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
+    arr = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str(arr.dtype).encode() + str(arr.shape).encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()
