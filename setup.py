@@ -44,6 +44,8 @@ EXTRAS = {
         "ipykernel>=7.4,<8",
     ],
     "tensorboard": ["tensorboardX>=2.6,<3"],
+    # `hf:` corpora (streamed HF datasets, or a local folder of data files read through `datasets`).
+    "hf": ["datasets>=5.2,<6"],
     # Accelerator builds of jax (the accelerator images usually ship these preinstalled).
     "cuda": ["jax[cuda13]>=0.10.2,<0.12"],
     "tpu": ["jax[tpu]>=0.10.2,<0.12"],

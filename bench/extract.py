@@ -1,19 +1,34 @@
-"""Extractor throughput vs a bare truncated forward of the same model on the same batches.
+"""Extractor throughput against its LM's bare truncated forward, in steady state, with a stage breakdown.
 
-  .venv/bin/python bench/extract.py --quick          # < 30 s: embedded SmolLM2, layer 15, ~3k rows
-  .venv/bin/python bench/extract.py                  # ~30k rows
-  .venv/bin/python bench/extract.py --model=meta-llama/Llama-3.2-1B --layer=7 --ctx=2048 --rows=1000000
+  .venv/bin/python bench/extract.py --quick                     # < 30 s on CPU: embedded SmolLM2, ~1.6k rows x 5
+  .venv/bin/python bench/extract.py                             # embedded SmolLM2, layer 15, ctx 256
+  python bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda    # bench/gpu_check.sh
+  python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda
 
-The bare forward is the floor: the same documents, tokenised and length-batched identically, run through
-`ResidualCapture` (stopped after the layer) with nothing kept. The extractor is `extract.extract` end to end
-(reading the corpus, tokenising, forward, device->host copy, token selection, store writes with commits and
-statistics). overhead = 1 - extractor tok/s / bare tok/s (target <= 10%). The bare forward is timed before
-and after the extractor and averaged, since the machine's load drifts. Prints one JSON object last.
+Models: `embedded` is the real SmolLM2-135M-Instruct; `smollm2-135m` (hidden 576, 30 layers, 9/3 heads,
+MLP 1536, vocab 49152) and `llama-3.2-1b` (hidden 2048, 16 layers, 32/8 heads, MLP 8192, vocab 128256, the
+real model's embedding size; ids come from SmolLM2's tokenizer so only the first 49152 rows are used) are
+random-weight Llamas built directly on the target device. Corpus: the embedded Python docs.
+
+Method: the model is built once and warmed up (one extraction and one bare pass before any timing: cold
+runs were 8x slower on a GPU). Then bare-forward and extractor runs alternate (`--runs` each, since a shared
+machine's load drifts); each figure is the MEDIAN over its runs. The bare forward is the same documents,
+tokenised, windowed and length-batched exactly as the extractor did them (its resolved batching), through
+`ResidualCapture` stopped after the layer, ids sent to the device, nothing kept. The extractor is
+`extractor.extract` end to end into a fresh store (tokenising, forward, selection, copy, statistics, shard
+writes, commits, close). overhead = 1 - median extractor tok/s / median bare tok/s. The stage breakdown is
+that of the median extractor run: seconds per stage and share of its loop (stages run on different threads
+and overlap; `host_wait` is the time the device loop was held back by the host). The disk's own sequential
+write rate (a `--disk_mb` file written and fsynced in the same folder) shows whether a run is store-bound.
+Prints one JSON object last.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -22,119 +37,230 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_QUICK = flags.DEFINE_bool("quick", False, "Small run (< 30 s).")
-_MODEL = flags.DEFINE_string("model", "embedded", "HF name / folder, or 'embedded'.")
-_LAYER = flags.DEFINE_integer("layer", 15, "Decoder layer captured.")
-_ROWS = flags.DEFINE_integer("rows", 30_000, "Rows extracted (--quick: 3000).")
-_CTX = flags.DEFINE_integer("ctx", 256, "Context length.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Forward dtype.")
-_DEVICE = flags.DEFINE_string("device", "auto", "auto | cpu | cuda.")
+SHAPES = {   # LlamaConfig fields of the random-weight shapes
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, rope_theta=100000.0),
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=128256, rope_theta=500000.0),
+}
+_QUICK = flags.DEFINE_bool("quick", False, "Small CPU-friendly run (< 30 s on 2 cores): ~1.6k rows x 5 runs.")
+_SHAPE = flags.DEFINE_enum("shape", "embedded", ["embedded", *SHAPES], "Model: the embedded SmolLM2 or a "
+                           "random-weight model of that shape.")
+_LAYER = flags.DEFINE_integer("layer", None, "Decoder layer captured (default 15; 7 for llama-3.2-1b).")
+_CTX = flags.DEFINE_integer("ctx", None, "Context length (default 256 on CPU, 512 on CUDA).")
+_DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where the LM runs.")
+_ROWS = flags.DEFINE_integer("rows", 0, "Rows per extractor run (0: 1.6k quick, 20k CPU, 250k CUDA).")
+_RUNS = flags.DEFINE_integer("runs", 0, "Timed runs of each kind (0: 3 on CPU, 5 quick or on CUDA).")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Forward and store dtype.")
+_DISK_MB = flags.DEFINE_integer("disk_mb", 0, "Size of the disk-rate probe file (0: 128 quick, else 512).")
+_WINDOW = flags.DEFINE_integer("window_docs", 0, "Documents per window (0: the config's auto; --quick: 4, so "
+                               "its ~11 documents make 3 windows and the pipeline overlaps something).")
+_BATCH = flags.DEFINE_integer("batch_tokens", 0, "Padded tokens per batch (0: the config's auto).")
 
 
-def bare_forward(config, n_docs: int) -> tuple[int, float]:
-  """(tokens, seconds) of the truncated forward over the first `n_docs` documents, batched as extract does."""
+def build_model(shape: str, device: str, dtype: str):
+  """(model, tokenizer, name): the embedded LM, or a random-weight Llama of `shape` built on `device`."""
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+  from glp_jax.torch import lm
+  if shape == "embedded":
+    model, tok = lm.load_causal_lm(lm.EMBEDDED, dtype, device)
+    return model, tok, lm.EMBEDDED
+  tok = lm.load_tokenizer(lm.EMBEDDED)
+  cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=True,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+  torch.manual_seed(0)
+  with torch.device(device):
+    model = LlamaForCausalLM(cfg).to(lm.torch_dtype(dtype)).eval()
+  return model, tok, f"random:{shape}"
+
+
+def bare_forward(model, tok, config, batching: dict, n_docs: int, labelled: bool) -> tuple[int, float]:
+  """(tokens, seconds) of the truncated forward over the extractor's first `n_docs` documents, windowed and
+  batched as it did them; inputs are prepared untimed, sending them to the device is timed."""
+  import numpy as np
   import torch
   from glp_jax.extraction import corpus as corpus_lib
   from glp_jax.extraction import extractor as extract
-  from glp_jax.extraction import lm
-  model, tok = lm.load_causal_lm(config.model.name, config.model.dtype, config.model.device)
+  from glp_jax.torch import lm
+  corpus = corpus_lib.Corpus.from_config(config.corpus)
+  docs = [d for d, _ in corpus.labelled()] if labelled else list(corpus.train())
   rule = extract.token_rule(tok, config.prepend_bos)
   device = next(model.parameters()).device
-  docs = [d.text for _, d in zip(range(n_docs), corpus_lib.Corpus.from_config(config.corpus).train())]
-  windows = []
-  for i in range(0, len(docs), config.window_docs):
-    ids = extract.encode(tok, docs[i:i + config.window_docs], config.context_length, rule)
-    windows.append((ids, extract.plan_batches([len(x) for x in ids], config.batch_tokens,
-                                              config.max_batch_docs)))
-  tokens = sum(len(x) for ids, _ in windows for x in ids)
+  inputs, tokens = [], 0
+  for _, window in extract._windows(iter(docs[:n_docs]), batching["window_docs"], 0):
+    ids = extract.encode(tok, [d.text for d in window], config.context_length, rule)
+    tokens += sum(len(x) for x in ids)
+    for batch in extract.plan_batches([len(x) if len(x) > rule["skip"] else 0 for x in ids],
+                                      batching["batch_tokens"], batching["max_batch_docs"]):
+      s = len(ids[batch[0]])
+      x, m = np.zeros((len(batch), s), np.int64), np.zeros((len(batch), s), np.int64)
+      for r, i in enumerate(batch):
+        x[r, :len(ids[i])], m[r, :len(ids[i])] = ids[i], 1
+      inputs.append((torch.from_numpy(x), torch.from_numpy(m)))
+  cuda = device.type == "cuda"
   with lm.ResidualCapture(model, config.layers) as cap:
+    if cuda:
+      torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for ids, batches in windows:
-      for batch in batches:
-        s = len(ids[batch[0]])
-        x = torch.zeros((len(batch), s), dtype=torch.long)
-        m = torch.zeros((len(batch), s), dtype=torch.long)
-        for r, i in enumerate(batch):
-          x[r, :len(ids[i])] = torch.from_numpy(ids[i])
-          m[r, :len(ids[i])] = 1
-        out = cap.run(input_ids=x.to(device), attention_mask=m.to(device))
-      if device.type == "cuda":
-        torch.cuda.synchronize()
-    del out
+    for x, m in inputs:
+      if cuda:
+        x, m = x.pin_memory().to(device, non_blocking=True), m.pin_memory().to(device, non_blocking=True)
+      cap.run(input_ids=x, attention_mask=m)
+      cap.outputs = {}
+    if cuda:
+      torch.cuda.synchronize()
     return tokens, time.perf_counter() - t0
 
 
-def _docs_for_rows(config, rows: int) -> int:
-  """How many documents the extractor takes to reach `rows` (it stops after the document that does)."""
-  from glp_jax.extraction import corpus as corpus_lib
+class _ReadyBatch:
+  """A HostBatch whose rows are already on the host (the host-ceiling measurement)."""
+
+  def __init__(self, rows, bad, offsets):
+    self.rows, self.bad, self.offsets = rows, bad, offsets
+
+  def result(self):
+    return self.rows, self.bad
+
+
+def host_ceiling(folder: str, config, d: int, n_layers: int, megabytes: int) -> float | None:
+  """MB/s that the host side sustains with an infinitely fast device: windows of 64 documents x 500 rows
+  (random, store dtype) through the extractor's host stage (its thread) into a store written as configured
+  (write queue, statistics threads), up to the final close. None with an extractor that has no host stage."""
+  import numpy as np
+  from glp_jax.data import store as store_lib
+  from glp_jax.data.writer import StoreWriter
   from glp_jax.extraction import extractor as extract
-  from glp_jax.extraction import lm
-  tok = lm.load_tokenizer(config.model.name)
-  rule = extract.token_rule(tok, config.prepend_bos)
-  total = 0
-  for n, doc in enumerate(corpus_lib.Corpus.from_config(config.corpus).train(), 1):
-    total += max(0, len(extract.encode(tok, [doc.text], config.context_length, rule)[0]) - rule["skip"])
-    if total >= rows:
-      return n
-  return n
+  try:
+    from glp_jax.extraction import pipeline
+  except ImportError:   # an extractor without the pipeline
+    return None
+  docs, n = 64, 500
+  rng = np.random.default_rng(0)
+  rows = rng.normal(size=(n_layers, docs * n, d)).astype(store_lib.DTYPES[config.store.dtype])
+  batch = _ReadyBatch(rows, np.zeros(rows.shape[:2], bool), {k: (k * n, n) for k in range(docs)})
+  st = StoreWriter.create(os.path.join(folder, "host_ceiling"), layers=list(range(n_layers)), d=d,
+                          dtype=config.store.dtype, write_queue=int(config.store.write_queue),
+                          stats_threads=extract.stats_threads(config))
+  host = pipeline.HostStage(st, 0, None, None, threaded=True)
+  windows = max(2, -(-megabytes * 1_000_000 // rows.nbytes))
+  t0 = time.perf_counter()
+  for w in range(windows):
+    host.put(extract.WindowPlan(w * docs, [False] * docs, [np.zeros(n + 1, np.int64)] * docs,
+                                [np.arange(1, n + 1)] * docs, []), [batch])
+  host.close()
+  st.close()
+  seconds = time.perf_counter() - t0
+  shutil.rmtree(os.path.join(folder, "host_ceiling"), ignore_errors=True)
+  return windows * rows.nbytes / 1e6 / seconds
+
+
+def disk_write_rate(folder: str, megabytes: int) -> float:
+  """MB/s of a sequential `megabytes` file written in 8 MB pieces and fsynced, in `folder`."""
+  piece = os.urandom(8 << 20)
+  path = os.path.join(folder, "disk_probe.bin")
+  t0 = time.perf_counter()
+  with open(path, "wb") as f:
+    for _ in range(max(1, megabytes // 8)):
+      f.write(piece)
+    f.flush()
+    os.fsync(f.fileno())
+  seconds = time.perf_counter() - t0
+  os.remove(path)
+  return max(1, megabytes // 8) * 8 * (1 << 20) / 1e6 / seconds
 
 
 def main(argv):
   del argv
-  import numpy as np
   import torch
   from glp_jax.extraction import extractor as extract
-  from glp_jax.extraction import lm
-  from glp_jax.data import store as store_lib
+  from glp_jax.torch import lm
   from glp_jax.util import config as config_lib
-  rows = 3000 if _QUICK.value else _ROWS.value
-  config = config_lib.load_file(config_lib.packaged_config("configs/extract.py"),
-      f"layers={_LAYER.value},ctx={_CTX.value},rows={rows}" + ("" if _MODEL.value == "embedded" else
-                                                              f",model={_MODEL.value}"))
-  config.model.dtype = _DTYPE.value
-  config.model.device = _DEVICE.value
-  config.progress = False
-  config.window_docs = 64
-  lm.load_causal_lm(config.model.name, config.model.dtype, "cpu")  # converts the embedded model once
-  n_docs = _docs_for_rows(config, rows)
-  with tempfile.TemporaryDirectory() as tmp:
-    # Warm-up: a few documents, so one-time costs (kernels, allocator) land outside both timings.
-    warm = config_lib.load_file(config_lib.packaged_config("configs/extract.py"),
-        f"layers={_LAYER.value},ctx={_CTX.value},rows=200")
-    warm.model = config.model
-    warm.progress = False
-    extract.extract(warm, os.path.join(tmp, "warm"))
-    # Alternate bare / extractor runs (the shared machine's load drifts); quick: bare, extract, bare.
-    bare, runs = [bare_forward(config, n_docs)], []
-    for r in range(1 if _QUICK.value else 2):
-      t0 = time.perf_counter()
-      summary = extract.extract(config, os.path.join(tmp, f"run{r}"))
-      runs.append((summary, time.perf_counter() - t0))
-      bare.append(bare_forward(config, n_docs))
-    st = store_lib.ActivationStore.open(summary["store"])
-    row_bytes = st.d * np.dtype(store_lib.DTYPES[st.dtype]).itemsize * len(st.layers)
-  assert summary["num_docs"] == n_docs, (summary["num_docs"], n_docs)
-  bare_tok_s = sum(t for t, _ in bare) / sum(s for _, s in bare)
-  ext_tok_s = sum(r["tokens_this_run"] for r, _ in runs) / sum(r["loop_seconds"] for r, _ in runs)
-  wall = sum(w for _, w in runs) / len(runs)
-  # Load-insensitive: the share of the extractor's own loop not spent in the forward (same run, same load).
-  in_run = 1 - sum(r["forward_seconds"] for r, _ in runs) / sum(r["loop_seconds"] for r, _ in runs)
-  device = lm.resolve_device(config.model.device)
+  load_before = os.getloadavg()
+  device = lm.resolve_device(_DEVICE.value)
+  cuda = device == "cuda"
+  layer = _LAYER.value if _LAYER.value is not None else (7 if _SHAPE.value == "llama-3.2-1b" else 15)
+  ctx = _CTX.value or (512 if cuda and not _QUICK.value else 256)
+  rows = _ROWS.value or (1600 if _QUICK.value else 250_000 if cuda else 20_000)
+  runs = _RUNS.value or (5 if cuda or _QUICK.value else 3)
+  t_build = time.perf_counter()
+  model, tok, name = build_model(_SHAPE.value, device, _DTYPE.value)
+  build_s = time.perf_counter() - t_build
+  takes_model = "loaded" in inspect.signature(extract.extract).parameters   # (older extractors load it)
+  tmp = tempfile.mkdtemp(prefix="glp_bench_extract_", dir=os.environ.get("GLP_BENCH_DIR"))
+  try:
+    if not takes_model:
+      model.save_pretrained(os.path.join(tmp, "model"))
+      tok.save_pretrained(os.path.join(tmp, "model"))
+      name = os.path.join(tmp, "model")
+
+    def config_for(n_rows: int, store: str):
+      c = config_lib.load_file(config_lib.packaged_config("configs/extract.py"),
+                               f"layers={layer},ctx={ctx},rows={n_rows}")
+      c.model.name, c.model.dtype, c.model.device = name, _DTYPE.value, device
+      c.store.dtype, c.store.path, c.progress = _DTYPE.value, store, False
+      c.window_docs = _WINDOW.value or (4 if _QUICK.value else c.window_docs)
+      c.batch_tokens = _BATCH.value or c.batch_tokens
+      return c
+
+    def run_extract(n_rows: int, tag: str) -> tuple[dict, object]:
+      c = config_for(n_rows, os.path.join(tmp, tag))
+      summary = extract.extract(c, tmp, **({"loaded": (model, tok)} if takes_model else {}))
+      shutil.rmtree(os.path.join(tmp, tag), ignore_errors=True)
+      return summary, c
+
+    # --- warm-up: kernels (the same batch shapes as the timed runs), allocator, tokenizer, tensorstore, the
+    # CUDA batching probe; it also fixes the documents and batching that the bare forward repeats ---
+    t_warm = time.perf_counter()
+    first, config = run_extract(rows, "warm")
+    batching = first.get("batching") or {k: int(config[k])   # (older extractors: the config's values)
+                                         for k in ("batch_tokens", "max_batch_docs", "window_docs")}
+    labelled = "heldout_num_docs" in first
+    n_docs = first["num_docs"] + first.get("heldout_num_docs", 0)
+    if not _QUICK.value:
+      bare_forward(model, tok, config, batching, n_docs, labelled)
+    warm_s = time.perf_counter() - t_warm
+    # --- timed, alternating ---
+    bare, ext = [], []
+    for r in range(runs):
+      tokens, seconds = bare_forward(model, tok, config, batching, n_docs, labelled)
+      bare.append(tokens / seconds)
+      summary, _ = run_extract(rows, f"run{r}")
+      assert summary["num_docs"] + summary.get("heldout_num_docs", 0) == n_docs   # the same documents
+      assert summary["tokens_this_run"] == tokens
+      ext.append(summary)
+    disk = disk_write_rate(tmp, _DISK_MB.value or (128 if _QUICK.value else 512))
+    ceiling = host_ceiling(tmp, config, first["d"], len(first["layers"]),
+                           64 if _QUICK.value else 2048 if cuda else 512)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  ext_tok_s = [s["tokens_per_s"] for s in ext]
+  median_run = sorted(ext, key=lambda s: s["tokens_per_s"])[len(ext) // 2]
+  loop = median_run["loop_seconds"]
+  stages = {k: {"seconds": v, "share": round(v / loop, 4)} for k, v in median_run.get("stages", {}).items()}
+  row_bytes = median_run["d"] * (2 if _DTYPE.value != "float32" else 4) * len(median_run["layers"])
+  store_mb_s = statistics.median(s["rows_this_run"] * row_bytes / 1e6 / s["loop_seconds"] for s in ext)
   result = {
-      "bench": "extract", "quick": _QUICK.value, "model": config.model.name, "layer": _LAYER.value,
-      "dtype": config.model.dtype, "ctx": config.context_length, "device": device,
-      "device_name": (torch.cuda.get_device_name() if device == "cuda"
-                      else f"cpu x{torch.get_num_threads()} threads"),
-      "rows": summary["num_rows"], "docs": summary["num_docs"], "tokens": summary["tokens_this_run"],
-      "extract_tok_s": round(ext_tok_s, 1), "bare_forward_tok_s": round(bare_tok_s, 1),
-      "bare_forward_tok_s_runs": [round(t / s, 1) for t, s in bare],
-      "extract_tok_s_runs": [round(r["tokens_per_s"], 1) for r, _ in runs],
-      "overhead": round(1 - ext_tok_s / bare_tok_s, 4), "overhead_in_run": round(in_run, 4),
-      "store_MB_s": round(sum(r["rows_this_run"] for r, _ in runs) * row_bytes / 1e6
-                          / sum(r["loop_seconds"] for r, _ in runs), 2),
-      "extract_wall_s": round(wall, 2), "load_avg_1m": round(os.getloadavg()[0], 2),
+      "bench": "extract", "quick": _QUICK.value, "shape": _SHAPE.value, "model": name if _SHAPE.value ==
+      "embedded" else f"random-weight {_SHAPE.value}", "layer": layer, "ctx": ctx, "dtype": _DTYPE.value,
+      "device": device, "device_name": (torch.cuda.get_device_name() if cuda else
+                                        f"cpu ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"),
+      "rows": median_run["num_rows"], "docs": n_docs, "tokens": median_run["tokens_this_run"],
+      "batching": {k: batching[k] for k in ("batch_tokens", "max_batch_docs", "window_docs")},
+      "runs": runs, "bare_forward_tok_s": round(statistics.median(bare), 1),
+      "extract_tok_s": round(statistics.median(ext_tok_s), 1),
+      "overhead": round(1 - statistics.median(ext_tok_s) / statistics.median(bare), 4),
+      # each extractor run against the bare run just before it (the same load), as a check on drift
+      "overhead_paired_median": round(statistics.median(1 - e / b for e, b in zip(ext_tok_s, bare)), 4),
+      "bare_forward_tok_s_runs": [round(x, 1) for x in bare],
+      "extract_tok_s_runs": [round(x, 1) for x in ext_tok_s],
+      "stages": stages, "stage_loop_seconds": round(loop, 3),
+      "store_MB_s": round(store_mb_s, 2), "disk_write_MB_s": round(disk, 1),
+      "store_bound": store_mb_s > 0.8 * disk,
+      "host_ceiling_MB_s": ceiling and round(ceiling, 1),
+      "build_s": round(build_s, 2), "warmup_s": round(warm_s, 2),
+      "load_avg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
   }
   print(json.dumps(result))
 

@@ -33,7 +33,6 @@ D = 2048
 
 def write_store(path: str, n_rows: int) -> float:
   import numpy as np
-  from glp_jax.data.store import ActivationStore
   rng = np.random.default_rng(0)
   base = (rng.normal(size=(4096, D)) * 2 + 0.5).astype(np.float32)
   t = time.perf_counter()
@@ -72,9 +71,9 @@ def time_loader(path: str, steps: int, batch: int, **kw) -> dict:
 
 def time_workers(path: str, steps: int, batch: int, workers: int, **kw) -> float:
   from glp_jax.data import loader as data
-  ld = data.StaticLoader(path, batch_size=batch, seed=3, process_index=0, process_count=1, **kw)
+  ld = data.StaticLoader(path, batch_size=batch, seed=3, process_index=0, process_count=1, workers=workers, **kw)
   steps = min(steps, int(ld.steps_per_pass))
-  it = ld.grain_iterate(0, steps, workers)
+  it = ld.iterate(0, steps)
   next(it)             # worker start-up excluded
   t = time.perf_counter()
   n = sum(1 for _ in it)

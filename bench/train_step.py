@@ -5,9 +5,12 @@ r"""Training-step throughput: the JAX step of glp_jax vs an equivalent PyTorch s
   python bench/train_step.py --batch=4096     # the reference batch (accelerators)
 
 For each depth: examples/s and MFU (analytic training FLOPs / the device's peak) of
-  jax            glp_jax.training.state.make_train_step (AdamW, clip, flow-matching loss; compute dtype per flag)
+  jax            the trainer's own step, glp_jax.training.state.make_train_step (rows in bf16 on accelerators,
+                 normalised on device; AdamW, clip, flow-matching loss; compute dtype 'auto' unless --jax_dtype)
   torch_eager    glp_jax.torch.model.TransformerMLPDenoiser, torch.optim.AdamW, clip, bf16 autocast (reference)
-  torch_compile  the same with torch.compile on the forward + loss.
+  torch_compile  the same with torch.compile on the forward + loss
+  torch_fused    torch.compile + fused AdamW: a PyTorch step as a performance engineer would write it.
+Each torch setup's `jax_over_<setup>` is the JAX step's speed-up over it.
 The torch setups run in a child process each (`--torch_threads` sets its CPU threads; see docs/benchmarks.md
 for why one thread is the default with --quick).
 The peak is the published dense bf16 figure on known GPUs/TPUs; on CPU it is a measured large f32 matmul rate
@@ -34,27 +37,27 @@ flags.DEFINE_string("depths", "", "Denoiser depths to measure (default 3,6,12; 3
 flags.DEFINE_integer("d_input", 0, "Activation width (0: 2048 = Llama-1B, or 64 with --quick).")
 flags.DEFINE_integer("batch", 0, "Rows per step (0: 4096 on accelerators, 256 on CPU, 32 with --quick).")
 flags.DEFINE_integer("steps", 0, "Timed steps per setup (0: 5, or 10 with --quick).")
-flags.DEFINE_string("jax_dtype", "", "JAX compute dtype (default bfloat16 on accelerators, float32 on CPU).")
+flags.DEFINE_string("jax_dtype", "auto", "JAX compute dtype: auto (bfloat16 on accelerators, float32 on CPU).")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch step.")
-flags.DEFINE_string("torch_worker", "", "Internal: 'depth,d_input,batch,steps,compiled,threads' -> one JSON line.")
+flags.DEFINE_string("torch_worker", "", "Internal: 'depth,d_input,batch,steps,setup,threads' -> one JSON line.")
 flags.DEFINE_integer("torch_threads", -1, "torch CPU threads (0: torch's default, all cores; -1: 1 with --quick, "
                      "else 0). On an oversubscribed host torch's OpenMP barriers made 2 threads up to 90x slower "
                      "than 1 for small models.")
 flags.DEFINE_bool("torch_compile", None, "Also time torch.compile (default: on, off with --quick: it takes "
                   "minutes to compile on a small CPU).")
 
-# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
-PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5e": 197e12,
-         "TPU v5p": 459e12, "TPU v6": 918e12}
+TORCH_SETUPS = ("torch_eager", "torch_compile", "torch_fused")
 
 
 def device_peak() -> tuple[float, str]:
+  """The trainer's peak table (training/metrics.py) for known accelerators; on CPU a measured GEMM rate."""
   import jax
   import jax.numpy as jnp
+  from glp_jax.training import metrics
   kind = jax.devices()[0].device_kind
-  for name, peak in PEAKS.items():
-    if name.lower() in kind.lower():
-      return peak, f"vendor dense bf16 ({kind})"
+  peak = metrics.peak_flops(jax.devices()[:1])
+  if peak:
+    return peak, f"vendor dense bf16 ({kind})"
   n = 2048
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
@@ -83,30 +86,37 @@ def config_for(depth: int, d_input: int, batch: int, dtype: str):
 def time_jax(config, steps: int) -> dict:
   import jax
   import jax.numpy as jnp
+  import ml_dtypes
   import numpy as np
   from glp_jax.core import model as model_lib
+  from glp_jax.core.normalizer import Normalizer
   from glp_jax.training import sharding
   from glp_jax.training import state as train_lib
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   model_cfg = model_lib.model_config(config.model, None)
   graphdef, state = nnx.split(sharding.create_sharded(train_lib.creator(model_cfg, config, 1000), mesh))
-  step = train_lib.make_train_step(graphdef, config, 1000)
-  x = sharding.put_global(np.random.default_rng(0).standard_normal(
-      (config.batch_size, model_cfg.d_input), dtype=np.float32), sharding.batch_sharding(mesh))
-  t = time.perf_counter()
-  state, m = step(state, x, jnp.int32(0))
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t
-  t = time.perf_counter()
-  for s in range(1, steps + 1):
-    state, m = step(state, x, jnp.int32(s))
-  jax.block_until_ready((state, m))
+  d = model_cfg.d_input
+  step = train_lib.make_train_step(graphdef, config, 1000, Normalizer(np.zeros(d), np.ones(d)),
+                                   jax.tree.map(lambda a: a.sharding, state), mesh)
+  # Rows as the store holds them (bf16 by default) and as glp-train sends them: normalised on the device.
+  x = sharding.put_global(np.random.default_rng(0).standard_normal((config.batch_size, d), dtype=np.float32)
+                          .astype(ml_dtypes.bfloat16), sharding.batch_sharding(mesh))
+  nonfinite = jax.device_put(jnp.int32(0), sharding.replicated(mesh))
+  with sharding.activation_context(mesh):
+    t = time.perf_counter()
+    state, nonfinite, m = step(state, nonfinite, x)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+      state, nonfinite, m = step(state, nonfinite, x)
+    jax.block_until_ready((state, m))
   dt = (time.perf_counter() - t) / steps
   return {"step_s": dt, "examples_per_s": config.batch_size / dt, "first_step_s": compile_s,
           "loss": float(m["loss"])}
 
 
-def time_torch(config, steps: int, compiled: bool) -> dict:
+def time_torch(config, steps: int, setup: str) -> dict:
   import torch
   from glp_jax.torch.model import DenoiserConfig, TransformerMLPDenoiser
   from glp_jax.core import model as model_lib
@@ -114,7 +124,8 @@ def time_torch(config, steps: int, compiled: bool) -> dict:
   torch.manual_seed(0)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   net = TransformerMLPDenoiser(DenoiserConfig(mc.d_input, mc.d_model, mc.d_mlp, mc.n_layers)).to(device)
-  opt = torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.01)
+  fused = setup == "torch_fused"   # fused AdamW: one kernel for the whole update instead of one per tensor
+  opt = torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.01, fused=fused or None)
   b = config.batch_size
   x = torch.randn(b, mc.d_input, device=device)
 
@@ -123,7 +134,7 @@ def time_torch(config, steps: int, compiled: bool) -> dict:
       z = (1 - sigma_B[:, None]) * x_BxD + sigma_B[:, None] * eps_BxD
       v = net(z, sigma_B * 1000)
       return torch.nn.functional.mse_loss(v.float(), eps_BxD - x_BxD)
-  fn = torch.compile(loss_fn) if compiled else loss_fn
+  fn = torch.compile(loss_fn) if setup in ("torch_compile", "torch_fused") else loss_fn
 
   def step():
     eps = torch.randn_like(x)
@@ -197,11 +208,11 @@ def host_overhead(steps: int = 50) -> dict:
 def main(argv):
   del argv
   if FLAGS.torch_worker:   # child process: no JAX backend is ever initialised here
-    depth, d_input, batch, steps, compiled, threads = (int(v) for v in FLAGS.torch_worker.split(","))
-    if threads > 0:
+    depth, d_input, batch, steps, setup, threads = FLAGS.torch_worker.split(",")
+    if int(threads) > 0:
       import torch
-      torch.set_num_threads(threads)
-    print(json.dumps(time_torch(config_for(depth, d_input, batch, "float32"), steps, bool(compiled))))
+      torch.set_num_threads(int(threads))
+    print(json.dumps(time_torch(config_for(int(depth), int(d_input), int(batch), "float32"), int(steps), setup)))
     return
   import jax
   from glp_jax.core import flops
@@ -210,7 +221,7 @@ def main(argv):
   d_input = FLAGS.d_input or (64 if FLAGS.quick else 2048)
   batch = FLAGS.batch or (32 if FLAGS.quick else (4096 if accel else 256))
   steps = FLAGS.steps or (10 if FLAGS.quick else 5)
-  dtype = FLAGS.jax_dtype or ("bfloat16" if accel else "float32")
+  dtype = model_lib.resolve_compute_dtype(FLAGS.jax_dtype)
   depths = [int(d) for d in (FLAGS.depths or ("3" if FLAGS.quick else "3,6,12")).split(",")]
   rows = []
   for depth in depths:
@@ -221,26 +232,24 @@ def main(argv):
   torch_threads = FLAGS.torch_threads if FLAGS.torch_threads >= 0 else (1 if FLAGS.quick else 0)
   torch_setups = []
   if FLAGS.torch:
-    torch_setups.append(("torch_eager", False))
-    if FLAGS.torch_compile if FLAGS.torch_compile is not None else not FLAGS.quick:
-      torch_setups.append(("torch_compile", True))
+    compiled = FLAGS.torch_compile if FLAGS.torch_compile is not None else not FLAGS.quick
+    torch_setups = [s for s in TORCH_SETUPS if compiled or s == "torch_eager"]
   for row in rows:
-    for name, compiled in torch_setups:
-      spec = f"{row['depth']},{d_input},{batch},{steps},{int(compiled)},{torch_threads}"
+    for name in torch_setups:
+      spec = f"{row['depth']},{d_input},{batch},{steps},{name},{torch_threads}"
       out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--torch_worker={spec}"],
                            stdout=subprocess.PIPE, text=True, check=True)
       row[name] = json.loads(out.stdout.strip().splitlines()[-1])
   peak, peak_source = device_peak()
   for row in rows:
     row["jax"] = time_jax(config_for(row["depth"], d_input, batch, dtype), steps)
-    for name in ["jax"] + [n for n, _ in torch_setups]:
+    for name in ["jax"] + torch_setups:
       r = row[name]
       r["mfu"] = r["examples_per_s"] * row["train_flops_per_example"] / peak
       print(f"d{row['depth']} {name}: {r['examples_per_s']:.1f} examples/s, step {r['step_s'] * 1e3:.1f} ms, "
             f"MFU {100 * r['mfu']:.2f}%", flush=True)
-    best_torch = max((row[n]["examples_per_s"] for n, _ in torch_setups), default=0)
-    if best_torch:
-      row["jax_over_best_torch"] = row["jax"]["examples_per_s"] / best_torch
+    for name in torch_setups:
+      row[f"jax_over_{name}"] = row["jax"]["examples_per_s"] / row[name]["examples_per_s"]
   results = rows
   out = {"bench": "train_step", "quick": FLAGS.quick, "device": jax.devices()[0].device_kind,
          "backend": jax.default_backend(), "d_input": d_input, "batch": batch, "steps": steps,

@@ -28,8 +28,11 @@ def parse_layers(text: str) -> tuple[int, ...]:
   return tuple(out)
 
 
+ARGS = dict(model="embedded", layers="15", ctx=512, runlocal=False, stream=0, rows=0)
+
+
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, model="embedded", layers="15", ctx=512, runlocal=False, stream=0, rows=0)
+  a = config_lib.parse_arg(arg, **ARGS)
   c = ml_collections.ConfigDict()
   c.seed = 0                           # token subsampling seed (document order and split use corpus.seed)
 
@@ -43,23 +46,27 @@ def get_config(arg=None):
   # --- the text ---
   c.corpus = ml_collections.ConfigDict()
   c.corpus.source = "embedded"         # embedded | file/folder path(s) joined by ';' | hf:NAME[:CONFIG[:SPLIT]]
+                                       # | python-packages[:NAME,NAME] (installed distributions' sources)
   c.corpus.text_field = "text"         # jsonl field / parquet column holding the text
   c.corpus.txt_mode = "file"           # .txt files: file = one document per file | blank_line
   c.corpus.seed = 42                   # document order (local corpora) and held-out split
-  c.corpus.heldout_fraction = 0.05     # documents kept out of the store for evaluations
-  c.corpus.max_docs = 0                # 0 = every document
+  c.corpus.heldout_fraction = 0.05     # documents written to the store's held-out split (never trained on)
+  c.corpus.max_docs = 0                # training documents (held-out ones before the last come too); 0 = all
 
   # --- tokens ---
   c.context_length = a.ctx             # documents truncated to this many tokens (BOS included)
   c.prepend_bos = True                 # give every document a leading BOS if the tokenizer does not (dropped)
   c.tokens_per_doc = 0                 # 0 = every position but BOS; n > 0 = a seeded random n per document
-  c.max_rows = a.rows                  # stop after the document that reaches this many rows; 0 = all
+  c.max_rows = a.rows                  # stop after the document that reaches this many training rows; 0 = all
 
   # --- batching: documents are length-sorted within fixed windows (a resume recomputes one window) ---
-  c.batch_tokens = 8192                # padded tokens per forward batch
-  c.max_batch_docs = 64                # documents per forward batch
-  c.window_docs = 64                   # documents sorted by length together (the bar moves per window)
-  c.async_write = True                 # store appends on a background thread (overlaps the next forward)
+  # 0 = auto: CPU 8192 / 64 / 64; CUDA batch_tokens from a memory probe (half the free memory, a power of two
+  # <= 65536), max_batch_docs = batch_tokens // 64, window_docs = 4 * batch_tokens // ctx (each >= 64). The
+  # resolved values are recorded in the store and reused when it is resumed.
+  c.batch_tokens = 0                   # padded tokens per forward batch; 0 = auto
+  c.max_batch_docs = 0                 # documents per forward batch; 0 = auto
+  c.window_docs = 0                    # documents sorted by length together; 0 = auto
+  c.async_write = True                 # store appends on a host thread (overlap the next forward)
 
   # --- the store ---
   c.store = ml_collections.ConfigDict()
@@ -69,6 +76,8 @@ def get_config(arg=None):
   c.store.chunk_rows = 0               # rows per inner chunk; 0 = ~1 MB
   c.store.compression = "none"         # none | zstd
   c.store.first_shard_rows = 1_000_000  # rows of the reference-style 'first shard' statistic
+  c.store.write_queue = 4              # shard writes in flight (host memory ~(q+3) shards per layer); 0 = sync
+  c.store.stats_threads = 0            # threads computing the float64 statistics; 0 = auto (CPUs / 4, 2..8)
 
   # --- streaming to a running trainer (producer.py); buffer_rows = 0 turns it off ---
   c.stream = ml_collections.ConfigDict()

@@ -1,6 +1,6 @@
 r"""A scaling sweep: sizes x activation budgets x learning rates x seeds; every run is one glp-train.
 
-Demo sweep (4 sizes x 2 budgets on the embedded default store, a few minutes on 2 CPU cores):
+Demo sweep (3 sizes x 3 budgets on the embedded default store, a few minutes on 2 CPU cores):
   glp-sweep --config=configs/sweep.py:runlocal --root=runs/sweep
   glp-fit --runs=runs/sweep --out=runs/sweep/fit
 What would run, and cluster launchers (written under --root; --dry_run prints them instead):
@@ -15,8 +15,11 @@ from glp_jax.util import config as config_lib
 import ml_collections
 
 
+ARGS = dict(runlocal=False)
+
+
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False)
+  a = config_lib.parse_arg(arg, **ARGS)
   c = ml_collections.ConfigDict()
   c.train_config = "configs/train.py"   # the train config file of every run
   c.train_arg = ""                      # its argument, e.g. "runlocal"
@@ -54,8 +57,9 @@ def get_config(arg=None):
 
   if a.runlocal:
     c.train_arg = "runlocal"
-    c.sizes = ("w0.125_l1", "w0.25_l1", "w0.25_l2", "w0.5_l2")   # ~0.1M .. 1.8M params at D=576
-    c.budgets = (256 * 40, 256 * 160)
+    c.sizes = ("w0.125_l1", "w0.25_l2", "w0.5_l2")   # ~0.14M .. 1.8M params at D=576
+    # Three budgets per size: each run's end-of-schedule eval is one annealed point of the L(C) frontier.
+    c.budgets = (256 * 40, 256 * 80, 256 * 160)
     c.lrs = (2e-3,)
     c.overrides = ml_collections.ConfigDict()
     c.overrides.batch_size = 256

@@ -113,7 +113,7 @@ def _report(out: str, store: str, sweep_dir: str, fit_dir: str, export_dir: str)
 
 
 def run(argv: list[str] | None = None) -> None:
-  cli.run(main, FLAGS, __doc__, argv)
+  cli.run(main, FLAGS, __doc__, argv, prog="glp-demo")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +13,8 @@ from tools import tool
 from glp_jax.scaling import collect
 from glp_jax.scaling import analysis as fit_cli
 from glp_jax.scaling import fit as scaling
+from glp_jax.scaling import frontier
+from glp_jax.util.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,6 +89,20 @@ def test_fit_runs_writes_table_fit_json_and_plots(fake_sweep, tmp_path):
   comp = saved["compute"]
   assert set(comp) >= {"E", "A", "alpha", "report"} and comp["alpha"]["ci"][0] < comp["alpha"]["ci"][1]
   assert comp["report"]["holdout"]["n_holdout"] == 1 and "mean_abs_rel_error" in comp["report"]["holdout"]
+  # The L(C) frontier is made of annealed points only: each finished run's last-step eval, and fit.json
+  # names every one with its run, step, C, loss and why.
+  pts = saved["compute_points"]
+  assert pts["mode"] == "annealed" and saved["warnings"] == [] and "warning" not in pts
+  assert pts["n_candidates"] == pts["n_runs"] == 15 and pts["n_not_annealed"] == 0 and pts["excluded"] == []
+  by = {r["run"]: r for r in collect.collect(root)}
+  assert pts["n_frontier"] == len(pts["frontier"]) == comp["report"]["n_fit_points"] >= 5
+  for p in pts["frontier"]:
+    r = by[p["run"]]
+    assert p["why"] == "end_of_schedule" and p["step"] == r["steps"] and p["loss"] == r["final_eval_loss"], p
+    assert p["C"] == pytest.approx(r["C_6ND"]) and p["loss_sem"] == 0.002
+  assert comp["report"]["frontier"]["C"] == [p["C"] for p in pts["frontier"]]
+  assert comp["report"]["bootstrap"]["sources"] == chin["report"]["bootstrap"]["sources"] == ["runs", "eval_loss_sem"]
+  assert saved["metrics"]["probe.auc"]["vs_loss"]["report"]["bootstrap"]["sources"] == ["runs"]
   probe = saved["metrics"]["probe.auc"]["vs_loss"]
   assert probe["slope"]["value"] == pytest.approx(-0.9, abs=0.03)
   for name in ("loss_vs_compute", "isoflop", "metric_probe.auc"):
@@ -99,10 +114,55 @@ def test_fit_runs_writes_table_fit_json_and_plots(fake_sweep, tmp_path):
 def test_fit_runs_reports_too_few_runs_instead_of_failing(tmp_path):
   root = str(tmp_path / "sweep")
   scaling_fakes.write_sweep(root, sizes=(2e4, 2e5), budgets=(2e6, 2e7))
-  result = fit_cli.fit_runs(root, str(tmp_path / "fit"), n_boot=5, seed=0, holdout=1, level=0.95,
-                            loss="final", make_plots=False)
+  kw = dict(n_boot=5, seed=0, holdout=1, level=0.95, loss="final", make_plots=False)
+  result = fit_cli.fit_runs(root, str(tmp_path / "fit"), **kw)
   assert "need at least 7" in result["chinchilla"]["error"]
-  assert "alpha" in result["compute"]                      # the curves still give a frontier
+  # Four annealed points are too few for L(C), and the error says how to take the rest knowingly.
+  assert "need at least 5" in result["compute"]["error"] and "--points=all" in result["compute"]["error"]
+  result = fit_cli.fit_runs(root, str(tmp_path / "fit"), points="all", **kw)
+  assert "alpha" in result["compute"]                      # every eval of the curves gives a frontier
+  pts = result["compute_points"]
+  assert pts["mode"] == "all" and pts["warning"] in result["warnings"] and pts["n_not_annealed"] > 0
+  assert {p["why"] for p in pts["frontier"]} <= {"end_of_schedule", "not_annealed"}
+  with open(tmp_path / "fit" / "fit.json") as f:
+    assert "not annealed" in json.load(f)["warnings"][0]
+  with pytest.raises(ConfigError, match="points"):
+    fit_cli.fit_runs(root, str(tmp_path / "fit"), points="some", **kw)
+
+
+def test_wsd_runs_give_their_marked_cooldown_ends_and_constant_runs_none(tmp_path):
+  root = str(tmp_path / "sweep")
+  for i, n in enumerate((2e4, 2e5, 2e6)):
+    for j, b in enumerate((2e6, 2e7)):
+      steps = int(b // 256)
+      scaling_fakes.write_run(os.path.join(root, f"wsd_{i}{j}"), n_params=int(n), budget=b, schedule="wsd",
+                              annealed_steps=(steps // 3,), seed=10 * i + j)
+  scaling_fakes.write_run(os.path.join(root, "const"), n_params=int(2e4), budget=2e7, schedule="constant")
+  result = fit_cli.fit_runs(root, str(tmp_path / "fit"), n_boot=10, seed=0, holdout=1, level=0.95, loss="final",
+                            make_plots=False)
+  pts = result["compute_points"]
+  assert pts["n_candidates"] == 12 and pts["n_runs"] == 6 and pts["n_not_annealed"] == 0
+  assert pts["excluded"] == [{"run": "const", "why": "no annealed eval: schedule 'constant' does not anneal and "
+                                                     "no metrics line is marked annealed"}]
+  assert {p["why"] for p in pts["frontier"]} == {"marked_annealed", "end_of_schedule"}
+  for p in pts["frontier"]:   # wsd_<size><budget>: the cooldown end at a third of the run, or the last step
+    steps = int((2e6, 2e7)[int(p["run"][-1])] // 256)
+    assert p["step"] == (steps // 3 if p["why"] == "marked_annealed" else steps), p
+  assert "alpha" in result["compute"]
+
+
+def test_end_of_schedule_point_falls_back_on_the_summary(tmp_path):
+  """A metrics.jsonl that lost its last-step line (a torn write) still gives the run's end-of-schedule eval."""
+  root = str(tmp_path / "sweep")
+  scaling_fakes.write_run(os.path.join(root, "r"), n_params=20000, budget=2e6)
+  path = os.path.join(root, "r", "metrics.jsonl")
+  with open(path) as f:
+    lines = f.readlines()
+  with open(path, "w") as f:
+    f.writelines(lines[:-1])
+  row = collect.collect(root)[0]
+  pts = frontier.select([row])["points"]
+  assert [(p["step"], p["loss"], p["why"]) for p in pts] == [(row["steps"], row["final_eval_loss"], "end_of_schedule")]
 
 
 def _glp_fit(*args):
@@ -130,11 +190,21 @@ def test_glp_fit_table_forms(tmp_path):
                   f"--out={tmp_path / 'cfit'}")
   assert head["compute"]["alpha"]["value"] == pytest.approx(0.169, rel=0.01)
   assert os.path.exists(tmp_path / "cfit" / "loss_vs_compute.png")
+  with open(tmp_path / "c_sem.csv", "w", newline="") as f:   # a loss_sem column reaches the bootstrap
+    f.write("C,loss,loss_sem\n" + "".join(f"{c},{0.52 + 435.1 * c ** -0.169},0.01\n" for c in C))
+  rep = fit_cli.fit_table(str(tmp_path / "c_sem.csv"), "compute", str(tmp_path / "sfit"), n_boot=5, seed=0,
+                          holdout=1, level=0.95, make_plots=False)["compute"]["report"]
+  assert rep["bootstrap"]["sources"] == ["runs", "eval_loss_sem"]
 
 
 def test_glp_fit_runs_cli(fake_sweep, tmp_path):
   head = _glp_fit(f"--runs={fake_sweep[0]}", f"--out={tmp_path}", "--n_bootstrap=5", "--noplots", "--loss=best")
   assert set(head) == {"compute", "chinchilla"} and "ci" in head["chinchilla"]["beta"]
   with open(tmp_path / "fit.json") as f:
-    assert json.load(f)["loss_column"] == "best_eval_loss"
+    saved = json.load(f)
+  assert saved["loss_column"] == "best_eval_loss" and saved["compute_points"]["mode"] == "annealed"
   assert os.path.exists(tmp_path / "runs.csv") and not os.path.exists(tmp_path / "isoflop.png")
+  _glp_fit(f"--runs={fake_sweep[0]}", f"--out={tmp_path / 'all'}", "--n_bootstrap=5", "--noplots", "--points=all")
+  with open(tmp_path / "all" / "fit.json") as f:
+    saved = json.load(f)
+  assert saved["compute_points"]["mode"] == "all" and len(saved["warnings"]) == 1

@@ -90,3 +90,82 @@ def test_heldout_rule_is_a_pure_function_of_seed_and_id():
   assert 150 < len(held) < 250
   assert held != [i for i in ids if corpus_lib.is_heldout(i, 43, 0.05)]
   assert not any(corpus_lib.is_heldout(i, 42, 0.0) for i in ids)
+
+
+def test_errors_are_glp_errors():
+  from glp_jax.util.errors import GlpError
+  assert issubclass(corpus_lib.CorpusError, GlpError)
+
+
+def test_text_files_are_strict_utf8_and_jsonl_lines_well_formed(tmp_path):
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes("line one\nline two\ncaf\u00e9 au lait\n".encode("latin-1"))
+  with pytest.raises(corpus_lib.CorpusError, match=r"bad.txt:3: not valid UTF-8"):
+    list(corpus_lib.file_documents(str(bad)))
+  lines = [json.dumps({"text": "fine"}).encode(), b'{"text": "cut sh', json.dumps({"text": "late"}).encode()]
+  (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  with pytest.raises(corpus_lib.CorpusError, match=r"a.jsonl:2: malformed JSON"):
+    list(corpus_lib.file_documents(str(tmp_path / "a.jsonl")))
+  (tmp_path / "b.jsonl").write_bytes(lines[0] + b"\n\n" + '{"text": "\u00e9"}'.encode("latin-1") + b"\n")
+  with pytest.raises(corpus_lib.CorpusError, match=r"b.jsonl:3: not valid UTF-8"):
+    list(corpus_lib.file_documents(str(tmp_path / "b.jsonl")))
+  (tmp_path / "c.jsonl").write_text('["text"]\n')
+  with pytest.raises(corpus_lib.CorpusError, match=r"c.jsonl:1: expected a JSON object, got list"):
+    list(corpus_lib.file_documents(str(tmp_path / "c.jsonl")))
+  (tmp_path / "d.jsonl").write_text('{"text": 3}\n')
+  with pytest.raises(corpus_lib.CorpusError, match=r"d.jsonl:1: field 'text' holds int"):
+    list(corpus_lib.file_documents(str(tmp_path / "d.jsonl")))
+
+
+def test_labelled_is_documents_with_the_split_up_to_max_docs():
+  c = corpus_lib.Corpus(seed=1, heldout_fraction=0.3, max_docs=20)
+  labelled = list(c.labelled())
+  docs = list(c.documents())
+  assert [d for d, _ in labelled] == docs[:len(labelled)]
+  assert [h for d, h in labelled] == [corpus_lib.is_heldout(d.id, 1, 0.3) for d, _ in labelled]
+  assert [d for d, h in labelled if not h] == list(c.train())                   # ends at the 20th training doc
+  assert not labelled[-1][1] and sum(h for _, h in labelled) > 0
+  held = [d for d, h in labelled if h]
+  assert list(c.heldout())[:len(held)] == held                                   # evaluations see these texts
+
+
+# ------------------------------------------------------------------ the python-packages source
+from test_pypackages import LICENCE_MARKERS, PACKAGES, site  # noqa: E402,F401  (a fake installed site)
+from glp_jax.extraction import pypackages  # noqa: E402
+
+SOURCE = "python-packages:" + ",".join(PACKAGES)
+
+
+def test_python_packages_source(site):
+  a = corpus_lib.Corpus(SOURCE, seed=5, heldout_fraction=0.3)
+  labelled = list(a.labelled())
+  ids = [d.id for d, _ in labelled]
+  assert len(ids) > 5 and all(i.startswith("pypkg:glp-fake-") for i in ids)
+  assert [d.id for d, _ in corpus_lib.Corpus(SOURCE, seed=5, heldout_fraction=0.3).labelled()] == ids
+  assert sorted(ids) == sorted(i for i, _ in pypackages.package_documents(PACKAGES))   # deduplicated already
+  assert ids != sorted(ids)                                                           # the seeded shuffle
+  assert [d.id for d in corpus_lib.Corpus(SOURCE, seed=6).documents()] != ids
+  assert [h for _, h in labelled] == [corpus_lib.is_heldout(i, 5, 0.3) for i in ids] and any(
+      h for _, h in labelled)
+  assert not any(m in d.text for d, _ in labelled for m in LICENCE_MARKERS)
+  entry = a.description()["python_packages"]
+  assert entry == pypackages.describe(PACKAGES)
+  assert list(entry)[0] == "content_hash" and entry["packages"] == [["glp-fake-alpha", "1.0"],
+                                                                    ["glp-fake-beta", "2.0"]]
+  assert set(entry["skipped"]) == set(pypackages.SKIP_REASONS)
+  one = corpus_lib.Corpus("python-packages:glp-fake-beta")
+  assert all(d.id.startswith("pypkg:glp-fake-beta==") for d in one.documents())
+  with pytest.raises(corpus_lib.CorpusError, match="python-packages:glp-no-such.*not installed: glp-no-such"):
+    list(corpus_lib.Corpus("python-packages:glp-no-such").documents())
+
+
+def test_python_packages_reads_once(site, monkeypatch):
+  calls = []
+  real = pypackages.collect
+  monkeypatch.setattr(pypackages, "collect", lambda *a, **k: calls.append(1) or real(*a, **k))
+  c = corpus_lib.Corpus(SOURCE)
+  c.description()
+  list(c.labelled())
+  list(c.train())
+  c.description()
+  assert len(calls) == 1

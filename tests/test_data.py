@@ -165,9 +165,10 @@ def test_heldout_rows_fixed_and_from_documents(workdir):
   assert set(ld.heldout_ids.tolist()) == held
   stream = ids_of(ld, int(ld.steps_per_pass))[:, 0]
   assert not held & set(stream.tolist())
-  h = ld.heldout(150)
+  h = ld.heldout(150)   # spread evenly over the held-out rows, so over both documents
   raw = h.x_BxD * np.sqrt(ld.normalizer.var) + ld.normalizer.mean
-  np.testing.assert_allclose(raw[:, 0], sorted(held)[:150], atol=1e-3)
+  np.testing.assert_allclose(raw[:, 0], np.asarray(sorted(held))[(np.arange(150) * 200) // 150], atol=1e-3)
+  assert sorted(set(h.doc_B.tolist())) == [3, 20]
   two = [loader(path, process_index=i, process_count=2).heldout(150) for i in range(2)]
   np.testing.assert_array_equal(np.concatenate([t.x_BxD for t in two]), h.x_BxD)
 
@@ -222,7 +223,7 @@ def test_bad_inputs_give_clear_errors(workdir):
     loader(other, expect_dtype="bfloat16")
   with pytest.raises(StoreError, match="layer 9 not in"):
     loader(other, layer=9)
-  with pytest.raises(ValueError, match="multiple of groups"):
+  with pytest.raises(ValueError, match="multiple of config.data.groups=4"):
     loader(other, batch_size=66)
   with pytest.raises(ValueError, match="process count"):
     loader(other, process_count=3, process_index=0)
@@ -276,3 +277,25 @@ def test_from_train_config_and_grain_workers(workdir):
     want = both.batch(s)
     np.testing.assert_array_equal(b.x_BxD, want.x_BxD)
     np.testing.assert_array_equal(b.layer_B, want.layer_B)
+
+
+def test_heldout_documents_are_never_trained_on(workdir):
+  """A store with a held-out split (as glp-extract writes it): a full pass of training batches holds no row
+  of a held-out document, and the held-out batch names only held-out documents."""
+  path = os.path.join(workdir, "split")
+  held_docs = {3, 11, 17, 29}
+  rng = np.random.default_rng(0)
+  with StoreWriter.create(path, layers=[0], d=D, dtype="float32", shard_rows=256, chunk_rows=32) as st:
+    for doc in range(40):
+      x = rng.normal(size=(100, D)).astype(np.float32)
+      x[:, 0] = doc                      # column 0: the document
+      st.append({0: x}, doc, np.arange(100), heldout=doc in held_docs)
+  assert ActivationStore.open(path).manifest["heldout"]["doc_ids"] == sorted(held_docs)
+  ld = loader(path, batch_size=64, block_rows=16, window_blocks=8, groups=4)
+  assert ld.heldout_split and len(ld.heldout_ids) == 400
+  seen = ids_of(ld, int(ld.steps_per_pass))[:, 0]
+  assert not set(seen.tolist()) & held_docs and len(seen) == ld.rows_per_pass
+  h = ld.heldout(200)
+  assert set(h.doc_B.tolist()) == held_docs   # spread over all four documents
+  raw = h.x_BxD[:, 0] * np.sqrt(ld.normalizer.var[0]) + ld.normalizer.mean[0]
+  np.testing.assert_allclose(raw, h.doc_B, atol=1e-3)

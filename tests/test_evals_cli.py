@@ -13,8 +13,7 @@ pytestmark = pytest.mark.torch
 def setup(tmp_path_factory):
   import torch
   import transformers
-  from glp_jax.extraction import lm
-  from glp_jax.data import store as store_lib
+  from glp_jax.torch import lm
   from glp_jax.evals import tasks
   from glp_jax.torch import GLP, DenoiserConfig
   torch.manual_seed(0)
@@ -49,7 +48,7 @@ def test_cli_all_quick_writes_flat_json(setup):
   finally:
     cli.FLAGS.unparse_flags()
   res = {}
-  for name in cli.NAMES:
+  for name in cli.runner.NAMES:
     with open(os.path.join(out, f"eval_{name}.json")) as f:
       res[name] = json.load(f)
     assert all(isinstance(v, (int, float)) for v in res[name].values()), name
@@ -62,25 +61,73 @@ def test_cli_all_quick_writes_flat_json(setup):
   assert res["probe"]["probe_auc_raw/question"] > 0.95
   assert np.isfinite(res["steer"]["steer_glp_concept"])
   assert os.path.exists(os.path.join(out, "steer_frontier.png"))
-  assert not [f for f in os.listdir(out) if f.startswith("eval_") and f[5:-5] not in cli.NAMES]
+  assert not [f for f in os.listdir(out) if f.startswith("eval_") and f[5:-5] not in cli.runner.NAMES]
 
 
 def test_jax_run_and_torch_export_give_the_same_fd(setup, tmp_path):
   # The same weights as a glp_jax run dir (glp-import of the export) and as the torch export: one number.
   from glp_jax.interop import import_ref
-  from glp_jax.evals import cli
+  from glp_jax.evals import runner
   cfg = import_ref.default_config()
   cfg.batch_size, cfg.num_activations = 8, 80
   run = str(tmp_path / "run")
   import_ref.import_prior(f"{setup}/export", run, config=cfg)
   got = {}
-  for name, prior in (("jax", run), ("torch", f"{setup}/export")):
-    cli.FLAGS(["glp-eval", f"--prior={prior}", f"--store={setup}/store", f"--out={tmp_path / name}",
-               "--quick"])
-    try:
-      os.makedirs(tmp_path / name)
-      got[name] = cli.evaluate("fd", cli.Context(), str(tmp_path / name))
-    finally:
-      cli.FLAGS.unparse_flags()
+  for name, prior in (("jax", run), ("torch", f"{setup}/export")):   # from Python, no flags involved
+    got[name] = runner.evaluate_all("fd", runner.Options(prior=prior, store=f"{setup}/store",
+                                                         out=str(tmp_path / name), quick=True))["fd"]
   assert got["jax"]["fd_floor"] == got["torch"]["fd_floor"]
   np.testing.assert_allclose(got["jax"]["fd"], got["torch"]["fd"], rtol=1e-3)
+
+
+def test_prior_as_a_hub_repo_id(setup, tmp_path, monkeypatch):
+  """--prior=org/name resolves through the Hub cache (offline); results then need --out."""
+  from glp_jax.evals import cli
+  from glp_jax.util.errors import ConfigError
+  from hub_fakes import install_fake_hub
+  from glp_jax.torch import hub
+  install_fake_hub(monkeypatch, str(tmp_path / "hub"))
+  hub.push_folder(f"{setup}/export", "org/tiny-prior")
+  cli.FLAGS(["glp-eval", "--prior=org/tiny-prior", f"--store={setup}/store", f"--out={tmp_path / 'out'}",
+             "--quick"])
+  try:
+    cli.main(cli.FLAGS, ["fd"])
+  finally:
+    cli.FLAGS.unparse_flags()
+  res = json.load(open(tmp_path / "out" / "eval_fd.json"))
+  assert res["fd_num_samples"] == 300 and res["fd_rank_deficient"] == 0.0 and res["lm_layer"] == 1
+  cli.FLAGS(["glp-eval", "--prior=org/tiny-prior", f"--store={setup}/store"])
+  try:
+    with pytest.raises(ConfigError, match="pass --out"):
+      cli.main(cli.FLAGS, ["fd"])
+  finally:
+    cli.FLAGS.unparse_flags()
+
+
+def test_imported_run_is_not_taken_for_a_default_store_run(setup, tmp_path, monkeypatch):
+  """An imported run's config has data.store = "" too: it must not be evaluated on the embedded default."""
+  from glp_jax.evals import runner
+  from glp_jax.interop import import_ref
+  from glp_jax.training import input as input_lib
+  monkeypatch.setattr(input_lib, "default_store", lambda: pytest.fail("resolved the default store"))
+  cfg = import_ref.default_config()
+  cfg.batch_size, cfg.num_activations = 8, 80
+  import_ref.import_prior(f"{setup}/export", str(tmp_path / "run"), config=cfg)
+  ctx = runner.Context(runner.Options(prior=str(tmp_path / "run")))
+  assert ctx.store is None and ctx.lm_name is None
+
+
+def test_fewer_steering_prompts_than_asked_are_warned_and_recorded(tmp_path, monkeypatch, caplog):
+  from glp_jax.evals import runner, steer
+  seen = {}
+
+  def fake_steering(prior, model, tok, layer, pos, neg, prompts, **kw):
+    seen["prompts"] = prompts
+    return {"steer_num_prompts": float(len(prompts))}, []
+  monkeypatch.setattr(steer, "evaluate_steering", fake_steering)
+  ctx = type("Ctx", (), {"prior": None, "layer": 1, "lm": lambda self: (None, None),
+                         "opts": runner.Options(prior="x", num_prompts=50)})()
+  with caplog.at_level("WARNING", logger="glp_jax"):
+    res = runner.run_steer(ctx, str(tmp_path))
+  assert len(seen["prompts"]) == 10 and res["steer_num_prompts_requested"] == 50
+  assert "--num_prompts=50 but only 10 neutral prompts exist" in caplog.text

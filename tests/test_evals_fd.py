@@ -103,3 +103,28 @@ def test_euler_grid_matches_reference():
 def test_split_halves_needs_enough_rows():
   with pytest.raises(ValueError, match="need 20 real rows"):
     fd.split_halves(np.zeros((19, 2)), 10)
+
+
+def test_too_few_samples_for_d_are_warned_and_recorded(caplog):
+  """The CLI caps num_samples at half the held-out rows: below D both covariances are rank-deficient."""
+  rng = np.random.default_rng(5)
+  d = 24
+  mean, var = rng.standard_normal(d), rng.uniform(0.5, 2.0, d)
+  prior = prior_lib.gaussian_prior(mean, var)
+  real = mean + rng.standard_normal((40, d)) * np.sqrt(var)      # 20 per side <= D
+  with caplog.at_level("WARNING", logger="glp_jax"):
+    out = fd.evaluate_fd(prior, real, num_samples=50_000, steps=10)
+  assert (out["fd_num_samples"], out["fd_num_samples_requested"], out["fd_dim"]) == (20, 50_000, d)
+  assert out["fd_rank_deficient"] == 1.0 and out["fd_samples_per_dim"] == 20 / d
+  text = caplog.text
+  assert "not the 50000 asked for (40 real rows" in text and "rank-deficient (rank <= 19)" in text
+  # Between D and 2D: full rank, still warned as noisy; from 2D on: silent and recorded as fine.
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="glp_jax"):
+    out = fd.evaluate_fd(prior, mean + rng.standard_normal((60, d)) * np.sqrt(var), num_samples=30, steps=10)
+  assert out["fd_rank_deficient"] == 0.0 and "noisy" in caplog.text and "rank-deficient" not in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="glp_jax"):
+    out = fd.evaluate_fd(prior, mean + rng.standard_normal((200, d)) * np.sqrt(var), num_samples=48, steps=10)
+  assert out["fd_rank_deficient"] == 0.0 and not caplog.records
+  assert all(isinstance(v, float) for v in out.values())   # the flat {key: float} contract

@@ -14,7 +14,7 @@ DOCS = ["The quick brown fox jumps over the lazy dog near the quiet river bank t
 def tiny_lm(tmp_path_factory):
   import torch
   import transformers
-  from glp_jax.extraction import lm
+  from glp_jax.torch import lm
   torch.manual_seed(0)
   tok = lm.load_tokenizer(lm.EMBEDDED)
   cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -58,8 +58,8 @@ def test_delta_lm_identity_is_exactly_zero(tiny_lm):
 
 
 def test_delta_lm_mean_replacement_hurts_a_real_lm():
-  from glp_jax.extraction import lm
-  from glp_jax.evals import delta_lm, prior as prior_lib, tasks
+  from glp_jax.torch import lm
+  from glp_jax.evals import delta_lm, tasks
   model, tok = lm.load_causal_lm(lm.EMBEDDED, dtype="float32")
   x = tasks.last_token_activations(model, tok, DOCS, 10, max_length=24)
   edits = {"mean": delta_lm.constant_edit(x.mean(0)), "identity": delta_lm.identity_edit}
@@ -92,7 +92,7 @@ def test_judge_rating_parser():
 
 def test_last_token_activations_and_mlp_neurons(tiny_lm):
   import torch
-  from glp_jax.extraction import lm
+  from glp_jax.torch import lm
   from glp_jax.evals import tasks
   model, tok = tiny_lm
   texts = ["A short one.", "A somewhat longer sentence than the first one is."]

@@ -136,3 +136,27 @@ def test_sae_probes_csv_loader(tmp_path):
   (tmp_path / "bad" / "x.csv").write_text("prompt,target\na,0\nb,1\nc,2\n")
   with pytest.raises(ValueError, match="3 distinct values"):
     tasks.load_sae_probes_csv(str(tmp_path / "bad"))
+
+
+def test_small_classes_are_warned_recorded_and_unprobeable_tasks_skipped(caplog):
+  from glp_jax.evals import prior as prior_lib
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((300, 8))
+  p = prior_lib.gaussian_prior(np.zeros(8), np.ones(8))
+  p.meta_neurons_fn = lambda z, t: z          # a stand-in: meta-neurons = the normalised input
+  y_ok = np.arange(300) % 2 == 0
+  y_small = np.zeros(300, bool)
+  y_small[:12] = True                          # 12 positives: a handful per split
+  y_none = np.zeros(300, bool)
+  y_none[0] = True                             # one positive: cannot be probed
+  with caplog.at_level("WARNING", logger="glp_jax"):
+    out = probe.evaluate_probe(p, {"ok": (x, y_ok), "small": (x, y_small), "none": (x, y_none)}, sigmas=(0.1,),
+                               top_k=4, n_bootstrap=50)
+  assert out["probe_class_min/ok"] >= 50 and 0 < out["probe_class_min/small"] < probe.SMALL_CLASS
+  assert out["probe_class_min/none"] == 0
+  assert (out["probe_small_tasks"], out["probe_skipped_tasks"], out["probe_tasks"]) == (2, 1, 2)
+  assert "probe_auc_raw/none" not in out and "probe_auc_raw/small" in out
+  assert "task 'small' has a class with" in caplog.text and "task 'none' skipped" in caplog.text
+  assert "task 'ok'" not in caplog.text
+  with pytest.raises(ValueError, match="no task has enough examples"):
+    probe.evaluate_probe(p, {"none": (x, y_none)}, sigmas=(), n_bootstrap=10)

@@ -85,6 +85,27 @@ def write_reference(path, multi: int = 0, seed: int = 0):
   return tensors, stats
 
 
+DEFAULT_LM = "tiny/default-lm"
+DEFAULT_CORPUS = {"source": "embedded:pydoc", "description": "Python documentation (tiny test copy)",
+                  "heldout": {"seed": 0, "fraction": 0.05}}
+
+
+@pytest.fixture(scope="module")
+def default_store_cache(tmp_path_factory):
+  """A $GLP_JAX_CACHE whose embedded default store is a tiny synthetic one (LM DEFAULT_LM, layer 3, D)."""
+  from glp_jax.data.store import default_store_path
+  cache = str(tmp_path_factory.mktemp("glp_cache"))
+  tiny_store(default_store_path(cache), metadata={"model": DEFAULT_LM, "corpus": DEFAULT_CORPUS})
+  return cache
+
+
+@pytest.fixture(autouse=True)
+def tiny_default_store(default_store_cache, monkeypatch):
+  """Runs with data.store = "" (make_run, imports) resolve the default store: never build the real one here."""
+  monkeypatch.setenv("GLP_JAX_CACHE", default_store_cache)
+  return default_store_cache
+
+
 def small_config(ema: float = 0.0) -> ml_collections.ConfigDict:
   c = import_ref.default_config()
   c.batch_size, c.num_activations, c.opt.ema_decay = 8, 80, ema
@@ -164,7 +185,7 @@ def make_run(workdir: str, step: int = 6):
 def test_export_uses_ema_and_records_provenance(tmp_path):
   run = str(tmp_path / "run")
   ema_flat, raw_flat = make_run(run)
-  res = export_lib.export(run, str(tmp_path / "out"), dtype="bfloat16")
+  export_lib.export(run, str(tmp_path / "out"), dtype="bfloat16")
   sd = safetensors.torch.load_file(str(tmp_path / "out" / "model.safetensors"))
   for k, v in ema_flat.items():
     assert sd[k].dtype == torch.bfloat16
@@ -257,12 +278,11 @@ def test_bad_reference_folder_names_the_key(tmp_path):
     import_ref.import_prior(str(ref), str(tmp_path / "ok"), config=cfg)
 
 
-def tiny_store(path: str, rows: int = 2048) -> str:
-  from glp_jax.data.store import ActivationStore
+def tiny_store(path: str, rows: int = 2048, metadata: dict | None = None) -> str:
   rng = np.random.default_rng(0)
   mean, scale, mix = rng.normal(size=D) * 3, rng.uniform(0.5, 2, size=D), rng.normal(size=(2, D))
   st = StoreWriter.create(path, layers=[3], d=D, dtype="float32", shard_rows=1024, chunk_rows=256,
-                              metadata={"model": "tiny/lm"})
+                          metadata=metadata or {"model": "tiny/lm"})
   for doc in range(rows // 64):
     x = rng.normal(size=(64, 2)) @ mix + 0.1 * rng.normal(size=(64, D))
     st.append({3: ((x + mean) * scale).astype(np.float32)}, doc_id=doc, positions=np.arange(64))

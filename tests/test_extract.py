@@ -51,7 +51,7 @@ def test_windows_are_aligned_to_fixed_boundaries():
 
 # ------------------------------------------------------------------ with torch
 torch = pytest.importorskip("torch")
-from glp_jax.extraction import lm  # noqa: E402
+from glp_jax.torch import lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +75,13 @@ def _config(model, **over):
 
 
 def _reference(model_path, config, layer_ids):
-  """Per document, unbatched: hidden_states[L + 1] of output_hidden_states=True, BOS dropped."""
+  """Per document of the extraction order (training and held-out), unbatched: hidden_states[L + 1] of
+  output_hidden_states=True, BOS dropped. Returns (token ids, held-out flags, {layer: rows of each doc})."""
   from glp_jax.extraction import corpus as corpus_lib
   model, tok = lm.load_causal_lm(model_path, "float32", "cpu")
   rule = extract.token_rule(tok, True)
-  docs = list(corpus_lib.Corpus.from_config(config.corpus).train())
-  ids = extract.encode(tok, [d.text for d in docs], config.context_length, rule)
+  docs = list(corpus_lib.Corpus.from_config(config.corpus).labelled())
+  ids = extract.encode(tok, [d.text for d, _ in docs], config.context_length, rule)
   out = {l: [] for l in layer_ids}
   with torch.inference_mode():
     for x in ids:
@@ -88,30 +89,46 @@ def _reference(model_path, config, layer_ids):
       hs = model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True).hidden_states
       for l in layer_ids:
         out[l].append(hs[l + 1][0, 1:].numpy())
-  return ids, {l: np.concatenate(v) for l, v in out.items()}
+  return ids, [h for _, h in docs], out
 
 
 @pytest.mark.torch
 def test_rows_equal_output_hidden_states_bit_exactly(tiny, workdir):
   # One document per forward batch: the same matmul shapes as the unbatched reference, so bit-exact.
-  config = _config(tiny, max_batch_docs=1)
+  config = _config(tiny, max_batch_docs=1, **{"corpus.heldout_fraction": 0.3})
   summary = extract.extract(config, workdir)
   st = store_lib.ActivationStore.open(summary["store"])
-  ids, ref = _reference(tiny, config, [1, 3])
+  ids, held, ref = _reference(tiny, config, [1, 3])
+  train = [i for i, h in enumerate(held) if not h]
+  heldout = [i for i, h in enumerate(held) if h]
+  assert len(train) == 12 and len(heldout) >= 2          # max_docs counts training documents
   assert st.layers == [1, 3] and st.d == 64 and st.dtype == "float32"
-  assert st.num_docs == 12 and st.num_rows == sum(len(x) - 1 for x in ids)  # every token but BOS
+  assert st.num_docs == 12 and st.num_rows == sum(len(ids[i]) - 1 for i in train)  # every token but BOS
   assert all(x[0] == 1 for x in ids)                                          # the BOS that was dropped
-  np.testing.assert_array_equal(st.read(0, st.num_rows, layer=1), ref[1])
+  np.testing.assert_array_equal(st.read(0, st.num_rows, layer=1), np.concatenate([ref[1][i] for i in train]))
   # The last layer's hidden_states entry has the final norm applied; the store holds the residual stream.
   model, _ = lm.load_causal_lm(tiny, "float32", "cpu")
   with torch.inference_mode():
     normed = model.model.norm(torch.from_numpy(st.read(0, st.num_rows, layer=3))).numpy()
-  np.testing.assert_allclose(normed, ref[3], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(normed, np.concatenate([ref[3][i] for i in train]), rtol=1e-5, atol=1e-6)
   docs = st.docs()
-  assert docs[:, 0].tolist() == list(range(12))
-  assert docs[:, 2].tolist() == [len(x) - 1 for x in ids]
-  assert st.positions().tolist() == [p for x in ids for p in range(1, len(x))]
-  # Statistics over all rows match numpy.
+  assert docs[:, 0].tolist() == train                   # doc_id = index in the corpus order
+  assert docs[:, 2].tolist() == [len(ids[i]) - 1 for i in train]
+  assert st.positions().tolist() == [p for i in train for p in range(1, len(ids[i]))]
+  # The held-out split: listed in the manifest, rows equal to the LM's, none of them in the training split.
+  assert st.manifest["format_version"] == 2
+  assert st.manifest["heldout"]["doc_ids"] == st.heldout_docs()[:, 0].tolist() == heldout
+  assert summary["heldout_num_docs"] == len(heldout) and summary["heldout_num_rows"] == st.heldout_num_rows
+  np.testing.assert_array_equal(st.read_heldout(0, st.heldout_num_rows, layer=1),
+                                np.concatenate([ref[1][i] for i in heldout]))
+  assert st.heldout_positions().tolist() == [p for i in heldout for p in range(1, len(ids[i]))]
+  assert not set(docs[:, 0].tolist()) & set(heldout)
+  # Evaluations rebuild the held-out texts from the manifest's corpus entry: the same documents, in order.
+  from glp_jax.extraction import corpus as corpus_lib
+  labelled = [d for d, _ in corpus_lib.Corpus.from_config(config.corpus).labelled()]
+  rebuilt = list(corpus_lib.Corpus.from_config(config.corpus).heldout())[:len(heldout)]
+  assert [d.id for d in rebuilt] == [labelled[i].id for i in heldout]
+  # Statistics over the training rows only match numpy.
   for l in (1, 3):
     s = st.stats(l)
     x = st.read(0, st.num_rows, layer=l).astype(np.float64)
@@ -121,25 +138,29 @@ def test_rows_equal_output_hidden_states_bit_exactly(tiny, workdir):
   # An f32 store reads back with plain zarr.
   zarr = pytest.importorskip("zarr")
   z = zarr.open_array(os.path.join(summary["store"], "layer_01"), mode="r")
-  np.testing.assert_array_equal(np.asarray(z[:st.num_rows]), ref[1])
+  np.testing.assert_array_equal(np.asarray(z[:st.num_rows]), np.concatenate([ref[1][i] for i in train]))
   meta = st.metadata
   assert meta["model"] == tiny and "leading BOS" in meta["token_selection"]["rule"]
-  assert meta["corpus"]["heldout"]["fraction"] == 0.05
+  assert meta["corpus"]["heldout"]["fraction"] == 0.3 and "held-out" in meta["doc_id"]
 
 
 @pytest.mark.torch
 def test_batched_rows_match_and_subsampling(tiny, workdir):
-  config = _config(tiny, tokens_per_doc=7, max_rows=40, layers=(2,))
+  config = _config(tiny, tokens_per_doc=7, max_rows=60, layers=(2,), **{"corpus.heldout_fraction": 0.3})
   summary = extract.extract(config, workdir)
   st = store_lib.ActivationStore.open(summary["store"])
-  ids, ref = _reference(tiny, config, [2])
+  ids, held, ref = _reference(tiny, config, [2])
   pos = st.positions()
   docs = st.docs()
-  assert st.num_rows >= 40 and st.num_rows - docs[-1, 2] < 40       # stops after the doc reaching 40
-  offsets = np.cumsum([0] + [len(x) - 1 for x in ids])
-  want = np.concatenate([ref[2][offsets[d] + pos[a:a + n] - 1] for d, a, n, _ in docs])
+  assert st.num_rows >= 60 and st.num_rows - docs[-1, 2] < 60       # stops after the doc reaching 60
+  want = np.concatenate([ref[2][d][pos[a:a + n] - 1] for d, a, n, _ in docs])
   np.testing.assert_allclose(st.read(0, st.num_rows), want, rtol=1e-5, atol=1e-5)
   assert (docs[:, 2] == 7).all() and pos.min() >= 1
+  hdocs, hpos = st.heldout_docs(), st.heldout_positions()
+  assert len(hdocs) and hdocs[:, 0].max() < docs[-1, 0]   # max_rows counts training rows; nothing after
+  assert sorted(hdocs[:, 0].tolist() + docs[:, 0].tolist()) == list(range(docs[-1, 0] + 1))
+  want = np.concatenate([ref[2][d][hpos[a:a + n] - 1] for d, a, n, _ in hdocs])
+  np.testing.assert_allclose(st.read_heldout(0, st.heldout_num_rows), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.torch
@@ -160,6 +181,49 @@ def test_bad_inputs(tiny, workdir, tmp_path):
   with pytest.raises(Exception, match="no tokens|yields no"):
     extract.extract(_config(tiny, **{"corpus.source": str(empty)}), str(tmp_path / "w2"))
   assert not os.path.exists(tmp_path / "w2" / "store")
+
+
+def _poison(model, tok, config, doc_index):
+  """Hooks that make layer 3's output NaN at kept row 2 of document `doc_index` (its batch row is found by its
+  token ids), so the NaN comes out of the model, batched, and the device-side check must catch it."""
+  from glp_jax.extraction import corpus as corpus_lib
+  from glp_jax.torch.hooks import hidden_of
+  doc = list(corpus_lib.Corpus.from_config(config.corpus).labelled())[doc_index][0]
+  target = extract.encode(tok, [doc.text], config.context_length, extract.token_rule(tok, True))[0]
+  seen = {}
+
+  def inputs(module, args, kwargs):
+    seen.update(ids=kwargs["input_ids"].cpu().numpy(), mask=kwargs["attention_mask"].cpu().numpy())
+
+  def poison(module, args, output):
+    n = len(target)
+    for r in range(seen["ids"].shape[0]):
+      if seen["mask"][r].sum() == n and (seen["ids"][r, :n] == target).all():
+        hidden_of(output)[r, 3, 5] = float("nan")   # position 3 = kept row 2 (BOS dropped)
+  return [model.register_forward_pre_hook(inputs, with_kwargs=True),
+          lm.decoder_layers(model)[3].register_forward_hook(poison)]
+
+
+@pytest.mark.torch
+def test_non_finite_rows_fail_and_an_empty_store_is_removed(tiny, workdir):
+  config = _config(tiny, **{"corpus.max_docs": 60})
+  model, tok = lm.load_causal_lm(tiny, "float32", "cpu")
+  hooks = _poison(model, tok, config, 0)
+  with pytest.raises(store_lib.StoreError, match=r"doc 0: layer 3 has non-finite values .* in 1 of its \d+ "
+                                                 r"rows \(first: row 2\)"):
+    extract.extract(config, workdir, loaded=(model, tok))
+  assert not os.path.exists(os.path.join(workdir, "store"))   # it committed nothing: no store is left
+  for h in hooks:
+    h.remove()
+  # A later window (~3000 rows in: the pipelined writer has committed by then, every 4 x 4 shards of 128).
+  hooks = _poison(model, tok, config, 10 * config.window_docs)
+  with pytest.raises(store_lib.StoreError, match=rf"doc {10 * config.window_docs}: layer 3 has non-finite"):
+    extract.extract(config, workdir, loaded=(model, tok))
+  st = store_lib.ActivationStore.open(os.path.join(workdir, "store"))   # committed rows are kept
+  assert 0 < st.num_docs + st.heldout_num_docs <= 10 * config.window_docs
+  for h in hooks:
+    h.remove()
+  assert extract.extract(config, workdir)["num_docs"] == 60          # and resume
 
 
 @pytest.mark.torch
@@ -191,7 +255,8 @@ def _rows(path):
 def test_sigkill_then_restart_equals_an_uninterrupted_run(tiny, tmp_path):
   """`glp-extract` killed with SIGKILL part-way, then rerun: the store equals an uninterrupted run's."""
   over = {"store.shard_rows": 256, "store.chunk_rows": 64, "window_docs": 8, "max_batch_docs": 64,
-          "batch_tokens": 8192, "corpus.max_docs": 0, "max_rows": 6000, "context_length": 128}
+          "batch_tokens": 8192, "corpus.max_docs": 0, "max_rows": 6000, "context_length": 128,
+          "corpus.heldout_fraction": 0.2}
   flags = [f"--config={ROOT}/configs/extract.py:runlocal,layers=1+3,rows=6000,ctx=128",
            f"--config.model.name={tiny}", "--config.model.dtype=bfloat16", "--config.store.dtype=bfloat16",
            "--config.progress=False"] + [f"--config.{k}={v}" for k, v in over.items() if k != "context_length"]
@@ -220,12 +285,16 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(tiny, tmp_path):
   assert summary["resumed_from_doc"] > 0 and summary["rows_this_run"] == st_a.num_rows - killed_at
   st_b, rows_b = _rows(os.path.join(b, "store"))
   assert st_b.num_rows == st_a.num_rows and st_b.num_docs == st_a.num_docs
+  assert st_b.manifest["heldout"] == st_a.manifest["heldout"] and st_a.heldout_num_docs > 0
   for l in rows_a:
     np.testing.assert_array_equal(rows_a[l].view(np.uint16), rows_b[l].view(np.uint16))
+    np.testing.assert_array_equal(st_a.read_heldout(0, st_a.heldout_num_rows, l).view(np.uint16),
+                                  st_b.read_heldout(0, st_b.heldout_num_rows, l).view(np.uint16))
   np.testing.assert_array_equal(st_a.docs(), st_b.docs())
   np.testing.assert_array_equal(st_a.positions(), st_b.positions())
-  for l in rows_a:
-    np.testing.assert_allclose(st_a.stats(l)["mean"], st_b.stats(l)["mean"], rtol=1e-12)
+  np.testing.assert_array_equal(st_a.heldout_docs(), st_b.heldout_docs())
+  np.testing.assert_array_equal(st_a.heldout_positions(), st_b.heldout_positions())
+  assert st_a.manifest["stats"] == st_b.manifest["stats"]   # bit-identical statistics
 
 
 @pytest.mark.torch
@@ -249,3 +318,24 @@ def test_embedded_default_model(workdir):
   # The BOS row (an attention sink with a huge norm) is not in the store.
   bos_norm = float(hs[16][0, 0].float().norm())
   assert bos_norm > 10 * np.linalg.norm(st.read(0, n).astype(np.float32), axis=1).max()
+
+
+from test_pypackages import PACKAGES, _code, site  # noqa: E402,F401  (a fake installed site)
+
+
+@pytest.mark.torch
+def test_python_packages_corpus(tiny, workdir, site):
+  from glp_jax.extraction import pypackages
+  config = _config(tiny, **{"corpus.source": "python-packages:" + ",".join(PACKAGES), "corpus.max_docs": 0,
+                            "corpus.heldout_fraction": 0.3})
+  summary = extract.extract(config, workdir)
+  st = store_lib.ActivationStore.open(summary["store"])
+  entry = st.metadata["corpus"]["python_packages"]
+  assert entry == pypackages.describe(PACKAGES)
+  assert entry["packages"] == [["glp-fake-alpha", "1.0"], ["glp-fake-beta", "2.0"]] and entry["skipped"]["licence"]
+  assert st.num_docs + st.heldout_num_docs == entry["num_documents"] and st.heldout_num_docs > 0
+  assert extract.extract(config, workdir)["rows_this_run"] == 0          # complete: the rerun does nothing
+  (site / "glp_fake_beta" / "x.py").write_text(_code("x").replace("scale x", "multiply x"))
+  with pytest.raises(store_lib.StoreError, match=r"corpus.python_packages.content_hash='[0-9a-f]+' but "
+                                                 r"'[0-9a-f]+' was expected"):
+    extract.extract(config, workdir)                                    # a changed environment: no resume

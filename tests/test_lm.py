@@ -2,7 +2,7 @@
 import pytest
 
 torch = pytest.importorskip("torch")
-from glp_jax.extraction import lm  # noqa: E402
+from glp_jax.torch import lm  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -35,7 +35,7 @@ def test_bad_stream_config():
 
 torch = pytest.importorskip("torch")
 from glp_jax.extraction import extractor as extract  # noqa: E402
-from glp_jax.extraction import lm  # noqa: E402
+from glp_jax.torch import lm  # noqa: E402
 from glp_jax.data import streaming
 from glp_jax.util import config as config_lib
 
@@ -100,3 +100,8 @@ def test_buffer_bound_warmup_stats_and_finish(tmp_path):
     np.testing.assert_allclose(s["mean"], x.mean(0), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(s["var"], x.var(0), rtol=1e-9, atol=1e-12)
   assert summary["num_rows"] == st.num_rows
+  # The held-out split is written while streaming too; its rows stay out of the training split.
+  assert st.heldout_num_docs > 0 and summary["heldout_num_rows"] == st.heldout_num_rows > 0
+  held, train = st.heldout_docs()[:, 0].tolist(), st.docs()[:, 0].tolist()
+  assert st.manifest["heldout"]["doc_ids"] == held and not set(held) & set(train)
+  assert sorted(held + train) == list(range(len(held) + len(train)))

@@ -171,3 +171,28 @@ def test_a_real_installed_package():
   assert len(docs) > 10 and all(d.startswith("pypkg:absl-py==") for d, _ in docs)
   assert any(":absl/flags/" in d for d, _ in docs)
   assert not any("Licensed under" in t for _, t in docs)  # every absl module starts with an Apache header
+
+
+def test_the_working_directory_is_not_searched(site, tmp_path, monkeypatch):
+  """A source checkout's own metadata in the cwd (what `python -m` from a repo root puts first on sys.path)
+  must not shadow the installed distribution: the documents do not depend on where a command runs."""
+  before = list(pypackages.package_documents(PACKAGES))
+  entry = pypackages.describe(PACKAGES)
+  checkout = tmp_path / "checkout"
+  _dist(checkout, "glp-fake-beta", "9.9.dev0", {"glp_fake_beta/x.py": _code("checkout")})
+  monkeypatch.chdir(checkout)
+  monkeypatch.setattr("sys.path", [""] + sys.path)
+  assert importlib.metadata.version("glp-fake-beta") == "9.9.dev0"   # what plain importlib.metadata sees
+  assert pypackages.distributions(["glp-fake-beta"]) == [("glp-fake-beta", "2.0")]
+  assert list(pypackages.package_documents(PACKAGES)) == before
+  assert pypackages.describe(PACKAGES) == entry
+  monkeypatch.setattr("sys.path", [str(checkout)] + sys.path[1:])   # the cwd by its path
+  assert pypackages.distributions(["glp-fake-beta"]) == [("glp-fake-beta", "2.0")]
+  monkeypatch.chdir(tmp_path)
+  assert pypackages.distributions(["glp-fake-beta"]) == [("glp-fake-beta", "9.9.dev0")]   # elsewhere: found
+
+
+def test_collect_is_documents_and_describe_in_one_pass(site):
+  docs, entry = pypackages.collect(PACKAGES, max_chars=500, min_chars=50)
+  assert docs == list(pypackages.package_documents(PACKAGES, max_chars=500, min_chars=50))
+  assert entry == pypackages.describe(PACKAGES, max_chars=500, min_chars=50)

@@ -1,4 +1,5 @@
-"""Scaling-law fits: recovery of known laws inside bootstrap CIs, order invariance, refusals, references."""
+"""Scaling-law fits: recovery of known laws inside bootstrap CIs, order invariance, refusals, references,
+annealed-point selection and the bias it removes, eval SEMs in the bootstrap."""
 import functools
 import json
 import os
@@ -6,7 +7,9 @@ import os
 import numpy as np
 import pytest
 
+import scaling_fakes
 from glp_jax.scaling import fit as scaling
+from glp_jax.scaling import frontier
 from glp_jax.scaling import report as scaling_report
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -109,6 +112,10 @@ def test_fits_are_invariant_to_the_order_of_runs():
   b1 = scaling.bootstrap(fit_fn, dict(C=C, L=L), n=10, seed=5)
   b2 = scaling.bootstrap(fit_fn, dict(C=C[p], L=L[p]), n=10, seed=5)
   np.testing.assert_array_equal(b1.samples, b2.samples)
+  sem = 0.01 * L   # with per-point noise too: each point keeps its own SEM whatever the order
+  b1 = scaling.bootstrap(fit_fn, dict(C=C, L=L), n=10, seed=5, noise=dict(L=sem))
+  b2 = scaling.bootstrap(fit_fn, dict(C=C[p], L=L[p]), n=10, seed=5, noise=dict(L=sem[p]))
+  np.testing.assert_array_equal(b1.samples, b2.samples)
 
 
 def test_refusals():
@@ -198,3 +205,77 @@ def test_report_compute_uses_the_frontier_of_grouped_curves():
   assert np.all(np.diff(front) > 0) and np.all(np.diff(rep["frontier"]["L"]) < 0)
   assert rep["n_fit_points"] == len(front) < len(C)
   assert rep["holdout"]["C"] == [C.max()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Annealed points (issue 17): which evals enter L(C), the bias of un-annealed ones, eval SEMs in the CIs.
+# ---------------------------------------------------------------------------------------------------------
+def _family_points(runs, mode):
+  pts = []
+  for g, r in enumerate(runs):
+    pts += frontier.run_points(r["evals"], run=r["run"], group=g, N=r["N"], schedule=r["schedule"],
+                               last_step=r["last_step"], mode=mode)
+  return pts
+
+
+def test_point_selection_takes_end_of_schedule_and_marked_cooldown_ends_only():
+  evals = [{"step": s, "examples": 10.0 * s, "eval_loss": 2.0 - s / 100, "eval_loss_sem": 0.01} for s in (10, 50, 100)]
+  evals[1]["annealed"] = True                                 # a WSD cooldown end, as a future trainer writes it
+  kw = dict(run="r", group=3, N=5.0, last_step=100)
+  whys = lambda sched, mode="annealed": [(p["step"], p["why"]) for p in frontier.run_points(
+      evals, schedule=sched, mode=mode, **kw)]
+  assert whys("wsd") == [(50, "marked_annealed"), (100, "end_of_schedule")]
+  assert whys("cosine") == whys("") == whys("wsd")           # no opt.schedule: the default cosine
+  assert whys("constant") == [(50, "marked_annealed")]       # a constant lr never anneals by itself
+  assert whys("wsd", "all") == [(10, "not_annealed"), (50, "marked_annealed"), (100, "end_of_schedule")]
+  evals[1]["annealed"] = "yes"                                # only an explicit JSON true counts
+  assert whys("wsd") == [(100, "end_of_schedule")]
+  p = frontier.run_points(evals, schedule="cosine", **kw)[0]
+  assert (p["C"], p["loss"], p["loss_sem"], p["group"], p["N"]) == (6 * 5.0 * 1000.0, 1.0, 0.01, 3, 5.0)
+  with pytest.raises(ValueError, match="points mode"):
+    frontier.run_points(evals, schedule="cosine", mode="some", **kw)
+
+
+def test_all_points_of_cosine_runs_bias_alpha_and_annealed_points_recover_it():
+  """Annealed ends follow L(C) = E + A*C^-alpha; intermediate evals sit above by gap * lr remaining."""
+  true = scaling_fakes.COMPUTE_LAW["alpha"]
+  for seed in range(3):
+    runs = scaling_fakes.cosine_family(noise=0.002, sem=0.002, seed=seed)
+    rep = {}
+    for mode in ("all", "annealed"):
+      C, L, sem, g = frontier.arrays(_family_points(runs, mode))
+      rep[mode] = scaling_report.analyze_compute(C, L, g, loss_sem=sem, n_boot=100, seed=0, n_holdout=0)
+    biased, good = rep["all"], rep["annealed"]
+    assert good["n_points"] == 20 and biased["n_points"] == 200     # one annealed point per run
+    # Every eval: alpha off by > 0.01 (~6%) and the truth outside the CI, which looks just as confident.
+    assert abs(biased["params"]["alpha"] - true) > 0.01, biased["params"]
+    assert not biased["ci"]["alpha"][0] <= true <= biased["ci"]["alpha"][1], biased["ci"]["alpha"]
+    # Annealed points: alpha within 0.005 of the truth and inside a CI narrower than 0.015.
+    lo, hi = good["ci"]["alpha"]
+    assert abs(good["params"]["alpha"] - true) < 0.005 and lo <= true <= hi and hi - lo < 0.015, (lo, hi)
+
+
+def test_eval_sem_widens_the_bootstrap_ci_and_is_recorded():
+  runs = scaling_fakes.cosine_family(noise=0.002, seed=0)
+  C, L, _, g = frontier.arrays(_family_points(runs, "annealed"))
+  kw = dict(n_boot=60, seed=0, n_holdout=0)
+  width = lambda rep: rep["ci"]["alpha"][1] - rep["ci"]["alpha"][0]
+  quiet = scaling_report.analyze_compute(C, L, g, loss_sem=np.zeros_like(L), **kw)
+  noisy = scaling_report.analyze_compute(C, L, g, loss_sem=0.01 * L, **kw)
+  plain = scaling_report.analyze_compute(C, L, g, **kw)
+  assert width(noisy) > 2 * width(quiet)
+  assert quiet["ci"] == plain["ci"]              # zero SEMs change nothing: the run resamples are the same
+  assert noisy["params"] == quiet["params"]      # the point estimate does not depend on the SEMs
+  assert noisy["bootstrap"]["sources"] == ["runs", "eval_loss_sem"] and plain["bootstrap"]["sources"] == ["runs"]
+  part = scaling_report.analyze_compute(C, L, g, loss_sem=np.where(np.arange(len(L)) < 3, np.nan, 0.0), **kw)
+  assert part["bootstrap"]["n_points_without_sem"] == 3
+  none = scaling_report.analyze_compute(C, L, g, loss_sem=np.full_like(L, np.nan), **kw)
+  assert none["bootstrap"]["sources"] == ["runs"] and none["ci"] == plain["ci"]   # claims no SEM it lacks
+  # The Chinchilla form carries it the same way.
+  N, D, L2 = _chinchilla_data(9, n=20)
+  kw = dict(n_boot=40, seed=0, n_holdout=0)
+  c0 = scaling_report.analyze_chinchilla(N, D, L2, loss_sem=np.zeros_like(L2), **kw)
+  c1 = scaling_report.analyze_chinchilla(N, D, L2, loss_sem=0.02 * L2, **kw)
+  assert width(c1) > width(c0) and c1["bootstrap"]["sources"] == ["runs", "eval_loss_sem"]
+  with pytest.raises(scaling.FitError, match="noise"):
+    scaling.bootstrap(scaling.fit_compute, dict(C=C, L=L), noise=dict(L=-np.ones_like(L)), n=2)

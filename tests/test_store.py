@@ -1,6 +1,8 @@
 """The activation store: round trips, statistics, outside readers, crash safety, bad-input errors."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,10 +30,15 @@ def doc_rows(i: int, layers=LAYERS, d=D):
   return {l: (rng.normal(size=(n, d)) * (1 + l) + l).astype(np.float32) for l in layers}, np.arange(1, n + 1)
 
 
-def write_docs(st, docs):
+def is_held(i: int) -> bool:
+  """Which synthetic documents the two-split tests send to the held-out split."""
+  return i % 5 == 2
+
+
+def write_docs(st, docs, split=lambda i: False):
   for i in docs:
     rows, pos = doc_rows(i)
-    st.append(rows, doc_id=100 + i, positions=pos)
+    st.append(rows, doc_id=100 + i, positions=pos, heldout=split(i))
 
 
 def new_store(path, **kw):
@@ -42,7 +49,7 @@ def new_store(path, **kw):
 
 
 def expected(docs, layer):
-  return np.concatenate([doc_rows(i)[0][layer] for i in docs])
+  return np.concatenate([doc_rows(i)[0][layer] for i in docs] + [np.zeros((0, D), np.float32)])
 
 
 def test_round_trip_docs_positions_and_stats(workdir):
@@ -115,25 +122,55 @@ def test_zarr_python_reads_store(workdir, dtype):
 CHILD = textwrap.dedent("""
   import os, signal, sys
   sys.path.insert(0, {tests!r})
-  from test_store import write_docs, new_store
+  from test_store import is_held, write_docs, new_store, slow_writes
   from glp_jax.data.writer import StoreWriter
-  path, kill_after = sys.argv[1], int(sys.argv[2])
-  st = new_store(path) if not os.path.exists(os.path.join(path, "manifest.json")) else \\
-      StoreWriter.open_for_append(path, expect={{"model": "tiny", "layers": [2, 5], "d": 8}})
-  for i in range(st.num_docs, 60):
-    write_docs(st, [i])
-    if i == kill_after:
+  path, kill_after, queue, slow, n_docs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), \\
+      int(sys.argv[5])
+  if slow:
+    slow_writes(slow)
+  StoreWriter.commit_seconds = 0.02   # pipelined: commits interleave with the writes in flight
+  st = new_store(path, write_queue=queue) if not os.path.exists(os.path.join(path, "manifest.json")) else \\
+      StoreWriter.open_for_append(path, expect={{"model": "tiny", "layers": [2, 5], "d": 8}}, write_queue=queue)
+  start_rows = st.num_rows
+  for i in range(st.num_docs + st.heldout_num_docs, n_docs):
+    write_docs(st, [i], is_held)
+    # kill_after = -2: die once this run has committed rows while >= 3 shard writes are in flight
+    if i == kill_after or (kill_after == -2 and st.num_rows > start_rows and len(st.train.inflight) >= 3):
+      held_buffered = sum(d.split is st.heldout for d in st.pending)
+      print("held-out docs buffered:", held_buffered, "writes in flight:", len(st.train.inflight), flush=True)
       os.kill(os.getpid(), signal.SIGKILL)
     print(i, flush=True)
   st.close()
 """)
 
 
-def run_child(path, kill_after, wait=True):
+def slow_writes(seconds):
+  """Every shard write starts `seconds` late on a thread of its own (in this process), so several are in
+  flight at once and a kill lands with shards unwritten, half written or written but not committed."""
+  import concurrent.futures
+  import threading
+  from glp_jax.data import shards
+  real = shards.SplitWriter._write
+
+  def late(self, l, a, b):
+    done = concurrent.futures.Future()
+
+    def work():
+      time.sleep(seconds)
+      try:
+        done.set_result(real(self, l, a, b).result())
+      except Exception as e:  # pylint: disable=broad-except
+        done.set_exception(e)
+    threading.Thread(target=work, daemon=True).start()
+    return done
+  shards.SplitWriter._write = late
+
+
+def run_child(path, kill_after, wait=True, queue=0, slow=0.0, n_docs=60):
   code = CHILD.format(tests=os.path.join(REPO, "tests"))
   env = dict(os.environ, PYTHONPATH=REPO)
-  p = subprocess.Popen([sys.executable, "-c", code, path, str(kill_after)], env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
+  p = subprocess.Popen([sys.executable, "-c", code, path, str(kill_after), str(queue), str(slow), str(n_docs)], env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   if wait:
     p.wait(timeout=120)
   return p
@@ -142,10 +179,15 @@ def run_child(path, kill_after, wait=True):
 def assert_same_store(a_path, b_path):
   a, b = ActivationStore.open(a_path), ActivationStore.open(b_path)
   assert a.num_rows == b.num_rows and a.num_docs == b.num_docs
+  assert a.manifest["heldout"] == b.manifest["heldout"] and a.heldout_num_rows > 0
   np.testing.assert_array_equal(a.docs(), b.docs())
   np.testing.assert_array_equal(a.positions(), b.positions())
+  np.testing.assert_array_equal(a.heldout_docs(), b.heldout_docs())
+  np.testing.assert_array_equal(a.heldout_positions(), b.heldout_positions())
   for l in LAYERS:
     np.testing.assert_array_equal(a.read(0, a.num_rows, l), b.read(0, b.num_rows, l))
+    np.testing.assert_array_equal(a.read_heldout(0, a.heldout_num_rows, l),
+                                  b.read_heldout(0, b.heldout_num_rows, l))
     for which in ("all", "first_shard"):   # bit-identical: statistics do not depend on commit points
       sa, sb = a.stats(l, which), b.stats(l, which)
       assert sa["count"] == sb["count"]
@@ -153,44 +195,57 @@ def assert_same_store(a_path, b_path):
       np.testing.assert_array_equal(sa["var"], sb["var"])
 
 
-def assert_committed_prefix_correct(path):
+def assert_committed_prefix_correct(path, split=is_held):
+  """Every document below the commit point k is committed in its split, and nothing else is; returns k."""
   r = ActivationStore.open(path)
-  n = r.num_docs
+  k = r.num_docs + r.heldout_num_docs
+  train = [i for i in range(k) if not split(i)]
+  held = [i for i in range(k) if split(i)]
+  assert r.docs()[:, 0].tolist() == [100 + i for i in train]
+  assert r.heldout_docs()[:, 0].tolist() == r.manifest["heldout"]["doc_ids"] == [100 + i for i in held]
   for l in LAYERS:
-    want = expected(range(n), l)
-    assert len(want) == r.num_rows
+    want, want_held = expected(train, l), expected(held, l)
+    assert len(want) == r.num_rows and len(want_held) == r.heldout_num_rows
     if r.num_rows:
       np.testing.assert_array_equal(r.read(0, r.num_rows, l), want)
       np.testing.assert_allclose(r.stats(l)["mean"], want.astype(np.float64).mean(0), rtol=1e-10, atol=1e-12)
+    if r.heldout_num_rows:
+      np.testing.assert_array_equal(r.read_heldout(0, r.heldout_num_rows, l), want_held)
+  return k
 
 
-def test_sigkill_mid_shard_then_resume_equals_uninterrupted(workdir):
+@pytest.mark.parametrize("queue", [0, 4])
+def test_sigkill_mid_shard_then_resume_equals_uninterrupted(workdir, queue):
   ref, crashed = os.path.join(workdir, "ref"), os.path.join(workdir, "crash")
-  assert run_child(ref, -1).returncode == 0
-  p = run_child(crashed, 33)             # killed with rows buffered and a shard half filled
+  assert run_child(ref, -1).returncode == 0                 # the reference is always the synchronous writer
+  p = run_child(crashed, 32, queue=queue)   # killed with rows of both splits buffered and a shard half filled
   assert p.returncode == -signal.SIGKILL, p.stderr
-  assert_committed_prefix_correct(crashed)
-  assert 0 < ActivationStore.open(crashed).num_docs < 34
-  p = run_child(crashed, 47)             # killed again after resuming
+  out = p.stdout.read()
+  assert "held-out docs buffered: 0 " not in out and "held-out docs buffered:" in out, out
+  k = assert_committed_prefix_correct(crashed)
+  assert (0 < k if queue == 0 else 0 <= k) and k < 33     # pipelined: commits may lag the writes
+  p = run_child(crashed, 47, queue=queue)   # killed again after resuming
   assert p.returncode == -signal.SIGKILL, p.stderr
-  assert_committed_prefix_correct(crashed)
-  assert run_child(crashed, -1).returncode == 0
+  assert 0 < assert_committed_prefix_correct(crashed) < 48
+  assert ActivationStore.open(crashed).heldout_num_docs > 0
+  assert run_child(crashed, -1, queue=queue).returncode == 0
   assert_same_store(ref, crashed)
 
 
-def test_sigkill_at_random_times_keeps_committed_rows(workdir):
+@pytest.mark.parametrize("queue,slow", [(0, 0.0), (4, 0.02)])
+def test_sigkill_at_random_times_keeps_committed_rows(workdir, queue, slow):
   ref, crashed = os.path.join(workdir, "ref"), os.path.join(workdir, "crash")
   assert run_child(ref, -1).returncode == 0
   rng = np.random.default_rng(0)
   for _ in range(3):
-    p = run_child(crashed, -1, wait=False)
+    p = run_child(crashed, -1, wait=False, queue=queue, slow=slow)
     p.stdout.readline()                          # the child is writing (its first document is in)
     time.sleep(float(rng.uniform(0.0, 0.3)))     # the 60 documents take ~0.5 s: kill part-way
     p.send_signal(signal.SIGKILL)
     p.wait()
     if os.path.exists(os.path.join(crashed, "manifest.json")):
       assert_committed_prefix_correct(crashed)
-  assert run_child(crashed, -1).returncode == 0
+  assert run_child(crashed, -1, queue=queue).returncode == 0
   assert_same_store(ref, crashed)
 
 
@@ -293,3 +348,178 @@ def test_documents_longer_than_the_buffer(workdir):
   r = ActivationStore.open(path)
   np.testing.assert_array_equal(r.read(0, r.num_rows), np.concatenate(docs))
   np.testing.assert_array_equal(r.docs()[:, 2], [500, 3, 0, 250, 64])
+
+
+def test_heldout_split(workdir):
+  path = os.path.join(workdir, "s")
+  with new_store(path) as st:
+    write_docs(st, range(40), is_held)
+  r = ActivationStore.open(path)
+  train, held = [i for i in range(40) if not is_held(i)], [i for i in range(40) if is_held(i)]
+  m = json.load(open(os.path.join(path, "manifest.json")))
+  assert m["format_version"] == 2 and r.has_heldout_split
+  assert m["heldout"]["doc_ids"] == [100 + i for i in held]
+  assert m["heldout"]["num_docs"] == r.heldout_num_docs == len(held)
+  assert r.docs()[:, 0].tolist() == [100 + i for i in train]       # no held-out document in training rows
+  lens = [len(doc_rows(i)[1]) for i in held]
+  assert r.heldout_num_rows == sum(lens) and r.num_rows == sum(len(doc_rows(i)[1]) for i in train)
+  t = r.heldout_docs()
+  np.testing.assert_array_equal(t[:, 2], lens)
+  np.testing.assert_array_equal(t[:, 1], np.cumsum([0] + lens[:-1]))
+  np.testing.assert_array_equal(r.heldout_positions(), np.concatenate([doc_rows(i)[1] for i in held]))
+  np.testing.assert_array_equal(r.heldout_positions(3, 9), r.heldout_positions()[3:9])
+  for l in LAYERS:
+    np.testing.assert_array_equal(r.read_heldout(0, r.heldout_num_rows, l), expected(held, l))
+    np.testing.assert_array_equal(r.read(0, r.num_rows, l), expected(train, l))
+    x = expected(train, l).astype(np.float64)   # statistics: training rows only
+    s = r.stats(l)
+    assert s["count"] == len(x)
+    np.testing.assert_allclose(s["mean"], x.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(s["var"], x.var(0), rtol=1e-12)
+    np.testing.assert_allclose(r.stats(l, "first_shard")["var"], x[:100].var(0), rtol=1e-12)
+  assert r.array(2, store_lib.HELDOUT).shape == (r.heldout_num_rows, D)   # closed: shape == committed rows
+  with pytest.raises(StoreError, match=r"held-out rows \[0, 999\) requested"):
+    r.read_heldout(0, 999, layer=2)
+
+
+def test_heldout_commits_with_the_training_documents_before_it(workdir):
+  """A held-out document is committed exactly when every document appended before it is."""
+  path = os.path.join(workdir, "s")
+  st = new_store(path)
+  write_docs(st, range(12), is_held)
+  r = ActivationStore.open(path)
+  k = assert_committed_prefix_correct(path)
+  assert r.num_docs > 0 and k < 12   # docs after the last whole shard wait, held-out ones too
+  assert r.heldout_num_docs == sum(is_held(i) for i in range(k))
+  st.close()
+  assert assert_committed_prefix_correct(path) == 12
+
+
+def test_v1_store_opens_read_only(workdir):
+  path = os.path.join(workdir, "s")
+  with new_store(path, metadata={"model": "tiny", "heldout_doc_ids": [101, 104]}) as st:
+    write_docs(st, range(6))
+  m = json.load(open(os.path.join(path, "manifest.json")))
+  m["format_version"] = 1
+  del m["heldout"]
+  json.dump(m, open(os.path.join(path, "manifest.json"), "w"))
+  shutil.rmtree(os.path.join(path, "heldout"))
+  r = ActivationStore.open(path)
+  assert not r.has_heldout_split and r.heldout_num_rows == 0 and r.num_docs == 6
+  np.testing.assert_array_equal(r.read(0, r.num_rows, 2), expected(range(6), 2))
+  t = r.docs()
+  np.testing.assert_array_equal(r.heldout_rows(), np.concatenate(
+      [np.arange(t[i, 1], t[i, 1] + t[i, 2]) for i in (1, 4)]))
+  for fn in (lambda: r.read_heldout(0, 1, 2), r.heldout_docs, r.heldout_positions):
+    with pytest.raises(StoreError, match="format v1 store has no held-out split"):
+      fn()
+  with pytest.raises(StoreError, match="v1 store can be read but not appended"):
+    StoreWriter.open_for_append(path)
+
+
+def test_len_and_getitem(workdir):
+  path = os.path.join(workdir, "s")
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(150, D)).astype(np.float32)
+  with StoreWriter.create(path, layers=[3], d=D, dtype="float32", shard_rows=64, chunk_rows=16) as st:
+    st.append({3: x[:100]}, 0, np.arange(100))
+    st.append({3: x[100:]}, 1, np.arange(50))
+  r = ActivationStore.open(path)
+  assert len(r) == 150
+  np.testing.assert_array_equal(r[7], x[7])
+  np.testing.assert_array_equal(r[-1], x[-1])
+  np.testing.assert_array_equal(r[np.int64(70)], x[70])
+  np.testing.assert_array_equal(r[10:90], x[10:90])
+  np.testing.assert_array_equal(r[140:], x[140:])
+  np.testing.assert_array_equal(r[5:140:9], x[5:140:9])
+  np.testing.assert_array_equal(r[::-7], x[::-7])
+  idx = np.array([149, 0, 65, 65, -2])
+  np.testing.assert_array_equal(r[idx], x[idx])
+  np.testing.assert_array_equal(r[[3, 1]], x[[3, 1]])
+  mask = rng.random(150) < 0.3
+  np.testing.assert_array_equal(r[mask], x[mask])
+  assert r[20:10].shape == (0, D) and r[np.zeros(0, int)].shape == (0, D)
+  assert r[0].dtype == np.float32
+  for bad in (150, -151, np.array([0, 150])):
+    with pytest.raises(IndexError, match="out of range"):
+      r[bad]
+  with pytest.raises(IndexError, match="ints, slices or int arrays"):
+    r[np.array([0.5])]
+  multi = os.path.join(workdir, "m")
+  with new_store(multi) as st:
+    write_docs(st, range(3))
+  with pytest.raises(StoreError, match=r"holds layers \[2, 5\]; index it through read"):
+    ActivationStore.open(multi)[0]
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_missing_shard_files_are_errors_not_zeros(workdir, split):
+  path = os.path.join(workdir, "s")
+  with new_store(path) as st:
+    write_docs(st, range(60), is_held)
+
+  def read(start, stop, layer):   # a fresh reader each time: nothing cached
+    r = ActivationStore.open(path)
+    return (r.read if split == "train" else r.read_heldout)(start, stop, layer=layer)
+  r = ActivationStore.open(path)
+  root, n = (path, r.num_rows) if split == "train" else (os.path.join(path, "heldout"), r.heldout_num_rows)
+  assert n > 64   # at least two shards
+  want = read(0, 64, 5)
+  os.remove(os.path.join(root, "layer_05", "c", "1", "0"))   # the shard of rows [64, 128)
+  np.testing.assert_array_equal(read(0, 64, 5), want)
+  where = "layer_05" if split == "train" else "heldout/layer_05"
+  with pytest.raises(StoreError, match=rf"{re.escape(path)}: reading rows \[60, 70\) of {where} failed.*missing"):
+    read(60, 70, 5)
+  shutil.rmtree(os.path.join(root, "layer_02", "c"))   # every shard of a layer
+  with pytest.raises(StoreError, match=rf"{re.escape(path)}: reading rows \[0, {n}\) of .*layer_02 failed"):
+    read(0, n, 2)
+
+
+def test_non_finite_rows_are_refused_with_the_document(workdir):
+  path = os.path.join(workdir, "s")
+  st = new_store(path)
+  write_docs(st, range(3))
+  rows, pos = doc_rows(3)
+  rows[5][1, 2] = np.nan
+  before = (st.total, len(st.pending), st.heldout.total)
+  with pytest.raises(StoreError, match=r"doc 777: layer 5 has non-finite values .* in 1 of its \d+ rows"):
+    st.append(rows, 777, pos, heldout=True)
+  assert (st.total, len(st.pending), st.heldout.total) == before   # nothing of the document was buffered
+  rows[5][1, 2] = np.inf
+  with pytest.raises(StoreError, match="doc 778"):
+    st.append(rows, 778, pos)
+  write_docs(st, range(3, 6))
+  st.close()
+  f16 = os.path.join(workdir, "f16")
+  with new_store(f16, dtype="float16") as st:   # finite in float32, inf once stored as float16
+    with pytest.raises(StoreError, match="doc 9: layer 2 has non-finite values"):
+      st.append({2: np.full((2, D), 1e6, np.float32), 5: np.zeros((2, D))}, 9, np.arange(2))
+  r = ActivationStore.open(path)
+  assert r.docs()[:, 0].tolist() == [100 + i for i in range(6)] and r.heldout_num_docs == 0
+  np.testing.assert_array_equal(r.read(0, r.num_rows, 5), expected(range(6), 5))
+
+
+def test_check_names_nested_fields(workdir):
+  path = os.path.join(workdir, "s")
+  with new_store(path, metadata={"model": "tiny", "corpus": {"source": "x", "packages": {"hash": "a", "n": 1}}}):
+    pass
+  r = ActivationStore.open(path)
+  r.check(corpus={"source": "x", "packages": {"hash": "a", "n": 1}})
+  with pytest.raises(StoreError, match=r"corpus.packages.hash='a' but 'b' was expected \(also differ: "
+                                       r"corpus.packages.n\)"):
+    r.check(corpus={"source": "x", "packages": {"hash": "b", "n": 2}})
+
+
+def test_closed_store_without_heldout_rows(workdir):
+  path = os.path.join(workdir, "s")
+  with new_store(path) as st:
+    write_docs(st, range(5))
+  r = ActivationStore.open(path)
+  assert r.has_heldout_split and r.heldout_num_rows == 0 and r.manifest["heldout"]["doc_ids"] == []
+  assert r.heldout_docs().shape == (0, 4) and r.heldout_positions().shape == (0,)
+  assert r.array(5, store_lib.HELDOUT).shape == (0, D)   # plain readers see exactly the (no) rows
+  with pytest.raises(StoreError, match="held-out split is empty"):
+    r.read_heldout(0, 1, layer=5)
+  with StoreWriter.open_for_append(path) as st:   # and it grows again on append
+    write_docs(st, range(5, 9), lambda i: True)
+  assert assert_committed_prefix_correct(path, lambda i: i >= 5) == 9

@@ -161,3 +161,21 @@ def test_entry_points_import_together():
           "glp_jax.evals.cli, glp_jax.demo, glp_jax.training.trainer")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_parallel_runs_get_their_own_gpus(tmp_path):
+  env = {"PATH": os.environ["PATH"], "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+  slots = sweep.device_slots(2, env)
+  assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1", "2,3"]
+  assert [s["CUDA_VISIBLE_DEVICES"] for s in sweep.device_slots(4, env)] == ["0", "1", "2", "3"]
+  with pytest.raises(ValueError, match="does not divide the 4 visible GPUs"):
+    sweep.device_slots(3, env)
+  # Without CUDA_VISIBLE_DEVICES the GPUs are those nvidia-smi lists (a stand-in here).
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  smi = bindir / "nvidia-smi"
+  smi.write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5; do echo \"GPU $i: NVIDIA H200 (UUID: GPU-$i)\"; done\n")
+  smi.chmod(0o755)
+  slots = sweep.device_slots(3, {"PATH": f"{bindir}:{os.environ['PATH']}"})
+  assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1", "2,3", "4,5"]
+  assert all("CUDA_VISIBLE_DEVICES" not in s for s in sweep.device_slots(2, {"PATH": "/nonexistent"}))

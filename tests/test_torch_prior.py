@@ -133,7 +133,7 @@ def test_jax_torch_jax_lossless(tmp_path):
   back = model_lib.Denoiser(model.cfg, rngs=nnx.Rngs(params=99))
   model_lib.load_reference_state_dict(back, sd)
   a, b = model_lib.to_reference_state_dict(model), model_lib.to_reference_state_dict(back)
-  assert a.keys() == b.keys() and len(a) == len(torch_io.expected_shapes(glp.cfg))
+  assert a.keys() == b.keys() and len(a) == len(glp_torch.expected_shapes(glp.cfg))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   # The statistics round-trip exactly through config.json and rep_statistics.pt.
@@ -256,6 +256,16 @@ def test_torch_module_works_without_jax(tmp_path):
     assert out.shape == h.shape and out.dtype == torch.bfloat16
     glp.save_pretrained({str(tmp_path / 'again')!r})
     assert GLP.from_pretrained({str(tmp_path / 'again')!r}).cfg == glp.cfg
+    # steer() finds decoder layers through glp_jax.torch.lm, which must not need JAX either.
+    from glp_jax.torch import steer
+    toy = torch.nn.Module()
+    toy.config = type("Cfg", (), {{"num_hidden_layers": 2}})()
+    toy.model = torch.nn.Module()
+    toy.model.layers = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+    h = torch.randn(1, 4, {D})
+    with steer(toy, 1, torch.ones({D}), 2.0, positions="last", prior=glp, layer_idx=3):
+      out = toy.model.layers[1](h)
+    assert torch.equal(out[:, :-1], h[:, :-1]) and not torch.equal(out[:, -1], h[:, -1])
     bad = [m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "orbax")
            or m in ("glp_jax.core.model", "glp_jax.core.sampling", "glp_jax.core.flow")]
     assert not bad, bad

@@ -5,7 +5,8 @@
   Block:  h = LN(x);  out = x + down(SiLU(gate(h) * time_proj(emb)) * up(h))
 
 Parameters are float32; `compute_dtype='bfloat16'` runs the matmuls in bf16 while LayerNorm, the residual
-stream and the output stay float32. Every parameter carries *logical* axis names (`LOGICAL_AXES`) as
+stream and the output stay float32 (`'auto'`, the default, is bfloat16 on GPU/TPU and float32 on CPU, where
+XLA gains nothing from bf16). Every parameter carries *logical* axis names (`LOGICAL_AXES`) as
 metadata; `glp_jax/training/sharding.py` maps them to mesh axes. Outside any mesh the model builds unsharded.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from flax.core import meta as flax_meta
+from flax.core import spmd as flax_spmd
 
 from glp_jax.util.errors import ConfigError
 
@@ -32,6 +34,7 @@ LOGICAL_AXES = {
     "mlp": "d_mlp (F): SwiGLU expansion (up/gate/time_proj outputs, down_proj inputs)",
     "cond": "d_model-wide hidden of the time/layer embedding MLPs (Linear-SiLU-Linear)",
     "norm": "LayerNorm scales and biases (width M); small, normally replicated",
+    "batch": "activation rows (B): the residual stream is pinned to this axis's mesh axes between blocks",
 }
 
 # Reference model sizes (glp_reference.md §1): fixed d_input, d_model = 2 d_input, d_mlp = 2 d_model.
@@ -49,6 +52,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_compute_dtype(name: str) -> str:
+  """'auto' -> bfloat16 on an accelerator, float32 on CPU (XLA:CPU runs bf16 matmuls no faster)."""
+  if name == "auto":
+    return "bfloat16" if jax.default_backend() in ACCELERATOR_BACKENDS else "float32"
+  if name not in COMPUTE_DTYPES:
+    raise ConfigError(f"config.model.compute_dtype must be 'auto' or one of {COMPUTE_DTYPES}, got {name!r}")
+  return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +116,7 @@ def model_config(cfg_model: ml_collections.ConfigDict, d_input: int | None = Non
   d_model = int(round(spec["width_mult"] * d))
   return ModelConfig(d_input=d, d_model=d_model, d_mlp=int(round(spec["mlp_mult"] * d_model)),
                      n_layers=spec["n_layers"], multi_layer_n_layers=multi,
-                     compute_dtype=str(cfg_model.get("compute_dtype", "float32")))
+                     compute_dtype=resolve_compute_dtype(str(cfg_model.get("compute_dtype", "auto"))))
 
 
 def sinusoidal_embedding(t_B: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -170,6 +183,15 @@ class Block(nnx.Module):
     return x_BxM + self.down_proj(self.hidden(x_BxM, emb_BxM)).astype(jnp.float32)
 
 
+def _constrain_batch(x_BxM: jax.Array) -> jax.Array:
+  """Pins the rows of the residual stream to the mesh axes of the logical 'batch' axis, when traced under
+  `nnx.logical_axis_rules` and a mesh (the trainer's step); elsewhere (no mesh, no rules) it does nothing."""
+  mesh_axes = dict(flax_spmd.get_logical_axis_rules() or ()).get("batch")
+  if mesh_axes is None or jax.sharding.get_abstract_mesh().empty:
+    return x_BxM
+  return jax.lax.with_sharding_constraint(x_BxM, jax.sharding.PartitionSpec(mesh_axes, None))
+
+
 def _per_row(value, b: int, dtype) -> jax.Array:
   """A scalar, [B] or [B, 1] value as [B] (the reference passes per-row values in either layout)."""
   v = jnp.asarray(value, dtype)
@@ -211,7 +233,7 @@ class Denoiser(nnx.Module):
     timestep_B = _per_row(timestep_B, b, jnp.float32)
     layer_B = None if layer_B is None else _per_row(layer_B, b, jnp.int32)
     emb_BxM = self.embed(timestep_B, layer_B)
-    x_BxM = self.in_proj(z_BxD.astype(jnp.float32)).astype(jnp.float32)
+    x_BxM = _constrain_batch(self.in_proj(z_BxD.astype(jnp.float32)).astype(jnp.float32))
     hidden = []
     for block in self.layers:
       if keep_hidden:
@@ -220,6 +242,7 @@ class Denoiser(nnx.Module):
         x_BxM = x_BxM + block.down_proj(hid_BxF).astype(jnp.float32)
       else:
         x_BxM = block(x_BxM, emb_BxM)
+      x_BxM = _constrain_batch(x_BxM)
     return x_BxM, hidden
 
   def __call__(self, z_BxD: jax.Array, timestep_B: jax.Array, layer_B: jax.Array | None = None) -> jax.Array:

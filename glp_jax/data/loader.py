@@ -10,13 +10,16 @@ global batch is the groups' slices concatenated in group order. So:
   - process i of P (P divides groups) owns groups [i*G/P, (i+1)*G/P), reads only their blocks, and the
     global batch is the same for any process count.
 
+Held-out rows: a store written by glp-extract keeps its held-out documents in a split of their own (format
+v2), so every training row is trained on and the held-out set is that split (streaming: its first
+`heldout_rows` rows). Older (v1) stores fall back, with a warning, to the rows of the manifest's
+`heldout_doc_ids`, else the last `heldout_rows` rows (streaming: the first), excluded from training.
+
 Two loaders share that plan (`Loader`, the base):
-  - `StaticLoader`, a finished store: training rows exclude the held-out rows (the store's held-out
-    documents when it has rows for them, else the last `heldout_rows` rows); a segment's remainder of
-    < block_rows rows and the last blocks beyond a multiple of `groups` are not used (`unused_rows`).
-  - `StreamingLoader`, a store still being written: held-out = the first `heldout_rows` rows; then windows
-    of `window_blocks` consecutive blocks in store order (block-permuted and dealt to groups inside the
-    window), a single endless pass. It waits (polling the manifest) until the store commits the rows a step
+  - `StaticLoader`, a finished store; a segment's remainder of < block_rows rows and the last blocks beyond
+    a multiple of `groups` are not used (`unused_rows`).
+  - `StreamingLoader`, a store still being written: windows of `window_blocks` consecutive blocks in store
+    order (block-permuted and dealt to groups inside the window), a single endless pass. It waits (polling the manifest) until the store commits the rows a step
     needs, and publishes its progress to `<store>/consumers/<name>.json` (streaming.py), so a producer can
     bound its buffer. Statistics: the store's 'first_shard' entry once complete (a fixed warm-up prefix, so
     a resumed run normalises identically).
@@ -25,50 +28,49 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from typing import Iterator
 
-import grain
 import numpy as np
 
 from glp_jax.core.normalizer import Normalizer
 from glp_jax.data.store import ActivationStore, StoreError
 from glp_jax.data.streaming import publish_consumed
 from glp_jax.util import threads
+from glp_jax.util.errors import ConfigError
+
+log = logging.getLogger("glp_jax")
 
 
 @dataclasses.dataclass
 class Batch:
-  x_BxD: np.ndarray              # float32, normalised (the local process's rows)
+  x_BxD: np.ndarray              # float32, normalised (or the store's dtype, raw); the local process's rows
   layer_B: np.ndarray | None     # int32 LM layer of each row (multi-layer), else None
+  doc_B: np.ndarray | None = None   # held-out rows: the document (store doc id) of each row
 
 
-class BlockSource(grain.sources.RandomAccessDataSource):
-  """Grain source whose record i is block i: {'x': [block_rows, D] store dtype, 'layer': int32}.
-
-  `blocks` is an int64 [n, 2] table of (LM layer, first row). The tensorstore handle opens lazily per
-  process and is dropped when pickled (grain workers)."""
-
-  def __init__(self, path: str, blocks: np.ndarray, block_rows: int):
-    self.path, self.blocks, self.block_rows = path, np.asarray(blocks, np.int64), block_rows
-    self._store = None
-
-  def __getstate__(self):
-    return {**self.__dict__, "_store": None}
-
-  def __len__(self) -> int:
-    return len(self.blocks)
-
-  def __getitem__(self, i: int) -> dict:
-    return self._getitems([i])[0]
-
-  def _getitems(self, ids) -> list[dict]:
-    if self._store is None:
-      self._store = ActivationStore.open(self.path)
-    blocks = self.blocks[np.asarray(list(ids), np.int64)]
-    return [{"x": x, "layer": np.int32(layer)}
-            for x, (layer, _) in zip(self._store.read_blocks(blocks, self.block_rows), blocks)]
+def resolve_groups(groups: int, batch_size: int, window_blocks: int, process_count: int) -> int:
+  """`groups = 0` (auto): the smallest multiple of the process count, at least 8, that divides the batch and
+  the window; an explicit value is checked. Processes own whole groups, so the global batch of a step is the
+  same for any process count that divides `groups`."""
+  if groups == 0:
+    fits = [g for g in range(process_count * -(-8 // process_count), batch_size + 1, process_count)
+            if batch_size % g == 0 and window_blocks % g == 0]
+    if not fits:
+      raise ConfigError(f"config.batch_size={batch_size} and config.data.window_blocks={window_blocks} have no "
+                        f"common divisor >= 8 that is a multiple of the process count {process_count} "
+                        "(config.data.groups = 0 looks for one): use multiples of 8 x the process count")
+    groups = fits[0]
+  for name, v in (("batch_size", batch_size), ("data.window_blocks", window_blocks)):
+    if v % groups:
+      raise ConfigError(f"config.{name}={v} must be a multiple of config.data.groups={groups} (with "
+                        f"{process_count} process(es), 0 picks a value that fits)")
+  if groups % process_count:
+    raise ConfigError(f"config.data.groups={groups} must be a multiple of the process count {process_count} "
+                      "(each process reads whole groups): use 0 (auto) or a multiple")
+  return groups
 
 
 def _segments(n_rows: int, excluded: np.ndarray) -> list[tuple[int, int]]:
@@ -96,16 +98,13 @@ class Loader:
     self.path, self.seed, self.block_rows, self.groups = path, seed, block_rows, groups
     self.batch_size, self.prefetch, self.workers = batch_size, prefetch, workers
     self.process_index, self.process_count = process_index, process_count
-    for name, v in (("batch_size", batch_size), ("window_blocks", window_blocks)):
-      if v % groups:
-        raise ValueError(f"data: {name}={v} must be a multiple of groups={groups}")
-    if groups % process_count:
-      raise ValueError(f"data: groups={groups} must be a multiple of the process count {process_count}")
+    groups = self.groups = resolve_groups(groups, batch_size, window_blocks, process_count)
     self.window_blocks, self.group_window = window_blocks, window_blocks // groups
     self.group_batch = batch_size // groups
     self.local_groups = range(process_index * groups // process_count,
                               (process_index + 1) * groups // process_count)
     self.store = st = ActivationStore.open(path)
+    st.check_files()
     if expect_d and st.d != expect_d:
       raise StoreError(f"{path}: store rows have width d={st.d} but the config expects {expect_d}")
     if expect_dtype and st.dtype != expect_dtype:
@@ -115,6 +114,14 @@ class Loader:
       raise StoreError(f"{path}: layer {layer} not in the store's layers {st.layers}")
     self.multi_layer = len(self.layers) > 1
     self.d_input = self.d = st.d
+    # A store has held-out documents when glp-extract wrote some (or, still being written, will).
+    fraction = ((st.metadata.get("corpus") or {}).get("heldout") or {}).get("fraction", 0)
+    coming = st.has_heldout_split and fraction > 0 and not st.manifest.get("finished")
+    self.heldout_split = st.has_heldout_docs or coming
+    if not self.heldout_split:
+      log.warning("%s: no held-out documents in the store (a format-1 store, or one not written by "
+                  "glp-extract): the held-out rows are %s, a few documents at most", path,
+                  "its heldout_doc_ids" if st.metadata.get("heldout_doc_ids") else f"{heldout_rows} rows at one end")
     self._setup(heldout_rows)
     self.normalizer = Normalizer.from_store(st, self.layers if self.multi_layer else self.layers[0],
                                             stats or self.stats_default)
@@ -190,58 +197,62 @@ class Loader:
       self._after_batch(step)
     return np.concatenate([x for x, _ in parts]), np.concatenate([l for _, l in parts])
 
-  def batch(self, step: int) -> Batch:
-    """The local process's slice of the global batch of `step`: normalised float32 rows."""
+  def batch(self, step: int, raw: bool = False) -> Batch:
+    """The local process's slice of the global batch of `step`: normalised float32 rows (or, with `raw`, the
+    store's rows as stored, for a trainer that normalises on the device)."""
     x, layer = self.raw_batch(step)
     layer_B = layer if self.multi_layer else None
-    return Batch(self.normalizer.normalize(x, layer_B), layer_B)
+    return Batch(x if raw else self.normalizer.normalize(x, layer_B), layer_B)
 
-  def iterate(self, start_step: int = 0, stop_step: int | None = None) -> Iterator[tuple[int, Batch]]:
+  def iterate(self, start_step: int = 0, stop_step: int | None = None,
+              raw: bool = False) -> Iterator[tuple[int, Batch]]:
     """(step, Batch) from start_step, prefetched by a background thread (`prefetch` batches ahead), or
     built by grain worker processes when `workers` > 0."""
     if self.workers > 0:
-      yield from self.grain_iterate(start_step, stop_step if stop_step is not None else 2 ** 40, self.workers)
+      from glp_jax.data import grain_io
+      stop = stop_step if stop_step is not None else 2 ** 40
+      for step, x_BxD, layer_B in grain_io.worker_batches(self, start_step, stop, raw):
+        yield step, Batch(x_BxD, layer_B)
       return
     steps = range(start_step, stop_step if stop_step is not None else 2 ** 62)
-    batches = ((s, self.batch(s)) for s in steps)
+    batches = ((s, self.batch(s, raw)) for s in steps)
     yield from threads.prefetch(batches, self.prefetch) if self.prefetch > 0 else batches
 
-  def grain_iterate(self, start_step: int, stop_step: int, workers: int) -> Iterator[tuple[int, Batch]]:
-    """(step, Batch) computed by `workers` grain worker processes (order preserved). Each worker builds
-    whole batches, so a window shared by consecutive steps may be read by several workers."""
-    from absl import flags
-    if not flags.FLAGS.is_parsed():   # grain workers read absl flags
-      flags.FLAGS.mark_as_parsed()
-    ds = (grain.MapDataset.range(start_step, stop_step).map(_StepBatch(self))
-          .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(self.prefetch, 1)))
-          .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
-    for rec in ds:   # copies: grain hands out shared-memory views that must not outlive the iterator
-      yield int(rec["step"]), Batch(np.array(rec["x"]), np.array(rec["layer"]) if self.multi_layer else None)
-
   def heldout(self, n: int, process_local: bool = True) -> Batch:
-    """The first n fixed held-out rows (layers cycled for multi-layer stores); this process's slice."""
-    k = len(self.layers)
-    if n > len(self.heldout_ids) * k:
-      raise StoreError(f"{self.path}: {n} held-out rows requested, only {len(self.heldout_ids) * k} exist")
+    """n fixed held-out rows spread evenly over the whole held-out set (so over all its documents; layers
+    cycled for multi-layer stores), with each row's document; this process's slice unless not
+    `process_local`."""
+    k, held = len(self.layers), len(self.heldout_ids)
+    if n > held * k:
+      raise StoreError(f"{self.path}: {n} held-out rows requested, only {held * k} exist")
     lo, hi = 0, n
     if process_local:
       lo, hi = self.process_index * n // self.process_count, (self.process_index + 1) * n // self.process_count
-    idx = np.arange(lo, hi)
-    rows, layers = self.heldout_ids[idx // k], np.asarray(self.layers, np.int32)[idx % k]
+    idx = np.arange(lo, hi)   # entry i = (row i // k of m evenly spaced rows, layer i % k)
+    m = -(-n // k)
+    rows, layers = self.heldout_ids[((idx // k) * held) // m], np.asarray(self.layers, np.int32)[idx % k]
     x = np.empty((len(idx), self.d), np.float32)
     for li, l in enumerate(self.layers):
       sel = np.nonzero(idx % k == li)[0]
       if len(sel):
         x[sel] = self._read_rows(rows[sel], l)
     layer_B = layers if self.multi_layer else None
-    return Batch(self.normalizer.normalize(x, layer_B), layer_B)
+    return Batch(self.normalizer.normalize(x, layer_B), layer_B, self._doc_of_rows(rows))
+
+  def _doc_of_rows(self, rows: np.ndarray) -> np.ndarray:
+    """The store doc id of each of the (sorted) held-out `rows`, from the docs table of their split."""
+    table = self.store.heldout_docs() if self.heldout_split else self.store.docs()
+    if not len(table):
+      return np.zeros(len(rows), np.int64)
+    return table[np.searchsorted(table[:, 1], rows, side="right") - 1, 0]
 
   def _read_rows(self, rows: np.ndarray, layer: int) -> np.ndarray:
-    """Rows at sorted indices, one read per contiguous run (held-out documents may be scattered)."""
-    self._ensure_rows(int(rows.max()) + 1)
+    """Held-out rows at sorted indices, one read per contiguous run (v1 held-out documents may be scattered)."""
+    read = self.store.read_heldout if self.heldout_split else self.store.read
+    if not self.heldout_split:
+      self._ensure_rows(int(rows.max()) + 1)
     breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
-    return np.concatenate([self.store.read(int(r[0]), int(r[-1]) + 1, layer=layer)
-                           for r in np.split(rows, breaks)])
+    return np.concatenate([read(int(r[0]), int(r[-1]) + 1, layer=layer) for r in np.split(rows, breaks)])
 
 
 class StaticLoader(Loader):
@@ -251,13 +262,16 @@ class StaticLoader(Loader):
     st, R = self.store, self.block_rows
     if st.num_rows == 0:
       raise StoreError(f"{self.path}: store is empty (no committed rows)")
-    held = st.heldout_rows()
-    if len(held) == 0:
-      if heldout_rows >= st.num_rows:
-        raise StoreError(f"{self.path}: heldout_rows={heldout_rows} leaves no training rows "
-                         f"({st.num_rows} rows)")
-      held = np.arange(st.num_rows - heldout_rows, st.num_rows)
-    self.heldout_ids = held
+    if self.heldout_split:
+      self.heldout_ids, held = np.arange(st.heldout_num_rows), np.zeros(0, np.int64)   # train on every row
+    else:
+      held = st.heldout_rows()
+      if len(held) == 0:
+        if heldout_rows >= st.num_rows:
+          raise StoreError(f"{self.path}: heldout_rows={heldout_rows} leaves no training rows "
+                           f"({st.num_rows} rows)")
+        held = np.arange(st.num_rows - heldout_rows, st.num_rows)
+      self.heldout_ids = held
     starts = np.concatenate([np.arange(a, b - R + 1, R) for a, b in _segments(st.num_rows, held)] + [[]])
     per_layer = len(starts)
     blocks = np.stack([np.repeat(self.layers, per_layer), np.tile(starts, len(self.layers))], 1)
@@ -280,9 +294,10 @@ class StaticLoader(Loader):
   def _locate(self, q: int) -> tuple[int, int]:
     return divmod(q, self.rows_per_pass // self.groups)
 
-  def source(self) -> BlockSource:
+  def source(self):
     """The training blocks as a grain source (record i = block i of the table `blocks`)."""
-    return BlockSource(self.path, self.blocks, self.block_rows)
+    from glp_jax.data import grain_io
+    return grain_io.BlockSource(self.path, self.blocks, self.block_rows)
 
 
 class StreamingLoader(Loader):
@@ -300,14 +315,19 @@ class StreamingLoader(Loader):
     self.heldout_ids = np.arange(heldout_rows)
     self.rows_per_pass = self.steps_per_pass = float("inf")
     self.unused_rows = 0
+    # v1: the held-out rows are the first `heldout_rows` of the store and training starts after them.
+    self._train_start = 0 if self.heldout_split else heldout_rows
     first_n = self.store.manifest["first_shard_rows"]
-    need = max(heldout_rows, first_n if self._stats == "first_shard" else 1)
+    need = max(self._train_start, first_n if self._stats == "first_shard" else 1)
     self._wait_rows(need, allow_finished=True)
+    if self.heldout_split:
+      self._wait_rows(heldout_rows, allow_finished=True, heldout=True)
+      self.heldout_ids = np.arange(min(heldout_rows, self.store.heldout_num_rows))
 
   def _block(self, i: np.ndarray) -> np.ndarray:
     """Streaming block index -> (layer, first row): row-blocks in store order, layers interleaved."""
     k = len(self.layers)
-    return np.stack([np.asarray(self.layers)[i % k], len(self.heldout_ids) + (i // k) * self.block_rows], 1)
+    return np.stack([np.asarray(self.layers)[i % k], self._train_start + (i // k) * self.block_rows], 1)
 
   def _window_blocks(self, p: int, g: int, w: int) -> np.ndarray:
     tau = np.random.default_rng([self.seed, 2, w]).permutation(self.window_blocks)
@@ -319,18 +339,18 @@ class StreamingLoader(Loader):
   def _ensure_rows(self, need: int) -> None:
     self._wait_rows(need)
 
-  def _wait_rows(self, need: int, allow_finished: bool = False) -> None:
-    """Blocks until the store has committed `need` rows (polling its manifest)."""
+  def _wait_rows(self, need: int, allow_finished: bool = False, heldout: bool = False) -> None:
+    """Blocks until the store has committed `need` rows of its training (or held-out) split."""
     t0 = time.time()
-    while self.store.num_rows < need:
+    count = (lambda: self.store.heldout_num_rows) if heldout else (lambda: self.store.num_rows)
+    while count() < need:
       if self.store.manifest.get("finished"):
-        if allow_finished and self.store.num_rows > 0:
+        if allow_finished and count() > 0:
           return
-        raise StoreError(f"{self.path}: the producer finished at {self.store.num_rows} rows; "
-                         f"{need} are needed")
+        raise StoreError(f"{self.path}: the producer finished at {count()} rows; {need} are needed")
       if time.time() - t0 > self.wait_timeout_s:
         raise StoreError(f"{self.path}: waited {self.wait_timeout_s:.0f} s for {need} committed rows "
-                         f"(have {self.store.num_rows})")
+                         f"(have {count()})")
       time.sleep(self.poll_s)
       self.store.refresh()
 
@@ -345,18 +365,6 @@ class StreamingLoader(Loader):
     self._published = consumed
 
 
-class _StepBatch(grain.transforms.Map):
-  """step -> that step's local batch (runs inside grain workers; the loader pickles without handles)."""
-
-  def __init__(self, loader: Loader):
-    self.loader = loader
-
-  def map(self, step):
-    b = self.loader.batch(int(step))
-    layer = b.layer_B if b.layer_B is not None else np.zeros(0, np.int32)
-    return {"step": np.int64(step), "x": b.x_BxD, "layer": layer}
-
-
 def from_config(cfg, *, batch_size: int, seed: int, all_layers: bool = False, **kw) -> Loader:
   """A loader from the train config's `data` section (c.data.*). `layer=-1` means the store's first
   layer, or every layer when `all_layers` (a multi-layer prior)."""
@@ -364,7 +372,7 @@ def from_config(cfg, *, batch_size: int, seed: int, all_layers: bool = False, **
   if layer < 0 and not all_layers:
     layer = ActivationStore.open(cfg.store).layers[0]
   args = dict(block_rows=cfg.block_rows, window_blocks=cfg.window_blocks, heldout_rows=cfg.heldout_rows,
-              layer=layer, prefetch=cfg.prefetch, workers=cfg.get("workers", 0), groups=cfg.get("groups", 8),
+              layer=layer, prefetch=cfg.prefetch, workers=cfg.get("workers", 0), groups=cfg.get("groups", 0),
               stats=cfg.get("stats", ""))
   if cfg.get("streaming", False):
     return StreamingLoader(cfg.store, batch_size=batch_size, seed=seed, consumer=cfg.get("consumer", "trainer"),

@@ -1,29 +1,38 @@
-"""The activation store: one tensorstore zarr3 array per LM layer plus a manifest that commits rows.
+"""The activation store: tensorstore zarr3 arrays per LM layer plus a manifest that commits rows.
 
-Layout of a store directory `<store>/`:
+Layout of a store directory `<store>/` (format v2):
   manifest.json     format version, model/corpus metadata, layers, d, dtype, shard/chunk rows, the committed
-                    `num_rows` and `num_docs`, and per-layer statistics over exactly those rows.
-  layer_XX/         zarr3 array [capacity, D] (XX = LM layer, 2 digits), sharding codec: a shard of
-                    `shard_rows` rows is always written whole; inner chunks of `chunk_rows` rows (~1 MB),
+                    `num_rows` / `num_docs` of the training split and `heldout` = {num_rows, num_docs, doc_ids}
+                    of the held-out split, and per-layer statistics over exactly the committed training rows.
+  layer_XX/         zarr3 array [capacity, D] of training rows (XX = LM layer, 2 digits), sharding codec: a
+                    shard of `shard_rows` rows is written whole; inner chunks of `chunk_rows` rows (~1 MB),
                     codecs bytes (+ zstd) + crc32c so a corrupt chunk is detected on read.
   docs.i64          raw little-endian int64 [num_docs, 4]: (doc_id, first_row, n_rows, position_start).
   positions.i32     raw little-endian int32 [num_rows]: token position of every row inside its document.
-Rows past the committed `num_rows` (and table entries past `num_docs`) are garbage: readers never see
-them and a resumed writer overwrites them. The manifest is rewritten (tmp + fsync + atomic rename) only
-after the rows, tables and statistics it covers are durable, and only at document boundaries, so a writer
-killed at any point leaves a store whose committed rows are correct.
+  heldout/          the held-out split (whole documents never trained on), laid out like the training split:
+                    heldout/layer_XX/, heldout/docs.i64, heldout/positions.i32. Small (~5% of rows), so its
+                    trailing partial shard is rewritten at each commit.
+Rows past a split's committed count (and table entries past its docs) are garbage: readers never see them
+and a resumed writer overwrites them. The manifest is rewritten (tmp + fsync + atomic rename) only after the
+rows, tables and statistics it covers in both splits are durable, and only at document boundaries, so a
+writer killed at any point leaves a store whose committed rows are correct. Format v1 stores (no held-out
+split; held-out documents, if any, listed in `metadata.heldout_doc_ids` inside the training rows) open
+read-only.
 
-Statistics are exact per-dimension mean / population variance over all committed rows, merged in float64
-(Chan et al.) over whole shard-sized chunks in row order (so they do not depend on where commits fell), plus
-the reference's 'first_shard' statistic over the first `first_shard_rows` rows.
+Statistics are exact per-dimension mean / population variance over all committed training rows, merged in
+float64 (Chan et al.) over whole shard-sized chunks in row order (so they do not depend on where commits fell),
+plus the reference's 'first_shard' statistic over the first `first_shard_rows` rows.
+Reads never fill absent chunks with zeros (`fill_missing_data_reads: false`): a deleted shard file is an error.
 zarr-python 3 reads float16/float32 stores (`zarr.open_array(<store>/layer_XX)`); it has no bfloat16.
 The write path (buffering, whole-shard writes, commits) is `writer.StoreWriter`; the statistics math is
 `stats.py`; the progress files of streaming consumers are `streaming.py`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import operator
 import os
 from typing import Any
 
@@ -32,23 +41,46 @@ import numpy as np
 import tensorstore as ts
 
 from glp_jax.util.errors import GlpError
+from glp_jax.util.runtime import cache_dir as default_cache_dir
 
 FORMAT = "glp_jax.activation_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # v1: no held-out split, read-only
 MANIFEST = "manifest.json"
 DOCS_FILE = "docs.i64"
 POSITIONS_FILE = "positions.i32"
+HELDOUT_DIR = "heldout"
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 COMPRESSIONS = ("none", "zstd")
 RESERVED = ("format", "format_version", "layers", "d", "dtype", "shard_rows", "chunk_rows", "compression",
             "first_shard_rows", "num_rows", "num_docs", "commits", "stats", "docs_file", "positions_file",
-            "created", "updated", "finished", "metadata", "stats_state")
+            "created", "updated", "finished", "metadata", "stats_state", "heldout")
 SHARD_BYTES = 32 << 20   # default shard size: written whole, so a few tens of MB keeps writes efficient
 CHUNK_BYTES = 1 << 20    # default inner chunk: ~1 MB keeps contiguous block reads fast
 
 
 class StoreError(GlpError, ValueError):
   """A store is missing, incompatible, incomplete or corrupt (the message names the path)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split of a store: its folder inside the store, and where the manifest keeps its committed counts."""
+  name: str
+  subdir: str
+  key: str | None   # manifest entry holding num_rows / num_docs (None: the top level)
+
+  def root(self, path: str) -> str:
+    return os.path.join(path, self.subdir) if self.subdir else path
+
+  def counts(self, manifest: dict) -> tuple[int, int]:
+    """(num_rows, num_docs) committed in this split (0, 0 for a v1 store's held-out split)."""
+    m = manifest if self.key is None else manifest.get(self.key) or {}
+    return int(m.get("num_rows", 0)), int(m.get("num_docs", 0))
+
+
+TRAIN = Split("train", "", None)
+HELDOUT = Split("heldout", HELDOUT_DIR, "heldout")
 
 
 def layer_dir(layer: int) -> str:
@@ -66,17 +98,19 @@ def default_rows(d: int, dtype: str) -> tuple[int, int]:
   return max(chunk, _pow2_floor(SHARD_BYTES / row_bytes)), chunk
 
 
-def layer_spec(path: str, layer: int) -> dict:
-  """The plain tensorstore spec that opens one layer's array (no glp_jax needed)."""
-  return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(path, layer_dir(layer))}}
+def layer_spec(path: str, layer: int, split: Split = TRAIN) -> dict:
+  """The plain tensorstore spec that opens one layer's array (no glp_jax needed). Absent chunks raise on
+  read instead of reading as zeros."""
+  kvstore = {"driver": "file", "path": os.path.join(split.root(path), layer_dir(layer))}
+  return {"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False}
 
 
-def create_spec(path, layer, d, dtype, shard_rows, chunk_rows, compression, capacity) -> dict:
+def create_spec(path, layer, d, dtype, shard_rows, chunk_rows, compression, capacity, split=TRAIN) -> dict:
   inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
   if compression == "zstd":
     inner.append({"name": "zstd", "configuration": {"level": 3}})
   inner.append({"name": "crc32c"})
-  spec = layer_spec(path, layer)
+  spec = layer_spec(path, layer, split)
   spec["metadata"] = {
       "shape": [capacity, d], "data_type": dtype, "dimension_names": ["row", "feature"],
       "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_rows, d]}},
@@ -96,20 +130,32 @@ def read_manifest(path: str) -> dict:
       m = json.load(f)
   except json.JSONDecodeError as e:
     raise StoreError(f"{mpath}: unreadable manifest ({e})") from e
-  if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+  if m.get("format") != FORMAT or m.get("format_version") not in READABLE_VERSIONS:
     raise StoreError(f"{path}: manifest format {m.get('format')!r} v{m.get('format_version')} is not "
-                     f"{FORMAT!r} v{FORMAT_VERSION}")
+                     f"{FORMAT!r} v{'/'.join(map(str, READABLE_VERSIONS))}")
   return m
+
+
+def _differences(have: Any, want: Any, key: str) -> list[tuple[str, Any, Any]]:
+  """(dotted key, have, want) of every differing leaf (dicts are compared key by key)."""
+  if isinstance(have, dict) and isinstance(want, dict):
+    return [d for k in {**have, **want} for d in _differences(have.get(k), want.get(k), f"{key}.{k}")]
+  return [] if have == want else [(key, have, want)]
+
+
+def _short(value: Any, limit: int = 200) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 class ActivationStore:
   """A store of activation rows, read-only: `ActivationStore.open(path)`. (`writer.StoreWriter` creates and
-  appends.) Readers only ever see the committed rows [0, num_rows)."""
+  appends.) Readers only ever see the committed rows [0, num_rows) of each split."""
 
   def __init__(self, path: str, manifest: dict):
     self.path = os.path.abspath(path)
     self.manifest = manifest
-    self._arrays: dict[int, Any] = {}
+    self._arrays: dict[tuple[str, int], Any] = {}
 
   # ---------------------------------------------------------------- opening
   @classmethod
@@ -118,23 +164,46 @@ class ActivationStore:
     return cls(path, read_manifest(path))
 
   def check(self, **expect) -> None:
-    """Raises StoreError naming the first field that differs (top-level fields or metadata keys)."""
+    """Raises StoreError naming the differing fields (top-level fields or metadata keys; nested dicts are
+    compared field by field, so the message names e.g. `corpus.python_packages.content_hash`)."""
     for key, want in expect.items():
       have = self.manifest[key] if key in RESERVED else self.manifest["metadata"].get(key, None)
       if key == "layers":
         want = [int(l) for l in (want if isinstance(want, (list, tuple)) else [want])]
       want = json.loads(json.dumps(want))   # compare as stored: tuples are lists in JSON
-      if have != want:
-        raise StoreError(f"{self.path}: store has {key}={have!r} but {want!r} was expected; refusing to mix")
+      diffs = _differences(have, want, key)
+      if diffs:
+        name, a, b = diffs[0]
+        also = f" (also differ: {', '.join(d[0] for d in diffs[1:6])})" if len(diffs) > 1 else ""
+        raise StoreError(f"{self.path}: store has {name}={_short(a)} but {_short(b)} was expected{also}; "
+                         "refusing to mix")
 
-  # ---------------------------------------------------------------- reading
+  # ---------------------------------------------------------------- shape of the store
   @property
   def num_rows(self) -> int:
-    return int(self.manifest["num_rows"])
+    return TRAIN.counts(self.manifest)[0]
 
   @property
   def num_docs(self) -> int:
-    return int(self.manifest["num_docs"])
+    return TRAIN.counts(self.manifest)[1]
+
+  @property
+  def has_heldout_split(self) -> bool:
+    """Whether the store has a held-out split (format v2; v1 stores have none)."""
+    return self.manifest["format_version"] >= 2
+
+  @property
+  def has_heldout_docs(self) -> bool:
+    """Whether held-out documents were extracted into the store (the evaluation set of its priors)."""
+    return self.has_heldout_split and self.heldout_num_rows > 0
+
+  @property
+  def heldout_num_rows(self) -> int:
+    return HELDOUT.counts(self.manifest)[0]
+
+  @property
+  def heldout_num_docs(self) -> int:
+    return HELDOUT.counts(self.manifest)[1]
 
   @property
   def d(self) -> int:
@@ -166,35 +235,67 @@ class ActivationStore:
       raise StoreError(f"{self.path}: layer {layer} not in store layers {self.layers}")
     return layer
 
-  def array(self, layer: int | None = None):
+  def _split(self, split: Split) -> Split:
+    if split is HELDOUT and not self.has_heldout_split:
+      raise StoreError(f"{self.path}: format v1 store has no held-out split (re-extract to get one)")
+    return split
+
+  def check_files(self) -> None:
+    """Raises StoreError naming the first shard file of the committed rows that is missing: a deleted shard
+    would otherwise surface only when a reader reaches its rows (perhaps hours into training)."""
+    shard = int(self.manifest["shard_rows"])
+    for split in (TRAIN, HELDOUT) if self.has_heldout_split else (TRAIN,):
+      rows = split.counts(self.manifest)[0]
+      for layer in self.layers:
+        folder = os.path.join(split.root(self.path), layer_dir(layer), "c")
+        for i in range(-(-rows // shard)):
+          if not os.path.exists(os.path.join(folder, str(i), "0")):
+            raise StoreError(f"{self.path}: rows [{i * shard}, {min((i + 1) * shard, rows)}) of "
+                             f"{os.path.join(split.subdir, layer_dir(layer))} are missing (no shard file "
+                             f"c/{i}/0): the store is damaged; restore or re-extract it")
+
+  # ---------------------------------------------------------------- reading rows
+  def array(self, layer: int | None = None, split: Split = TRAIN):
     """The tensorstore handle of a layer (opened lazily; reopened if the array has grown)."""
     layer = self._layer(layer)
-    arr = self._arrays.get(layer)
-    if arr is None or arr.shape[0] < self.num_rows:
+    arr = self._arrays.get((split.name, layer))
+    if arr is None or arr.shape[0] < split.counts(self.manifest)[0]:
       try:
-        arr = ts.open(layer_spec(self.path, layer), open=True).result()
+        arr = ts.open(layer_spec(self.path, layer, split), open=True).result()
       except Exception as e:  # tensorstore raises ValueError with its own message
-        raise StoreError(f"{self.path}: cannot open {layer_dir(layer)}: {e}") from e
-      self._arrays[layer] = arr
+        raise StoreError(f"{self.path}: cannot open {os.path.join(split.subdir, layer_dir(layer))}: {e}") from e
+      self._arrays[(split.name, layer)] = arr
     return arr
 
-  def read(self, start: int, stop: int, layer: int | None = None) -> np.ndarray:
-    """Rows [start, stop) of one layer as [n, D] in the store dtype (one contiguous block read)."""
-    if self.num_rows == 0:
-      raise StoreError(f"{self.path}: store is empty (no committed rows)")
-    if not 0 <= start <= stop <= self.num_rows:
-      raise StoreError(f"{self.path}: rows [{start}, {stop}) requested but only {self.num_rows} rows are "
-                       "committed")
-    arr = self.array(layer)
+  def _result(self, future, what: str, split: Split, layer: int):
     try:
-      return arr[start:stop].read().result()
+      return future.result()
     except Exception as e:
-      raise StoreError(f"{self.path}: reading rows [{start}, {stop}) of {layer_dir(self._layer(layer))} "
-                       f"failed (corrupt or missing chunk?): {e}") from e
+      where = os.path.join(split.subdir, layer_dir(layer))
+      raise StoreError(f"{self.path}: reading {what} of {where} failed (corrupt or missing chunk?): {e}") from e
+
+  def _read(self, split: Split, start: int, stop: int, layer: int | None) -> np.ndarray:
+    rows = split.counts(self.manifest)[0]
+    if rows == 0:
+      raise StoreError(f"{self.path}: {'store' if split is TRAIN else 'held-out split'} is empty (no committed "
+                       "rows)")
+    if not 0 <= start <= stop <= rows:
+      what = "rows" if split is TRAIN else "held-out rows"
+      raise StoreError(f"{self.path}: {what} [{start}, {stop}) requested but only {rows} rows are committed")
+    layer = self._layer(layer)
+    return self._result(self.array(layer, split)[start:stop].read(), f"rows [{start}, {stop})", split, layer)
+
+  def read(self, start: int, stop: int, layer: int | None = None) -> np.ndarray:
+    """Training rows [start, stop) of one layer as [n, D] in the store dtype (one contiguous block read)."""
+    return self._read(TRAIN, start, stop, layer)
+
+  def read_heldout(self, start: int, stop: int, layer: int | None = None) -> np.ndarray:
+    """Held-out rows [start, stop) of one layer as [n, D] in the store dtype."""
+    return self._read(self._split(HELDOUT), start, stop, layer)
 
   def read_blocks(self, blocks: np.ndarray, block_rows: int) -> list[np.ndarray]:
-    """The [block_rows, D] rows (store dtype) of each (layer, first row) of `blocks`; the reads are issued
-    together (tensorstore runs them concurrently), then awaited."""
+    """The [block_rows, D] training rows (store dtype) of each (layer, first row) of `blocks`; the reads are
+    issued together (tensorstore runs them concurrently), then awaited."""
     if len(blocks) and int(blocks[:, 1].max()) + block_rows > self.num_rows:
       self.refresh()   # a store being written may have committed them since
     futures = []
@@ -203,17 +304,43 @@ class ActivationStore:
         raise StoreError(f"{self.path}: block rows [{r}, {r + block_rows}) are not committed "
                          f"({self.num_rows} rows)")
       futures.append(self.array(int(layer))[int(r):int(r) + block_rows].read())
-    out = []
-    for (layer, r), f in zip(blocks, futures):
-      try:
-        out.append(f.result())
-      except Exception as e:
-        raise StoreError(f"{self.path}: reading block rows [{r}, {r + block_rows}) of layer {layer} "
-                         f"failed (corrupt or missing chunk?): {e}") from e
-    return out
+    return [self._result(f, f"block rows [{r}, {r + block_rows})", TRAIN, int(layer))
+            for (layer, r), f in zip(blocks, futures)]
 
+  def __len__(self) -> int:
+    return self.num_rows
+
+  def __getitem__(self, index) -> np.ndarray:
+    """Training rows of a single-layer store, NumPy-style: an int -> [D], a slice or an int (or bool) index
+    array -> [n, D], in the store dtype."""
+    if len(self.layers) != 1:
+      raise StoreError(f"{self.path}: store holds layers {self.layers}; index it through read(start, stop, "
+                       "layer=)")
+    layer, n = self.layers[0], self.num_rows
+    if isinstance(index, slice):
+      start, stop, step = index.indices(n)
+      if step == 1:
+        return self.read(start, max(start, stop)) if stop > start else np.zeros((0, self.d), DTYPES[self.dtype])
+      index = np.arange(start, stop, step)
+    idx = np.asarray(index)
+    if idx.dtype == bool:
+      if idx.shape != (n,):
+        raise IndexError(f"{self.path}: boolean index of shape {idx.shape} for {n} rows")
+      idx = np.flatnonzero(idx)
+    elif idx.ndim == 0:
+      idx = np.asarray(operator.index(index))
+    if not np.issubdtype(idx.dtype, np.integer):
+      raise IndexError(f"{self.path}: rows must be indexed by ints, slices or int arrays, got {idx.dtype}")
+    idx = np.where(idx < 0, idx + n, idx)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+      raise IndexError(f"{self.path}: row index out of range for {n} committed rows")
+    if idx.size == 0:
+      return np.zeros(idx.shape + (self.d,), DTYPES[self.dtype])
+    return self._result(self.array(layer)[idx].read(), f"rows {_short(index, 60)}", TRAIN, layer)
+
+  # ---------------------------------------------------------------- statistics and side tables
   def stats(self, layer: int | None = None, which: str = "all") -> dict:
-    """{'mean': [D] f64, 'var': [D] f64, 'count': int} over committed rows ('all' or 'first_shard')."""
+    """{'mean': [D] f64, 'var': [D] f64, 'count': int} over committed training rows ('all' or 'first_shard')."""
     layer = self._layer(layer)
     entry = self.manifest["stats"][which].get(str(layer))
     if not entry or entry["count"] == 0:
@@ -221,24 +348,41 @@ class ActivationStore:
     return {"mean": np.asarray(entry["mean"], np.float64), "var": np.asarray(entry["var"], np.float64),
             "count": int(entry["count"])}
 
-  def docs(self) -> np.ndarray:
-    """[num_docs, 4] int64 table: doc_id, first_row, n_rows, position_start."""
-    raw = np.fromfile(os.path.join(self.path, DOCS_FILE), dtype="<i8", count=self.num_docs * 4)
-    if raw.size != self.num_docs * 4:
-      raise StoreError(f"{self.path}: {DOCS_FILE} holds {raw.size // 4} docs, manifest commits "
-                       f"{self.num_docs}")
+  def _docs(self, split: Split) -> np.ndarray:
+    n = split.counts(self.manifest)[1]
+    path = os.path.join(split.root(self.path), DOCS_FILE)
+    raw = np.fromfile(path, dtype="<i8", count=n * 4) if n else np.zeros(0, "<i8")
+    if raw.size != n * 4:
+      raise StoreError(f"{path}: holds {raw.size // 4} docs, manifest commits {n}")
     return raw.reshape(-1, 4)
 
+  def _positions(self, split: Split, start: int, stop: int | None) -> np.ndarray:
+    rows = split.counts(self.manifest)[0]
+    stop = rows if stop is None else stop
+    if not 0 <= start <= stop <= rows:
+      raise StoreError(f"{self.path}: {split.name} positions [{start}, {stop}) beyond {rows} committed rows")
+    path = os.path.join(split.root(self.path), POSITIONS_FILE)
+    return np.fromfile(path, dtype="<i4", count=stop - start, offset=4 * start)
+
+  def docs(self) -> np.ndarray:
+    """[num_docs, 4] int64 table of the training split: doc_id, first_row, n_rows, position_start."""
+    return self._docs(TRAIN)
+
+  def heldout_docs(self) -> np.ndarray:
+    """[heldout_num_docs, 4] int64 table of the held-out split (first_row counts held-out rows)."""
+    return self._docs(self._split(HELDOUT))
+
   def positions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Token positions (within their documents) of rows [start, stop)."""
-    stop = self.num_rows if stop is None else stop
-    if not 0 <= start <= stop <= self.num_rows:
-      raise StoreError(f"{self.path}: positions [{start}, {stop}) beyond {self.num_rows} committed rows")
-    return np.fromfile(os.path.join(self.path, POSITIONS_FILE), dtype="<i4", count=stop - start,
-                       offset=4 * start)
+    """Token positions (within their documents) of training rows [start, stop)."""
+    return self._positions(TRAIN, start, stop)
+
+  def heldout_positions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Token positions of held-out rows [start, stop)."""
+    return self._positions(self._split(HELDOUT), start, stop)
 
   def heldout_rows(self) -> np.ndarray:
-    """Row indices belonging to the documents listed in metadata['heldout_doc_ids'] (sorted)."""
+    """Training-split row indices of the documents listed in metadata['heldout_doc_ids'] (sorted): the v1
+    way of holding documents out (v2 stores written by glp-extract keep them in the held-out split)."""
     ids = self.metadata.get("heldout_doc_ids") or []
     if not ids:
       return np.zeros(0, np.int64)
@@ -250,3 +394,8 @@ class ActivationStore:
 
   def __getstate__(self):
     return {**self.__dict__, "_arrays": {}}   # tensorstore handles reopen lazily in the new process
+
+
+def default_store_path(cache_dir: str | None = None) -> str:
+  """Where the embedded default store lives (built by `extraction.extractor.default_store` or not yet)."""
+  return os.path.join(cache_dir or default_cache_dir(), "stores", "smollm2-135m_l15_pydoc_32k")

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 # edit(hidden_BxSxD torch, edit_mask_BxS torch bool) -> new hidden_BxSxD
-EditFn = Callable[..., "torch.Tensor"]
+EditFn = Callable[..., object]
 
 
 def tokenize_documents(tokenizer, texts: Sequence[str], max_length: int = 128, min_tokens: int = 3
@@ -74,7 +74,7 @@ def delta_lm_losses(model, tokenizer, texts: Iterable[str], layer: int, edits: d
                     max_length: int = 128, batch_size: int = 8, skip_first: bool = True) -> dict[str, dict]:
   """Per intervention: {delta, sem, base, edited, n_docs} (losses in nats per token)."""
   import torch
-  from glp_jax.extraction import lm
+  from glp_jax.torch import lm
 
   docs = tokenize_documents(tokenizer, list(texts), max_length)
   if not docs:

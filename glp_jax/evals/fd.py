@@ -21,6 +21,7 @@ import numpy as np
 import scipy.linalg
 
 METHODS = ("sqrtm", "eigh")
+log = logging.getLogger("glp_jax")
 
 
 def gaussian_stats(x_NxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -36,13 +37,13 @@ def gaussian_stats(x_NxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _trace_sqrt_product_sqrtm(c1: np.ndarray, c2: np.ndarray, eps: float) -> float:
   covmean = scipy.linalg.sqrtm(c1 @ c2)
   if not np.isfinite(covmean).all():
-    logging.warning("fd: sqrtm of the covariance product is not finite; adding %g to the diagonals", eps)
+    log.warning("fd: sqrtm of the covariance product is not finite; adding %g to the diagonals", eps)
     offset = eps * np.eye(c1.shape[0])
     covmean = scipy.linalg.sqrtm((c1 + offset) @ (c2 + offset))
   if np.iscomplexobj(covmean):
     imag = np.abs(np.diagonal(covmean).imag).max()
     if imag > 1e-3 * max(1.0, np.abs(np.diagonal(covmean).real).max()):
-      logging.warning("fd: sqrtm has a large imaginary component %g; taking the real part", imag)
+      log.warning("fd: sqrtm has a large imaginary component %g; taking the real part", imag)
     covmean = covmean.real
   return float(np.trace(covmean))
 
@@ -85,14 +86,38 @@ def split_halves(real_NxD: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarra
   return real_NxD[np.sort(perm[:n])], real_NxD[np.sort(perm[n:])]
 
 
+def sample_size_checks(n: int, requested: int, d: int, rows: int | None = None) -> dict[str, float]:
+  """Warns when n samples per side cannot give a trustworthy D x D covariance; returns what to record.
+
+  With n <= D the sample covariance has rank <= n - 1 < D (rank-deficient: FD then compares subspaces, and
+  `fd_floor` is inflated); below 2D it is full rank but noisy. Also says when n was cut from `requested`
+  (at most half of the `rows` real rows are available per side).
+  """
+  deficient = n <= d
+  if n < requested:
+    log.warning("fd: %d samples per side, not the %d asked for (%s real rows: half each for the reference "
+                "and the floor)", n, requested, "?" if rows is None else rows)
+  if deficient:
+    log.warning("fd: %d samples per side <= D = %d: both covariances are rank-deficient (rank <= %d); fd and "
+                "fd_floor are not comparable with runs using more samples (recorded fd_rank_deficient=1)",
+                n, d, n - 1)
+  elif n < 2 * d:
+    log.warning("fd: %d samples per side < 2 D = %d: the covariance estimates are noisy (more held-out rows "
+                "or --num_samples help)", n, 2 * d)
+  return {"fd_num_samples_requested": float(requested), "fd_dim": float(d),
+          "fd_rank_deficient": float(deficient), "fd_samples_per_dim": n / d}
+
+
 def evaluate_fd(prior: Any, real_NxD: np.ndarray, num_samples: int = 50_000, steps: int = 1000,
                 seed: int = 42, method: str = "eigh", batch_size: int = 4096) -> dict[str, float]:
   """FD of the prior's Euler samples (raw space) vs real rows, beside the real-vs-real floor.
 
   Uses n = min(num_samples, len(real) // 2) rows per side: half A is the reference set, FD(samples, A) is
-  `fd` and FD(half B, A) is `fd_floor`. `prior` is a `glp_jax.evals.prior.Prior`.
+  `fd` and FD(half B, A) is `fd_floor`. `prior` is a `glp_jax.evals.prior.Prior`. A sample count too small
+  for the width D is logged as a warning and recorded (`sample_size_checks`).
   """
   n = min(int(num_samples), len(real_NxD) // 2)
+  checks = sample_size_checks(n, int(num_samples), np.shape(real_NxD)[-1], len(real_NxD))
   ref_A, ref_B = split_halves(np.asarray(real_NxD), n, seed)
   t0 = time.time()
   samples = prior.sample_raw(n, steps=steps, seed=seed, batch_size=batch_size)
@@ -105,6 +130,7 @@ def evaluate_fd(prior: Any, real_NxD: np.ndarray, num_samples: int = 50_000, ste
       "fd_steps": float(steps),
       "fd_sample_seconds": sample_time,
   }
+  out.update(checks)
   out["fd_minus_floor"] = out["fd"] - out["fd_floor"]
   # Anchor: a "prior" that learnt only the normaliser, N(mean, diag(var)), in closed form (no samples).
   out["fd_diag_gaussian"] = frechet_distance(prior.mean_D, np.diag(prior.var_D), mu_ref, cov_ref, method=method)

@@ -65,8 +65,12 @@ class Prior:
 
   def sample_raw(self, n: int, steps: int = 1000, seed: int = 42, batch_size: int = 4096) -> np.ndarray:
     """`n` Euler samples from seeded N(0, I) noise, denormalised: [n, D] float32."""
+    from tqdm.auto import tqdm
+    from glp_jax.util import runtime
     noise = np.random.default_rng(seed).standard_normal((n, self.d), dtype=np.float32)
-    out = [np.asarray(self.integrate(noise[i:i + batch_size], steps, 0)) for i in range(0, n, batch_size)]
+    starts = range(0, n, batch_size)   # minutes at the reference's 50k samples x 1000 steps: show progress
+    bar = tqdm(starts, desc="sampling", unit="batch", leave=False, disable=not runtime.interactive() or len(starts) < 2)
+    out = [np.asarray(self.integrate(noise[i:i + batch_size], steps, 0)) for i in bar]
     return self.denormalize(np.concatenate(out))
 
   def project(self, x_BxD: np.ndarray, start: float = 0.5, steps: int = 20, seed: int = 0) -> np.ndarray:

@@ -11,6 +11,7 @@ the class-mean difference, so C barely matters for AUC; the CV over C is kept be
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +19,10 @@ import scipy.special
 import scipy.stats
 
 DEFAULT_CS = tuple(10.0 ** np.arange(-5, 1))   # {1e-5, ..., 1e0}, as the reference
+# Fewer examples than this of a class (in train or test) gets a warning: a test AUC over < 10 positives moves
+# in steps of > 0.1 / n_neg per example, and the CV drops below its 5 folds.
+SMALL_CLASS = 10
+log = logging.getLogger("glp_jax")
 
 
 def auc_columns(scores_NxK: np.ndarray, y_N: np.ndarray) -> np.ndarray:
@@ -159,6 +164,29 @@ def bootstrap_mean_ci(values: Sequence[float], n_resamples: int = 10_000, level:
   return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
+def class_counts_check(name: str, y_train: np.ndarray, y_test: np.ndarray) -> int:
+  """Warns when a task's classes are too small for a trustworthy AUC; returns the smallest class count.
+
+  Counts are per split (train positives/negatives, test positives/negatives); below `SMALL_CLASS` the test
+  AUC moves in coarse steps and the CV uses fewer folds, and with < 2 train or 0 test examples of a class the
+  task cannot be probed at all (it is skipped).
+  """
+  counts = {"train_pos": int(y_train.sum()), "train_neg": int((~y_train).sum()),
+            "test_pos": int(y_test.sum()), "test_neg": int((~y_test).sum())}
+  smallest = min(counts.values())
+  if not probeable(y_train, y_test):
+    log.warning("probe: task %r skipped: a class is too small to probe (%s)", name, counts)
+  elif smallest < SMALL_CLASS:
+    log.warning("probe: task %r has a class with %d < %d examples (%s): its AUC is coarse and noisy", name,
+                smallest, SMALL_CLASS, counts)
+  return smallest
+
+
+def probeable(y_train: np.ndarray, y_test: np.ndarray) -> bool:
+  """Both classes present in test and at least 2 of each in train (stratified CV needs 2 folds)."""
+  return min(int(y_train.sum()), int((~y_train).sum())) >= 2 and 0 < int(y_test.sum()) < len(y_test)
+
+
 def evaluate_probe(prior, task_data: dict[str, tuple[np.ndarray, np.ndarray]], sigmas: Sequence[float] = (0.1, 0.5),
                    top_k: int = 512, cs: Sequence[float] = DEFAULT_CS, n_folds: int = 5, seed: int = 42,
                    n_bootstrap: int = 10_000,
@@ -168,24 +196,35 @@ def evaluate_probe(prior, task_data: dict[str, tuple[np.ndarray, np.ndarray]], s
   `task_data[name] = (x_NxD raw last-token activations, y_N)`; `baselines[name] = {kind: features_NxK}` adds
   other feature sets (e.g. "mlp", the LM's MLP neurons). Returns flat keys: `probe_auc_<kind>` (mean test AUC
   over tasks) with `_lo`/`_hi` (95% bootstrap CI), kinds `raw`, `t{sigma}` and the baselines, and per task
-  `probe_auc_<kind>/<task>`. The meta-neuron noise is fixed (seeded), as the reference.
+  `probe_auc_<kind>/<task>`. The meta-neuron noise is fixed (seeded), as the reference. Small classes are
+  warned about and recorded: `probe_class_min/<task>` (smallest class count over the train/test splits),
+  `probe_small_tasks` (tasks below SMALL_CLASS) and `probe_skipped_tasks` (tasks that cannot be probed).
   """
   if not task_data:
     raise ValueError("no tasks")
   per_kind: dict[str, list[float]] = {}
-  out: dict[str, float] = {}
+  out: dict[str, float] = {"probe_small_tasks": 0.0, "probe_skipped_tasks": 0.0}
   for name, (x, y) in task_data.items():
+    tr, te = train_test_split(y, seed=seed)
+    yb = np.asarray(y).astype(bool)
+    smallest = class_counts_check(name, yb[tr], yb[te])
+    out[f"probe_class_min/{name}"] = float(smallest)
+    out["probe_small_tasks"] += float(smallest < SMALL_CLASS)
+    if not probeable(yb[tr], yb[te]):
+      out["probe_skipped_tasks"] += 1
+      continue
     feats = {"raw": x}
     for s in sigmas:
       feats[f"t{s:g}"] = prior.meta_neurons(x, s, seed=seed)
     feats.update((baselines or {}).get(name, {}))
-    tr, te = train_test_split(y, seed=seed)
     for kind, f in feats.items():
       res = probe_1d(f[tr], y[tr], f[te], y[te], top_k=top_k, cs=cs, n_folds=n_folds)
       per_kind.setdefault(kind, []).append(res["test_auc"])
       out[f"probe_auc_{kind}/{name}"] = res["test_auc"]
+  if not per_kind:
+    raise ValueError(f"no task has enough examples of both classes to probe ({sorted(task_data)})")
   for kind, aucs in per_kind.items():
     mean, lo, hi = bootstrap_mean_ci(aucs, n_bootstrap)
     out[f"probe_auc_{kind}"], out[f"probe_auc_{kind}_lo"], out[f"probe_auc_{kind}_hi"] = mean, lo, hi
-  out["probe_tasks"] = float(len(task_data))
+  out["probe_tasks"] = float(len(task_data) - out["probe_skipped_tasks"])
   return out

@@ -15,6 +15,7 @@ endpoint) is off unless `judge` is passed; nothing here touches the network othe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+log = logging.getLogger("glp_jax")
 # judge(prompt, continuation, concept_description) -> (concept 0-2, fluency 0-2)
 JudgeFn = Callable[[str, str, str], tuple[float, float]]
 
@@ -38,18 +40,26 @@ def diffmean_direction(model, tokenizer, pos_texts: Sequence[str], neg_texts: Se
 
 
 def steer_edit(w_D: np.ndarray, alpha: float, prior=None, start: float = 0.5, steps: int = 20, seed: int = 0):
-  """Layer-output edit: h[:, -1] += alpha * w, then (with a prior) h[:, -1] = prior.project(h[:, -1])."""
-  import torch
+  """Layer-output edit: h[:, -1] += alpha * w, then (with a prior) h[:, -1] = prior.project(h[:, -1]).
 
-  def edit(h_BxSxD):
-    out = h_BxSxD.clone()
-    last = out[:, -1].float() + alpha * torch.as_tensor(w_D, device=out.device)
-    if prior is not None:
-      last = torch.as_tensor(prior.project(last.cpu().numpy(), start=start, steps=steps, seed=seed),
-                             device=out.device)
-    out[:, -1] = last.to(out.dtype)
-    return out
-  return edit
+  The edit of `glp_jax.torch.steering_edit` (positions="last"), with the numpy `Prior`'s seeded projection.
+  """
+  from glp_jax.torch import steering_edit
+  return steering_edit(w_D, alpha, positions="last", prior=None if prior is None else _Projection(prior, seed),
+                       start=start, steps=steps)
+
+
+class _Projection:
+  """A numpy `Prior` (JAX run or torch export) behind `GLP.sample_on_manifold`'s signature, seeded."""
+
+  def __init__(self, prior, seed: int):
+    self.prior, self.seed = prior, seed
+
+  def sample_on_manifold(self, x, start, steps, generator=None, layer_idx=None):
+    import torch
+    del generator, layer_idx   # the Prior draws its noise from `seed`, and is already one layer's
+    return torch.as_tensor(self.prior.project(x.float().cpu().numpy(), start=start, steps=steps, seed=self.seed),
+                           device=x.device)
 
 
 def generate(model, tokenizer, prompts: Sequence[str], layer: int | None = None, edit=None,
@@ -57,7 +67,7 @@ def generate(model, tokenizer, prompts: Sequence[str], layer: int | None = None,
   """Greedy continuations (token ids, cut at EOS) of each prompt, with `edit` on layer `layer`'s output."""
   import contextlib
   import torch
-  from glp_jax.extraction import lm
+  from glp_jax.torch import lm
   from glp_jax.evals import tasks
   # Left padding: new tokens must follow each prompt's real last token.
   ids, mask = tasks.pad([tasks.encode(tokenizer, p) for p in prompts], tasks.pad_id(tokenizer), left=True)
@@ -78,7 +88,7 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], conts: Sequenc
                         w_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(concept [N], nll [N]) of each continuation under the base LM; NaN for empty continuations."""
   import torch
-  from glp_jax.extraction import lm
+  from glp_jax.torch import lm
   from glp_jax.evals import tasks
   device = next(model.parameters()).device
   concept, nll = np.full(len(prompts), np.nan), np.full(len(prompts), np.nan)
@@ -110,9 +120,13 @@ def evaluate_steering(prior, model, tokenizer, layer: int, pos_texts: Sequence[s
   Also draws the frontier PNG when `plot_path` is given.
   """
   t0 = time.time()
+  if not prompts or not pos_texts or not neg_texts:
+    raise ValueError(f"steering needs prompts and both concept sets; got {len(prompts)} prompts, "
+                     f"{len(pos_texts)} positive and {len(neg_texts)} negative texts")
   w = diffmean_direction(model, tokenizer, pos_texts, neg_texts, layer)
   norm = prior.act_norm
-  out: dict[str, float] = {"steer_act_norm": norm, "steer_layer": float(layer)}
+  out: dict[str, float] = {"steer_act_norm": norm, "steer_layer": float(layer),
+                           "steer_num_prompts": float(len(prompts))}
   rows = []
   for mode, p in (("add", None), ("glp", prior)):
     for r in rs:
@@ -120,6 +134,11 @@ def evaluate_steering(prior, model, tokenizer, layer: int, pos_texts: Sequence[s
                        max_new_tokens)
       concept, nll = score_continuations(model, tokenizer, prompts, conts, layer, w)
       key = f"steer_{mode}_r{r:g}"
+      empty = sum(1 for c in conts if not c)
+      out[key + "_empty"] = float(empty)
+      if empty:   # an EOS first: nothing to score, so the means below are over fewer prompts
+        log.warning("steer: %s r=%g: %d of %d continuations are empty; their concept/NLL are left out of the "
+                    "means (recorded as %s_empty)", mode, r, empty, len(conts), key)
       out[key + "_concept"], out[key + "_nll"] = float(np.nanmean(concept)), float(np.nanmean(nll))
       out[key + "_concept_sem"] = float(np.nanstd(concept, ddof=1) / np.sqrt(np.isfinite(concept).sum()))
       if judge is not None:

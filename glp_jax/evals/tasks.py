@@ -175,7 +175,7 @@ def pad_id(tokenizer) -> int:
 
 def _mlp_down_proj(model, layer: int):
   """The LM layer's MLP down-projection (its input = the MLP neurons), or None when it cannot be found."""
-  from glp_jax.extraction import lm
+  from glp_jax.torch import lm
   block = lm.decoder_layers(model)[layer]
   for path in ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "fc2"):
     obj = block
@@ -194,7 +194,7 @@ def last_token_activations(model, tokenizer, texts: Sequence[str], layer: int, b
   down-projection at the same token (the reference's "raw MLP neuron" baseline).
   """
   import torch
-  from glp_jax.extraction import lm
+  from glp_jax.torch import lm
   device = next(model.parameters()).device
   down = _mlp_down_proj(model, layer) if mlp_neurons else None
   seen = []

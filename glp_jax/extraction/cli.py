@@ -24,7 +24,6 @@ flags.DEFINE_string("workdir", None, "Run directory (config.json, summary.json, 
 
 
 def main(fv: flags.FlagValues) -> None:
-  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   config, workdir = fv.config, fv.workdir
   if config is None or not workdir:
     raise config_lib.ConfigError("--config and --workdir are required (see --help)")
@@ -41,7 +40,7 @@ def main(fv: flags.FlagValues) -> None:
 
 def run(argv: list[str] | None = None) -> None:
   """Console-script entry point (glp-extract)."""
-  cli.run(main, FLAGS, __doc__, argv)
+  cli.run(main, FLAGS, __doc__, argv, prog="glp-extract")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,20 @@ Sources (`config.corpus.source`):
   (`txt_mode="file"`), or one document per blank-line-separated paragraph block (`txt_mode="blank_line"`);
   `.jsonl` files give one document per line (field `text_field`); `.parquet` files one per row (column
   `text_field`). Folders are walked recursively in sorted order.
-* `"hf:NAME[:CONFIG[:SPLIT]]"`: an HF dataset, streamed (needs the `datasets` package and a reachable hub).
+* `"python-packages"` or `"python-packages:NAME,NAME"`: the sources and docs of the installed distributions
+  (all, or the named ones), cut into pieces by `pypackages.package_documents`; `description()` records
+  `pypackages.describe`'s packages, versions, skip counts and content hash (one pass reads both).
+* `"hf:NAME[:CONFIG[:SPLIT]]"`: an HF dataset, streamed (the `hf` extra: `datasets`; a reachable hub, or NAME a
+  local folder of data files, which `datasets` reads offline through the same path).
 
-Every document has a stable id (`path`, `path:line`, `path:row`, `pydoc:...`, `hf:index`). Empty documents
-are dropped and exact duplicates (after stripping) keep their first occurrence. Local corpora are shuffled
-with `seed` into a fixed order; streamed HF corpora keep the hub's order. Held-out documents are chosen by a
-seeded hash of the id (`heldout(id) <=> blake2b(f"{seed}:{id}") / 2**64 < heldout_fraction`), which needs no
+Text files are decoded as strict UTF-8; an undecodable file or a malformed .jsonl line raises `CorpusError`
+naming the file and line. Every document has a stable id (`path`, `path:line`, `path:row`, `pydoc:...`,
+`pypkg:...`, `hf:index`). Empty documents are dropped and exact duplicates (after stripping) keep their first
+occurrence. Local corpora (files, embedded, python-packages) are shuffled with `seed` into a fixed order;
+streamed HF corpora keep the hub's order. Held-out documents are chosen by a seeded hash of the id (`heldout(id) <=> blake2b(f"{seed}:{id}") / 2**64 < heldout_fraction`), which needs no
 pass over the corpus and is the same in every process; `description()` records the rule in the manifest.
+Extraction reads `labelled()`: every document of `documents()` in order with its split (its index there is the
+store's doc_id); `train()` / `heldout()` are the two splits in that same order.
 """
 from __future__ import annotations
 
@@ -30,8 +37,12 @@ import sys
 import sysconfig
 from typing import Iterable, Iterator
 
+from glp_jax.extraction import pypackages
+from glp_jax.util.errors import GlpError
+
 EMBEDDED = "embedded"
 EMBEDDED_MAX_CHARS = 2000
+PYPACKAGES = "python-packages"
 # Never read for the embedded corpus: tests, the IDE, and modules with side effects on import-free parsing
 # are harmless, but these carry no prose worth having.
 _SKIP_MODULES = {"test", "idlelib", "antigravity", "this", "lib2to3", "turtledemo", "pydoc_data"}
@@ -43,8 +54,8 @@ class Document:
   text: str
 
 
-class CorpusError(ValueError):
-  """A corpus that cannot be read or yields no documents."""
+class CorpusError(GlpError, ValueError):
+  """A corpus that cannot be read or yields no documents (the message names the source, file or line)."""
 
 
 # --- raw readers (source order) ---
@@ -127,12 +138,41 @@ def _files(source: str) -> list[str]:
   return paths
 
 
+def _decode(path: str, raw: bytes, first_line: int = 1) -> str:
+  """Strict UTF-8, or a CorpusError naming the file and the line of the first bad byte."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = first_line + raw.count(b"\n", 0, e.start)
+    raise CorpusError(f"{path}:{line}: not valid UTF-8 ({e.reason}, byte {e.object[e.start:e.end]!r})") from None
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[Document]:
+  with open(path, "rb") as f:
+    for k, raw in enumerate(f):
+      line = _decode(path, raw, k + 1)
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}:{k + 1}: malformed JSON ({e.msg}, column {e.colno})") from None
+      if not isinstance(record, dict):
+        raise CorpusError(f"{path}:{k + 1}: expected a JSON object, got {type(record).__name__}")
+      if text_field not in record:
+        raise CorpusError(f"{path}:{k + 1}: no field {text_field!r} (fields: {sorted(record)})")
+      text = record[text_field]
+      if text is not None and not isinstance(text, str):
+        raise CorpusError(f"{path}:{k + 1}: field {text_field!r} holds {type(text).__name__}, not text")
+      yield Document(f"{path}:{k}", text or "")
+
+
 def file_documents(source: str, text_field: str = "text", txt_mode: str = "file") -> Iterator[Document]:
   """Documents of local files in source order (see the module docstring for the formats)."""
   for path in _files(source):
     if path.endswith(".txt"):
-      with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+      with open(path, "rb") as f:
+        text = _decode(path, f.read())
       if txt_mode == "file":
         yield Document(path, text)
       elif txt_mode == "blank_line":
@@ -141,13 +181,7 @@ def file_documents(source: str, text_field: str = "text", txt_mode: str = "file"
       else:
         raise CorpusError(f"txt_mode must be 'file' or 'blank_line', got {txt_mode!r}")
     elif path.endswith(".jsonl"):
-      with open(path, encoding="utf-8") as f:
-        for k, line in enumerate(f):
-          if line.strip():
-            record = json.loads(line)
-            if text_field not in record:
-              raise CorpusError(f"{path}:{k + 1}: no field {text_field!r} (fields: {sorted(record)})")
-            yield Document(f"{path}:{k}", record[text_field])
+      yield from _jsonl_documents(path, text_field)
     elif path.endswith(".parquet"):
       import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
       table = pq.read_table(path)
@@ -160,16 +194,25 @@ def file_documents(source: str, text_field: str = "text", txt_mode: str = "file"
 
 
 def hf_documents(spec: str, text_field: str = "text") -> Iterator[Document]:
-  """`hf:NAME[:CONFIG[:SPLIT]]`, streamed from the hub."""
+  """`hf:NAME[:CONFIG[:SPLIT]]` (a hub dataset, or a local folder of data files that `datasets` reads), streamed:
+  `load_dataset(..., streaming=True)` returns an IterableDataset, so the first document arrives after the
+  first data file's first records, without downloading the dataset."""
   try:
     import datasets  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise CorpusError(f"corpus {spec!r} needs the `datasets` package (pip install datasets) and a reachable "
+    raise CorpusError(f"corpus {spec!r} needs the `datasets` package (pip install 'glp_jax[hf]') and a reachable "
                       "hub; or download it and pass a folder of jsonl/parquet files") from None
   name, config, split = (spec[3:].split(":") + [None, None])[:3]
-  ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+  try:
+    ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+  except (OSError, ValueError) as e:   # unreachable hub, unknown dataset/config/split (datasets' own errors)
+    raise CorpusError(f"corpus {spec!r}: cannot stream dataset {name!r} (config {config!r}, split "
+                      f"{split or 'train'!r}): {e}") from e
   for k, record in enumerate(ds):
-    yield Document(f"hf:{k}", record[text_field])
+    if text_field not in record:
+      raise CorpusError(f"corpus {spec!r}: record {k} has no field {text_field!r} (fields: {sorted(record)}); "
+                        "set corpus.text_field")
+    yield Document(f"hf:{k}", record[text_field] or "")
 
 
 # --- the pipeline: clean, dedupe, order, split ---
@@ -200,14 +243,19 @@ def _clean(docs: Iterable[Document]) -> Iterator[Document]:
 
 
 class Corpus:
-  """An ordered, deduplicated corpus with a held-out split. Iterating `train()` always gives the same order."""
+  """An ordered, deduplicated corpus with a held-out split. Iterating it always gives the same order."""
 
   def __init__(self, source: str = EMBEDDED, *, text_field: str = "text", txt_mode: str = "file",
                seed: int = 0, heldout_fraction: float = 0.05, max_docs: int = 0):
     self.source, self.text_field, self.txt_mode = source, text_field, txt_mode
     self.seed, self.heldout_fraction, self.max_docs = seed, heldout_fraction, max_docs
     self.streamed = source.startswith("hf:")
+    name, _, names = source.partition(":")
+    self.packages: tuple[str, ...] | None = None   # python-packages: the named ones, () = all installed
+    if name == PYPACKAGES:
+      self.packages = tuple(p.strip() for p in names.split(",") if p.strip())
     self._docs: list[Document] | None = None
+    self._packages_entry: dict | None = None
 
   @classmethod
   def from_config(cls, cfg) -> "Corpus":
@@ -219,6 +267,12 @@ class Corpus:
       return embedded_documents()
     if self.streamed:
       return hf_documents(self.source, self.text_field)
+    if self.packages is not None:
+      try:
+        items, self._packages_entry = pypackages.collect(self.packages or None)
+      except ValueError as e:   # a named distribution is not installed
+        raise CorpusError(f"corpus {self.source!r}: {e}") from None
+      return (Document(doc_id, text) for doc_id, text in items)
     return file_documents(self.source, self.text_field, self.txt_mode)
 
   def documents(self) -> Iterator[Document]:
@@ -230,6 +284,18 @@ class Corpus:
       random.Random(self.seed).shuffle(docs)
       self._docs = docs
     return iter(self._docs)
+
+  def labelled(self) -> Iterator[tuple[Document, bool]]:
+    """(document, held out?) for the documents of `documents()` in order (a document's index there is its
+    store doc_id), ending after the `max_docs`-th training document: what extraction reads."""
+    n = 0
+    for doc in self.documents():
+      held = is_heldout(doc.id, self.seed, self.heldout_fraction)
+      yield doc, held
+      if not held:
+        n += 1
+        if self.max_docs and n >= self.max_docs:
+          return
 
   def _split(self, heldout: bool) -> Iterator[Document]:
     n = 0
@@ -245,11 +311,13 @@ class Corpus:
     return self._split(False)
 
   def heldout(self) -> Iterator[Document]:
-    """Held-out documents in order (at most `max_docs`): for evaluations, never extracted."""
+    """Held-out documents in order (at most `max_docs`): the texts of the store's held-out split (a prefix of
+    them when the extraction stopped early), for evaluations that need text."""
     return self._split(True)
 
   def description(self) -> dict:
-    """What the manifest records: enough to rebuild the same documents and split."""
+    """What the manifest records: enough to rebuild the same documents and split (for python-packages also
+    the distributions, versions, skip counts and content hash; reading them is a full pass, done once)."""
     d = {"source": self.source, "text_field": self.text_field, "txt_mode": self.txt_mode,
          "seed": self.seed, "order": "hub order" if self.streamed else "seeded shuffle of deduplicated docs",
          "max_docs": self.max_docs,
@@ -258,4 +326,9 @@ class Corpus:
     if self.source == EMBEDDED:
       d["description"] = (f"Python {sys.version.split()[0]} documentation: pydoc_data.topics + standard-library "
                           f"docstrings, pieces <= {EMBEDDED_MAX_CHARS} chars")
+    if self.packages is not None:
+      self.documents()   # the pass that reads the documents also describes them
+      entry = self._packages_entry
+      # The hash first: a resume against a changed environment names it first (store.check).
+      d["python_packages"] = {"content_hash": entry["content_hash"], **entry}
     return d

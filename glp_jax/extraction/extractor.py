@@ -1,22 +1,37 @@
 """The extraction driver: residual-stream activations of a causal LM over a corpus, into an activation store.
 
-Documents are read in the corpus's fixed order (held-out documents never enter), tokenised with truncation at
-`context_length` (a leading BOS is prepended when the tokenizer adds none, and dropped), and processed in
-fixed windows of `window_docs` documents: within a window documents are sorted by length into padded batches
-of at most `batch_tokens` tokens, the forward runs only up to the last requested layer, and each document's
-rows (every position but BOS, or a seeded subset) are appended to the store in document order.
+Documents are read in the corpus's fixed order, training and held-out alike (`Corpus.labelled()`; a document's
+index in that order is its store doc_id), tokenised with truncation at `context_length` (a leading BOS is
+prepended when the tokenizer adds none, and dropped), and processed in fixed windows of `window_docs`
+documents: within a window documents are sorted by length into padded batches of at most `batch_tokens`
+tokens, the forward runs only up to the last requested layer, and each document's rows (every position but
+BOS, or a seeded subset) are appended in document order to the store's training split or, for held-out
+documents (`corpus.is_heldout`), to its held-out split. `max_rows` counts training rows.
 
-Resume: the store commits at document boundaries, so a restarted run with the same config opens the store,
-recomputes the window holding the first uncommitted document and appends from that document on. Batches are
-a pure function of the window, so the numerics (and the final store) equal an uninterrupted run's.
+The pipeline (three threads, bounded queues, so memory stays bounded and the device never waits on the
+host unless the host is the bottleneck):
+  planner thread   corpus -> windows -> tokens, kept positions, length-sorted batches (`_plans`);
+  main thread      per batch: forward, token selection and non-finite flags on the device, async copy to
+                   pinned host memory (`pipeline.BatchRunner`); the window's batches go to the host stage;
+  host stage       waits for each batch's copy, appends the window's documents in document order
+                   (`pipeline.HostStage`, a thread of its own unless streaming); the store writer writes whole
+                   shards in the background (`config.store.write_queue` in flight, float64 statistics on
+                   `config.store.stats_threads` pool threads) and commits as they land.
+Stage times (seconds) are in the summary's `stages`; `host_wait` is the main thread blocked on a full host
+queue, i.e. how much the host side held the device back.
+
+Resume: the store commits at document boundaries (every document below the commit point is durable in its
+split), so a restarted run with the same config opens the store, recomputes the window holding the first
+uncommitted document and appends from that document on. Batches are a pure function of the window (and
+`batch_tokens` etc.: auto values are taken from the store on resume), so the numerics (and the final store)
+equal an uninterrupted run's. A run that fails before committing anything removes the store it created.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
-import queue
 import shutil
-import threading
 import time
 from typing import Iterator
 
@@ -28,7 +43,7 @@ from glp_jax.data import store as store_lib
 from glp_jax.data.writer import StoreWriter
 from glp_jax.extraction import corpus as corpus_lib
 from glp_jax.util import config as config_lib
-from glp_jax.util import runtime
+from glp_jax.util import threads
 from glp_jax.util.errors import GlpError
 
 
@@ -102,73 +117,42 @@ def _windows(docs: Iterator, size: int, start_doc: int) -> Iterator[tuple[int, l
     yield index - len(window), window
 
 
-# ----------------------------------------------------------------------------------------------------
-# The forward.
-# ----------------------------------------------------------------------------------------------------
-def forward_window(capture, ids: list[np.ndarray], batches: list[list[int]], device: str,
-                   out_dtype: str) -> list[dict[int, np.ndarray] | None]:
-  """Hidden states {layer: [S_doc, D]} (store dtype, host) per document; None for documents with no tokens."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from glp_jax.extraction import lm  # pylint: disable=g-import-not-at-top
-  out: list[dict[int, np.ndarray] | None] = [None] * len(ids)
-  tdtype = lm.torch_dtype(out_dtype)
-  for batch in batches:
-    s = len(ids[batch[0]])
-    ids_BxS = np.zeros((len(batch), s), np.int64)
-    mask_BxS = np.zeros((len(batch), s), np.int64)
-    for row, i in enumerate(batch):
-      ids_BxS[row, :len(ids[i])] = ids[i]
-      mask_BxS[row, :len(ids[i])] = 1
-    acts = capture.run(input_ids=torch.from_numpy(ids_BxS).to(device),
-                       attention_mask=torch.from_numpy(mask_BxS).to(device))
-    host = {l: _to_numpy(h_BxSxD.to(tdtype).cpu()) for l, h_BxSxD in acts.items()}
-    for row, i in enumerate(batch):
-      out[i] = {l: h[row, :len(ids[i])] for l, h in host.items()}
-  return out
+@dataclasses.dataclass
+class WindowPlan:
+  """One window, ready for the device: token ids, kept positions and held-out flags per document, batches."""
+  first: int                   # doc index of the window's first document
+  held: list[bool]
+  ids: list[np.ndarray]        # cut after the document reaching max_rows, if it is in this window
+  pos: list[np.ndarray]
+  batches: list[list[int]]
 
 
-def _to_numpy(t) -> np.ndarray:
-  import torch  # pylint: disable=g-import-not-at-top
-  if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits as ml_dtypes.bfloat16
-    return t.view(torch.int16).numpy().view(store_lib.DTYPES["bfloat16"])
-  return t.numpy()
-
-
-class _Appender:
-  """Appends documents to the store in order, on a background thread when `threaded` (so host-side work -
-  casts, statistics, shard writes - overlaps the next forward on an accelerator). Errors re-raise here."""
-
-  def __init__(self, store: StoreWriter, threaded: bool, depth: int = 512):
-    self.store, self.error = store, None
-    self.queue = queue.Queue(maxsize=depth) if threaded else None
-    if threaded:
-      self.thread = threading.Thread(target=self._loop, name="store-appender", daemon=True)
-      self.thread.start()
-
-  def _loop(self):
-    while (item := self.queue.get()) is not None:
-      if self.error is None:
-        try:
-          self.store.append(*item)
-        except BaseException as e:  # pylint: disable=broad-except
-          self.error = e
-
-  def append(self, rows, doc_id, positions) -> None:
-    if self.queue is None:
-      self.store.append(rows, doc_id, positions)
+def _plans(config, corpus, tokenizer, rule: dict, batching: dict, start_doc: int, start_rows: int,
+           timings: dict) -> Iterator[WindowPlan]:
+  """The windows from the one holding `start_doc` on, ending with the one whose training rows reach
+  `max_rows` (counted from `start_rows`, the committed training rows; the same cut on resume)."""
+  rows_total = start_rows
+  if config.max_rows and rows_total >= config.max_rows:
+    return
+  for first, window in _windows(corpus.labelled(), batching["window_docs"], start_doc):
+    if first + len(window) <= start_doc:  # a complete store: its last window is all committed
+      continue
+    t0 = time.perf_counter()
+    held = [h for _, h in window]
+    ids = encode(tokenizer, [d.text for d, _ in window], config.context_length, rule)
+    pos = [select_positions(len(x), rule["skip"], config.tokens_per_doc, config.seed, first + k)
+           for k, x in enumerate(ids)]
+    new_rows = np.cumsum([0 if held[k] or first + k < start_doc else len(p) for k, p in enumerate(pos)])
+    reach = np.nonzero(rows_total + new_rows >= config.max_rows)[0] if config.max_rows else []
+    if len(reach):   # compute only up to the training document that reaches max_rows
+      ids, pos = ids[:reach[0] + 1], pos[:reach[0] + 1]
+    batches = plan_batches([len(x) if len(x) > rule["skip"] else 0 for x in ids],
+                           batching["batch_tokens"], batching["max_batch_docs"])
+    timings["tokenize"] += time.perf_counter() - t0
+    yield WindowPlan(first, held, ids, pos, batches)
+    if len(reach):
       return
-    if self.error is not None:
-      raise self.error
-    self.queue.put((rows, doc_id, positions))
-
-  def close(self) -> None:
-    """Waits for every queued document; then re-raises a writer error, if any."""
-    if self.queue is not None:
-      self.queue.put(None)
-      self.thread.join()
-      self.queue = None
-    if self.error is not None:
-      raise self.error
+    rows_total += int(new_rows[-1]) if len(new_rows) else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,7 +162,8 @@ def store_path(config, workdir: str) -> str:
   return os.path.abspath(config.store.path or os.path.join(workdir, "store"))
 
 
-def _metadata(config, model_info: dict, tokenizer, rule: dict, corpus: corpus_lib.Corpus) -> dict:
+def _metadata(config, model_info: dict, tokenizer, rule: dict, corpus: corpus_lib.Corpus,
+              batching: dict) -> dict:
   """Manifest metadata; every key must match when a store is resumed."""
   return {
       "model": model_info["name_or_path"], "model_description": model_info["name"],
@@ -189,25 +174,35 @@ def _metadata(config, model_info: dict, tokenizer, rule: dict, corpus: corpus_li
       "corpus": corpus.description(), "context_length": int(config.context_length),
       "token_selection": {"rule": rule["description"], "tokens_per_doc": int(config.tokens_per_doc),
                           "seed": int(config.seed)},
-      "window_docs": int(config.window_docs), "batch_tokens": int(config.batch_tokens),
-      "max_batch_docs": int(config.max_batch_docs), "forward_dtype": config.model.dtype,
+      # The resolved batching (auto = 0 in the config): batches, hence numerics, are a function of these.
+      "window_docs": batching["window_docs"], "batch_tokens": batching["batch_tokens"],
+      "max_batch_docs": batching["max_batch_docs"], "forward_dtype": config.model.dtype,
       "stream": {"buffer_rows": int(config.stream.buffer_rows), "warmup_rows": int(config.stream.warmup_rows)},
-      "doc_id": "index of the document in the corpus's training order (corpus.Corpus.train())",
+      "doc_id": ("index of the document in the corpus order, training and held-out documents together "
+                 "(corpus.Corpus.documents()); held-out documents (corpus.is_heldout) are in the heldout/ split"),
   }
+
+
+def stats_threads(config) -> int:
+  """`config.store.stats_threads`, 0 = auto: a quarter of the CPUs, 2 to 8 (the float64 statistics run at
+  ~0.8 GB/s of bf16 rows per core; the rest of the host side needs cores too)."""
+  return int(config.store.stats_threads) or min(8, max(2, (os.cpu_count() or 2) // 4))
 
 
 def _disk_full(e: BaseException) -> bool:
   return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e)
 
 
-def extract(config, workdir: str, producer=None) -> dict:
-  """Runs (or resumes) an extraction; returns a summary dict. `producer` (producer.Producer) throttles."""
-  from glp_jax.extraction import lm  # pylint: disable=g-import-not-at-top  (torch only here)
+def extract(config, workdir: str, producer=None, loaded=None) -> dict:
+  """Runs (or resumes) an extraction; returns a summary dict. `producer` (streaming.Producer) throttles;
+  `loaded` = (model, tokenizer) already loaded from `config.model` (benchmarks reuse one warm model)."""
+  from glp_jax.extraction import pipeline
+  from glp_jax.torch import lm  # pylint: disable=g-import-not-at-top  (torch only here)
   t_start = time.time()
   path = store_path(config, workdir)
   corpus = corpus_lib.Corpus.from_config(config.corpus)
   try:
-    model, tokenizer = lm.load_causal_lm(config.model.name, config.model.dtype, config.model.device)
+    model, tokenizer = loaded or lm.load_causal_lm(config.model.name, config.model.dtype, config.model.device)
   except (OSError, ValueError) as e:
     raise ExtractError(f"config.model.name: {e}") from e
   try:
@@ -216,87 +211,67 @@ def extract(config, workdir: str, producer=None) -> dict:
     raise ExtractError(f"config.layers: {e}") from None
   info = lm.model_info(model, config.model.name)
   rule = token_rule(tokenizer, config.prepend_bos)
-  meta = _metadata(config, info, tokenizer, rule, corpus)
-  device = next(model.parameters()).device
-
   created = not os.path.exists(os.path.join(path, store_lib.MANIFEST))
-  if created:
-    store = StoreWriter.create(
-        path, layers=layers, d=info["d"], dtype=config.store.dtype, shard_rows=config.store.shard_rows or None,
-        chunk_rows=config.store.chunk_rows or None, compression=config.store.compression,
-        first_shard_rows=(config.stream.warmup_rows if config.stream.buffer_rows else
-                          config.store.first_shard_rows), metadata=meta)
-  else:
-    expect = dict(meta, layers=layers, d=info["d"], dtype=config.store.dtype)
-    store = StoreWriter.open_for_append(path, expect=expect)
-  start_doc, start_rows = store.num_docs, store.num_rows
-  logging.info("store %s: %s at document %d (%d rows committed)", path,
-               "created" if created else "resuming", start_doc, start_rows)
-  if producer is not None:
-    producer.start(store)
-
-  bar = _progress(config, corpus, start_doc)
-  rows_total, n_tokens, forward_s, t0 = store.num_rows, 0, 0.0, time.time()
-  done = bool(config.max_rows) and rows_total >= config.max_rows
-  appender = _Appender(store, threaded=config.get("async_write", True) and producer is None)
-  try:
-    with lm.ResidualCapture(model, layers) as capture:
-      for first, window in ([] if done else _windows(corpus.train(), config.window_docs, start_doc)):
-        if first + len(window) <= start_doc:  # a complete store: its last window is all committed
-          continue
-        if producer is not None:
-          producer.wait_for_room(store)
-        ids = encode(tokenizer, [d.text for d in window], config.context_length, rule)
-        pos = [select_positions(len(x), rule["skip"], config.tokens_per_doc, config.seed, first + k)
-               for k, x in enumerate(ids)]
-        if config.max_rows:  # compute only up to the document that reaches max_rows (same on resume)
-          rows0 = rows_total if first >= start_doc else int(store.docs()[first, 1])
-          reach = np.nonzero(rows0 + np.cumsum([len(p) for p in pos]) >= config.max_rows)[0]
-          if len(reach):
-            ids, pos = ids[:reach[0] + 1], pos[:reach[0] + 1]
-        batches = plan_batches([len(x) if len(x) > rule["skip"] else 0 for x in ids],
-                               config.batch_tokens, config.max_batch_docs)
-        t_fwd = time.time()
-        hidden = forward_window(capture, ids, batches, device, config.store.dtype)
-        forward_s += time.time() - t_fwd
-        for k, doc_ids in enumerate(ids):
-          index = first + k
-          if index < start_doc:
-            continue
-          empty = np.zeros((0, info["d"]), store_lib.DTYPES[config.store.dtype])
-          rows = {l: (hidden[k][l][pos[k]] if hidden[k] is not None else empty) for l in layers}
-          if producer is not None:  # per document too: a window may hold more rows than the buffer
-            producer.wait_for_room(store)
-          appender.append(rows, index, pos[k])
-          rows_total += len(pos[k])
-          n_tokens += len(doc_ids)
-          if bar is not None:
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - t0, 1e-9):.0f}", rows=rows_total,
-                            committed=store.num_rows, refresh=False)
-          if config.max_rows and rows_total >= config.max_rows:
-            done = True
-            break
-        if done:
-          break
-    appender.close()
-    store.close()
-  except Exception as raised:  # pylint: disable=broad-except
-    if appender.queue is not None:  # stop the writer thread before reporting
+  stored = None if created else store_lib.read_manifest(path)["metadata"]
+  with pipeline.BatchRunner(model, layers, config.store.dtype) as runner:
+    # The planner thread must tokenise as fast as the device forwards (one Rust thread does ~0.3M tok/s):
+    # on a GPU let the tokenizer use its threads; on a CPU they would slow the forward. Set it to override.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if runner.cuda else "false")
+    batching = pipeline.resolve_batching(config, runner, stored, len(tokenizer))
+    meta = _metadata(config, info, tokenizer, rule, corpus, batching)
+    # Streaming keeps the synchronous writer: the producer's bound is on committed rows.
+    queue_depth = 0 if producer is not None else int(config.store.write_queue)
+    kw = dict(write_queue=queue_depth, stats_threads=stats_threads(config))
+    if created:
+      store = StoreWriter.create(
+          path, layers=layers, d=info["d"], dtype=config.store.dtype, shard_rows=config.store.shard_rows or None,
+          chunk_rows=config.store.chunk_rows or None, compression=config.store.compression,
+          first_shard_rows=(config.stream.warmup_rows if config.stream.buffer_rows else
+                            config.store.first_shard_rows), metadata=meta, **kw)
+    else:
+      store = StoreWriter.open_for_append(path, expect=dict(meta, layers=layers, d=info["d"],
+                                                            dtype=config.store.dtype), **kw)
+    # Documents are appended once each, in order, so the committed ones are exactly those below this index.
+    start_doc, start_rows = store.num_docs + store.heldout_num_docs, store.num_rows
+    logging.info("store %s: %s at document %d (%d rows committed); batching %s", path,
+                 "created" if created else "resuming", start_doc, start_rows, batching)
+    timings = {"tokenize": 0.0}
+    host = bar = None
+    t0 = time.time()
+    try:
+      if producer is not None:
+        producer.start(store)
+      bar = _progress(config, corpus, start_doc, start_rows)
+      host = pipeline.HostStage(store, start_doc, producer, bar,
+                                threaded=config.async_write and producer is None)
+      plans = threads.prefetch(_plans(config, corpus, tokenizer, rule, batching, start_doc, start_rows,
+                                      timings), depth=2)
       try:
-        appender.close()
-      except Exception:  # pylint: disable=broad-except
-        pass
-    e = appender.error or raised
-    if _disk_full(e):
-      raise ExtractError(f"disk full while writing {path}: the {store.num_rows} committed rows are intact; "
-                         "free space and rerun the same command to resume") from e
-    if e is not raised:
-      raise e from None
-    raise
-  finally:
-    if bar is not None:
-      bar.close()
+        for plan in plans:
+          if "head" not in timings:
+            timings["head"] = time.time() - t0
+          batches = [runner.submit(plan.ids, plan.pos, b) for b in plan.batches]
+          t_last = time.time()
+          host.put(plan, batches)
+      finally:
+        plans.close()   # stops the planner thread
+      host.close()
+      store.close()
+      timings["tail"] = time.time() - t_last if "head" in timings else 0.0
+    except BaseException as raised:  # pylint: disable=broad-except
+      if host is not None:
+        host.close(wait=False)   # stop the host thread before reporting
+      store.abort()
+      if created and store.num_rows == 0 and store.heldout_num_rows == 0:
+        shutil.rmtree(path, ignore_errors=True)   # nothing committed: leave no empty store behind
+      if _disk_full(raised):
+        raise ExtractError(f"disk full while writing {path}: the {store.num_rows} committed rows are intact; "
+                           "free space and rerun the same command to resume") from raised
+      raise
+    finally:
+      if bar is not None:
+        bar.close()
+    elapsed = time.time() - t0
   if producer is not None:
     producer.finish(store)
   if store.num_rows == 0:
@@ -304,26 +279,49 @@ def extract(config, workdir: str, producer=None) -> dict:
       shutil.rmtree(path, ignore_errors=True)
     raise ExtractError(f"corpus {config.corpus.source!r} yields no tokens to store (documents empty, or every "
                        f"document is only a BOS); nothing was written")
-  elapsed = time.time() - t0
-  summary = {"store": path, "num_rows": store.num_rows, "num_docs": store.num_docs, "layers": layers,
-             "d": info["d"], "rows_this_run": store.num_rows - start_rows, "tokens_this_run": n_tokens,
-             "tokens_per_s": n_tokens / max(elapsed, 1e-9), "wall_time": time.time() - t_start,
-             "loop_seconds": elapsed, "forward_seconds": forward_s,
-             "resumed_from_doc": start_doc, "done": True}
-  return summary
+  row_bytes = store.d * np.dtype(store_lib.DTYPES[store.dtype]).itemsize * len(layers)
+  rows_run = store.num_rows - start_rows
+  return {"store": path, "num_rows": store.num_rows, "num_docs": store.num_docs,
+          "heldout_num_rows": store.heldout_num_rows, "heldout_num_docs": store.heldout_num_docs,
+          "layers": layers, "d": info["d"], "rows_this_run": rows_run,
+          "tokens_this_run": host.n_tokens, "tokens_per_s": host.n_tokens / max(elapsed, 1e-9),
+          "store_MB_per_s": rows_run * row_bytes / 1e6 / max(elapsed, 1e-9),
+          "wall_time": time.time() - t_start, "loop_seconds": elapsed,
+          "forward_seconds": runner.times["forward"], "batching": batching,
+          "stages": _stages(timings, runner.times, host.waited, store.timings),
+          "resumed_from_doc": start_doc, "done": True}
 
 
-def _progress(config, corpus, start_doc):
+def _stages(timings: dict, device: dict, host_wait: float, writer: dict) -> dict:
+  """Seconds per stage. Device stages are device time on CUDA (events), wall time on CPU. Stages run on
+  different threads, so they overlap: compare each with `loop_seconds`, not their sum."""
+  w = lambda k: writer.get(k, 0.0)
+  return {k: round(v, 4) for k, v in {
+      "head": timings.get("head", 0.0),           # loop start -> first window ready (its tokenising)
+      "tail": timings.get("tail", 0.0),           # last window submitted -> store closed (device drain,
+                                                  # the last window's host work, the final commit)
+      "tokenize": timings["tokenize"],            # planner thread
+      "forward": device["forward"], "select": device["select"], "copy": device["copy"],
+      "host_wait": host_wait,                     # device loop blocked on the host stage (host-bound time)
+      "append": w("append"),                      # host stage: checks + copies into the shard buffers
+      "stats": w("stats"),                        # float64 moments, on whichever thread computed them
+      "stats_at_commit": w("stats_commit"),       # host stage: folding moments (and waiting for them)
+      "write": w("write"), "write_wait": w("write_wait"),   # issuing shard writes / blocked on in-flight ones
+      "commit": w("commit") - w("stats_commit"),  # side tables, held-out rewrite, manifest (fsyncs)
+  }.items()}
+
+
+def _progress(config, corpus, start_doc: int, start_rows: int):
+  """A bar over training rows toward `max_rows` when bounded, else over documents (tqdm.auto: a widget in
+  Jupyter)."""
   if not config.progress:
     return None
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  total = None if corpus.streamed else sum(1 for _ in corpus.train())
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  if config.max_rows:
+    return tqdm(total=int(config.max_rows), initial=min(start_rows, int(config.max_rows)), unit="row",
+                unit_scale=True, desc="extract", dynamic_ncols=True)
+  total = None if corpus.streamed else sum(1 for _ in corpus.labelled())
   return tqdm(total=total, initial=start_doc, unit="doc", desc="extract", dynamic_ncols=True)
-
-
-def default_store_path(cache_dir: str | None = None) -> str:
-  """Where the embedded default store lives (built or not)."""
-  return os.path.join(cache_dir or runtime.cache_dir(), "stores", "smollm2-135m_l15_pydoc_32k")
 
 
 def default_store(cache_dir: str | None = None) -> str:
@@ -332,7 +330,7 @@ def default_store(cache_dir: str | None = None) -> str:
   Built once (~32k bf16 rows, well under a minute on 2 cores) under `<cache>/stores/` and reused; used by
   `glp-train` when `data.store` is empty. A killed build resumes on the next call.
   """
-  path = default_store_path(cache_dir)
+  path = store_lib.default_store_path(cache_dir)
   if os.path.exists(os.path.join(path, store_lib.MANIFEST)):
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)

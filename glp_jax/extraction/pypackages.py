@@ -4,7 +4,8 @@ This module owns turning `importlib.metadata.distributions()` into a determinist
 pieces, and the manifest entry (`describe()`) that says exactly which text a study saw. Standard library only.
 
 Rules:
-* Distributions are deduplicated by PEP 503 name (the first on `sys.path` wins, as for imports) and sorted by
+* Distributions are deduplicated by PEP 503 name (the first on `sys.path` wins, as for imports; the current
+  working directory is not searched, so the result does not depend on where a command runs) and sorted by
   name; each one's files (`dist.files`, i.e. RECORD) are sorted by path and resolved with `dist.locate_file`.
 * Files are kept only with one of `extensions`; never read are paths under `__pycache__`, `*.dist-info` or
   `*.egg-info`, and paths outside the install root (`..`: scripts in bin/). Missing files are ignored.
@@ -33,7 +34,9 @@ import hashlib
 import importlib.metadata as metadata
 import os
 import re
-from typing import Iterator, Sequence
+import site
+import sys
+from typing import Iterable, Iterator, Sequence
 
 DEFAULT_EXTENSIONS = (".py", ".md", ".rst", ".txt")
 MAX_FILE_BYTES = 1 << 20
@@ -68,10 +71,19 @@ def normalize(name: str) -> str:
   return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _search_path() -> list[str]:
+  """sys.path without the current working directory ('' or its path, which `python -m`, `-c` and the REPL put
+  first): a source checkout's own `*.egg-info` there would shadow the installed metadata, so the documents would
+  depend on where the command runs. A site directory stays even when it is the working directory."""
+  cwd = os.path.realpath(os.getcwd())
+  sites = {os.path.realpath(p) for p in site.getsitepackages() + [site.getusersitepackages()]}
+  return [p for p in sys.path if os.path.realpath(p or ".") != cwd or cwd in sites]
+
+
 def _installed() -> dict[str, tuple[str, metadata.Distribution]]:
-  """Normalised name -> (version, distribution); the first on sys.path wins (the one `import` finds)."""
+  """Normalised name -> (version, distribution); the first on the search path wins (the one `import` finds)."""
   found: dict[str, tuple[str, metadata.Distribution]] = {}
-  for dist in metadata.distributions():
+  for dist in metadata.distributions(path=_search_path()):
     meta = dist.metadata  # parses METADATA, so once per distribution
     name, version = (meta["Name"], meta["Version"]) if meta else (None, None)
     if name and version:  # a broken or half-removed install has neither
@@ -246,14 +258,27 @@ def describe(packages: Sequence[str] | None = None, extensions: Sequence[str] = 
   its bytes.
   """
   docs = _Pass(packages, extensions, max_chars, min_chars)
+  return _describe(docs, docs)
+
+
+def collect(packages: Sequence[str] | None = None, extensions: Sequence[str] = DEFAULT_EXTENSIONS,
+            max_chars: int = 8000, min_chars: int = 200) -> tuple[list[tuple[str, str]], dict]:
+  """(`package_documents(...)` as a list, `describe(...)`) from a single pass (each alone is a full pass)."""
+  docs = _Pass(packages, extensions, max_chars, min_chars)
+  items = list(docs)
+  return items, _describe(docs, items)
+
+
+def _describe(docs: _Pass, items: Iterable[tuple[str, str]]) -> dict:
+  """describe()'s entry for the (doc_id, text) `items` of the pass `docs` (read once `items` is consumed)."""
   h, num_documents, num_chars = hashlib.blake2b(digest_size=16), 0, 0
-  for doc_id, text in docs:
+  for doc_id, text in items:
     for s in (doc_id.encode("utf-8"), text.encode("utf-8")):
       h.update(len(s).to_bytes(8, "little"))
       h.update(s)
     num_documents += 1
     num_chars += len(text)
   return {"source": "python-packages", "packages": [[n, v] for n, v, _ in docs.dists],
-          "extensions": list(docs.extensions), "max_chars": max_chars, "min_chars": min_chars,
+          "extensions": list(docs.extensions), "max_chars": docs.max_chars, "min_chars": docs.min_chars,
           "num_documents": num_documents, "num_chars": num_chars, "skipped": dict(docs.skipped),
           "content_hash": h.hexdigest()}

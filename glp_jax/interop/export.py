@@ -4,12 +4,16 @@ The folder (see `glp_jax/torch/io.py`) loads with `glp_jax.torch.GLP.from_pretra
 is installed, and with the reference's `load_glp` (config.yaml + rep_statistics.pt + final.safetensors).
 The EMA parameters are exported when the run kept them (`load_prior` returns them). config.json records the
 provenance: source run, step, activations seen, FLOPs, eval loss (from the checkpoint, metrics.jsonl and
-summary.json).
+summary.json), the LM, layer, store and corpus (from the store manifest; the embedded default store when the
+run's `data.store` is ""), the run's eval_*.json numbers and the export command line; README.md (the model
+card, `glp_jax.torch.card`) shows them with the Hub metadata header.
 """
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import shlex
 from typing import Any
 
 import numpy as np
@@ -17,8 +21,16 @@ import numpy as np
 import glp_jax
 from glp_jax.core import model as model_lib
 from glp_jax.torch import io as torch_io
+from glp_jax.torch import lm as lm_lib
 from glp_jax.torch.model import DenoiserConfig
 from glp_jax.util import files
+
+log = logging.getLogger("glp_jax")
+# The Hub model the embedded default LM (torch/lm.py) was converted from.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# What the prior models (carried over from the source of an imported export).
+IDENTITY_KEYS = ("lm", "layer", "store", "corpus", "lm_description", "lm_revision", "store_rows", "store_docs",
+                 "store_dtype")
 
 
 def denoiser_config(cfg: model_lib.ModelConfig) -> DenoiserConfig:
@@ -31,7 +43,7 @@ def checkpoint_step(workdir: str, step: int | None) -> tuple[int, dict]:
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{workdir}: no checkpoints/ directory (not a glp-train run?)")
-  ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(directory, read_only=True)   # never touches a running trainer's saves
   try:
     steps = ckpt.all_steps()
     if not steps:
@@ -80,16 +92,29 @@ def _get(config: Any, dotted: str, default: Any = None) -> Any:
   return node
 
 
-def lm_info(normalizer: Any, config: Any, multi: int) -> tuple[dict, dict]:
-  """(the reference's `tracedict_config`, {'lm', 'layer', 'store'}) of the activations the run modelled.
+def lm_info(normalizer: Any, config: Any, multi: int, imported: bool = False,
+            d_input: int | None = None) -> tuple[dict, dict]:
+  """(the reference's `tracedict_config`, {'lm', 'layer', 'store', ...}) of the activations the run modelled.
 
-  Read from the normaliser (stacked layers), config.data.layer and the store manifest when it is at hand.
+  Read from the normaliser (stacked layers), config.data.layer and the store manifest when it is at hand: the
+  run's `data.store`, or for `data.store = ""` the embedded default store the trainer used (located, or
+  built once, by `default_store`), so an export of a default run names its LM, layer, store and corpus.
+  An imported run (`imported`) trained on nothing here: its identity comes from the source folder instead.
+  A store whose width is not the prior's `d_input` is not the one the run trained on (rebuilt or replaced
+  since): it is ignored, with a warning.
   """
   store = _get(config, "data.store", "") or ""
+  if not store and not imported:
+    from glp_jax.training.input import default_store
+    store = default_store()
   try:
     from glp_jax.data import store as store_lib
     manifest = store_lib.read_manifest(store) if store else {}
   except Exception:  # a moved or deleted store (or an imported run): the layer may still be known
+    manifest = {}
+  if manifest and d_input is not None and int(manifest.get("d", d_input)) != d_input:
+    log.warning("export: store %s has D=%s but the prior models D=%d: not the store this run trained on; "
+                "its LM, layer and corpus are not recorded", store, manifest.get("d"), d_input)
     manifest = {}
   layer = _get(config, "data.layer")
   if getattr(normalizer, "layers", None):
@@ -100,21 +125,81 @@ def lm_info(normalizer: Any, config: Any, multi: int) -> tuple[dict, dict]:
     layers = [int(l) for l in manifest["layers"]][:None if multi else 1]
   else:
     layers = list(range(multi)) if multi else None
+  metadata = manifest.get("metadata") or {}
   info = {"store": os.path.abspath(store) if store else None,
-          "lm": (manifest.get("metadata") or {}).get("model"),
+          "lm": metadata.get("model"),
           "layer": layers[0] if layers and len(layers) == 1 else layers}
+  if manifest:
+    info.update(lm_description=metadata.get("model_description"), lm_revision=metadata.get("model_revision"),
+                corpus=metadata.get("corpus"), store_rows=manifest.get("num_rows"),
+                store_docs=manifest.get("num_docs"), store_dtype=manifest.get("dtype"))
   return {"layer_prefix": "model.layers", "layers": layers, "retain": "output"}, info
 
 
-def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32") -> dict:
-  """Writes the prior of `workdir` at `step` (default latest) into `out`; returns {paths, provenance}."""
+def hub_identity(lm: str | None) -> dict:
+  """The LM's Hub id (`base_model` of the model card) and, where known, its license (`lm_license`; the
+  prior's own `license` is the exporter's to state, with --license)."""
+  if lm == lm_lib.EMBEDDED:
+    return {"base_model": EMBEDDED_HUB_ID, "lm_license": "apache-2.0"}
+  if lm and not os.path.exists(lm):
+    from glp_jax.torch import hub
+    if hub.is_repo_id(lm):
+      return {"base_model": lm}
+  return {}
+
+
+def run_evals(workdir: str, step: int, latest: int) -> dict:
+  """The run's `eval_<name>.json` numbers, when they can belong to checkpoint `step`.
+
+  glp-eval evaluates a run's latest checkpoint and its files do not record the step, so they are kept only
+  when `step` is the latest and each file is newer than that checkpoint; what is left out is logged.
+  """
+  from glp_jax.torch import card
+  evals = card.read_evals(workdir)
+  if evals and step != latest:
+    log.warning("export: step %d is not the run's latest (%d); its eval_*.json (%s) are not recorded in the "
+                "model card", step, latest, ", ".join(sorted(evals)))
+    return {}
+  ckpt = os.path.join(workdir, "checkpoints", str(step))
+  born = os.path.getmtime(ckpt) if os.path.exists(ckpt) else 0.0
+  for name in sorted(evals):
+    if os.path.getmtime(os.path.join(workdir, f"eval_{name}.json")) < born:
+      log.warning("export: eval_%s.json predates checkpoint %d; not recorded", name, step)
+      del evals[name]
+  return evals
+
+
+def export_command(workdir: str, out: str, step: int, dtype: str) -> str:
+  """The glp-export command line that reproduces an `export()` call (the step made explicit)."""
+  return shlex.join(["glp-export", f"--workdir={os.path.abspath(workdir)}", f"--out={os.path.abspath(out)}",
+                     f"--step={step}", f"--dtype={dtype}"])
+
+
+def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32", *,
+           command: str | None = None, license: str | None = None) -> dict:  # pylint: disable=redefined-builtin
+  """Writes the prior of `workdir` at `step` (default latest) into `out`; returns {paths, provenance}.
+
+  `command` is the command line recorded in the model card (default: the equivalent glp-export call);
+  `license` (a Hub license id such as apache-2.0) is the prior's license in the card's metadata.
+  """
   from glp_jax.training.prior import load_prior  # jax, orbax: imported only when exporting
+  latest, _ = checkpoint_step(workdir, None)
   step, meta = checkpoint_step(workdir, step)
   model, normalizer, config = load_prior(workdir, step)
   cfg = denoiser_config(model.cfg)
-  tracedict, info = lm_info(normalizer, config, cfg.multi_layer_n_layers or 0)
-  info["lm"] = info["lm"] or (meta.get("imported_from") or {}).get("model_name")
-  prov = {**provenance(workdir, step, meta, config), **info}
+  imported = meta.get("imported_from") or {}
+  tracedict, info = lm_info(normalizer, config, cfg.multi_layer_n_layers or 0, imported=bool(imported),
+                            d_input=cfg.d_input)
+  info["lm"] = info["lm"] or imported.get("model_name")
+  source = imported.get("source_provenance") or {}   # an imported glp_jax export knows its own data
+  for key in IDENTITY_KEYS:
+    if info.get(key) is None and source.get(key) is not None:
+      info[key] = source[key]
+  prov = {**provenance(workdir, step, meta, config), **info, **hub_identity(info["lm"])}
+  if license:
+    prov["license"] = license
+  prov["evals"] = run_evals(workdir, step, latest)
+  prov["export_command"] = command or export_command(workdir, out, step, dtype)
   extra = {"model_name": info["lm"],
            "batch_size": _get(config, "batch_size"), "learning_rate": _get(config, "opt.lr"),
            "lr_scheduler": _get(config, "opt.schedule"), "num_activations": _get(config, "num_activations"),

@@ -52,9 +52,10 @@ def run_config(config: ml_collections.ConfigDict, cfg: torch_io.DenoiserConfig,
   layers = tracedict.get("layers") or []
   if not cfg.multi_layer_n_layers and len(layers) == 1 and int(config.data.layer) < 0:
     config.data.layer = int(layers[0])
-  model_cfg = model_lib.ModelConfig(cfg.d_input, cfg.d_model, cfg.d_mlp, cfg.n_layers,
-                                    cfg.multi_layer_n_layers or 0, str(config.model.compute_dtype))
   resolved = model_lib.model_config(config.model, cfg.d_input)
+  # compute_dtype as the trainer resolves it (e.g. 'auto' -> this backend's dtype)
+  model_cfg = model_lib.ModelConfig(cfg.d_input, cfg.d_model, cfg.d_mlp, cfg.n_layers,
+                                    cfg.multi_layer_n_layers or 0, resolved.compute_dtype)
   if resolved != model_cfg:  # width_mult rounding: the trainer must rebuild exactly this shape
     raise config_lib.ConfigError(f"config.model resolves to {resolved}, not the prior's {model_cfg}")
   return config, model_cfg

@@ -1,8 +1,10 @@
 """The analyses behind `glp-fit`: collect a sweep's runs (or read a table), fit L(C) over the compute frontier
-of every run's eval-loss curve (C = 6*N*activations seen), L(N, D) over every finished run's final (or best)
-eval loss, and each downstream metric vs loss (linear) and vs compute (f = a - b*C^-c), with bootstrap CIs,
-bands, a held-out check and plots. A fit that cannot be made (too few runs) is reported in fit.json, not
-fatal. fit.json: {form: {param: {"value", "ci"}, ..., "report": {...}}}.
+of the finished runs' annealed evals (`frontier`: end-of-schedule and marked cooldown ends; `points="all"`
+takes every eval, C = 6*N*activations seen), L(N, D) over every finished run's final (or best) eval loss, and
+each downstream metric vs loss (linear) and vs compute (f = a - b*C^-c), with bootstrap CIs (runs resampled,
+plus each eval loss's SEM for the loss laws), bands, a held-out check and plots. A fit that cannot be made
+(too few runs) is reported in fit.json, not fatal. fit.json: {form: {param: {"value", "ci"}, ...,
+"report": {...}}, "compute_points": which points formed the L(C) frontier and why, "warnings": [...]}.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import numpy as np
 
 from glp_jax.scaling import collect
+from glp_jax.scaling import frontier
 from glp_jax.scaling import plots
 from glp_jax.scaling import fit as scaling
 from glp_jax.scaling import report as scaling_report
@@ -32,33 +35,41 @@ def _try(fn, *args, **kw) -> dict:
 
 
 def fit_runs(root: str, out: str, *, n_boot: int, seed: int, holdout: int, level: float, loss: str,
-             make_plots: bool = True) -> dict:
-  """Collects `root`, fits every form, writes the table, fit.json and plots under `out`; returns fit.json."""
+             points: str = "annealed", make_plots: bool = True) -> dict:
+  """Collects `root`, fits every form, writes the table, fit.json and plots under `out`; returns fit.json.
+
+  `points` picks the L(C) candidates: "annealed" (each run's end-of-schedule eval and evals marked
+  annealed) or "all" (every eval point; fit.json then carries a warning).
+  """
+  if points not in frontier.MODES:
+    raise ConfigError(f"points must be one of {frontier.MODES}, got {points!r}")
   rows = collect.collect(root)
   if not rows:
     raise ConfigError(f"no runs (config.json / metrics.jsonl / summary.json) under {root}")
   table = collect.write_table(rows, os.path.join(out, "runs.csv"))
   kw = dict(n_boot=n_boot, seed=seed, level=level)
   done = [r for r in rows if r["done"] and np.isfinite(r["N"]) and np.isfinite(r["D"])]
-
-  # L(C): every eval point of every finished run, compute = 6 * N * activations seen at that point.
-  curves, groups = [], []
-  for i, r in enumerate(done):
-    cur = collect.eval_curve(r["workdir"])
-    ok = np.isfinite(cur["eval_loss"]) & (cur["examples"] > 0)
-    curves.append((r["run"], 6.0 * r["N"] * cur["examples"][ok], cur["eval_loss"][ok]))
-    groups += [i] * int(ok.sum())
-  C = np.concatenate([c for _, c, _ in curves]) if curves else np.zeros(0)
-  L = np.concatenate([l for _, _, l in curves]) if curves else np.zeros(0)
   result = {"table": table, "n_runs": len(rows), "n_done": len(done), "loss_column": f"{loss}_eval_loss",
-            "compute_definition": "C = 6 * N * activations seen"}
-  result["compute"] = _try(scaling_report.analyze_compute, C, L, np.asarray(groups), n_holdout=holdout, **kw)
+            "compute_definition": "C = 6 * N * activations seen", "warnings": []}
+
+  # L(C): the frontier of the selected eval points; the bootstrap resamples runs and perturbs by their SEM.
+  selection = frontier.select(done, points)
+  C, L, sem, groups = frontier.arrays(selection["points"])
+  result["compute"] = _try(scaling_report.analyze_compute, C, L, groups, loss_sem=sem, n_holdout=holdout, **kw)
+  if "error" in result["compute"] and points == "annealed":
+    result["compute"]["error"] += (f" ({len(C)} annealed eval points from {len(done)} finished runs; "
+                                   "--points=all also takes un-annealed ones)")
+  result["compute_points"] = frontier.describe(selection, points)
+  if points == "all":
+    result["warnings"].append(frontier.ALL_WARNING)
 
   # L(N, D): one point per finished run.
   N, D = collect.column(done, "N"), collect.column(done, "D")
   y = collect.column(done, f"{loss}_eval_loss")
+  y_sem = collect.column(done, f"{loss}_eval_loss_sem")
   ok = np.isfinite(y)
-  result["chinchilla"] = _try(scaling_report.analyze_chinchilla, N[ok], D[ok], y[ok], n_holdout=holdout, **kw)
+  result["chinchilla"] = _try(scaling_report.analyze_chinchilla, N[ok], D[ok], y[ok], loss_sem=y_sem[ok],
+                              n_holdout=holdout, **kw)
 
   # Downstream metrics vs loss and vs compute.
   result["metrics"] = {}
@@ -70,19 +81,31 @@ def fit_runs(root: str, out: str, *, n_boot: int, seed: int, holdout: int, level
         "vs_compute": _try(scaling_report.analyze_metric, 6 * N[sel] * D[sel], m[sel], kind="power", **kw)}
 
   if make_plots:
-    result["plots"] = _plot_runs(out, curves, done, result, loss)
+    result["plots"] = _plot_runs(out, done, selection["points"], result, loss)
   _write(out, result)
   return result
 
 
-def _plot_runs(out: str, curves, done, result, loss) -> list[str]:
+def _plot_runs(out: str, done, points, result, loss) -> list[str]:
   paths = []
+  curves = []
+  for r in done:
+    cur = collect.eval_curve(r["workdir"])
+    ok = np.isfinite(cur["eval_loss"]) & (cur["examples"] > 0)
+    curves.append((r["run"], 6.0 * r["N"] * cur["examples"][ok], cur["eval_loss"][ok]))
   if curves:
-    paths += plots.loss_vs_compute(curves, result["compute"].get("report"), os.path.join(out, "loss_vs_compute"))
-    runs = [(r["N"], c, l) for r, (_, c, l) in zip(done, curves) if len(c)]
+    C, L, _, _ = frontier.arrays(points)
+    paths += plots.loss_vs_compute(curves, result["compute"].get("report"), os.path.join(out, "loss_vs_compute"),
+                                   points=(C, L, result["compute_points"]["mode"]))
+    # IsoFLOP profiles from each size's annealed points across budgets where there are enough of them (an
+    # intermediate cosine eval is not what a run of that compute reaches); else from the training curves.
+    sizes = [s for s in frontier.size_curves([p for p in points if p["why"] != frontier.NOT_ANNEALED])
+             if len(s[1]) >= 2]
+    runs = sizes if len(sizes) >= 2 else [(r["N"], c, l) for r, (_, c, l) in zip(done, curves) if len(c)]
     chin = result["chinchilla"].get("report", {}).get("params")
     if runs:
-      paths += plots.isoflop(runs, os.path.join(out, "isoflop"), chinchilla=chin)
+      paths += plots.isoflop(runs, os.path.join(out, "isoflop"), chinchilla=chin,
+                             source="annealed points per size" if runs is sizes else "training curves")
   y = collect.column(done, f"{loss}_eval_loss")
   if result["metrics"]:
     paths += plots.utility_panel(y, [(name, collect.column(done, name), fits["vs_loss"].get("report"))
@@ -99,7 +122,8 @@ def _plot_runs(out: str, curves, done, result, loss) -> list[str]:
 
 def fit_table(path: str, form: str, out: str, *, n_boot: int, seed: int, holdout: int, level: float,
               make_plots: bool = True) -> dict:
-  """Fits a plain CSV (columns N, D, loss or C, loss; names case-insensitive); writes fit.json (+ plot)."""
+  """Fits a plain CSV (columns N, D, loss or C, loss, and optionally loss_sem, each loss's standard error,
+  carried into the bootstrap; names case-insensitive); writes fit.json (+ plot)."""
   rows = [{k.lower(): v for k, v in r.items()} for r in collect.read_table(path)]
   need = ("n", "d", "loss") if form == "chinchilla" else ("c", "loss")
   missing = [k for k in need if not rows or k not in rows[0]]
@@ -107,6 +131,8 @@ def fit_table(path: str, form: str, out: str, *, n_boot: int, seed: int, holdout
     raise ConfigError(f"{path}: form {form!r} needs columns {need}; missing {missing}")
   cols = {k: collect.column(rows, k) for k in need}
   kw = dict(n_boot=n_boot, seed=seed, level=level, n_holdout=holdout)
+  if "loss_sem" in rows[0]:
+    kw["loss_sem"] = collect.column(rows, "loss_sem")
   if form == "chinchilla":
     report = scaling_report.analyze_chinchilla(cols["n"], cols["d"], cols["loss"], **kw)
   else:

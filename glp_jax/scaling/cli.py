@@ -5,7 +5,8 @@ r"""glp-sweep and glp-fit: run a grid of training runs, then fit scaling laws to
   glp-sweep --config=configs/sweep.py --root=/shared/sweep --emit=slurm       # <root>/sweep.slurm
   glp-sweep --config=configs/sweep.py --root=/shared/sweep --emit=tpu         # <root>/sweep_tpu.sh
   glp-fit --runs=runs/sweep --out=runs/fit          # table (runs.csv/.parquet), fit.json, *.png/*.pdf
-  glp-fit --table=points.csv --form=chinchilla      # columns N, D, loss (or --form=compute: C, loss)
+  glp-fit --runs=runs/sweep --points=all            # L(C) over every eval point, not only annealed ones
+  glp-fit --table=points.csv --form=chinchilla      # columns N, D, loss [, loss_sem] (--form=compute: C, loss)
 
 glp-fit's last stdout line is one JSON object: each form's parameters with their confidence intervals.
 """
@@ -36,11 +37,15 @@ flags.DEFINE_string("runs", None, "Sweep root: every run directory below it is c
 flags.DEFINE_string("table", None, "A CSV of points to fit instead of runs.", flag_values=FIT_FLAGS)
 flags.DEFINE_enum("form", "chinchilla", ["chinchilla", "compute"], "Law for --table.", flag_values=FIT_FLAGS)
 flags.DEFINE_string("out", None, "Output folder (default: <runs>/fit or the table's folder).", flag_values=FIT_FLAGS)
-flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap resamples (over runs).", flag_values=FIT_FLAGS)
+flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap resamples (over runs, each loss + N(0, sem^2)).",
+                     flag_values=FIT_FLAGS)
 flags.DEFINE_integer("seed", 0, "Bootstrap seed.", flag_values=FIT_FLAGS)
 flags.DEFINE_integer("holdout", 1, "Largest-compute runs held out for the prediction check.", flag_values=FIT_FLAGS)
 flags.DEFINE_float("level", 0.95, "Confidence level of intervals and bands.", flag_values=FIT_FLAGS)
 flags.DEFINE_enum("loss", "final", ["final", "best"], "Per-run loss for the Chinchilla fit.", flag_values=FIT_FLAGS)
+flags.DEFINE_enum("points", "annealed", ["annealed", "all"],
+                  "L(C) candidates: each run's end-of-schedule eval and evals marked annealed, or every eval "
+                  "point (intermediate cosine evals are not annealed and bias the exponent).", flag_values=FIT_FLAGS)
 flags.DEFINE_bool("plots", True, "Write PNG + PDF plots.", flag_values=FIT_FLAGS)
 
 
@@ -88,7 +93,12 @@ def fit_main(fv: flags.FlagValues) -> None:
   kw = dict(n_boot=fv.n_bootstrap, seed=fv.seed, holdout=fv.holdout, level=fv.level, make_plots=fv.plots)
   if fv.runs:
     out = fv.out or os.path.join(fv.runs, "fit")
-    result = analysis.fit_runs(fv.runs, out, loss=fv.loss, **kw)
+    result = analysis.fit_runs(fv.runs, out, loss=fv.loss, points=fv.points, **kw)
+    pts = result["compute_points"]
+    print(f"[glp-fit] L(C) frontier: {pts['n_frontier']} of {pts['n_candidates']} {fv.points} points from "
+          f"{pts['n_runs']} runs ({pts['n_not_annealed']} not annealed)", flush=True)
+    for w in result["warnings"]:
+      print(f"[glp-fit] warning: {w}", file=sys.stderr, flush=True)
   else:
     out = fv.out or os.path.dirname(os.path.abspath(fv.table))
     result = analysis.fit_table(fv.table, fv.form, out, **kw)
@@ -98,9 +108,9 @@ def fit_main(fv: flags.FlagValues) -> None:
 
 def run_sweep(argv: list[str] | None = None) -> None:
   """Console-script entry point (glp-sweep)."""
-  cli.run(sweep_main, SWEEP_FLAGS, __doc__, argv)
+  cli.run(sweep_main, SWEEP_FLAGS, __doc__, argv, prog="glp-sweep")
 
 
 def run_fit(argv: list[str] | None = None) -> None:
   """Console-script entry point (glp-fit)."""
-  cli.run(fit_main, FIT_FLAGS, __doc__, argv)
+  cli.run(fit_main, FIT_FLAGS, __doc__, argv, prog="glp-fit")

@@ -3,8 +3,8 @@
 One row per run directory (any folder under the root holding a config.json, metrics.jsonl or summary.json).
 Columns: run, workdir, done, N (params), D (activations seen), C (training FLOPs as the trainer counts them),
 C_6ND, steps, final and best eval loss with their SEM, final_train_loss, wall_time, the sweep axes read from
-the config (preset, width_mult, mlp_mult, n_layers, lr, seed, budget, batch_size) and every numeric scalar
-of every `eval_<name>.json` as `<name>.<key>` (nested keys joined with '.'). Rows are sorted by run name.
+the config (preset, width_mult, mlp_mult, n_layers, lr, schedule, seed, budget, batch_size) and every numeric
+scalar of every `eval_<name>.json` as `<name>.<key>` (nested keys joined with '.'). Rows are sorted by run name.
 The table is a list of dicts; CSV always, parquet too when pyarrow is importable.
 """
 from __future__ import annotations
@@ -22,20 +22,21 @@ from glp_jax.util import files
 
 CORE_COLUMNS = ("run", "workdir", "done", "N", "D", "C", "C_6ND", "steps", "final_eval_loss",
                 "final_eval_loss_sem", "best_eval_loss", "best_eval_loss_sem", "best_step", "final_train_loss",
-                "wall_time", "preset", "width_mult", "mlp_mult", "n_layers", "lr", "seed", "budget",
-                "batch_size")
+                "wall_time", "preset", "width_mult", "mlp_mult", "n_layers", "lr", "schedule", "seed",
+                "budget", "batch_size")
 _RUN_FILES = ("summary.json", "metrics.jsonl", "config.json")
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """metrics.jsonl rows, one per step (a resumed run's re-logged steps keep the last line); bad lines skipped."""
-  by_step = {int(r["step"]): r for r in files.iter_jsonl(os.path.join(workdir, "metrics.jsonl")) if "step" in r}
+  by_step = {int(r["step"]): r for r in files.iter_jsonl(os.path.join(workdir, "metrics.jsonl"))
+             if "step" in r and "event" not in r}   # event lines (e.g. allow_changes) are not metrics
   return [by_step[s] for s in sorted(by_step)]
 
 
 def eval_curve(workdir: str) -> dict[str, np.ndarray]:
   """The held-out loss along training: arrays step, examples, flops, eval_loss, eval_loss_sem."""
-  rows = [r for r in read_metrics(workdir) if _finite(r.get("eval_loss"))]
+  rows = [r for r in read_metrics(workdir) if is_number(r.get("eval_loss"))]
   keys = ("step", "examples", "flops", "eval_loss", "eval_loss_sem")
   return {k: np.array([float(r.get(k, np.nan)) for r in rows], np.float64) for k in keys}
 
@@ -50,7 +51,8 @@ def find_runs(root: str) -> list[str]:
   return sorted(found)
 
 
-def _finite(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+  """A finite int or float (not a bool)."""
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -60,7 +62,7 @@ def _flatten(prefix: str, obj: Any, out: dict) -> None:
       _flatten(f"{prefix}.{k}", v, out)
   elif isinstance(obj, bool):
     out[prefix] = float(obj)
-  elif _finite(obj):
+  elif is_number(obj):
     out[prefix] = float(obj)
 
 
@@ -85,7 +87,7 @@ def load_run(workdir: str, root: str | None = None) -> dict:
   model, opt = config.get("model", {}), config.get("opt", {})
 
   def num(*vals) -> float:
-    return next((float(v) for v in vals if _finite(v)), math.nan)
+    return next((float(v) for v in vals if is_number(v)), math.nan)
 
   row: dict[str, Any] = {
       "run": os.path.relpath(workdir, root) if root else os.path.basename(os.path.normpath(workdir)),
@@ -102,7 +104,8 @@ def load_run(workdir: str, root: str | None = None) -> dict:
       "wall_time": num(summary.get("wall_time"), last.get("wall_time")),
       "preset": model.get("preset", ""),
       "width_mult": num(model.get("width_mult")), "mlp_mult": num(model.get("mlp_mult")),
-      "n_layers": num(model.get("n_layers")), "lr": num(opt.get("lr")), "seed": num(config.get("seed")),
+      "n_layers": num(model.get("n_layers")), "lr": num(opt.get("lr")), "schedule": opt.get("schedule", ""),
+      "seed": num(config.get("seed")),
       "budget": num(config.get("num_activations")), "batch_size": num(config.get("batch_size")),
   }
   row["C_6ND"] = 6.0 * row["N"] * row["D"]
@@ -133,7 +136,7 @@ def column(rows: Iterable[dict], name: str) -> np.ndarray:
   out = []
   for r in rows:
     v = r.get(name)
-    out.append(float(v) if _finite(v) or isinstance(v, bool) else math.nan)
+    out.append(float(v) if is_number(v) or isinstance(v, bool) else math.nan)
   return np.asarray(out, np.float64)
 
 

@@ -8,8 +8,9 @@ Both are fitted as log L = LSE(e, a - alpha*log C [, b - beta*log D]) with E = e
 L-BFGS-B from a grid of starts; E is bounded above by the lowest observed loss. Inputs are centred on their
 geometric mean before optimising so gradients are O(1); parameters come back in the plain form above.
 Points are sorted canonically first, so every fit is bit-for-bit invariant to the order of runs.
-Uncertainty: `bootstrap` resamples runs (groups of points) with replacement; `bands` turns the bootstrap
-parameter sets into a confidence band (the mean law) and a wider prediction band (a new run's loss).
+Uncertainty: `bootstrap` resamples runs (groups of points) with replacement and can perturb each point by
+N(0, sem^2); `bands` turns the bootstrap parameter sets into a confidence band (the mean law) and a wider
+prediction band (a new run's loss).
 """
 from __future__ import annotations
 
@@ -306,14 +307,23 @@ class Bootstrap:
 
 
 def bootstrap(fit_fn: Callable[..., Fit], columns: Mapping[str, np.ndarray], *, groups=None,
-              n: int = 1000, seed: int = 0, derived: Callable[[dict], dict] | None = None) -> Bootstrap:
+              n: int = 1000, seed: int = 0, derived: Callable[[dict], dict] | None = None,
+              noise: Mapping[str, np.ndarray] | None = None) -> Bootstrap:
   """Refits `fit_fn(**columns)` on `n` resamples of runs drawn with replacement.
 
   `groups` labels each point with its run (default: each point its own run), so a run's points travel
-  together. Resamples that cannot be fitted (too few distinct points) are counted in `n_failed`;
-  `derived(params) -> dict` adds derived quantities (e.g. allocation exponents) to every sample.
+  together. `noise` maps a column to per-point standard deviations (e.g. each eval loss's SEM): every
+  resample also adds N(0, sd^2) to that column's points (a parametric bootstrap of the measurement error,
+  which resampling runs alone does not see when there are few runs). The noise comes from its own stream,
+  so the resampled runs are the same with and without it. Resamples that cannot be fitted (too few
+  distinct points, a loss pushed below 0) are counted in `n_failed`; `derived(params) -> dict` adds
+  derived quantities (e.g. allocation exponents) to every sample.
   """
   cols = {k: np.asarray(v, np.float64).reshape(-1) for k, v in columns.items()}
+  sds = {k: np.asarray(v, np.float64).reshape(-1) for k, v in (noise or {}).items()}
+  for k, sd in sds.items():
+    if k not in cols or sd.shape != cols[k].shape or not np.all(np.isfinite(sd) & (sd >= 0)):
+      raise FitError(f"noise for {k!r} must be finite, non-negative and one per point of a fitted column")
   n_points = len(next(iter(cols.values())))
   labels = np.arange(n_points) if groups is None else np.asarray(groups)
   # Canonical group order (sorted unique labels) keeps resamples independent of the input order.
@@ -326,12 +336,16 @@ def bootstrap(fit_fn: Callable[..., Fit], columns: Mapping[str, np.ndarray], *, 
   # Order groups by their canonical first member so labels themselves do not matter.
   members.sort(key=lambda m: tuple(cols[k][m[0]] for k in cols))
   rng = np.random.default_rng(seed)
+  noise_rng = np.random.default_rng([seed, 1])
   rows, names, failed = [], None, 0
   for _ in range(n):
     pick = rng.integers(0, len(members), len(members))
     idx = np.concatenate([members[g] for g in pick])
+    sample = {k: v[idx] for k, v in cols.items()}
+    for k, sd in sds.items():
+      sample[k] = sample[k] + noise_rng.normal(0.0, sd[idx])
     try:
-      fit = fit_fn(**{k: v[idx] for k, v in cols.items()})
+      fit = fit_fn(**sample)
     except FitError:
       failed += 1
       continue

@@ -27,12 +27,18 @@ def save(fig, out_base: str) -> list[str]:
 
 
 def loss_vs_compute(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], report: Mapping | None,
-                    out_base: str, title: str = "GLP loss vs compute") -> list[str]:
-  """Every run's eval-loss curve (label, C, L), the frontier, the fitted law and its two bands."""
+                    out_base: str, title: str = "GLP loss vs compute",
+                    points: tuple[np.ndarray, np.ndarray, str] | None = None) -> list[str]:
+  """Every run's eval-loss curve (label, C, L), the points the fit chose from (C, L, mode), the frontier,
+  the fitted law and its two bands."""
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   cmap = plt.get_cmap("viridis")
   for i, (label, c, l) in enumerate(curves):
-    ax.plot(c, l, "-o", ms=2.5, lw=1, alpha=0.75, color=cmap(i / max(len(curves) - 1, 1)), label=label)
+    # With a separate candidate set the curves are context only: drawn faint so the fitted points stand out.
+    ax.plot(c, l, "-" if points is not None else "-o", ms=2.5, lw=1, alpha=0.35 if points is not None else 0.75,
+            color=cmap(i / max(len(curves) - 1, 1)), label=label)
+  if points is not None and len(points[0]):
+    ax.plot(points[0], points[1], "o", mfc="none", mec="k", ms=4, label=f"candidates ({points[2]})", zorder=4)
   if report and "band" in report:
     b = {k: np.asarray(v) for k, v in report["band"].items()}
     ax.fill_between(b["C"], b["pred_lo"], b["pred_hi"], color="tab:red", alpha=0.12,
@@ -67,8 +73,9 @@ def isoflop_points(runs: Sequence[tuple[float, np.ndarray, np.ndarray]], levels:
 
 
 def isoflop(runs: Sequence[tuple[float, np.ndarray, np.ndarray]], out_base: str, *, n_levels: int = 4,
-            chinchilla: Mapping[str, float] | None = None) -> list[str]:
-  """Loss vs N at fixed compute (runs are (N, C curve, L curve)), with the Chinchilla law when given."""
+            chinchilla: Mapping[str, float] | None = None, source: str = "") -> list[str]:
+  """Loss vs N at fixed compute (runs are (N, C curve, L curve), e.g. one size's annealed points over its
+  budgets), with the Chinchilla law when given; `source` names what the curves are in the title."""
   lo = max(min(c.min() for _, c, _ in runs if len(c)), 1e-30)
   hi = max(c.max() for _, c, _ in runs if len(c))
   levels = np.geomspace(lo * 1.5, hi / 1.5, n_levels) if hi > lo * 3 else np.array([np.sqrt(lo * hi)])
@@ -90,7 +97,8 @@ def isoflop(runs: Sequence[tuple[float, np.ndarray, np.ndarray]], out_base: str,
   ax.set_yscale("log")
   ax.set_xlabel("parameters N")
   ax.set_ylabel("held-out loss")
-  ax.set_title("IsoFLOP curves" + (" (lines: Chinchilla fit, dotted: N_opt)" if chinchilla else ""))
+  ax.set_title("IsoFLOP curves" + (f" from {source}" if source else "")
+               + ("\n(lines: Chinchilla fit, dotted: N_opt)" if chinchilla else ""), fontsize=9)
   ax.grid(True, which="both", alpha=0.25)
   ax.legend(fontsize=7)
   return save(fig, out_base)

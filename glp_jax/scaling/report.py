@@ -12,10 +12,31 @@ from glp_jax.scaling.fit import (COMPUTE_PARAMS, Bootstrap, Fit, FitError, alloc
                              fit_metric_power, holdout_errors, holdout_split, predict_chinchilla, predict_compute,
                              predict_linear, predict_metric_power, warm_starts)
 
+# What a bootstrap CI includes (fit.json's report.bootstrap.sources): "runs" = runs resampled with
+# replacement; "eval_loss_sem" = each resample also adds N(0, sem^2) to every point's loss.
+CI_SOURCES = ("runs", "eval_loss_sem")
+
+
 # Reports: fit + bootstrap + bands + held-out check as one JSON-able dict (what glp-fit writes).
 # ---------------------------------------------------------------------------------------------------------
 def _ci_dict(boot: Bootstrap, level: float) -> dict[str, list[float]]:
   return {k: list(v) for k, v in boot.ci(level).items()}
+
+
+def _loss_noise(L: np.ndarray, loss_sem) -> tuple[dict | None, dict]:
+  """The bootstrap's parametric noise on the loss column and fit.json's record of the CI's sources.
+
+  A point without a usable SEM (NaN, negative) gets none and is counted, so a CI never claims a source it
+  did not include."""
+  if loss_sem is None:
+    return None, dict(sources=list(CI_SOURCES[:1]))
+  sem = np.asarray(loss_sem, np.float64).reshape(-1)
+  if sem.shape != L.shape:
+    raise FitError(f"loss_sem has {sem.size} values for {L.size} points")
+  ok = np.isfinite(sem) & (sem >= 0)
+  if not ok.any():
+    return None, dict(sources=list(CI_SOURCES[:1]), n_points_without_sem=int(len(sem)))
+  return dict(L=np.where(ok, sem, 0.0)), dict(sources=list(CI_SOURCES), n_points_without_sem=int((~ok).sum()))
 
 
 def _frontier_fit(C, L, **kw) -> Fit:
@@ -23,25 +44,28 @@ def _frontier_fit(C, L, **kw) -> Fit:
   return fit_compute(np.asarray(C)[i], np.asarray(L)[i], **kw)
 
 
-def analyze_compute(C, L, groups=None, *, use_frontier: bool = True, n_boot: int = 1000, seed: int = 0,
-                    n_holdout: int = 1, level: float = 0.95, n_grid: int = 64) -> dict:
-  """L(C) = E + A*C^-alpha on the frontier of all points (e.g. every eval point of every run).
+def analyze_compute(C, L, groups=None, *, loss_sem=None, use_frontier: bool = True, n_boot: int = 1000,
+                    seed: int = 0, n_holdout: int = 1, level: float = 0.95, n_grid: int = 64) -> dict:
+  """L(C) = E + A*C^-alpha on the frontier of the given points (e.g. every run's annealed evals).
 
   `groups` names each point's run: the bootstrap resamples runs and the held-out check drops the
   `n_holdout` runs with the most compute, refits, and predicts their final (largest-compute) loss.
+  `loss_sem` (one per point) also perturbs each resample's losses by N(0, sem^2) before the frontier is
+  taken, so noisy evals widen the CIs.
   """
   C, L = np.asarray(C, np.float64), np.asarray(L, np.float64)
   fit_fn = _frontier_fit if use_frontier else fit_compute
   front = compute_frontier(C, L) if use_frontier else np.argsort(C, kind="stable")
   fit = fit_fn(C, L)
+  noise, sources = _loss_noise(L, loss_sem)
   boot = bootstrap(functools.partial(fit_fn, init=warm_starts(fit)), dict(C=C, L=L), groups=groups,
-                   n=n_boot, seed=seed)
+                   n=n_boot, seed=seed, noise=noise)
   grid = np.logspace(np.log10(C.min()), np.log10(C.max()) + 0.5, n_grid)
   band = bands(lambda p: predict_compute(p, grid), boot, fit.residuals, level=level, seed=seed,
                n_params=len(COMPUTE_PARAMS))
   out = dict(form="compute", law="L = E + A*C^-alpha", n_points=int(len(C)), n_fit_points=fit.n_points,
              params=fit.params, ci=_ci_dict(boot, level), level=level, residual_std=fit.residual_std,
-             at_bounds=list(fit.at_bounds), bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed),
+             at_bounds=list(fit.at_bounds), bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, **sources),
              frontier=dict(C=C[front].tolist(), L=L[front].tolist()),
              band=dict(C=grid.tolist(), **{k: v.tolist() for k, v in band.items()}))
   out["holdout"] = _holdout(C, L, groups, n_holdout, lambda c, l: fit_fn(c, l),
@@ -68,9 +92,10 @@ def _holdout(C, L, groups, n_holdout, fit_fn, predict_fn) -> dict:
   return out
 
 
-def analyze_chinchilla(N, D, L, *, n_boot: int = 1000, seed: int = 0, n_holdout: int = 1,
+def analyze_chinchilla(N, D, L, *, loss_sem=None, n_boot: int = 1000, seed: int = 0, n_holdout: int = 1,
                        level: float = 0.95, n_grid: int = 32) -> dict:
-  """L(N, D) over all runs (one point per run) and the compute-optimal allocation with CIs."""
+  """L(N, D) over all runs (one point per run) and the compute-optimal allocation with CIs; `loss_sem`
+  as in `analyze_compute`."""
   N, D, L = (np.asarray(x, np.float64) for x in (N, D, L))
   fit = fit_chinchilla(N, D, L)
 
@@ -78,8 +103,9 @@ def analyze_chinchilla(N, D, L, *, n_boot: int = 1000, seed: int = 0, n_holdout:
     a, b = allocation_exponents(p)
     return dict(a=a, b=b)
 
+  noise, sources = _loss_noise(L, loss_sem)
   boot = bootstrap(functools.partial(fit_chinchilla, init=warm_starts(fit)), dict(N=N, D=D, L=L),
-                   n=n_boot, seed=seed, derived=derived)
+                   n=n_boot, seed=seed, derived=derived, noise=noise)
   C = 6.0 * N * D
   grid = np.logspace(np.log10(C.min()), np.log10(C.max()) + 1.0, n_grid)
   q = 50 * (1 - level)
@@ -89,7 +115,7 @@ def analyze_chinchilla(N, D, L, *, n_boot: int = 1000, seed: int = 0, n_holdout:
   out = dict(form="chinchilla", law="L = E + A*N^-alpha + B*D^-beta", n_points=int(len(L)),
              n_fit_points=fit.n_points, params=params, ci=_ci_dict(boot, level), level=level,
              residual_std=fit.residual_std, at_bounds=list(fit.at_bounds),
-             bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed),
+             bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, **sources),
              optimal=dict(C=grid.tolist(), N_opt=n_opt.tolist(), D_opt=d_opt.tolist(),
                           N_opt_lo=np.percentile(n_opt_BxG, q, axis=0).tolist(),
                           N_opt_hi=np.percentile(n_opt_BxG, 100 - q, axis=0).tolist()))
@@ -127,5 +153,6 @@ def analyze_metric(x, y, *, kind: str = "linear", n_boot: int = 1000, seed: int 
   # Pearson r of the metric with loss (linear) or log compute (power): how tightly loss/compute predict it.
   r = float(np.corrcoef(x if kind == "linear" else np.log(x), y)[0, 1])
   return dict(form=fit.form, n_points=int(len(x)), params=fit.params, ci=_ci_dict(boot, level), level=level,
-              residual_std=fit.residual_std, pearson_r=r, bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed),
+              residual_std=fit.residual_std, pearson_r=r,
+              bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, sources=list(CI_SOURCES[:1])),
               band=dict(x=grid.tolist(), **{k: v.tolist() for k, v in band.items()}))

@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from glp_jax.util import files
+from glp_jax.util.errors import ConfigError
 
 _CUSTOM = re.compile(r"^w(?P<w>[0-9.]+)_l(?P<l>[0-9]+)(?:_m(?P<m>[0-9.]+))?$")
 
@@ -97,24 +98,52 @@ def command(run: Run, python: str = sys.executable) -> list[str]:
   return [python, "-m", "glp_jax.training.cli", *run.args]
 
 
+def visible_gpus(env: dict) -> list[str]:
+  """The GPUs runs may use: CUDA_VISIBLE_DEVICES when set, else those `nvidia-smi -L` lists ([] on CPU)."""
+  if env.get("CUDA_VISIBLE_DEVICES") is not None:
+    return [g for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, env=env)
+  except (OSError, subprocess.TimeoutExpired):
+    return []
+  return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def device_slots(parallel: int, env: dict) -> list[dict]:
+  """The environment of each of `parallel` concurrent runs: on a multi-GPU host each gets its own GPUs
+  (CUDA_VISIBLE_DEVICES, an equal share; the GPU count must divide), on CPU they share the host."""
+  parallel = max(parallel, 1)
+  gpus = visible_gpus(env)
+  if not gpus or parallel == 1:
+    return [dict(env) for _ in range(parallel)]
+  if len(gpus) % parallel:
+    raise ConfigError(f"--parallel={parallel} does not divide the {len(gpus)} visible GPUs: give each run the "
+                     "same number of GPUs")
+  share = len(gpus) // parallel
+  return [dict(env, CUDA_VISIBLE_DEVICES=",".join(gpus[i * share:(i + 1) * share])) for i in range(parallel)]
+
+
 def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, poll_s: float = 0.2) -> dict:
-  """Runs every run not done, `parallel` at a time; each logs to <workdir>/train.log. Returns name -> rc."""
+  """Runs every run not done, `parallel` at a time, each on its own devices (`device_slots`); each logs to
+  <workdir>/train.log. Returns name -> rc."""
   todo = [r for r in runs if r.status() != "done"]
   results = {r.name: 0 for r in runs if r not in todo}
-  active: list[tuple[Run, subprocess.Popen, Any]] = []
+  free = device_slots(parallel, dict(os.environ if env is None else env))
+  active: list[tuple[Run, subprocess.Popen, Any, dict]] = []
   while todo or active:
-    while todo and len(active) < max(parallel, 1):
-      r = todo.pop(0)
+    while todo and free:
+      r, slot = todo.pop(0), free.pop(0)
       os.makedirs(r.workdir, exist_ok=True)
       log = open(os.path.join(r.workdir, "train.log"), "a")
       print(f"[glp-sweep] start {r.name} ({r.status()})", flush=True)
-      active.append((r, subprocess.Popen(command(r), stdout=log, stderr=subprocess.STDOUT, env=env), log))
+      active.append((r, subprocess.Popen(command(r), stdout=log, stderr=subprocess.STDOUT, env=slot), log, slot))
     time.sleep(poll_s)
     for item in list(active):
-      r, proc, log = item
+      r, proc, log, slot = item
       if proc.poll() is not None:
         log.close()
         active.remove(item)
+        free.append(slot)
         results[r.name] = proc.returncode
         state = "done" if proc.returncode == 0 else f"FAILED rc={proc.returncode}, see {r.workdir}/train.log"
         print(f"[glp-sweep] {state}: {r.name}", flush=True)

@@ -6,6 +6,7 @@ One folder holds both layouts:
   config.yaml         reference `load_glp` config (`glp_kwargs`, `${rep_statistic}` interpolation)
   rep_statistics.pt   torch.save({"mean": [D] or [L, D], "var": same}) (variance, not std)
   final.safetensors   the same tensors as model.safetensors (a hard link when the filesystem allows)
+  README.md           the model card (Hub metadata header, provenance, evals, how to load; `card.py`)
 A reference folder has only the last three (plus `checkpoints/<name>.safetensors`).
 
 Every reader check names the offending key: a missing or unexpected tensor, a wrong shape, a config field.
@@ -21,7 +22,8 @@ import safetensors.torch
 import torch
 import yaml
 
-from glp_jax.torch.model import DenoiserConfig
+from glp_jax.torch import card as card_lib
+from glp_jax.torch.model import DenoiserConfig, expected_shapes
 from glp_jax.util import files
 
 FORMAT = "glp_jax.torch"
@@ -36,28 +38,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SAMPLER_DEFAULTS = {"grid": "FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)",
                     "timestep_scale": 1000, "num_steps": 20, "fd_num_steps": 1000,
                     "manifold_start": 0.5, "manifold_steps": 20}
-
-
-def expected_shapes(cfg: DenoiserConfig) -> dict[str, tuple[int, ...]]:
-  """Reference state-dict keys and their torch shapes for an architecture."""
-  d, m, f = cfg.d_input, cfg.d_model, cfg.d_mlp
-  shapes = {"model.in_proj.weight": (m, d), "model.in_proj.bias": (m,),
-            "model.out_proj.weight": (d, m), "model.out_proj.bias": (d,),
-            "model.ln.weight": (m,), "model.ln.bias": (m,)}
-  embeds = ["time_embed"] + (["layer_embed"] if cfg.multi_layer_n_layers else [])
-  for e in embeds:
-    for i in ("0", "2"):
-      shapes[f"model.{e}.{i}.weight"] = (m, m)
-      shapes[f"model.{e}.{i}.bias"] = (m,)
-  for i in range(cfg.n_layers):
-    p = f"model.layers.{i}"
-    shapes[f"{p}.ln.weight"] = shapes[f"{p}.ln.bias"] = (m,)
-    for name in ("up_proj", "gate_proj", "time_proj"):
-      shapes[f"{p}.{name}.weight"] = (f, m)
-      shapes[f"{p}.{name}.bias"] = (f,)
-    shapes[f"{p}.down_proj.weight"] = (m, f)
-    shapes[f"{p}.down_proj.bias"] = (m,)
-  return shapes
 
 
 def check_state_dict(sd: Mapping[str, Any], cfg: DenoiserConfig, source: str) -> None:
@@ -124,7 +104,10 @@ def write_folder(out: str, state_dict: Mapping[str, Any], cfg: DenoiserConfig, m
                  tracedict: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
                  sampler: Mapping[str, Any] | None = None,
                  reference_extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-  """Writes both layouts into `out`; `state_dict` values may be numpy arrays or tensors. Returns the paths."""
+  """Writes both layouts and the model card into `out`; `state_dict` values may be numpy arrays or tensors.
+
+  Returns the paths. A README.md someone edited by hand is kept (see `card.is_generated`).
+  """
   if dtype not in DTYPES:
     raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
   tensors = {k: (v.detach().cpu() if torch.is_tensor(v) else torch.from_numpy(np.array(v, np.float32)))
@@ -146,6 +129,9 @@ def write_folder(out: str, state_dict: Mapping[str, Any], cfg: DenoiserConfig, m
             "provenance": dict(provenance or {})}
   # float32 values print as the shortest float64 repr, which reads back to the same float32: lossless.
   files.atomic_write(paths[CONFIG_FILE], json.dumps(config, indent=1) + "\n")
+  paths[card_lib.CARD_FILE] = os.path.join(out, card_lib.CARD_FILE)
+  if card_lib.is_generated(paths[card_lib.CARD_FILE]):
+    files.atomic_write(paths[card_lib.CARD_FILE], card_lib.model_card(config).encode("utf-8"))
   files.atomic_write(paths[REF_CONFIG_FILE], reference_config(cfg, tracedict, reference_extra))
   ref_mean, ref_var = reference_stats(mean, var, layers, cfg)
   with files.atomic_path(paths[REF_STATS_FILE]) as tmp:

@@ -53,6 +53,28 @@ class DenoiserConfig:
     return cls(**kw)
 
 
+def expected_shapes(cfg: DenoiserConfig) -> dict[str, tuple[int, ...]]:
+  """Reference state-dict keys and their torch shapes for an architecture."""
+  d, m, f = cfg.d_input, cfg.d_model, cfg.d_mlp
+  shapes = {"model.in_proj.weight": (m, d), "model.in_proj.bias": (m,),
+            "model.out_proj.weight": (d, m), "model.out_proj.bias": (d,),
+            "model.ln.weight": (m,), "model.ln.bias": (m,)}
+  embeds = ["time_embed"] + (["layer_embed"] if cfg.multi_layer_n_layers else [])
+  for e in embeds:
+    for i in ("0", "2"):
+      shapes[f"model.{e}.{i}.weight"] = (m, m)
+      shapes[f"model.{e}.{i}.bias"] = (m,)
+  for i in range(cfg.n_layers):
+    p = f"model.layers.{i}"
+    shapes[f"{p}.ln.weight"] = shapes[f"{p}.ln.bias"] = (m,)
+    for name in ("up_proj", "gate_proj", "time_proj"):
+      shapes[f"{p}.{name}.weight"] = (f, m)
+      shapes[f"{p}.{name}.bias"] = (f,)
+    shapes[f"{p}.down_proj.weight"] = (m, f)
+    shapes[f"{p}.down_proj.bias"] = (m,)
+  return shapes
+
+
 def sinusoidal_embedding(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
   """DiT sinusoid of a float per row: [cos(t*f_k), sin(t*f_k)], f_k = max_period^(-k/half); zero-pads odd dim."""
   half = dim // 2

@@ -1,21 +1,26 @@
 """`GLP`: a loaded prior (denoiser + normaliser + reference sampler) for PyTorch code such as HF hooks.
 
-  glp = GLP.from_pretrained("exports/d6")            # our export or a reference folder
+  glp = GLP.from_pretrained("exports/d6")            # our export or a reference folder, or a Hub repo id
   v = glp(z_normalised, timesteps_0_1000)            # velocity prediction, any leading shape
   acts = glp.generate(64, generator=g)               # raw-space samples (Euler on the reference grid)
   h_new = glp.sample_on_manifold(h_edit)             # activation SDEdit, u=0.5 on a 20-step grid
+  glp.push_to_hub("org/glp-llama1b-d6")              # save_pretrained + upload
 
-Steering in a forward hook: `out[0][:, -1] = glp.sample_on_manifold(out[0][:, -1] + alpha * w)`.
+Steering an HF model: `with glp_jax.torch.steer(model, layer, w, alpha, positions="last", prior=glp):
+model.generate(...)`. Write your own hook with `glp_jax.torch.edit_output` rather than indexing `output[0]`:
+transformers 5.x decoder layers return a tensor, not a tuple (docs/steering.md).
 """
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from glp_jax.core import grid
+from glp_jax.torch import hub
 from glp_jax.torch import io
 from glp_jax.torch import sampling
 from glp_jax.torch.model import Denoiser, DenoiserConfig, Normalizer
@@ -42,12 +47,17 @@ class GLP(nn.Module):
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, checkpoint: str | None = None,
-                      device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "GLP":
+                      device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+                      revision: str | None = None, cache_dir: str | None = None,
+                      token: str | bool | None = None) -> "GLP":
     """Loads our export folder or a reference folder (config.yaml + rep_statistics.pt + final.safetensors).
 
-    The weights keep their stored dtype unless `dtype` is given; the normaliser stays float32.
+    `path` is a local folder or a Hugging Face Hub repo id ("org/name", at `revision`), fetched through the
+    Hub cache (`cache_dir`, default $HF_HUB_CACHE; offline with HF_HUB_OFFLINE=1 once cached). The weights
+    keep their stored dtype unless `dtype` is given; the normaliser stays float32.
     """
-    got = io.read_folder(os.fspath(path), checkpoint)
+    folder = hub.resolve(path, revision, checkpoint, cache_dir, token)
+    got = io.read_folder(folder, checkpoint)
     with torch.device("meta"):  # no random init of billions of parameters that are overwritten anyway
       denoiser = Denoiser(got["config"])
     denoiser.load_state_dict(got["state_dict"], strict=True, assign=True)  # keeps the stored dtype
@@ -58,12 +68,26 @@ class GLP(nn.Module):
 
   def save_pretrained(self, path: str | os.PathLike, dtype: str = "float32",
                       provenance: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Writes both layouts (see `glp_jax.torch.io`)."""
+    """Writes both layouts and the model card README.md (see `glp_jax.torch.io`); the provenance defaults to
+    the loaded folder's (a reference folder's `model_name` names the LM)."""
+    if provenance is None:
+      provenance = self.meta.get("provenance") or (
+          {"lm": self.meta["model_name"]} if self.meta.get("model_name") else None)
     return io.write_folder(os.fspath(path), self.denoiser.state_dict(), self.cfg, self.normalizer.mean,
                            self.normalizer.var, layers=self.normalizer.layers, dtype=dtype,
                            tracedict=self.meta.get("tracedict_config")
                            or (self.meta.get("glp_kwargs") or {}).get("tracedict_config"),
-                           provenance=self.meta.get("provenance") if provenance is None else provenance)
+                           provenance=provenance)
+
+  def push_to_hub(self, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+                  token: str | bool | None = None, commit_message: str | None = None, dtype: str = "float32",
+                  provenance: Mapping[str, Any] | None = None) -> Any:
+    """`save_pretrained` into a temporary folder, then upload it to the Hub model repo `repo_id` (created when
+    missing; `revision` a branch). Returns huggingface_hub's CommitInfo."""
+    with tempfile.TemporaryDirectory(prefix="glp_push_") as tmp:
+      self.save_pretrained(tmp, dtype, provenance)
+      return hub.push_folder(tmp, repo_id, revision=revision, private=private, token=token,
+                             commit_message=commit_message)
 
   # --- math -----------------------------------------------------------------------------------------------
 

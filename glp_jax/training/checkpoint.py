@@ -10,13 +10,18 @@ so a run saved on 8 devices resumes on 1, 2 or 4.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from glp_jax.util.errors import ConfigError
+from glp_jax.util.errors import ConfigError, GlpError
+
+
+class CheckpointError(GlpError):
+  """No usable checkpoint where one was expected."""
 
 
 def shape_signature(pure_params: Any) -> dict[str, list[int]]:
@@ -38,13 +43,18 @@ def check_signature(saved: dict[str, list[int]], current: dict[str, list[int]], 
 
 
 class Checkpointer:
-  """Async orbax CheckpointManager over `<workdir>/checkpoints`, keeping the last N plus every K-th step."""
+  """Async orbax CheckpointManager over `<workdir>/checkpoints`, keeping the last N plus every K-th step.
 
-  def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True):
+  `read_only` (export, evaluation, `load_prior`, the trainer's checks before it claims the workdir) never
+  creates, cleans up or deletes anything: a reader must not remove the temporary folder of a save that a
+  running trainer is writing."""
+
+  def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(int(keep), 1), keep_period=int(keep_every) or None, create=True,
-        cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+        max_to_keep=max(int(keep), 1), keep_period=int(keep_every) or None, create=not read_only,
+        cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save, read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
@@ -70,6 +80,36 @@ class Checkpointer:
     out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                               meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
+
+  def restore_newest(self, target: Any, check=None) -> tuple[int, Any, dict, list[tuple[int, str]]]:
+    """(step, state, meta, skipped) of the newest checkpoint that restores completely; `skipped` lists the
+    (step, reason) of newer ones that did not (a save cut short, a truncated file). `check(meta)` runs before
+    each restore and its errors propagate (a checkpoint of another model is an error, not damage). Nothing is
+    deleted."""
+    skipped = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        skipped.append((step, f"unreadable meta: {type(e).__name__}"))
+        continue
+      if check is not None:
+        check(meta)
+      try:
+        state, meta = self.restore(step, target)
+        return step, state, meta, skipped
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types for damage)
+        skipped.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+    raise CheckpointError(f"{self.directory}: no checkpoint restores completely (tried "
+                          f"{', '.join(f'{s} ({r})' for s, r in skipped)})")
+
+  def set_aside(self, step: int) -> str:
+    """Renames a damaged step out of the way (kept for inspection), so a later save of that step can land."""
+    path = os.path.join(self.directory, str(step))
+    aside = f"{path}.damaged-{int(time.time())}"
+    os.rename(path, aside)
+    self._manager.reload()
+    return aside
 
   def restore_parts(self, step: int, target: dict) -> dict:
     """Restores only the top-level parts named in `target` (e.g. {'model': ..., 'ema': ...}), never reading

@@ -25,6 +25,8 @@ cli.define_config(FLAGS, "Train config file (configs/train.py:<args>).")
 flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints, summary).", flag_values=FLAGS)
 flags.DEFINE_bool("dry_run", False, "Build abstractly, AOT-compile the step, print one JSON object, exit.",
                   flag_values=FLAGS)
+flags.DEFINE_bool("allow_changes", False, "Resume a workdir although plan fields (batch, budget, schedule, model, "
+                  "data plan) or the store changed; the changes are logged in metrics.jsonl.", flag_values=FLAGS)
 
 
 def main(fv: flags.FlagValues) -> None:
@@ -35,7 +37,7 @@ def main(fv: flags.FlagValues) -> None:
     return
   if not fv.workdir:
     raise ConfigError("--workdir is required")
-  summary = trainer.train_and_evaluate(fv.config, fv.workdir)
+  summary = trainer.train_and_evaluate(fv.config, fv.workdir, allow_changes=fv.allow_changes)
   print(json.dumps(summary), flush=True)
   if summary.get("stopped_by_signal"):
     sys.exit(128 + int(summary["stopped_by_signal"]))
@@ -43,7 +45,7 @@ def main(fv: flags.FlagValues) -> None:
 
 def run(argv: list[str] | None = None) -> None:
   """Console-script entry point (glp-train)."""
-  cli.run(main, FLAGS, __doc__, argv)
+  cli.run(main, FLAGS, __doc__, argv, prog="glp-train")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import numpy as np
 from glp_jax.core import model as model_lib
 from glp_jax.core.normalizer import Normalizer
 from glp_jax.data import loader as loader_lib
+from glp_jax.data import store as store_lib
 from glp_jax.training import sharding
 from glp_jax.util import files
 from glp_jax.util.errors import ConfigError
@@ -27,7 +28,7 @@ NORMALIZER_FILE = "normalizer.npz"
 class Input:
   """The loader over the configured store (or the embedded default) plus global-array assembly."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  def __init__(self, config: ml_collections.ConfigDict):
     path = config.data.store or default_store()
     if not os.path.exists(os.path.join(path, "manifest.json")):
       raise ConfigError(f"config.data.store: no activation store at {path!r} (expected {path}/manifest.json); "
@@ -41,7 +42,6 @@ class Input:
     self.path, self.d_input, self.normalizer = path, self.loader.d_input, self.loader.normalizer
     self.multi_layer = self.loader.multi_layer
     self.batch_size = config.batch_size
-    self._rows, self._vec = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
 
   def check_model(self, model_cfg: model_lib.ModelConfig) -> None:
     """A multi-layer prior needs a multi-layer store and a single-layer prior a single layer."""
@@ -61,19 +61,24 @@ class Input:
                         f"(layers {self.normalizer.layers}): use a new --workdir for a different store layout")
     self.normalizer = self.loader.normalizer = normalizer
 
-  def batches(self, start_step: int, stop_step: int):
-    """(step, x_BxD, layer_B or None) as global arrays, prefetched on a background thread."""
-    for step, b in self.loader.iterate(start_step, stop_step):
-      x = loader_lib.to_global_array(b.x_BxD, self._rows, (self.batch_size, self.d_input))
-      layer = None if b.layer_B is None else loader_lib.to_global_array(
-          np.asarray(b.layer_B, np.int32), self._vec, (self.batch_size,))
-      yield step, x, layer
+  def batches(self, start_step: int, stop_step: int, mesh: jax.sharding.Mesh):
+    """(step, (x_raw_BxD[, layer_B])) as global arrays on `mesh`, rows in the store's dtype (the step
+    normalises them on the device: half the bytes of float32 for a bf16 store), prefetched on a thread."""
+    rows, vec = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    for step, b in self.loader.iterate(start_step, stop_step, raw=True):
+      x = loader_lib.to_global_array(b.x_BxD, rows, (self.batch_size, self.d_input))
+      if b.layer_B is None:
+        yield step, (x,)
+      else:
+        yield step, (x, loader_lib.to_global_array(np.asarray(b.layer_B, np.int32), vec, (self.batch_size,)))
 
-  def heldout(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The first n fixed held-out rows (all processes read the same rows)."""
+  def heldout(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """n fixed held-out rows spread over the held-out documents (all processes read the same rows):
+    normalised x_NxD, the document group 0..G-1 of each row, and layer_N (multi-layer) or None."""
     n = min(n, len(self.loader.heldout_ids) * len(self.loader.layers))
     b = self.loader.heldout(n, process_local=False)
-    return b.x_BxD, b.layer_B
+    group_N = np.unique(b.doc_B, return_inverse=True)[1]
+    return b.x_BxD, group_N, b.layer_B
 
 
 def default_store() -> str:
@@ -81,8 +86,7 @@ def default_store() -> str:
 
   Built in a child process: the extractor is the torch side, and the trainer process never imports torch.
   """
-  from glp_jax.extraction.extractor import default_store_path   # no torch at import time
-  path = default_store_path()
+  path = store_lib.default_store_path()
   if os.path.exists(os.path.join(path, "manifest.json")):
     return path
   print(f"building the embedded default store at {path} (once; about a minute on 2 CPU cores)",

@@ -50,8 +50,9 @@ def make_tx(opt_cfg: Any, total_steps: int) -> optax.GradientTransformation:
   """Clip (global norm) -> AdamW with the schedule and the decay mask."""
   if opt_cfg.lr <= 0:
     raise ConfigError(f"config.opt.lr must be positive, got {opt_cfg.lr}")
+  mu_dtype = opt_cfg.get("mu_dtype", "float32")   # bfloat16 halves the first moment's traffic: off by default
   adamw = optax.adamw(make_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                      weight_decay=opt_cfg.weight_decay, mask=decay_mask)
+                      weight_decay=opt_cfg.weight_decay, mask=decay_mask, mu_dtype=jnp.dtype(mu_dtype))
   if opt_cfg.clip_norm and opt_cfg.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(opt_cfg.clip_norm), adamw)
   return adamw

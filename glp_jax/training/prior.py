@@ -29,7 +29,7 @@ def load_prior(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | 
   if config is None:
     raise FileNotFoundError(f"{workdir}: no config.json (not a glp-train run?)")
   config = ml_collections.ConfigDict(config)
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)   # a run may be training
   try:
     step = ck.latest_step() if step is None else step
     if step is None:

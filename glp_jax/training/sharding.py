@@ -9,6 +9,7 @@ no per-call sharding annotations.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -26,14 +27,31 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
 # denoiser's width dimensions (input = D, embed = M, mlp = F, cond = the embedding MLP hidden) are all FSDP
 # candidates; per array the largest one that the fsdp axis divides is sharded, so a [M, F] kernel splits F and
 # a [D, M] kernel splits M. LayerNorm parameters stay replicated (small, and read by every row).
-LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("input", "fsdp"),
     ("embed", "fsdp"),
     ("mlp", "fsdp"),
     ("cond", "fsdp"),
     ("norm", None),
+    ("batch", BATCH_AXES),   # activations: the model pins its residual stream's rows here
 )
 _METADATA_KEYS = ("out_sharding", "sharding_names", "sharding")
+
+
+REPLICATE_BELOW_BYTES = 1 << 30   # train-state size under which `mesh.fsdp = 0` (auto) replicates
+
+
+def resolve_mesh(mesh_cfg: Any, n_params: int) -> dict[str, int]:
+  """`mesh.fsdp = 0` (auto) shards parameters and optimizer state over the devices (`fsdp = -1`, MaxText's
+  default at small scale) once the replicated train state (f32 parameters + two AdamW moments) would pass
+  1 GiB per device, and replicates smaller models (`fsdp = 1`: pure data parallel is fastest there).
+  Explicit sizes are kept; the result goes into config.json."""
+  data, fsdp = int(mesh_cfg.data), int(mesh_cfg.fsdp)
+  if fsdp == 0:
+    fsdp = -1 if 12 * n_params >= REPLICATE_BELOW_BYTES else 1
+    if fsdp == -1 and data == -1:
+      data = 1
+  return {"data": data, "fsdp": fsdp}
 
 
 def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, ...]:
@@ -77,6 +95,23 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Rows split over every device, the feature dimension replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """The same value on every device (step counters, scalar metrics)."""
+  return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activation_context(mesh: jax.sharding.Mesh):
+  """Steps traced inside see the mesh and the logical rules, so the model's 'batch' constraints apply."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_RULES):
+    yield
+
+
+def shardings_of(abstract: Any) -> Any:
+  """The NamedSharding of every leaf of a tree of ShapeDtypeStructs (e.g. `abstract_state_with_shardings`)."""
+  return jax.tree.map(lambda a: a.sharding, abstract)
 
 
 def logical_axes_of(variable: nnx.Variable) -> tuple | None:

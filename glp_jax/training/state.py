@@ -6,6 +6,7 @@ graphdef and an `nnx.State`. Checkpoints hold it as plain nested dicts: {"model"
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any, Callable
 
@@ -18,10 +19,12 @@ from flax import nnx
 
 from glp_jax.core import flops, flow
 from glp_jax.core import model as model_lib
+from glp_jax.core.normalizer import Normalizer
 from glp_jax.training import optim, sharding
 from glp_jax.util.errors import ConfigError
 
 PARTS = ("model", "opt", "ema")
+NOISE_STREAM = 1          # fold_in constant of the training noise stream (initialisation uses the bare seed)
 EVAL_NOISE_SEED = 0x5EED  # the held-out noise is fixed across runs and seeds, so eval losses compare
 
 
@@ -72,41 +75,66 @@ def count_params(state: nnx.State) -> int:
 
 # ---------------------------------------------------------------- steps
 
-def make_train_step(graphdef: Any, config: ml_collections.ConfigDict, n_steps: int) -> Callable:
-  """jit(state, x_BxD, step[, layer_B]) -> (state, {'loss', 'grad_norm'}); the state is donated."""
-  base_key = jax.random.key(config.seed)
+def make_train_step(graphdef: Any, config: ml_collections.ConfigDict, n_steps: int, normalizer: Normalizer,
+                    state_shardings: Any, mesh: jax.sharding.Mesh, multi_layer: bool = False) -> Callable:
+  """jit(state, nonfinite, x_raw_BxD[, layer_B]) -> (state, nonfinite, metrics).
+
+  Rows arrive in the store's dtype and are normalised on the device. The step number is the optimizer's own
+  count, so the host passes no per-step scalar; the noise of step s is a pure function of (seed, s), drawn
+  from a stream of its own (never the initialisation's). `nonfinite` counts steps whose loss or gradient
+  norm was not finite, so the host may fetch metrics only at log and checkpoint steps and still never save a
+  non-finite state. The state's shardings are pinned on input and output; state and counter are donated.
+  """
+  noise_key = jax.random.fold_in(jax.random.key(config.seed), NOISE_STREAM)
+  schedule = optim.make_schedule(config.opt, n_steps)
   fc = config.flow
   decay = float(config.opt.ema_decay)
 
-  def step_fn(state, x_BxD, step, layer_B=None):
+  def step_fn(state, nonfinite, x_raw_BxD, layer_B=None):
     model, opt, *ema = nnx.merge(graphdef, state)
-    key = jax.random.fold_in(base_key, step)  # noise of step s is a pure function of (seed, s)
+    count = opt.step[...]
+    x_BxD = normalizer.normalize(x_raw_BxD, layer_B)
 
     def loss_fn(m):
-      return flow.loss(m, x_BxD, key, layer_B, mode=fc.sigma_sampling, logit_normal_mean=fc.logit_normal_mean,
-                       logit_normal_std=fc.logit_normal_std)
+      return flow.loss(m, x_BxD, jax.random.fold_in(noise_key, count), layer_B, mode=fc.sigma_sampling,
+                       logit_normal_mean=fc.logit_normal_mean, logit_normal_std=fc.logit_normal_std)
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     grad_norm = optax.global_norm(grads)
     opt.update(model, grads)
-    if ema:
-      new = optim.ema_update(nnx.state(ema[0], nnx.Param), nnx.state(model, nnx.Param), decay)
-      nnx.update(ema[0], new)
-    return nnx.state((model, opt, *ema)), {"loss": loss, "grad_norm": grad_norm}
-  return jax.jit(step_fn, donate_argnums=0)
+    if ema:   # warm-up: early steps average over the few iterates there are, not towards the init
+      decay_t = jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+      nnx.update(ema[0], optim.ema_update(nnx.state(ema[0], nnx.Param), nnx.state(model, nnx.Param), decay_t))
+    nonfinite = nonfinite + jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.int32)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(count), "nonfinite": nonfinite}
+    return nnx.state((model, opt, *ema)), nonfinite, metrics
+
+  rep = sharding.replicated(mesh)
+  data_in = (sharding.batch_sharding(mesh, 2),) + ((sharding.batch_sharding(mesh, 1),) if multi_layer else ())
+  return jax.jit(step_fn, in_shardings=(state_shardings, rep, *data_in), out_shardings=(state_shardings, rep, rep),
+                 donate_argnums=(0, 1))
 
 
-def make_eval_step(graphdef: Any) -> Callable:
-  """jit(state, x_BxD, eps_BxD, sigma_B[, layer_B]) -> per-row loss [B], with the EMA model when kept."""
-  def eval_fn(state, x_BxD, eps_BxD, sigma_B, layer_B=None):
+def make_eval_step(graphdef: Any, n_groups: int) -> Callable:
+  """jit(state, x_BxD, eps_BxD, sigma_B, group_B[, layer_B]) -> per-group loss sums [n_groups], reduced on the
+  devices (so every process gets the same numbers); the EMA model when the run keeps one."""
+  def eval_fn(state, x_BxD, eps_BxD, sigma_B, group_B, layer_B=None):
     model, _, *ema = nnx.merge(graphdef, state)
-    return flow.per_example_loss((ema or [model])[0], x_BxD, eps_BxD, sigma_B, layer_B)
+    loss_B = flow.per_example_loss((ema or [model])[0], x_BxD, eps_BxD, sigma_B, layer_B)
+    return jax.ops.segment_sum(loss_B, group_B, num_segments=n_groups)
   return jax.jit(eval_fn)
 
 
-def eval_arrays(x_NxD: np.ndarray, batch_size: int, mesh: jax.sharding.Mesh,
-                layer_N: np.ndarray | None = None) -> list[tuple]:
-  """Fixed eval chunks (x, eps, sigma[, layer]) as global arrays: the same rows, noise and sigma grid in
-  every run. sigma runs evenly over the reference's 1000-level grid."""
+@dataclasses.dataclass
+class EvalSet:
+  chunks: list[tuple]      # (x, eps, sigma, group[, layer]) global arrays
+  count_G: np.ndarray      # rows of each document group
+
+
+def eval_set(x_NxD: np.ndarray, group_N: np.ndarray, batch_size: int, mesh: jax.sharding.Mesh,
+             layer_N: np.ndarray | None = None) -> EvalSet:
+  """Fixed eval chunks (x, eps, sigma, group[, layer]) as global arrays: the same rows, noise and sigma grid
+  in every run. sigma runs evenly over the reference's 1000-level grid; `group_N` (0..G-1) names each row's
+  document, for a standard error clustered by document."""
   div = sharding.batch_divisor(mesh)
   n = (len(x_NxD) // div) * div
   if n == 0:
@@ -115,41 +143,48 @@ def eval_arrays(x_NxD: np.ndarray, batch_size: int, mesh: jax.sharding.Mesh,
   eps_NxD = np.random.default_rng(EVAL_NOISE_SEED).standard_normal(x_NxD.shape, dtype=np.float32)
   sigma_N = (np.ceil((np.arange(n) + 0.5) / n * flow.NUM_TRAIN_TIMESTEPS)
              / flow.NUM_TRAIN_TIMESTEPS).astype(np.float32)
+  columns = [x_NxD, eps_NxD, sigma_N, np.asarray(group_N[:n], np.int32)]
+  if layer_N is not None:
+    columns.append(np.asarray(layer_N[:n], np.int32))
   chunk = max((min(batch_size, n) // div) * div, div)
-  rows, vecs = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-  out = []
-  for a in range(0, n, chunk):
-    b = min(a + chunk, n)
-    item = (sharding.put_global(x_NxD[a:b], rows), sharding.put_global(eps_NxD[a:b], rows),
-            sharding.put_global(sigma_N[a:b], vecs))
-    if layer_N is not None:
-      item += (sharding.put_global(np.asarray(layer_N[a:b], np.int32), vecs),)
-    out.append(item)
-  return out
+  chunks = [tuple(sharding.put_global(c[a:a + chunk], sharding.batch_sharding(mesh, c.ndim)) for c in columns)
+            for a in range(0, n, chunk)]
+  return EvalSet(chunks, np.bincount(columns[3]).astype(np.float64))
 
 
-def evaluate(eval_step: Callable, state: nnx.State, chunks: list[tuple]) -> dict[str, float]:
-  """Mean held-out loss over the fixed eval chunks and its standard error."""
-  per_row = np.concatenate([np.asarray(jax.device_get(eval_step(state, *chunk))) for chunk in chunks])
-  return {"eval_loss": float(per_row.mean()), "eval_loss_sem": float(per_row.std(ddof=1) / np.sqrt(len(per_row)))}
+def evaluate(eval_step: Callable, state: nnx.State, evals: EvalSet) -> dict[str, float]:
+  """Mean held-out loss and its standard error clustered by document (CR1): rows of one document are not
+  independent, so the error is that of a mean over documents."""
+  sums_G = np.asarray(sum(eval_step(state, *chunk) for chunk in evals.chunks), np.float64)   # replicated
+  count_G = evals.count_G
+  used = count_G > 0
+  sums_G, count_G = sums_G[used], count_G[used]
+  mean = float(sums_G.sum() / count_G.sum())
+  g = len(sums_G)
+  sem = float(np.sqrt(g / max(g - 1, 1) * np.sum((sums_G - count_G * mean) ** 2)) / count_G.sum())
+  return {"eval_loss": mean, "eval_loss_sem": sem, "eval_docs": float(g), "eval_rows": float(count_G.sum())}
 
 
 # ---------------------------------------------------------------- dry run
 
 def dry_run(config: ml_collections.ConfigDict) -> dict:
   """Abstract build + AOT compile of the train step on the current devices; no store, no allocation."""
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(config.batch_size, mesh)
   model_cfg = model_lib.model_config(config.model, None)
+  mesh = sharding.make_mesh(sharding.resolve_mesh(config.mesh, flops.param_count(model_cfg)))
+  sharding.check_batch(config.batch_size, mesh)
   n_steps = total_steps(config)
   graphdef, target = sharding.abstract_state_with_shardings(creator(model_cfg, config, n_steps), mesh)
-  x = jax.ShapeDtypeStruct((config.batch_size, model_cfg.d_input), jnp.float32,
+  # Rows as the default store writes them (bfloat16), under identity statistics of the right shape.
+  x = jax.ShapeDtypeStruct((config.batch_size, model_cfg.d_input), jnp.bfloat16,
                            sharding=sharding.batch_sharding(mesh, 2))
-  layer = None
-  if model_cfg.multi_layer_n_layers:
-    layer = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
-  step = jax.ShapeDtypeStruct((), jnp.int32)
-  compiled = make_train_step(graphdef, config, n_steps).lower(target, x, step, layer).compile()
+  multi = model_cfg.multi_layer_n_layers
+  shape = (multi, model_cfg.d_input) if multi else (model_cfg.d_input,)
+  step_fn = make_train_step(graphdef, config, n_steps, Normalizer(np.zeros(shape), np.ones(shape)),
+                            sharding.shardings_of(target), mesh, multi_layer=bool(multi))
+  layer = (jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1)),) * bool(multi)
+  counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  with sharding.activation_context(mesh):
+    compiled = step_fn.lower(target, counter, x, *layer).compile()
   mem = compiled.memory_analysis()
   memory = {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                               "temp_size_in_bytes", "alias_size_in_bytes",

@@ -8,6 +8,7 @@ batch and the noise of step s are pure functions of (seed, s), so resume needs o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -16,16 +17,17 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from glp_jax.core import flops
 from glp_jax.core import model as model_lib
+from glp_jax.data import loader as loader_lib
 from glp_jax.training import checkpoint as ckpt_lib
 from glp_jax.training import input as input_lib
 from glp_jax.training import metrics as metrics_lib
-from glp_jax.training import optim, sharding
+from glp_jax.training import sharding
 from glp_jax.training import state as state_lib
+from glp_jax.training import workdir as workdir_lib
 from glp_jax.training.metrics import every
 from glp_jax.util import config as config_lib
 from glp_jax.util import files, runtime
@@ -33,31 +35,40 @@ from glp_jax.util import files, runtime
 log = logging.getLogger("glp_jax")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains until the activation budget is spent (or a stop signal); returns the summary dict."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_changes: bool = False) -> dict:
+  """Trains until the activation budget is spent (or a stop signal); returns the summary dict.
+
+  Every check (config, store, model shape, devices, the resume contract, a second trainer) runs before the
+  workdir is touched, so a refused start leaves it as it was.
+  """
   runtime.init_distributed()
-  runtime.log_environment(log)
   is_main = jax.process_index() == 0
-  if is_main:
-    config_lib.write_config(config, workdir)
-
-  # ---------------------------------------------------------------- mesh
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(config.batch_size, mesh)
+  config = resolve(config)
   total_steps = state_lib.total_steps(config)
+  lock = workdir_lib.Lock(workdir)
+  if is_main:
+    lock.check_free()
+    workdir_lib.check_writable(workdir)
+  metrics_lib.check_logging(config.log)
 
-  # ---------------------------------------------------------------- input
-  data = input_lib.Input(config, mesh)
+  # ---------------------------------------------------------------- input + model shape
+  data = input_lib.Input(config)
   model_cfg = model_lib.model_config(config.model, data.d_input)
   data.check_model(model_cfg)
+  normalizer_path = os.path.join(workdir, input_lib.NORMALIZER_FILE)
   # A run keeps the normaliser it started with (a resumed run, or a prior brought in by glp-import that is
   # trained further on another store): the weights only make sense in the space they were trained in.
-  if os.path.exists(os.path.join(workdir, input_lib.NORMALIZER_FILE)):
+  if os.path.exists(normalizer_path):
     data.use_normalizer(input_lib.load_normalizer(workdir))
-  elif is_main:
-    input_lib.save_normalizer(data.normalizer, workdir)
-  heldout_x, heldout_layer = data.heldout(config.eval_rows)
-  eval_chunks = state_lib.eval_arrays(heldout_x, config.batch_size, mesh, heldout_layer)
+
+  # ---------------------------------------------------------------- mesh
+  config.mesh.update(sharding.resolve_mesh(config.mesh, flops.param_count(model_cfg)))
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.batch_size, mesh)
+  config_dict = config_lib.to_dict(config)
+  runtime.check_same_everywhere("config", json.dumps(config_dict, sort_keys=True))
+  heldout_x, heldout_group, heldout_layer = data.heldout(config.eval_rows)
+  evals = state_lib.eval_set(heldout_x, heldout_group, config.batch_size, mesh, heldout_layer)
 
   # ---------------------------------------------------------------- model + shard
   create = state_lib.creator(model_cfg, config, total_steps)
@@ -65,57 +76,97 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   n_params = state_lib.count_params(target)
   flops_per_example = flops.train_flops_per_example(model_cfg)
   signature = ckpt_lib.shape_signature(state_lib.pure(target)["model"])
-  log.info("model %s: %d params, %.4g train FLOPs/example, mesh %s, %d steps", model_cfg, n_params,
-           flops_per_example, dict(mesh.shape), total_steps)
 
-  # ---------------------------------------------------------------- checkpoint (resume) or fresh init
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.ckpt.keep,
-                               keep_every=config.ckpt.keep_every)
-  start_step = ckpt.latest_step()
-  if start_step is not None:   # step 0 is a real checkpoint too (glp-import writes one)
-    ckpt_lib.check_signature(ckpt.read_meta(start_step)["param_shapes"], signature, ckpt.directory)
-    restored, meta = ckpt.restore(start_step, state_lib.pure(target))
-    state = state_lib.replace_pure(target, restored)
-    wall_offset = float(meta.get("wall_time", 0.0))
-    log.info("resumed from step %d of %s", start_step, ckpt.directory)
-  else:
+  # ---------------------------------------------------------------- resume (read only) or fresh init
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  identity = workdir_lib.identity(config_dict, data.loader.store)
+  recorded_config = files.read_json(os.path.join(workdir, "config.json"))
+  start_step, meta, skipped = None, {}, []
+  if os.path.isdir(ckpt_dir):
+    reader = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
+    if reader.all_steps():   # step 0 is a real checkpoint too (glp-import writes one)
+      start_step, restored, meta, skipped = reader.restore_newest(
+          state_lib.pure(target), check=lambda m: ckpt_lib.check_signature(m["param_shapes"], signature, ckpt_dir))
+      state = state_lib.replace_pure(target, restored)
+    reader.close()
+  # The plan is fixed by the first start that trains: a checkpoint without an identity (glp-import's step 0)
+  # only fixes the model's shape, which `check_signature` holds.
+  contract = meta.get("identity")
+  diffs = workdir_lib.changes(recorded_config, config_dict, contract, identity) if contract else []
+  if diffs and not allow_changes:
+    workdir_lib.refuse(workdir, diffs)
+  fresh = start_step is None
+  if fresh:
     state = nnx.split(sharding.create_sharded(create, mesh))[1]   # born sharded
     start_step, wall_offset = 0, 0.0
+  else:
+    wall_offset = float(meta.get("wall_time", 0.0))
+    for step, why in skipped:
+      log.warning("checkpoint step %d does not restore (%s): resuming from step %d instead", step, why, start_step)
+    log.info("resumed from step %d of %s", start_step, ckpt_dir)
+
+  # ---------------------------------------------------------------- the workdir (every check has passed)
+  if is_main:
+    lock.acquire()
+    for step, _ in skipped:
+      log.warning("set the damaged step %d aside as %s", step,
+                  ckpt_lib.Checkpointer(ckpt_dir).set_aside(step))
+    if contract is None or diffs:
+      config_lib.write_config(config, workdir)
+    if not os.path.exists(normalizer_path):
+      input_lib.save_normalizer(data.normalizer, workdir)
+    if diffs:
+      files.append_jsonl(os.path.join(workdir, "metrics.jsonl"),
+                         {"step": start_step, "event": "allow_changes",
+                          "changes": {k: [old, new] for k, old, new in diffs}})
+  runtime.sync("workdir ready")
+  runtime.log_environment(log)   # after the checks: a refused start stays a one-line error
+  log.info("model %s: %d params, %.4g train FLOPs/example, mesh %s, %d steps", model_cfg, n_params,
+           flops_per_example, dict(mesh.shape), total_steps)
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=config.ckpt.keep, keep_every=config.ckpt.keep_every)
 
   # ---------------------------------------------------------------- steps
-  train_step = state_lib.make_train_step(graphdef, config, total_steps)
-  eval_step = state_lib.make_eval_step(graphdef)
+  train_step = state_lib.make_train_step(graphdef, config, total_steps, data.normalizer,
+                                         sharding.shardings_of(target), mesh, data.multi_layer)
+  eval_step = state_lib.make_eval_step(graphdef, len(evals.count_G))
+  nonfinite = jax.device_put(jnp.int32(0), sharding.replicated(mesh))
 
   # ---------------------------------------------------------------- loop
-  writer = metrics_lib.MetricsWriter(workdir, total_steps=total_steps, start_step=start_step, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(
+      workdir, total_steps=total_steps, start_step=start_step, enabled=is_main, tensorboard=config.log.tensorboard,
+      wandb_run=metrics_lib.start_wandb(config.log, config_dict, workdir) if is_main else None)
   recorder = metrics_lib.Recorder(writer, log_every=config.log_every, total_steps=total_steps,
                                   batch_size=config.batch_size, flops_per_example=flops_per_example,
-                                  lr=optim.make_schedule(config.opt, total_steps), start_step=start_step,
-                                  wall_offset=wall_offset)
+                                  start_step=start_step, wall_offset=wall_offset,
+                                  peak=metrics_lib.peak_flops(mesh.devices.flat))
   step, stopped = start_step, False
-  batches = data.batches(start_step, total_steps)
+  batches = data.batches(start_step, total_steps, mesh)
   try:
-    with runtime.StopRequest() as stop:
-      for step0, x_BxD, layer_B in batches:
-        state, device_metrics = train_step(state, x_BxD, jnp.int32(step0), layer_B)
+    with runtime.StopRequest.for_this_job() as stop, sharding.activation_context(mesh):
+      for step0, inputs in batches:
+        state, nonfinite, device_metrics = train_step(state, nonfinite, *inputs)
         step = step0 + 1
-        recorder.push(step, device_metrics)   # fetches step - 1's metrics, now that step is dispatched
+        recorder.tick()   # the metrics held from an earlier step are ready now: fetching them costs no stall
         if config.debug_sleep_s:
           time.sleep(config.debug_sleep_s)
-        is_last = step == total_steps
         stopped = _agree_to_stop(stop, step, config.log_every)
-        if is_last or every(step, config.eval_every):
-          recorder.add_eval(step, state_lib.evaluate(eval_step, state, eval_chunks))
-        if is_last or every(step, config.ckpt.every_steps) or stopped:
+        eval_now = step == total_steps or every(step, config.eval_every)
+        save_now = step == total_steps or every(step, config.ckpt.every_steps) or stopped
+        if recorder.due(step) or eval_now or save_now:
+          recorder.push(step, device_metrics, line=recorder.due(step) or eval_now)
+        if eval_now:
+          recorder.add_eval(step, state_lib.evaluate(eval_step, state, evals))
+        if save_now:
           recorder.flush()   # checked before saving: nothing non-finite is ever saved
           ckpt.save(step, state_lib.pure(state), checkpoint_meta(step, config, flops_per_example,
-                                                                 recorder.wall_time(), signature, model_cfg))
+                                                                 recorder.wall_time(), signature, model_cfg,
+                                                                 identity))
         if stopped:
           log.warning("signal %s: saved step %d, stopping", stop.signum, step)
           break
       recorder.flush()
       if start_step == total_steps:   # resumed a finished run: report its final state again
-        recorder.add_eval(step, state_lib.evaluate(eval_step, state, eval_chunks))
+        recorder.add_eval(step, state_lib.evaluate(eval_step, state, evals))
         recorder.last_loss = metrics_lib.last_logged_loss(writer.path)
   finally:
     batches.close()
@@ -126,31 +177,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = {"params": n_params, "flops": step * config.batch_size * flops_per_example,
              "flops_per_example": flops_per_example, "examples": step * config.batch_size, "steps": step,
              "final_train_loss": recorder.last_loss, "eval_loss": recorder.last_eval.get("eval_loss"),
-             "eval_loss_sem": recorder.last_eval.get("eval_loss_sem"), "wall_time": recorder.wall_time(),
+             "eval_loss_sem": recorder.last_eval.get("eval_loss_sem"), "eval_docs": recorder.last_eval.get("eval_docs"),
+             "wall_time": recorder.wall_time(), "compute_dtype": model_cfg.compute_dtype, **recorder.medians(),
              "params_checksum": state_lib.params_checksum(state_lib.pure(state)["model"]),
              "done": step == total_steps}
   if stopped and not summary["done"]:   # signum is None where another process of the run got the signal
     summary["stopped_by_signal"] = int(stop.signum or signal.SIGTERM)
   if is_main and summary["done"]:
     files.write_json(os.path.join(workdir, "summary.json"), summary)
+  if is_main and config.log.loss_curve:
+    metrics_lib.plot_loss_curve(writer.path, os.path.join(workdir, "loss_curve.png"))
   ckpt.close()
+  if is_main:
+    lock.release()
   return summary
 
 
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config as this run uses it: 'auto' choices made for these devices and processes (recorded in
+  config.json; the mesh is resolved once the model's size is known)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.compute_dtype = model_lib.resolve_compute_dtype(config.model.get("compute_dtype", "auto"))
+  config.data.groups = loader_lib.resolve_groups(config.data.get("groups", 0), config.batch_size,
+                                                 config.data.window_blocks, jax.process_count())
+  return config
+
+
 def checkpoint_meta(step: int, config: ml_collections.ConfigDict, flops_per_example: int, wall_time: float,
-                    signature: dict, model_cfg: model_lib.ModelConfig) -> dict:
-  """What a checkpoint records beside the state: position, compute, wall time and the model's shape."""
+                    signature: dict, model_cfg: model_lib.ModelConfig, identity: dict) -> dict:
+  """What a checkpoint records beside the state: position, compute, wall time, the model's shape and the run's
+  identity (config hash, store, data plan: what a restart must match)."""
   return {"step": step, "examples": step * config.batch_size, "flops": step * config.batch_size * flops_per_example,
           "wall_time": wall_time, "data": {"seed": config.seed, "next_step": step},
-          "param_shapes": signature, "model": dataclasses.asdict(model_cfg)}
+          "param_shapes": signature, "model": dataclasses.asdict(model_cfg), "identity": identity}
 
 
 def _agree_to_stop(stop: runtime.StopRequest, step: int, period: int) -> bool:
-  """Whether to checkpoint and stop now. One process: as soon as a signal came. Several: every `period`
-  steps all processes share their flags (one small all-gather), so they save the same step together."""
-  if jax.process_count() == 1:
+  """Whether to checkpoint and stop now. One process: as soon as a signal came. Several: at the step jax's
+  preemption service names after a SIGTERM to any of them; a Ctrl-C is shared every `period` steps."""
+  if not runtime.multiprocess():
     return stop.requested
-  if not every(step, max(period, 1)):
-    return False
-  from jax.experimental import multihost_utils
-  return bool(np.max(multihost_utils.process_allgather(np.int32(stop.requested))))
+  return runtime.preempted(step) or (every(step, max(period, 1)) and runtime.agree(stop.requested))

@@ -139,11 +139,11 @@ def report(prog: str, e: BaseException) -> int:
 
 
 def run(main: Callable[..., object], fv: flags.FlagValues, doc: str, argv: list[str] | None = None, *,
-        positional: bool = False) -> None:
+        positional: bool = False, prog: str | None = None) -> None:
   """Parses `argv` (default sys.argv) into `fv` and runs `main(fv)` (`main(fv, args)` with the positional
   arguments when `positional`) with the behaviour above; exits."""
   argv = _resolve_config_args(list(sys.argv if argv is None else argv))
-  prog = os.path.basename(argv[0])
+  prog = prog or os.path.basename(argv[0])   # the tool's name, also under `python -m`
   if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
     print(doc.strip() + "\n\nflags:\n" + fv.get_help(include_special_flags=False) + _config_help(argv))
     sys.exit(0)

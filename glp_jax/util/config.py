@@ -97,11 +97,27 @@ def packaged_config(path: str) -> str:
   return str(shipped) if shipped.is_file() else path   # a missing file is then reported by its given name
 
 
-def load_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file (loaded under a private module name, so files never collide)."""
+def load_module(path: str):
+  """A config file as a module (under a private name, so files never collide)."""
   spec = importlib.util.spec_from_file_location(f"_glp_config_{abs(hash(path))}", path)
   if spec is None or spec.loader is None:
     raise ConfigError(f"{path}: not a Python config file")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def load_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file."""
+  return load_module(path).get_config(arg)
+
+
+def build(path: str, **kwargs: Any) -> ml_collections.ConfigDict:
+  """A config from Python: keyword arguments that are the file's args (its `ARGS`) select the variant, the
+  rest override fields, with `__` for the dots (`opt__lr=1e-3` is `--config.opt.lr=1e-3`)."""
+  module = load_module(path)
+  names = getattr(module, "ARGS", {})
+  arg = ",".join(f"{k}={v}" if not isinstance(v, bool) else (k if v else f"{k}=false")
+                 for k, v in kwargs.items() if k in names)
+  cfg = module.get_config(arg or None)
+  return override(cfg, {k.replace("__", "."): v for k, v in kwargs.items() if k not in names})

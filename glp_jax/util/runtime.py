@@ -8,8 +8,26 @@ import os
 import signal
 from typing import Any
 
-_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                     "MEGASCALE_COORDINATOR_ADDRESS")
+_MULTIPROCESS_ENV = ("GLP_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                     "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+INIT_TIMEOUT_S = 120   # a process that never joins (a port in use, a crashed peer) fails the job, not hangs it
+
+
+def show_logs() -> None:
+  """glp_jax's INFO lines on stderr when nothing else shows them (plain Python or Jupyter: absl's handler is
+  only installed under `app.run`, which the CLIs use)."""
+  logger = logging.getLogger("glp_jax")
+  logger.setLevel(logging.INFO)
+  if not logger.handlers and not logging.getLogger().handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+
+
+def interactive() -> bool:
+  """Whether progress bars are wanted: a terminal, or a Jupyter kernel (whose stderr is no terminal)."""
+  import sys
+  return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def cache_dir() -> str:
@@ -29,13 +47,68 @@ def _wants_distributed() -> bool:
 
 
 def init_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when running multi-process; a no-op on one host.
+  """Joins the `jax.distributed` job when running multi-process; a no-op on one host.
 
-  jax reads the coordinator, process count and id from SLURM / TPU metadata / JAX_* variables itself.
+  `launch/multiprocess.sh` names the coordinator, process count and id in GLP_* variables; elsewhere jax
+  reads them from SLURM / TPU metadata itself. CPU processes reduce over gloo.
   """
   import jax
-  if _wants_distributed() and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  if not _wants_distributed() or jax.distributed.is_initialized():
+    return
+  env = os.environ
+  kwargs: dict[str, Any] = {"initialization_timeout": int(env.get("GLP_INIT_TIMEOUT_S", INIT_TIMEOUT_S))}
+  if env.get("GLP_COORDINATOR_ADDRESS"):
+    kwargs.update(coordinator_address=env["GLP_COORDINATOR_ADDRESS"],
+                  num_processes=int(env["GLP_NUM_PROCESSES"]), process_id=int(env["GLP_PROCESS_ID"]))
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except Exception as e:  # pylint: disable=broad-except  (gRPC / XLA runtime errors of many types)
+    from glp_jax.util.errors import GlpError
+    where = kwargs.get("coordinator_address", "the coordinator jax found")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise GlpError(f"could not join the jax.distributed job at {where} within {kwargs['initialization_timeout']} s "
+                   f"(port in use, or a process missing?): {first}") from e
+
+
+def multiprocess() -> bool:
+  import jax
+  return jax.process_count() > 1
+
+
+def agree(flag: bool) -> bool:
+  """True on every process when `flag` is true on any (one small all-gather; a single process skips it)."""
+  import jax
+  if jax.process_count() == 1:
+    return flag
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def sync(name: str) -> None:
+  """A barrier across the job's processes (nothing on one process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def check_same_everywhere(name: str, text: str) -> None:
+  """Raises on every process when `text` (e.g. the resolved config) differs between processes."""
+  import hashlib
+  import jax
+  if jax.process_count() == 1:
+    return
+  import numpy as np
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
+  every = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+  differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+  if differ:
+    from glp_jax.util.errors import ConfigError
+    raise ConfigError(f"process(es) {differ} started with a different {name} than process 0: every process "
+                      "of a job must get the same command line")
 
 
 def versions() -> dict[str, str]:
@@ -67,7 +140,9 @@ def log_environment(logger: logging.Logger | None = None) -> dict:
 class StopRequest:
   """Turns SIGTERM / SIGINT into a flag the train loop polls, so it can checkpoint before exiting.
 
-  A second signal of the same kind restores the default handler behaviour (a hard stop).
+  A second signal of the same kind restores the default handler behaviour (a hard stop). In a multi-process
+  job SIGTERM is left to jax's preemption service (`preempted`), which tells every process the same step to
+  save at, whichever process got the signal.
   """
 
   def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
@@ -96,3 +171,15 @@ class StopRequest:
   @property
   def requested(self) -> bool:
     return self.signum is not None
+
+  @staticmethod
+  def for_this_job() -> "StopRequest":
+    return StopRequest((signal.SIGINT,) if multiprocess() else (signal.SIGTERM, signal.SIGINT))
+
+
+def preempted(step: int) -> bool:
+  """Multi-process: True on every process at the same step once any process got SIGTERM (call every step)."""
+  if not multiprocess():
+    return False
+  from jax.experimental import multihost_utils
+  return multihost_utils.reached_preemption_sync_point(step)

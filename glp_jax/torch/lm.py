@@ -27,6 +27,7 @@ import filelock
 import torch
 from torch import nn
 
+from glp_jax.torch.hooks import edit_output, hidden_of
 from glp_jax.util.runtime import cache_dir
 
 EMBEDDED = "embedded:smollm2-135m"
@@ -199,11 +200,6 @@ def check_layers(model: nn.Module, layers: Iterable[int]) -> list[int]:
   return layers
 
 
-def _hidden(output):
-  """A decoder layer returns a tensor or a tuple whose first element is the hidden state."""
-  return output[0] if isinstance(output, (tuple, list)) else output
-
-
 class _StopForward(Exception):
   """Raised from the last capture hook: everything after it (later layers, LM head) is skipped."""
 
@@ -226,7 +222,7 @@ class ResidualCapture:
 
   def _hook(self, layer: int, module, args, output):
     del module, args
-    self.outputs[layer] = _hidden(output).detach()
+    self.outputs[layer] = hidden_of(output).detach()
     if self.stop and layer == self.layers[-1]:
       raise _StopForward
 
@@ -268,20 +264,8 @@ def edit_layer_output(model: nn.Module, layer: int,
   forward), which runs before this one: its entry for `layer` is the unedited stream.
   """
   (layer,) = check_layers(model, [layer])
-
-  def hook(module, args, output):
-    del module, args
-    if isinstance(output, tuple):
-      return (edit_fn(output[0]),) + tuple(output[1:])
-    if isinstance(output, list):
-      return [edit_fn(output[0])] + list(output[1:])
-    return edit_fn(output)
-
-  handle = decoder_layers(model)[layer].register_forward_hook(hook)
-  try:
+  with edit_output(decoder_layers(model)[layer], edit_fn):  # the tensor/tuple-safe hook of glp_jax.torch
     yield
-  finally:
-    handle.remove()
 
 
 def save_tiny_llama(path: str, *, hidden: int = 64, n_layers: int = 4, seed: int = 0,

@@ -1,0 +1,37 @@
+#!/bin/bash
+# The accelerator checks of issues 14 (trainer) and 16 (extractor) as ONE command, < 8 minutes on an H200/H100:
+#   bash bench/gpu_check.sh [OUT_DIR]
+# Prints each benchmark's JSON line and copies them to OUT_DIR (default $OUT, else ./gpu_check_out).
+# The accelerator image lacks some of our pure-Python dependencies (grain, ml-collections, array-record,
+# portpicker, threadpoolctl, filelock): put their cp312 wheels in .whl/ (see docs/benchmarks.md) and carry it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-gpu_check_out}}"
+mkdir -p "$OUT_DIR"
+if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+  pip install -q --no-index --no-deps --target /tmp/glp_deps .whl/*.whl
+  export PYTHONPATH="/tmp/glp_deps:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# The console scripts are not installed in the image: run the entry modules with this interpreter.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/device.txt" || true
+python -c "import jax; print(jax.devices())" | tee -a "$OUT_DIR/device.txt"
+
+run() {   # run NAME CMD... : the command's last line (its JSON) goes to OUT_DIR/NAME.json
+  local name="$1"; shift
+  echo "=== $name: $*" >&2
+  local t0=$SECONDS
+  "$@" | tee "$OUT_DIR/$name.log" | tail -n 1 > "$OUT_DIR/$name.json"
+  echo "=== $name: $((SECONDS - t0)) s" >&2
+  cat "$OUT_DIR/$name.json"
+}
+
+# Issue 14: the trainer's step against the PyTorch reference steps (d3 / d6 / d12 at Llama-1B width, batch 4096,
+# bf16 by default), then glp-train end to end on a synthetic D = 2048 bf16 store (d6, 300 steps).
+run train_step python bench/train_step.py --depths=3,6,12 --batch=4096 --steps=20
+run train_e2e python bench/train_e2e.py --model=llama1b-d6 --steps=300 --batch=4096
+# Issue 16: the extractor against its LM's bare truncated forward, both rows of the issue's table (random-weight
+# models of each shape with SmolLM2's tokenizer, built on the device; the embedded Python docs as corpus).
+run extract_smollm2 python bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda
+run extract_llama1b python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda

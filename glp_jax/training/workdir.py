@@ -1,0 +1,125 @@
+"""The run directory: one trainer at a time, files written only once every check has passed, and a restart
+held to the plan the run started with.
+
+A run records at its first start `config.json` (the resolved config) and, in every checkpoint, its identity:
+a hash of the config fields that decide what is trained (`PLAN_FIELDS`), the store it reads (path, committed
+rows, a hash of its statistics) and the data plan. A restart compares the new config and store against them
+and refuses, naming the field and both values, unless `allow_changes` (then the change is logged in
+metrics.jsonl and config.json is rewritten). Nothing in the workdir is touched before these checks pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import filelock
+
+from glp_jax.util import files
+from glp_jax.util.errors import ConfigError, GlpError
+
+LOCK_FILE = ".glp-train.lock"
+OWNER_FILE = ".glp-train.owner.json"
+# Config fields that decide the trajectory: a resumed run must see the same values (mesh, logging, checkpoint
+# cadence and prefetching may change freely between restarts).
+PLAN_FIELDS = ("seed", "batch_size", "num_activations", "eval_rows", "model", "flow", "opt", "data.layer",
+               "data.block_rows", "data.window_blocks", "data.heldout_rows", "data.groups", "data.stats",
+               "data.streaming")
+
+
+class WorkdirBusy(GlpError):
+  """Another trainer holds the workdir."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def plan_fields(config: dict) -> dict[str, Any]:
+  """The PLAN_FIELDS of a config (as a plain dict), flattened to dotted keys."""
+  flat = _flat(config)
+  return {k: v for k, v in sorted(flat.items()) if any(k == f or k.startswith(f + ".") for f in PLAN_FIELDS)}
+
+
+def identity(config: dict, store: Any, normalizer_layers: Any = None) -> dict:
+  """What a checkpoint records about how its run was trained."""
+  plan = plan_fields(config)
+  stats = json.dumps(store.manifest.get("stats", {}), sort_keys=True)
+  return {"config_hash": hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest(),
+          "store": {"path": store.path, "num_rows": store.num_rows, "layers": store.layers, "d": store.d,
+                    "dtype": store.dtype, "stats_hash": hashlib.sha256(stats.encode()).hexdigest()},
+          "plan": {k: plan[k] for k in plan if k.startswith("data.") or k in ("seed", "batch_size")}}
+
+
+def changes(recorded_config: dict | None, config: dict, recorded_identity: dict | None,
+            new_identity: dict) -> list[tuple[str, Any, Any]]:
+  """(field, recorded value, new value) of every plan field or store property that differs."""
+  out = []
+  if recorded_config is not None:
+    old, new = plan_fields(recorded_config), plan_fields(config)
+    out += [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  if recorded_identity is not None:
+    old_store, new_store = recorded_identity.get("store", {}), new_identity["store"]
+    # The store is compared by content: a moved store with the same rows and statistics is the same store.
+    out += [(f"store.{k}", old_store.get(k), new_store[k]) for k in ("num_rows", "layers", "d", "dtype", "stats_hash")
+            if k in old_store and old_store.get(k) != new_store[k]]
+  return out
+
+
+def refuse(workdir: str, diffs: list[tuple[str, Any, Any]]) -> None:
+  field, old, new = diffs[0]
+  more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:4])})" if len(diffs) > 1 else ""
+  raise ConfigError(f"{workdir} was started with {field}={old!r}, not {new!r}{more}: a resumed run must keep its "
+                    "plan; use a new --workdir, or pass --allow_changes to continue under the new values")
+
+
+def check_writable(workdir: str) -> None:
+  """Fails before any work when the workdir (or the folder it would be created in) cannot be written."""
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise PermissionError(f"cannot write {path} (needed for the run {workdir}): choose a writable --workdir")
+
+
+class Lock:
+  """The trainer's claim on a workdir (process 0 only): a second trainer refuses at once, naming the holder."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self._lock = filelock.FileLock(os.path.join(workdir, LOCK_FILE), timeout=0)
+
+  def check_free(self) -> None:
+    """Raises WorkdirBusy when another trainer holds the workdir; writes nothing."""
+    if os.path.exists(os.path.join(self.workdir, LOCK_FILE)):
+      self._take()
+      self.release()
+
+  def acquire(self) -> None:
+    """Claims the workdir (creating it) and records who holds it."""
+    os.makedirs(self.workdir, exist_ok=True)
+    self._take()
+    files.write_json(os.path.join(self.workdir, OWNER_FILE),
+                     {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+  def release(self) -> None:
+    self._lock.release()
+
+  def _take(self) -> None:
+    try:
+      self._lock.acquire()
+    except filelock.Timeout:
+      owner = files.read_json(os.path.join(self.workdir, OWNER_FILE)) or {}
+      raise WorkdirBusy(f"{self.workdir} is in use by another glp-train (pid {owner.get('pid', '?')} on "
+                        f"{owner.get('host', '?')}, since {owner.get('started', '?')}): wait for it, stop it, or "
+                        "use another --workdir") from None

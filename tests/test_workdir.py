@@ -1,0 +1,134 @@
+"""The run directory's contract: a restart keeps its plan (or says which field changed), a refused start changes
+nothing, one trainer at a time, a damaged newest checkpoint is skipped, and readers never write."""
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from glp_jax.data.writer import StoreWriter
+from glp_jax.training import checkpoint as ckpt_lib
+from glp_jax.training import state as state_lib
+from glp_jax.training import trainer
+from glp_jax.training import workdir as workdir_lib
+from glp_jax.training.prior import load_prior
+from glp_jax.util import config as config_lib
+from glp_jax.util.files import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D = 16
+OVERRIDES = {"batch_size": 64, "num_activations": 64 * 12, "data.block_rows": 32, "data.window_blocks": 8,
+             "data.heldout_rows": 256, "eval_rows": 256, "log_every": 3, "eval_every": 6, "ckpt.every_steps": 6,
+             "ckpt.keep": 5, "mesh.data": 2, "mesh.fsdp": 4, "opt.lr": 3e-3}
+
+
+def make_store(path, docs=48):
+  rng = np.random.default_rng(0)
+  st = StoreWriter.create(path, layers=[0], d=D, dtype="float32", shard_rows=1024, chunk_rows=256)
+  for doc in range(docs):
+    st.append({0: rng.normal(size=(64, D)).astype(np.float32)}, doc_id=doc, positions=np.arange(64))
+  st.close()
+  return path
+
+
+def make_config(store, **extra):
+  cfg = config_lib.load_file(os.path.join(ROOT, "configs", "train.py"), "runlocal")
+  return config_lib.override(cfg, {**OVERRIDES, "data.store": store, **extra})
+
+
+def snapshot(workdir):
+  """sha256 of every file under the workdir."""
+  out = {}
+  for root, _, names in os.walk(workdir):
+    for n in names:
+      p = os.path.join(root, n)
+      out[os.path.relpath(p, workdir)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  base = tmp_path_factory.mktemp("wd")
+  store = make_store(str(base / "store"))
+  workdir = str(base / "run")
+  summary = trainer.train_and_evaluate(make_config(store), workdir)
+  return store, workdir, summary
+
+
+def test_changed_plan_is_refused_and_changes_nothing(finished, tmp_path):
+  store, ref, _ = finished
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref, workdir)
+  before = snapshot(workdir)
+  with pytest.raises(config_lib.ConfigError, match=r"batch_size=64, not 128"):
+    trainer.train_and_evaluate(make_config(store, batch_size=128), workdir)
+  with pytest.raises(config_lib.ConfigError, match=r"opt\.schedule='cosine', not 'wsd'"):
+    trainer.train_and_evaluate(make_config(store, **{"opt.schedule": "wsd"}), workdir)
+  assert snapshot(workdir) == before
+  # Fields outside the plan may change between restarts (here: logging and checkpoint cadence).
+  assert trainer.train_and_evaluate(make_config(store, log_every=4, **{"ckpt.every_steps": 4}), workdir)["done"]
+
+
+def test_changed_store_is_refused_unless_allowed(finished, tmp_path):
+  store, ref, _ = finished
+  grown = str(tmp_path / "store")
+  shutil.copytree(store, grown)
+  st = StoreWriter.open_for_append(grown)
+  st.append({0: np.ones((64, D), np.float32)}, doc_id=999, positions=np.arange(64))
+  st.close()
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref, workdir)
+  before = snapshot(workdir)
+  with pytest.raises(config_lib.ConfigError, match=r"store\.num_rows=3072, not 3136"):
+    trainer.train_and_evaluate(make_config(grown), workdir)
+  assert snapshot(workdir) == before
+  summary = trainer.train_and_evaluate(make_config(grown), workdir, allow_changes=True)
+  assert summary["done"]
+  events = [l for l in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if l.get("event")]
+  assert events[0]["event"] == "allow_changes" and "store.num_rows" in events[0]["changes"]
+
+
+def test_second_trainer_refuses_at_once(finished, tmp_path):
+  store, ref, _ = finished
+  workdir = str(tmp_path / "busy")
+  shutil.copytree(ref, workdir)
+  holder = workdir_lib.Lock(workdir)
+  holder.acquire()
+  try:
+    with pytest.raises(workdir_lib.WorkdirBusy, match=f"pid {os.getpid()}"):
+      trainer.train_and_evaluate(make_config(store), workdir)
+  finally:
+    holder.release()
+
+
+def test_damaged_newest_checkpoint_is_skipped_and_kept(finished, tmp_path):
+  store, ref, summary = finished
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(ref, workdir)
+  os.remove(os.path.join(workdir, "summary.json"))
+  data = [os.path.join(r, n) for r, _, ns in os.walk(os.path.join(workdir, "checkpoints", "12", "state"))
+          for n in ns]
+  with open(max(data, key=os.path.getsize), "r+b") as f:      # the newest checkpoint's largest file, cut short
+    f.truncate(16)
+  again = trainer.train_and_evaluate(make_config(store), workdir)
+  assert again["done"] and again["params_checksum"] == summary["params_checksum"]   # redone from step 6
+  aside = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.startswith("12.damaged")]
+  assert len(aside) == 1                                       # set aside for inspection, never deleted
+
+
+def test_readers_never_write(finished, tmp_path):
+  _, ref, summary = finished
+  workdir = str(tmp_path / "read")
+  shutil.copytree(ref, workdir)
+  in_progress = os.path.join(workdir, "checkpoints", "14.orbax-checkpoint-tmp-1700000000000000")
+  os.makedirs(in_progress)                                     # a save a running trainer has not committed
+  before = snapshot(workdir)
+  model, _, _ = load_prior(workdir)
+  assert state_lib.params_checksum(nnx.to_pure_dict(nnx.state(model))) == summary["params_checksum"]
+  assert os.path.isdir(in_progress) and snapshot(workdir) == before
+  reader = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  assert reader.all_steps() == [6, 12]
+  reader.close()
+  assert os.path.isdir(in_progress)
