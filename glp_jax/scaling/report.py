@@ -7,7 +7,7 @@ import functools
 
 import numpy as np
 
-from glp_jax.scaling.fit import (COMPUTE_PARAMS, Bootstrap, Fit, FitError, allocation_exponents, bands, bootstrap,
+from glp_jax.scaling.fit import (CHINCHILLA_PARAMS, COMPUTE_PARAMS, Bootstrap, Fit, FitError, allocation_exponents, bands, bootstrap,
                              compute_frontier, compute_optimal, fit_chinchilla, fit_compute, fit_linear,
                              fit_metric_power, holdout_errors, holdout_split, predict_chinchilla, predict_compute,
                              predict_linear, predict_metric_power, warm_starts)
@@ -68,27 +68,42 @@ def analyze_compute(C, L, groups=None, *, loss_sem=None, use_frontier: bool = Tr
              at_bounds=list(fit.at_bounds), bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, **sources),
              frontier=dict(C=C[front].tolist(), L=L[front].tolist()),
              band=dict(C=grid.tolist(), **{k: v.tolist() for k, v in band.items()}))
-  out["holdout"] = _holdout(C, L, groups, n_holdout, lambda c, l: fit_fn(c, l),
-                            lambda p, m: predict_compute(p, C[m]))
+  out["holdout"] = _holdout(dict(C=C, L=L), C, groups, n_holdout, fit_fn, lambda p, x: predict_compute(p, x["C"]),
+                            loss_sem=loss_sem, n_boot=n_boot, seed=seed, level=level, n_params=len(COMPUTE_PARAMS))
   return out
 
 
-def _holdout(C, L, groups, n_holdout, fit_fn, predict_fn) -> dict:
-  """Fits without the largest-compute runs; errors on each held-out run's largest-compute point."""
+def _holdout(cols: dict, C, groups, n_holdout: int, fit_fn, predict_fn, *, loss_sem, n_boot: int, seed: int,
+             level: float, n_params: int) -> dict:
+  """Refits without the `n_holdout` largest-compute runs and predicts each one's largest-compute point.
+
+  The prediction band comes from the refit's own bootstrap over the remaining runs (same sources as the
+  full fit's CIs), so `within_band` says whether the law fitted on smaller runs foresaw the held-out ones.
+  """
   if n_holdout <= 0:
     return dict(skipped="n_holdout = 0")
+  labels = np.arange(len(C)) if groups is None else np.asarray(groups)
   try:
-    train, held = holdout_split(C, groups, n_holdout)
-    fit = fit_fn(*(x[train] for x in (C, L)))
+    train, held = holdout_split(C, labels, n_holdout)
+    sub = {k: v[train] for k, v in cols.items()}
+    fit = fit_fn(**sub)
+    noise, _ = _loss_noise(sub["L"], None if loss_sem is None else np.asarray(loss_sem, np.float64)[train])
+    boot = bootstrap(functools.partial(fit_fn, init=warm_starts(fit)), sub, groups=labels[train], n=n_boot,
+                     seed=seed, noise=noise)
   except FitError as e:
     return dict(skipped=str(e))
-  labels = np.arange(len(C)) if groups is None else np.asarray(groups)
   last = np.zeros(len(C), bool)
   for g in np.unique(labels[held]):
     idx = np.flatnonzero(labels == g)
     last[idx[np.argmax(C[idx])]] = True
-  out = holdout_errors(L[last], predict_fn(fit.params, last))
-  out.update(n_holdout=n_holdout, C=C[last].tolist(), params=fit.params)
+  at = {k: v[last] for k, v in cols.items()}
+  band = bands(lambda p: predict_fn(p, at), boot, fit.residuals, level=level, seed=seed, n_params=n_params)
+  observed = cols["L"][last]
+  out = holdout_errors(observed, predict_fn(fit.params, at))
+  inside = (observed >= band["pred_lo"]) & (observed <= band["pred_hi"])
+  out.update(n_holdout=n_holdout, C=C[last].tolist(), params=fit.params, level=level,
+             **{k: band[k].tolist() for k in ("pred_lo", "pred_hi", "conf_lo", "conf_hi")},
+             within_band=bool(np.all(inside)), bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed))
   return out
 
 
@@ -119,16 +134,9 @@ def analyze_chinchilla(N, D, L, *, loss_sem=None, n_boot: int = 1000, seed: int 
              optimal=dict(C=grid.tolist(), N_opt=n_opt.tolist(), D_opt=d_opt.tolist(),
                           N_opt_lo=np.percentile(n_opt_BxG, q, axis=0).tolist(),
                           N_opt_hi=np.percentile(n_opt_BxG, 100 - q, axis=0).tolist()))
-  if n_holdout <= 0:
-    out["holdout"] = dict(skipped="n_holdout = 0")
-  else:
-    try:
-      train, held = holdout_split(C, None, n_holdout)
-      hfit = fit_chinchilla(N[train], D[train], L[train])
-      out["holdout"] = dict(holdout_errors(L[held], predict_chinchilla(hfit.params, N[held], D[held])),
-                            n_holdout=n_holdout, C=C[held].tolist(), params=hfit.params)
-    except FitError as e:
-      out["holdout"] = dict(skipped=str(e))
+  out["holdout"] = _holdout(dict(N=N, D=D, L=L), C, None, n_holdout, fit_chinchilla,
+                            lambda p, x: predict_chinchilla(p, x["N"], x["D"]), loss_sem=loss_sem,
+                            n_boot=n_boot, seed=seed, level=level, n_params=len(CHINCHILLA_PARAMS))
   return out
 
 
