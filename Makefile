@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.glp_jax-installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: install test demo bench clean-venv
+.PHONY: install test demo study bench clean-venv
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m glp_jax.demo --out=$(DEMO_DIR)
+
+# The scaling study behind docs/results.md (~1-2 h on 2 CPU cores; resumes where it stopped).
+study: $(STAMP)
+	$(PY) -m glp_jax.demo --pipeline=study --out=runs/study
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done

@@ -8,6 +8,11 @@ What would run, and cluster launchers (written under --root; --dry_run prints th
   glp-sweep --config=configs/sweep.py --config.store=/data/llama1b_l07 --root=/shared/glp/sweep --emit=slurm
   glp-sweep --config=configs/sweep.py --config.store=/mnt/glp/llama1b_l07 --root=/mnt/glp/sweep --emit=tpu
 
+The study (`make study`; see docs/results.md): 5 sizes x 3 budgets on 5.2M SmolLM2 layer-15 rows of the
+installed packages' Python sources, ~1-2 h on 2 CPU cores; on a GPU scale it with overrides, e.g.
+  glp-sweep --config=configs/sweep.py:study --config.store=runs/study/extract/store --root=runs/study/sweep \
+    --config.budgets=2e6,6.3e6,2e7 --config.overrides.batch_size=4096
+
 Sizes are model presets (glp_jax.core.model.PRESETS) or 'w<width_mult>_l<n_layers>[_m<mlp_mult>]' for the
 custom preset. Run names are '<size>_b<budget>_lr<lr>_s<seed>' and each run's workdir is <root>/<name>.
 """
@@ -15,7 +20,7 @@ from glp_jax.util import config as config_lib
 import ml_collections
 
 
-ARGS = dict(runlocal=False)
+ARGS = dict(runlocal=False, study=False)
 
 
 def get_config(arg=None):
@@ -29,6 +34,7 @@ def get_config(arg=None):
   c.sizes = ("llama1b-d3", "llama1b-d6", "llama1b-d12", "llama1b-d24")
   c.budgets = (1.25e8, 2.5e8, 5e8, 1e9)  # activations seen per run (config.num_activations)
   c.lrs = (5e-5,)                       # peak learning rates (config.opt.lr)
+  c.lr_width_ref = 0.0                  # >0: lrs are for this width_mult; others get lr * ref / width_mult
   c.seeds = (0,)                        # config.seed
 
   # Fixed overrides for every run, as train-config keys: --config.<key>=<value>.
@@ -67,5 +73,22 @@ def get_config(arg=None):
     c.overrides.eval_every = 20
     c.overrides.eval_rows = 512
     c.overrides.ckpt = ml_collections.ConfigDict(dict(every_steps=80))
+    c.parallel = 1
+  if a.study:
+    c.train_arg = ""
+    # 0.14M .. 5.4M params at D=576 (39x), roughly log-spaced; each size sees 0.2M, 0.63M and 2M rows (10x)
+    # of a 5.2M-row store, so no row is seen twice.
+    c.sizes = ("w0.125_l1", "w0.25_l1", "w0.375_l2", "w0.5_l3", "w0.75_l3")
+    c.budgets = (2e5, 6.3e5, 2e6)
+    # lr = 2.8e-3 at width 0.125 (d_model 72), scaled as 1/width: lr * d_model = 0.2, the paper's 5e-5 at
+    # d_model 4,096 (configs/train.py's default).
+    c.lrs = (2.8e-3,)
+    c.lr_width_ref = 0.125
+    c.overrides = ml_collections.ConfigDict()
+    c.overrides.batch_size = 512
+    c.overrides.log_every = 50
+    c.overrides.eval_every = 2000
+    c.overrides.eval_rows = 16384       # held-out documents' rows; the SEM is clustered by document
+    c.overrides.ckpt = ml_collections.ConfigDict(dict(every_steps=2000))
     c.parallel = 1
   return c

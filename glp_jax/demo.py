@@ -1,14 +1,17 @@
-"""`make demo`: the whole pipeline end to end on the embedded default LM and corpus.
+"""`make demo` and `make study`: the whole pipeline end to end on the embedded default LM.
 
-extract -> store -> sweep (train 4 sizes x 2 budgets) -> fit scaling law -> export the largest prior ->
-evaluate every prior -> loss -> utility fits. Everything lands under --out (default runs/demo). Each stage
-is the same console entry point a user would run, so the demo doubles as a worked example; a stage whose
-output is already complete is skipped, so a second `make demo` is quick.
+extract -> store -> sweep -> evaluate every prior -> fit scaling laws -> export the largest prior. Two
+pipelines share it: `demo` (Python's own docs, 3 sizes x 3 budgets, minutes) and `study` (5.2M rows of the
+installed packages' sources, 5 sizes x 3 budgets plus a seed rerun of two sizes for the run-to-run spread,
+~1-2 h on 2 CPU cores; docs/results.md). Everything lands under --out. Each stage is the same console entry
+point a user would run, so this doubles as a worked example; a stage whose output is already complete is
+skipped, so a second call resumes where the first stopped.
 """
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +21,26 @@ from absl import flags
 from glp_jax.util import cli, files
 
 FLAGS = cli.flag_values()
-flags.DEFINE_string("out", "runs/demo", "Directory for everything the demo writes.", flag_values=FLAGS)
+flags.DEFINE_enum("pipeline", "demo", ["demo", "study"], "Which pipeline (see the module docstring).",
+                  flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Directory for everything it writes (default runs/<pipeline>).", flag_values=FLAGS)
 flags.DEFINE_list("evals", ["fd", "delta_lm", "steer", "probe"], "Evaluations run on each prior.", flag_values=FLAGS)
+
+# Stage arguments of each pipeline. `spread` reruns some grid points with another seed (own root).
+PIPELINES = {
+    "demo": dict(extract=("--config=configs/extract.py",), sweep=("--config=configs/sweep.py:runlocal",),
+                 spread=None, evals=("--quick",), fit=("--n_bootstrap=500",)),
+    "study": dict(extract=("--config=configs/extract.py:rows=5200000", "--config.corpus.source=python-packages"),
+                  sweep=("--config=configs/sweep.py:study",),
+                  spread=("--config=configs/sweep.py:study", "--config.sizes=('w0.125_l1','w0.75_l3')",
+                          "--config.budgets=(200000,)", "--config.seeds=(1,)"),
+                  # Between --quick and the full sizes: ~1 min per run on 2 cores. FD: 4,096 samples a side (7 per
+                  # dimension), 50 Euler steps; delta LM: 32 held-out documents; steering: 4 prompts.
+                  evals=("--num_samples=4096", "--steps=50", "--num_docs=32", "--max_length=128",
+                         "--lm_dtype=bfloat16", "--num_prompts=4", "--rs=0,0.5,1", "--max_new_tokens=12",
+                         "--n_per_task=200", "--top_k=128"),
+                  fit=("--n_bootstrap=1000", "--holdout=1")),
+}
 
 
 def _stage(title: str, argv: list[str]) -> None:
@@ -41,23 +62,30 @@ def _done(path: str) -> bool:
   return bool((files.read_json(path) or {}).get("done"))
 
 
+def _finished_runs(root: str) -> list[str]:
+  return sorted(os.path.join(root, d) for d in os.listdir(root) if _done(os.path.join(root, d, "summary.json")))
+
+
 def main(fv: flags.FlagValues) -> None:
-  out = os.path.abspath(fv.out)
+  spec = PIPELINES[fv.pipeline]
+  out = os.path.abspath(fv.out or os.path.join("runs", fv.pipeline))
   os.makedirs(out, exist_ok=True)
-  extract_dir, sweep_dir, fit_dir, export_dir = (os.path.join(out, d) for d in ("extract", "sweep", "fit",
-                                                                                "export"))
+  extract_dir, sweep_dir, spread_dir, fit_dir, export_dir = (
+      os.path.join(out, d) for d in ("extract", "sweep", "spread", "fit", "export"))
   store = os.path.join(extract_dir, "store")
+  t0 = time.time()
 
-  # --- extract: SmolLM2-135M residual stream over Python's own documentation ---
+  # --- extract: SmolLM2-135M residual stream at layer 15 ---
   if not _done(os.path.join(extract_dir, "summary.json")):
-    _stage("extract activations", _tool("glp-extract", "--config=configs/extract.py",
-                                      f"--workdir={extract_dir}"))
+    _stage("extract activations", _tool("glp-extract", *spec["extract"], f"--workdir={extract_dir}"))
 
-  # --- sweep: 4 sizes x 2 activation budgets, trained with glp-train ---
-  _stage("scaling sweep", _tool("glp-sweep", "--config=configs/sweep.py:runlocal",
-                              f"--config.store={store}", f"--root={sweep_dir}"))
-  runs = sorted(os.path.join(sweep_dir, d) for d in os.listdir(sweep_dir)
-                if _done(os.path.join(sweep_dir, d, "summary.json")))
+  # --- sweep: sizes x activation budgets, each run one glp-train ---
+  _stage("scaling sweep", _tool("glp-sweep", *spec["sweep"], f"--config.store={store}", f"--root={sweep_dir}"))
+  runs = _finished_runs(sweep_dir)
+  if spec["spread"]:
+    _stage("seed reruns (run-to-run spread)", _tool("glp-sweep", *spec["spread"], f"--config.store={store}",
+                                                   f"--root={spread_dir}"))
+    runs += _finished_runs(spread_dir)
 
   # --- evaluate every prior; results land in <run>/eval_<name>.json for the collector ---
   # One process per run and evaluation list, so the LM is loaded once per run.
@@ -65,17 +93,51 @@ def main(fv: flags.FlagValues) -> None:
     todo = [n for n in fv.evals if not os.path.exists(os.path.join(run, f"eval_{n}.json"))]
     for name in (["all"] if todo == ["fd", "delta_lm", "steer", "probe"] else todo):
       _stage(f"eval {name}: {os.path.basename(run)}",
-             _tool("glp-eval", name, f"--prior={run}", f"--store={store}", "--quick"))
+             _tool("glp-eval", name, f"--prior={run}", f"--store={store}", *spec["evals"]))
 
   # --- fit: loss vs compute, Chinchilla form, loss -> utility ---
-  _stage("scaling fits and plots", _tool("glp-fit", f"--runs={sweep_dir}", f"--out={fit_dir}",
-                                       "--n_bootstrap=500"))
+  _stage("scaling fits and plots", _tool("glp-fit", f"--runs={sweep_dir}", f"--out={fit_dir}", *spec["fit"]))
 
   # --- export the largest-compute prior to PyTorch (and the reference layout) ---
   largest = max(runs, key=lambda r: files.read_json(os.path.join(r, "summary.json"))["flops"])
   _stage("export to PyTorch", _tool("glp-export", f"--workdir={largest}", f"--out={export_dir}"))
 
   _report(out, store, sweep_dir, fit_dir, export_dir)
+  if spec["spread"]:
+    _spread_report(sweep_dir, spread_dir, out)
+  files.write_json(os.path.join(out, "pipeline.json"), dict(pipeline=fv.pipeline, wall_s=round(time.time() - t0),
+                                                           note="wall time of this call (stages already "
+                                                                "complete were skipped)"))
+  _publish(out, store, fit_dir, [sweep_dir] + [spread_dir] * bool(spec["spread"]))
+
+
+# What <out>/results keeps of each run: enough for glp-fit and the notebook to redo every fit (no weights).
+_RUN_LIGHT = ("config.json", "summary.json", "metrics.jsonl")
+
+
+def _publish(out: str, store: str, fit_dir: str, roots: list[str]) -> None:
+  """Copies what a results page commits into <out>/results: the fits and plots, the light files of every
+  run (so `glp-fit --runs=<out>/results/sweep` reproduces fit.json), and the store's description (which
+  LM, layer and text, with the corpus content hash; not its statistics)."""
+  dest = os.path.join(out, "results")
+  os.makedirs(os.path.join(dest, "fit"), exist_ok=True)
+  for name in os.listdir(fit_dir):
+    if name.endswith((".json", ".csv", ".png")):
+      shutil.copy2(os.path.join(fit_dir, name), os.path.join(dest, "fit", name))
+  for root in roots:
+    for run in _finished_runs(root):
+      run_dest = os.path.join(dest, os.path.basename(root), os.path.basename(run))
+      os.makedirs(run_dest, exist_ok=True)
+      for name in os.listdir(run):
+        if name in _RUN_LIGHT or (name.startswith("eval_") and name.endswith(".json")):
+          shutil.copy2(os.path.join(run, name), os.path.join(run_dest, name))
+  manifest = files.read_json(os.path.join(store, "manifest.json")) or {}
+  files.write_json(os.path.join(dest, "store.json"), {k: v for k, v in manifest.items()
+                                                       if k not in ("stats", "stats_state", "heldout")})
+  for name in ("spread.json", "pipeline.json"):
+    if os.path.exists(os.path.join(out, name)):
+      shutil.copy2(os.path.join(out, name), os.path.join(dest, name))
+  print(f"results to commit: {dest}")
 
 
 # Headline columns of runs.csv printed at the end (the table has every metric and per-task detail).
@@ -110,6 +172,26 @@ def _report(out: str, store: str, sweep_dir: str, fit_dir: str, export_dir: str)
     if "params" in rep:
       print(f"  {name:<34} slope {rep['params']['slope']:+.4g} per unit loss, r = {rep.get('pearson_r', float('nan')):+.2f}")
   print(f"plot: {os.path.join(fit_dir, 'loss_vs_utility.png')}")
+
+
+def _spread_report(sweep_dir: str, spread_dir: str, out: str) -> None:
+  """Seed reruns vs their grid runs: the run-to-run spread of the final eval loss, next to the eval SEM
+  (which covers only the held-out sample, not init and data order). Written to <out>/spread.json."""
+  pairs = []
+  for rerun in _finished_runs(spread_dir):
+    name = os.path.basename(rerun)
+    base = os.path.join(sweep_dir, name.rsplit("_s", 1)[0] + "_s0")
+    a, b = (files.read_json(os.path.join(r, "summary.json")) or {} for r in (base, rerun))
+    if a.get("eval_loss") is None or b.get("eval_loss") is None:
+      continue
+    pairs.append(dict(run=os.path.basename(base), rerun=name, loss=a["eval_loss"], loss_rerun=b["eval_loss"],
+                      diff=b["eval_loss"] - a["eval_loss"], rel_diff=(b["eval_loss"] - a["eval_loss"]) / a["eval_loss"],
+                      sem=a.get("eval_loss_sem"), sem_rerun=b.get("eval_loss_sem")))
+  files.write_json(os.path.join(out, "spread.json"), dict(pairs=pairs))
+  print("\nrun-to-run spread (another seed: init, noise and data order):")
+  for p in pairs:
+    print(f"  {p['run']}: {p['loss']:.4f} vs {p['loss_rerun']:.4f} ({100 * p['rel_diff']:+.2f}%), "
+          f"eval SEM {p['sem'] or float('nan'):.4f}")
 
 
 def run(argv: list[str] | None = None) -> None:

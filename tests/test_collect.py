@@ -101,7 +101,8 @@ def test_fit_runs_writes_table_fit_json_and_plots(fake_sweep, tmp_path):
     assert p["why"] == "end_of_schedule" and p["step"] == r["steps"] and p["loss"] == r["final_eval_loss"], p
     assert p["C"] == pytest.approx(r["C_6ND"]) and p["loss_sem"] == 0.002
   assert comp["report"]["frontier"]["C"] == [p["C"] for p in pts["frontier"]]
-  assert comp["report"]["bootstrap"]["sources"] == chin["report"]["bootstrap"]["sources"] == ["runs", "eval_loss_sem"]
+  assert comp["report"]["bootstrap"]["sources"] == ["residuals", "eval_loss_sem"]   # the frontier: fixed design
+  assert chin["report"]["bootstrap"]["sources"] == ["runs", "eval_loss_sem"]
   assert saved["metrics"]["probe.auc"]["vs_loss"]["report"]["bootstrap"]["sources"] == ["runs"]
   probe = saved["metrics"]["probe.auc"]["vs_loss"]
   assert probe["slope"]["value"] == pytest.approx(-0.9, abs=0.03)

@@ -197,8 +197,24 @@ def test_report_bands_are_separate_and_holdout_is_accurate_on_a_true_law():
   json.dumps(rep)                                           # JSON-able as written to fit.json
 
 
+def test_frontier_bootstrap_fits_nearly_every_resample_of_a_small_grid():
+  """3 sizes x 3 budgets (the demo's grid): resampling runs left ~93% of resamples with too few distinct
+  frontier points to fit, so the CI came from the few that could and could exclude the estimate itself."""
+  pts = []
+  for n in (1.4e5, 5.4e5, 1.8e6):
+    for d in (1e4, 2e4, 4e4):
+      pts.append((6 * n * d, scaling.predict_chinchilla(dict(E=1.2, A=8.0, B=20.0, alpha=0.2, beta=0.25), n, d)))
+  C, L = (np.array(x) for x in zip(*pts))
+  L = L * np.exp(np.random.default_rng(0).normal(0, 0.005, len(L)))
+  rep = scaling_report.analyze_compute(C, L, np.arange(len(C)), loss_sem=0.005 * L, n_boot=200, seed=0,
+                                       n_holdout=0)
+  assert rep["bootstrap"]["n_failed"] <= 0.05 * 200
+  lo, hi = rep["ci"]["alpha"]
+  assert lo <= rep["params"]["alpha"] <= hi
+
+
 def test_report_compute_uses_the_frontier_of_grouped_curves():
-  # Three runs' training curves; the frontier mixes runs and the bootstrap resamples whole runs.
+  # Three runs' training curves; the frontier mixes runs; the held-out check drops the largest run whole.
   C_list, L_list, g_list = [], [], []
   for i, n in enumerate((1e6, 4e6, 1.6e7)):
     c = np.geomspace(6 * n * 1e5, 6 * n * 1e8, 12)
@@ -272,11 +288,13 @@ def test_eval_sem_widens_the_bootstrap_ci_and_is_recorded():
   assert width(noisy) > 2 * width(quiet)
   assert quiet["ci"] == plain["ci"]              # zero SEMs change nothing: the run resamples are the same
   assert noisy["params"] == quiet["params"]      # the point estimate does not depend on the SEMs
-  assert noisy["bootstrap"]["sources"] == ["runs", "eval_loss_sem"] and plain["bootstrap"]["sources"] == ["runs"]
+  # The frontier's design is fixed: its bootstrap resamples residuals, not runs.
+  assert noisy["bootstrap"]["sources"] == ["residuals", "eval_loss_sem"]
+  assert plain["bootstrap"]["sources"] == ["residuals"]
   part = scaling_report.analyze_compute(C, L, g, loss_sem=np.where(np.arange(len(L)) < 3, np.nan, 0.0), **kw)
   assert part["bootstrap"]["n_points_without_sem"] == 3
   none = scaling_report.analyze_compute(C, L, g, loss_sem=np.full_like(L, np.nan), **kw)
-  assert none["bootstrap"]["sources"] == ["runs"] and none["ci"] == plain["ci"]   # claims no SEM it lacks
+  assert none["bootstrap"]["sources"] == ["residuals"] and none["ci"] == plain["ci"]   # claims no SEM it lacks
   # The Chinchilla form carries it the same way.
   N, D, L2 = _chinchilla_data(9, n=20)
   kw = dict(n_boot=40, seed=0, n_holdout=0)

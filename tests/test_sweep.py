@@ -52,6 +52,33 @@ def test_expand_is_a_deterministic_grid():
     sweep.expand(c, "/r")
 
 
+def test_study_grid_meets_its_design_and_scales_lr_with_width():
+  from glp_jax.core import flops, model as model_lib  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = sweep_config("study")
+  runs = sweep.expand(c, "/r")
+  assert len(runs) == len(c.sizes) * len(c.budgets) == 15
+  params = []
+  for size in c.sizes:
+    over = sweep.size_overrides(size)
+    m = ml_collections.ConfigDict(dict(preset="custom", d_input=576, width_mult=over["model.width_mult"],
+                                       mlp_mult=2.0, n_layers=over["model.n_layers"], multi_layer_n_layers=0,
+                                       compute_dtype="float32"))
+    params.append(flops.param_count(model_lib.model_config(m, 576)))
+  assert len(params) >= 5 and params == sorted(params) and params[-1] / params[0] >= 30
+  assert len(c.budgets) >= 3 and max(c.budgets) / min(c.budgets) >= 10
+  assert max(c.budgets) <= 2 * 5_200_000                  # the study store: no row seen more than twice
+  # lr * width is constant (1/width rule), anchored at the smallest width; the run name carries the lr.
+  lrs = {r.name.split("_b")[0]: float(r.name.split("_lr")[1].split("_s")[0]) for r in runs}
+  assert lrs["w0.125_l1"] == pytest.approx(2.8e-3)
+  for size, lr in lrs.items():
+    assert lr * sweep.width_mult(size) == pytest.approx(2.8e-3 * 0.125, rel=1e-3)
+  assert sweep.run_lr(1e-3, "llama1b-d6", 0.0) == 1e-3   # off by default
+  assert sweep.run_lr(1e-3, "llama1b-d6", 1.0) == pytest.approx(5e-4)
+  with pytest.raises(Exception, match="not a preset"):
+    sweep.width_mult("nope")
+
+
 def test_slurm_script_dry_run_text():
   text = _cli("--config=configs/sweep.py", "--config.store=/data/l07", "--root=/shared/sw", "--emit=slurm",
               "--dry_run", "--parallel=3")

@@ -1,8 +1,8 @@
 """The analyses behind `glp-fit`: collect a sweep's runs (or read a table), fit L(C) over the compute frontier
 of the finished runs' annealed evals (`frontier`: end-of-schedule and marked cooldown ends; `points="all"`
 takes every eval, C = 6*N*activations seen), L(N, D) over every finished run's final (or best) eval loss, and
-each downstream metric vs loss (linear) and vs compute (f = a - b*C^-c), with bootstrap CIs (runs resampled,
-plus each eval loss's SEM for the loss laws), bands, a held-out check and plots. A fit that cannot be made
+each downstream metric vs loss (linear) and vs compute (f = a - b*C^-c), with bootstrap CIs (runs resampled, or
+residuals for the L(C) frontier, plus each eval loss's SEM for the loss laws), bands, a held-out check and plots. A fit that cannot be made
 (too few runs) is reported in fit.json, not fatal. fit.json: {form: {param: {"value", "ci"}, ...,
 "report": {...}}, "compute_points": which points formed the L(C) frontier and why, "warnings": [...]}.
 """
@@ -52,7 +52,7 @@ def fit_runs(root: str, out: str, *, n_boot: int, seed: int, holdout: int, level
   result = {"table": table, "n_runs": len(rows), "n_done": len(done), "loss_column": f"{loss}_eval_loss",
             "compute_definition": "C = 6 * N * activations seen", "warnings": []}
 
-  # L(C): the frontier of the selected eval points; the bootstrap resamples runs and perturbs by their SEM.
+  # L(C): the frontier of the selected eval points; its bootstrap resamples residuals and perturbs by the SEM.
   selection = frontier.select(done, points)
   C, L, sem, groups = frontier.arrays(selection["points"])
   result["compute"] = _try(scaling_report.analyze_compute, C, L, groups, loss_sem=sem, n_holdout=holdout, **kw)

@@ -37,7 +37,7 @@ flags.DEFINE_string("runs", None, "Sweep root: every run directory below it is c
 flags.DEFINE_string("table", None, "A CSV of points to fit instead of runs.", flag_values=FIT_FLAGS)
 flags.DEFINE_enum("form", "chinchilla", ["chinchilla", "compute"], "Law for --table.", flag_values=FIT_FLAGS)
 flags.DEFINE_string("out", None, "Output folder (default: <runs>/fit or the table's folder).", flag_values=FIT_FLAGS)
-flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap resamples (over runs, each loss + N(0, sem^2)).",
+flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap resamples (runs, or frontier residuals; each loss + N(0, sem^2)).",
                      flag_values=FIT_FLAGS)
 flags.DEFINE_integer("seed", 0, "Bootstrap seed.", flag_values=FIT_FLAGS)
 flags.DEFINE_integer("holdout", 1, "Largest-compute runs held out for the prediction check.", flag_values=FIT_FLAGS)

@@ -203,9 +203,12 @@ def allocation_exponents(params: Mapping[str, float]) -> tuple[float, float]:
 def compute_optimal(params: Mapping[str, float], C) -> tuple[np.ndarray, np.ndarray]:
   """N_opt(C), D_opt(C) minimising the Chinchilla law subject to 6*N*D = C (Hoffmann et al. eq. 4)."""
   a, b = allocation_exponents(params)
-  g = (params["alpha"] * params["A"] / (params["beta"] * params["B"])) ** (1.0 / (params["alpha"] + params["beta"]))
-  c6 = np.asarray(C, np.float64) / 6.0
-  return g * c6 ** a, c6 ** b / g
+  # A degenerate bootstrap resample (A or B ~ 0, exponents on their bounds) gives inf / 0: an unbounded
+  # allocation, which the percentiles then show; not worth a warning per resample.
+  with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+    g = (params["alpha"] * params["A"] / (params["beta"] * params["B"])) ** (1.0 / (params["alpha"] + params["beta"]))
+    c6 = np.asarray(C, np.float64) / 6.0
+    return g * c6 ** a, c6 ** b / g
 
 
 def compute_frontier(C, L) -> np.ndarray:
@@ -354,6 +357,38 @@ def bootstrap(fit_fn: Callable[..., Fit], columns: Mapping[str, np.ndarray], *, 
       p.update(derived(p))
     names = names or tuple(p)
     rows.append([p[k] for k in names])
+  if not rows:
+    raise FitError(f"no bootstrap resample could be fitted ({failed} failed)")
+  return Bootstrap(names, np.asarray(rows), failed)
+
+
+def residual_bootstrap(fit_fn: Callable[..., Fit], columns: Mapping[str, np.ndarray], fitted_L, *,
+                       n_params: int, n: int = 1000, seed: int = 0, loss_sd=None) -> Bootstrap:
+  """Fixed-design bootstrap of a log-space fit of `columns['L']`: the other columns stay as they are and each
+  resample puts log residuals, drawn with replacement from the fit's own (inflated by sqrt(n / (n - p))),
+  onto the fitted values `fitted_L`, plus N(0, loss_sd^2) measurement noise if given, then refits.
+
+  This is the bootstrap of an L(C) frontier: its compute values are the sweep's design, not a sample, and
+  resampling runs instead leaves most resamples with too few distinct frontier points to fit at all.
+  """
+  cols = {k: np.asarray(v, np.float64).reshape(-1) for k, v in columns.items()}
+  fitted = np.asarray(fitted_L, np.float64).reshape(-1)
+  r = np.log(cols["L"]) - np.log(fitted)
+  r = r * np.sqrt(len(r) / max(len(r) - n_params, 1))
+  sd = None if loss_sd is None else np.asarray(loss_sd, np.float64).reshape(-1)
+  rng, noise_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+  rows, names, failed = [], None, 0
+  for _ in range(n):
+    sample = dict(cols, L=fitted * np.exp(rng.choice(r, len(r))))
+    if sd is not None:
+      sample["L"] = sample["L"] + noise_rng.normal(0.0, sd)
+    try:
+      fit = fit_fn(**sample)
+    except FitError:
+      failed += 1
+      continue
+    names = names or tuple(fit.params)
+    rows.append([fit.params[k] for k in names])
   if not rows:
     raise FitError(f"no bootstrap resample could be fitted ({failed} failed)")
   return Bootstrap(names, np.asarray(rows), failed)

@@ -7,14 +7,16 @@ import functools
 
 import numpy as np
 
-from glp_jax.scaling.fit import (CHINCHILLA_PARAMS, COMPUTE_PARAMS, Bootstrap, Fit, FitError, allocation_exponents, bands, bootstrap,
-                             compute_frontier, compute_optimal, fit_chinchilla, fit_compute, fit_linear,
+from glp_jax.scaling.fit import (CHINCHILLA_PARAMS, COMPUTE_PARAMS, Bootstrap, FitError, allocation_exponents,
+                             bands, bootstrap, compute_frontier, compute_optimal, fit_chinchilla, fit_compute, fit_linear,
                              fit_metric_power, holdout_errors, holdout_split, predict_chinchilla, predict_compute,
-                             predict_linear, predict_metric_power, warm_starts)
+                             predict_linear, predict_metric_power, residual_bootstrap, warm_starts)
 
 # What a bootstrap CI includes (fit.json's report.bootstrap.sources): "runs" = runs resampled with
-# replacement; "eval_loss_sem" = each resample also adds N(0, sem^2) to every point's loss.
+# replacement; "residuals" = the fit's residuals resampled onto its fitted values (fixed design: the L(C)
+# frontier); "eval_loss_sem" = each resample also adds N(0, sem^2) to every point's loss.
 CI_SOURCES = ("runs", "eval_loss_sem")
+FRONTIER_SOURCES = ("residuals", "eval_loss_sem")
 
 
 # Reports: fit + bootstrap + bands + held-out check as one JSON-able dict (what glp-fit writes).
@@ -39,27 +41,38 @@ def _loss_noise(L: np.ndarray, loss_sem) -> tuple[dict | None, dict]:
   return dict(L=np.where(ok, sem, 0.0)), dict(sources=list(CI_SOURCES), n_points_without_sem=int((~ok).sum()))
 
 
-def _frontier_fit(C, L, **kw) -> Fit:
-  i = compute_frontier(C, L)
-  return fit_compute(np.asarray(C)[i], np.asarray(L)[i], **kw)
+def _fit_boot_compute(C, L, groups, sem, use_frontier: bool, n_boot: int, seed: int):
+  """(fit, bootstrap, indices of the fitted points, CI sources) of L(C).
+
+  On the frontier the design is fixed and the bootstrap resamples residuals (`residual_bootstrap`); over
+  all points it resamples runs (`groups`). Both add each point's eval SEM as noise when given."""
+  noise, sources = _loss_noise(L, sem)
+  if not use_frontier:
+    fit = fit_compute(C, L)
+    boot = bootstrap(functools.partial(fit_compute, init=warm_starts(fit)), dict(C=C, L=L), groups=groups,
+                     n=n_boot, seed=seed, noise=noise)
+    return fit, boot, np.argsort(C, kind="stable"), sources
+  front = compute_frontier(C, L)
+  fit = fit_compute(C[front], L[front])
+  boot = residual_bootstrap(functools.partial(fit_compute, init=warm_starts(fit)), dict(C=C[front], L=L[front]),
+                            predict_compute(fit.params, C[front]), n_params=len(COMPUTE_PARAMS), n=n_boot,
+                            seed=seed, loss_sd=None if noise is None else noise["L"][front])
+  sources = dict(sources, sources=[FRONTIER_SOURCES[0]] + [s for s in sources["sources"] if s != "runs"])
+  return fit, boot, front, sources
 
 
 def analyze_compute(C, L, groups=None, *, loss_sem=None, use_frontier: bool = True, n_boot: int = 1000,
                     seed: int = 0, n_holdout: int = 1, level: float = 0.95, n_grid: int = 64) -> dict:
   """L(C) = E + A*C^-alpha on the frontier of the given points (e.g. every run's annealed evals).
 
-  `groups` names each point's run: the bootstrap resamples runs and the held-out check drops the
-  `n_holdout` runs with the most compute, refits, and predicts their final (largest-compute) loss.
-  `loss_sem` (one per point) also perturbs each resample's losses by N(0, sem^2) before the frontier is
-  taken, so noisy evals widen the CIs.
+  `groups` names each point's run: the held-out check drops the `n_holdout` runs with the most compute,
+  refits, and predicts their final (largest-compute) loss; without the frontier the bootstrap resamples
+  runs. `loss_sem` (one per point) also perturbs each resample's losses by N(0, sem^2), so noisy evals
+  widen the CIs.
   """
   C, L = np.asarray(C, np.float64), np.asarray(L, np.float64)
-  fit_fn = _frontier_fit if use_frontier else fit_compute
-  front = compute_frontier(C, L) if use_frontier else np.argsort(C, kind="stable")
-  fit = fit_fn(C, L)
-  noise, sources = _loss_noise(L, loss_sem)
-  boot = bootstrap(functools.partial(fit_fn, init=warm_starts(fit)), dict(C=C, L=L), groups=groups,
-                   n=n_boot, seed=seed, noise=noise)
+  sem = None if loss_sem is None else np.asarray(loss_sem, np.float64).reshape(-1)
+  fit, boot, front, sources = _fit_boot_compute(C, L, groups, sem, use_frontier, n_boot, seed)
   grid = np.logspace(np.log10(C.min()), np.log10(C.max()) + 0.5, n_grid)
   band = bands(lambda p: predict_compute(p, grid), boot, fit.residuals, level=level, seed=seed,
                n_params=len(COMPUTE_PARAMS))
@@ -68,28 +81,28 @@ def analyze_compute(C, L, groups=None, *, loss_sem=None, use_frontier: bool = Tr
              at_bounds=list(fit.at_bounds), bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, **sources),
              frontier=dict(C=C[front].tolist(), L=L[front].tolist()),
              band=dict(C=grid.tolist(), **{k: v.tolist() for k, v in band.items()}))
-  out["holdout"] = _holdout(dict(C=C, L=L), C, groups, n_holdout, fit_fn, lambda p, x: predict_compute(p, x["C"]),
-                            loss_sem=loss_sem, n_boot=n_boot, seed=seed, level=level, n_params=len(COMPUTE_PARAMS))
+  out["holdout"] = _holdout(
+      dict(C=C, L=L), C, groups, n_holdout, lambda x, g, s: _fit_boot_compute(x["C"], x["L"], g, s, use_frontier,
+                                                                              n_boot, seed)[:2],
+      lambda p, x: predict_compute(p, x["C"]), loss_sem=sem, seed=seed, level=level, n_params=len(COMPUTE_PARAMS))
   return out
 
 
-def _holdout(cols: dict, C, groups, n_holdout: int, fit_fn, predict_fn, *, loss_sem, n_boot: int, seed: int,
-             level: float, n_params: int) -> dict:
+def _holdout(cols: dict, C, groups, n_holdout: int, fit_boot, predict_fn, *, loss_sem, seed: int, level: float,
+             n_params: int) -> dict:
   """Refits without the `n_holdout` largest-compute runs and predicts each one's largest-compute point.
 
-  The prediction band comes from the refit's own bootstrap over the remaining runs (same sources as the
-  full fit's CIs), so `within_band` says whether the law fitted on smaller runs foresaw the held-out ones.
+  `fit_boot(columns, groups, sem) -> (fit, bootstrap)` is the full fit's own procedure, so the prediction
+  band of the refit has the same sources as the full fit's CIs, and `within_band` says whether the law fitted
+  on smaller runs foresaw the held-out ones.
   """
   if n_holdout <= 0:
     return dict(skipped="n_holdout = 0")
   labels = np.arange(len(C)) if groups is None else np.asarray(groups)
   try:
     train, held = holdout_split(C, labels, n_holdout)
-    sub = {k: v[train] for k, v in cols.items()}
-    fit = fit_fn(**sub)
-    noise, _ = _loss_noise(sub["L"], None if loss_sem is None else np.asarray(loss_sem, np.float64)[train])
-    boot = bootstrap(functools.partial(fit_fn, init=warm_starts(fit)), sub, groups=labels[train], n=n_boot,
-                     seed=seed, noise=noise)
+    fit, boot = fit_boot({k: v[train] for k, v in cols.items()}, labels[train],
+                         None if loss_sem is None else loss_sem[train])
   except FitError as e:
     return dict(skipped=str(e))
   last = np.zeros(len(C), bool)
@@ -103,7 +116,8 @@ def _holdout(cols: dict, C, groups, n_holdout: int, fit_fn, predict_fn, *, loss_
   inside = (observed >= band["pred_lo"]) & (observed <= band["pred_hi"])
   out.update(n_holdout=n_holdout, C=C[last].tolist(), params=fit.params, level=level,
              **{k: band[k].tolist() for k in ("pred_lo", "pred_hi", "conf_lo", "conf_hi")},
-             within_band=bool(np.all(inside)), bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed))
+             within_band=bool(np.all(inside)), bootstrap=dict(n=len(boot.samples) + boot.n_failed,
+                                                              n_failed=boot.n_failed, seed=seed))
   return out
 
 
@@ -126,17 +140,25 @@ def analyze_chinchilla(N, D, L, *, loss_sem=None, n_boot: int = 1000, seed: int 
   q = 50 * (1 - level)
   n_opt_BxG = np.stack([compute_optimal(p, grid)[0] for p in boot.param_dicts()])
   n_opt, d_opt = compute_optimal(fit.params, grid)
+  with np.errstate(invalid="ignore"):   # inf allocations of degenerate resamples (see compute_optimal)
+    n_opt_lo, n_opt_hi = np.percentile(n_opt_BxG, [q, 100 - q], axis=0)
   params = dict(fit.params, **derived(fit.params))
   out = dict(form="chinchilla", law="L = E + A*N^-alpha + B*D^-beta", n_points=int(len(L)),
              n_fit_points=fit.n_points, params=params, ci=_ci_dict(boot, level), level=level,
              residual_std=fit.residual_std, at_bounds=list(fit.at_bounds),
              bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, **sources),
              optimal=dict(C=grid.tolist(), N_opt=n_opt.tolist(), D_opt=d_opt.tolist(),
-                          N_opt_lo=np.percentile(n_opt_BxG, q, axis=0).tolist(),
-                          N_opt_hi=np.percentile(n_opt_BxG, 100 - q, axis=0).tolist()))
-  out["holdout"] = _holdout(dict(N=N, D=D, L=L), C, None, n_holdout, fit_chinchilla,
-                            lambda p, x: predict_chinchilla(p, x["N"], x["D"]), loss_sem=loss_sem,
-                            n_boot=n_boot, seed=seed, level=level, n_params=len(CHINCHILLA_PARAMS))
+                          N_opt_lo=n_opt_lo.tolist(), N_opt_hi=n_opt_hi.tolist()))
+  sem = None if loss_sem is None else np.asarray(loss_sem, np.float64).reshape(-1)
+
+  def fit_boot(x, _, s):
+    f = fit_chinchilla(**x)
+    return f, bootstrap(functools.partial(fit_chinchilla, init=warm_starts(f)), x, n=n_boot, seed=seed,
+                        noise=_loss_noise(x["L"], s)[0])
+
+  out["holdout"] = _holdout(dict(N=N, D=D, L=L), C, None, n_holdout, fit_boot,
+                            lambda p, x: predict_chinchilla(p, x["N"], x["D"]), loss_sem=sem, seed=seed,
+                            level=level, n_params=len(CHINCHILLA_PARAMS))
   return out
 
 

@@ -55,6 +55,24 @@ def size_overrides(size: str) -> dict[str, Any]:
   return out
 
 
+def width_mult(size: str) -> float:
+  """d_model / d_input of a size (a custom 'w..._l...' name or a preset)."""
+  from glp_jax.core.model import PRESETS  # pylint: disable=g-import-not-at-top
+  m = _CUSTOM.match(size)
+  if m:
+    return float(m["w"])
+  if size not in PRESETS:
+    raise ConfigError(f"sweep size {size!r}: not a preset ({sorted(PRESETS)}) nor 'w<width>_l<layers>'")
+  return float(PRESETS[size]["width_mult"])
+
+
+def run_lr(lr: float, size: str, lr_width_ref: float) -> float:
+  """The peak learning rate of one run. With `lr_width_ref` > 0 the grid's lr is the one for that
+  width_mult and other widths get lr * lr_width_ref / width_mult: Adam's hidden-layer step scaled as
+  1/width (muP's rule), which also carries the paper's 5e-5 at d_model 4,096 down to small widths."""
+  return lr if lr_width_ref <= 0 else lr * lr_width_ref / width_mult(size)
+
+
 def flatten(cfg: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
   """Nested overrides -> {'a.b': value} in sorted key order."""
   out = {}
@@ -78,6 +96,7 @@ def expand(config: ml_collections.ConfigDict, root: str, train_config: str | Non
   fixed = flatten(config.overrides)
   runs, seen = [], set()
   for size, budget, lr, seed in itertools.product(config.sizes, config.budgets, config.lrs, config.seeds):
+    lr = run_lr(float(lr), size, float(config.get("lr_width_ref", 0.0)))
     name = f"{size}_b{_num(float(budget))}_lr{_num(float(lr))}_s{int(seed)}"
     if name in seen:
       raise ValueError(f"duplicate run {name!r}: the grid repeats a value")
