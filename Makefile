@@ -5,7 +5,7 @@ DEMO_DIR ?= runs/demo
 PY := $(VENV)/bin/python
 # The stamp is rebuilt only when what decides the install changes, so repeated calls are quick.
 STAMP := $(VENV)/.glp_jax-installed
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# Tests set their 8 fake CPU devices themselves (tests/conftest.py); demo and study use the real devices.
 
 .PHONY: install test demo study bench clean-venv
 

@@ -86,36 +86,28 @@ def _store_digest(path: str) -> str:
   return h.hexdigest()
 
 
-def kill_battery(cmd: list[str], out_flag: str, base: str, n: int, wall_s: float, rng, digest) -> dict:
-  """n runs, each killed once at a uniform time in (1 s, wall_s) and resumed to the end."""
+def kill_battery(cmd: list[str], out_flag: str, base: str, n: int, rng, digest) -> dict:
+  """n runs, each killed once at a uniform time within the uninterrupted run's wall time, then resumed."""
   ref = os.path.join(base, "ref")
   t0 = time.time()
   assert _run(cmd + [f"{out_flag}={ref}"]).returncode == 0
+  wall_s = time.time() - t0
   want, results = digest(ref), []
   for i in range(n):
     w = os.path.join(base, f"k{i}")
-    at = float(rng.uniform(1.0, wall_s or (time.time() - t0)))
+    at = float(rng.uniform(1.0, wall_s))
     killed = _killed(cmd + [f"{out_flag}={w}"], at)
     resumed = _run(cmd + [f"{out_flag}={w}"])
     results.append(dict(kill_s=round(at, 2), killed=killed, resume_rc=resumed.returncode,
                         identical=resumed.returncode == 0 and digest(w) == want))
   return dict(n=n, identical=sum(r["identical"] for r in results), killed=sum(r["killed"] for r in results),
-              runs=results)
-
-
-def _snapshot(*roots: str) -> dict:
-  out = {}
-  for root in roots:
-    for r, _, names in os.walk(root):
-      for name in names:
-        p = os.path.join(r, name)
-        out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-  return out
+              reference_wall_s=round(wall_s, 1), runs=results)
 
 
 def bad_inputs(base: str, store: str, run: str, quick: bool) -> list[dict]:
   """Each case: (label, argv, expected status). Existing files must not change."""
   import shutil  # pylint: disable=g-import-not-at-top
+  from glp_jax.util import files  # pylint: disable=g-import-not-at-top
   broken = os.path.join(base, "broken_store")
   shutil.copytree(store, broken)
   shutil.rmtree(os.path.join(broken, "layer_00", "c"))
@@ -144,18 +136,18 @@ def bad_inputs(base: str, store: str, run: str, quick: bool) -> list[dict]:
         ("export of a missing step", [_tool("glp-export"), f"--workdir={run}", f"--out={base}/x2", "--step=3"], 1),
         ("export of a missing workdir", [_tool("glp-export"), "--workdir=/nonexistent/run", f"--out={base}/x3"], 1),
         ("non-UTF-8 text corpus", [_tool("glp-extract"), *EXTRACT, f"--config.corpus.source={bad_utf8}",
-                                   f"--workdir={base}/e_utf8"], 2),
+                                   f"--workdir={base}/e_utf8"], 1),
         ("malformed .jsonl corpus", [_tool("glp-extract"), *EXTRACT, f"--config.corpus.source={bad_jsonl}",
-                                     f"--workdir={base}/e_jsonl"], 2),
+                                     f"--workdir={base}/e_jsonl"], 1),
         ("glp-fit on a folder without runs", [_tool("glp-fit"), f"--runs={base}/nothing"], 2),
     ]
   rows = []
   for label, argv, want in cases:
-    before = _snapshot(store, run)
+    before = files.file_digests(store, run)
     out = _run(argv)
     lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
     rows.append(dict(case=label, rc=out.returncode, expected_rc=want, stderr_lines=len(lines),
-                     first_line=(lines[0] if lines else "")[:160], unchanged=_snapshot(store, run) == before,
+                     first_line=(lines[0] if lines else "")[:160], unchanged=files.file_digests(store, run) == before,
                      traceback="Traceback" in out.stderr))
   return rows
 
@@ -177,11 +169,11 @@ def main(_):
   t0 = time.time()
   short = ["--config.num_activations=768", "--config.debug_sleep_s=0.05"] if FLAGS.quick else []
   out["train"] = kill_battery([_tool("glp-train"), *TRAIN, f"--config.data.store={store}", *short], "--workdir",
-                              os.path.join(base, "train"), n, 0.0, rng, _checksum)
+                              os.path.join(base, "train"), n, rng, _checksum)
   if not FLAGS.quick:
     tiny = lm.save_tiny_llama(os.path.join(base, "tiny_llama"), hidden=64, n_layers=4)
     out["extract"] = kill_battery([_tool("glp-extract"), *EXTRACT, f"--config.model.name={tiny}"], "--workdir",
-                                  os.path.join(base, "extract"), n, 0.0, rng,
+                                  os.path.join(base, "extract"), n, rng,
                                   lambda w: _store_digest(os.path.join(w, "store")))
   cases = bad_inputs(base, store, os.path.join(base, "train", "ref"), FLAGS.quick)
   print("| input | exit status (expected) | stderr lines | files unchanged | first line |\n|---|---|---|---|---|")

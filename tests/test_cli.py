@@ -13,10 +13,13 @@ PLAIN_TOOLS = {"glp-fit": ("--runs", "--points", "--n_bootstrap"), "glp-export":
                "glp-import": ("--src", "--checkpoint"), "glp-eval": ("--prior", "--num_samples", "--tasks")}
 
 
+@pytest.mark.parametrize("given", [True, False], ids=["with_config", "default_config"])
 @pytest.mark.parametrize("name", sorted(CONFIG_TOOLS))
-def test_config_tools_list_their_fields(name):
+def test_config_tools_list_their_fields(name, given, tmp_path):
   config, words = CONFIG_TOOLS[name]
-  out = subprocess.run([tool(name), f"--config={config}", "--help"], capture_output=True, text=True, timeout=120)
+  # Without --config, from a folder without configs/: the tool's own (packaged) config's fields.
+  args, cwd = ([f"--config={config}"], None) if given else ([], str(tmp_path))
+  out = subprocess.run([tool(name), *args, "--help"], capture_output=True, text=True, timeout=120, cwd=cwd)
   assert out.returncode == 0, out.stderr
   for w in words + ("print_config", "debug", "verbose"):
     assert w in out.stdout, (name, w)

@@ -1,17 +1,16 @@
 """Bad inputs through the real command lines: each is at most two lines on stderr (no traceback), the right exit
 status (2: usage/config, 1: runtime), and no existing file changes. Plus readers that run beside a trainer."""
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from glp_jax.data.writer import StoreWriter
+from glp_jax.util import files
 from tools import tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,16 +28,6 @@ def _env():
 
 def cli(name, *args, cwd=ROOT, timeout=300):
   return subprocess.run([tool(name), *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def snapshot(*roots):
-  out = {}
-  for root in roots:
-    for r, _, names in os.walk(root):
-      for n in names:
-        p = os.path.join(r, n)
-        out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-  return out
 
 
 def assert_short_error(out, status, *words):
@@ -75,12 +64,12 @@ def test_bad_override_names_the_key_and_writes_nothing(tmp_path):
 
 def test_refused_resume_changes_nothing(run):
   store, workdir = run
-  before = snapshot(workdir)
+  before = files.file_digests(workdir)
   for extra, field in ((["--config.batch_size=128"], "batch_size"), (["--config.model.preset=small"], "model"),
                        (["--config.batch_size=0"], "batch_size")):
     out = cli("glp-train", *TRAIN, f"--config.data.store={store}", f"--workdir={workdir}", *extra)
     assert_short_error(out, 2, field)
-  assert snapshot(workdir) == before
+  assert files.file_digests(workdir) == before
 
 
 def test_missing_store_chunks_fail_training_and_fd(run, tmp_path):

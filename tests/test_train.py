@@ -401,3 +401,18 @@ def test_wandb_and_loss_curve(store, tmp_path, monkeypatch):
     with pytest.raises(config_lib.ConfigError, match="wandb is not installed"):
       train.train_and_evaluate(make_config(store, **{"log.wandb_project": "x"}), str(tmp_path / "none"))
     assert not os.path.exists(tmp_path / "none")
+
+
+def test_eval_sem_is_clustered_by_document():
+  """Rows of one document share its loss: the SEM is that of the document means, not of independent rows."""
+  rng = np.random.default_rng(0)
+  doc_loss_G = rng.normal(1.0, 0.2, 12)
+  n_rows = 50
+  sums_G = doc_loss_G * n_rows                                   # what the eval step sums per document
+  evals = train_lib.EvalSet(chunks=[()], count_G=np.full(12, float(n_rows)))
+  out = train_lib.evaluate(lambda state: sums_G, None, evals)
+  assert out["eval_loss"] == pytest.approx(doc_loss_G.mean())
+  assert out["eval_loss_sem"] == pytest.approx(doc_loss_G.std(ddof=1) / np.sqrt(12))
+  assert out["eval_docs"] == 12 and out["eval_rows"] == 600
+  naive = np.repeat(doc_loss_G, n_rows).std(ddof=1) / np.sqrt(600)   # rows treated as independent
+  assert out["eval_loss_sem"] > 5 * naive

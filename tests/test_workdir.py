@@ -1,6 +1,5 @@
 """The run directory's contract: a restart keeps its plan (or says which field changed), a refused start changes
 nothing, one trainer at a time, a damaged newest checkpoint is skipped, and readers never write."""
-import hashlib
 import os
 import shutil
 
@@ -15,6 +14,7 @@ from glp_jax.training import trainer
 from glp_jax.training import workdir as workdir_lib
 from glp_jax.training.prior import load_prior
 from glp_jax.util import config as config_lib
+from glp_jax.util import files
 from glp_jax.util.files import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,16 +38,6 @@ def make_config(store, **extra):
   return config_lib.override(cfg, {**OVERRIDES, "data.store": store, **extra})
 
 
-def snapshot(workdir):
-  """sha256 of every file under the workdir."""
-  out = {}
-  for root, _, names in os.walk(workdir):
-    for n in names:
-      p = os.path.join(root, n)
-      out[os.path.relpath(p, workdir)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-  return out
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   base = tmp_path_factory.mktemp("wd")
@@ -61,12 +51,12 @@ def test_changed_plan_is_refused_and_changes_nothing(finished, tmp_path):
   store, ref, _ = finished
   workdir = str(tmp_path / "run")
   shutil.copytree(ref, workdir)
-  before = snapshot(workdir)
+  before = files.file_digests(workdir)
   with pytest.raises(config_lib.ConfigError, match=r"batch_size=64, not 128"):
     trainer.train_and_evaluate(make_config(store, batch_size=128), workdir)
   with pytest.raises(config_lib.ConfigError, match=r"opt\.schedule='cosine', not 'wsd'"):
     trainer.train_and_evaluate(make_config(store, **{"opt.schedule": "wsd"}), workdir)
-  assert snapshot(workdir) == before
+  assert files.file_digests(workdir) == before
   # Fields outside the plan may change between restarts (here: logging and checkpoint cadence).
   assert trainer.train_and_evaluate(make_config(store, log_every=4, **{"ckpt.every_steps": 4}), workdir)["done"]
 
@@ -80,10 +70,10 @@ def test_changed_store_is_refused_unless_allowed(finished, tmp_path):
   st.close()
   workdir = str(tmp_path / "run")
   shutil.copytree(ref, workdir)
-  before = snapshot(workdir)
+  before = files.file_digests(workdir)
   with pytest.raises(config_lib.ConfigError, match=r"store\.num_rows=3072, not 3136"):
     trainer.train_and_evaluate(make_config(grown), workdir)
-  assert snapshot(workdir) == before
+  assert files.file_digests(workdir) == before
   summary = trainer.train_and_evaluate(make_config(grown), workdir, allow_changes=True)
   assert summary["done"]
   events = [l for l in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if l.get("event")]
@@ -124,10 +114,10 @@ def test_readers_never_write(finished, tmp_path):
   shutil.copytree(ref, workdir)
   in_progress = os.path.join(workdir, "checkpoints", "14.orbax-checkpoint-tmp-1700000000000000")
   os.makedirs(in_progress)                                     # a save a running trainer has not committed
-  before = snapshot(workdir)
+  before = files.file_digests(workdir)
   model, _, _ = load_prior(workdir)
   assert state_lib.params_checksum(nnx.to_pure_dict(nnx.state(model))) == summary["params_checksum"]
-  assert os.path.isdir(in_progress) and snapshot(workdir) == before
+  assert os.path.isdir(in_progress) and files.file_digests(workdir) == before
   reader = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   assert reader.all_steps() == [6, 12]
   reader.close()

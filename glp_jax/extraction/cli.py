@@ -19,7 +19,7 @@ from glp_jax.util import cli, files
 from glp_jax.util import config as config_lib
 
 FLAGS = cli.flag_values()
-cli.define_config(FLAGS, "Extraction config file (configs/extract.py:<args>).")
+cli.define_config(FLAGS, "Extraction config file (configs/extract.py:<args>).", "configs/extract.py")
 flags.DEFINE_string("workdir", None, "Run directory (config.json, summary.json, store/).", flag_values=FLAGS)
 
 

@@ -38,7 +38,7 @@ flags.DEFINE_string("license", None, "Hub license id recorded in the model card 
 _EXPORT_ARGS = ("workdir", "out", "step", "dtype", "push_to_hub", "private", "license")
 
 IMPORT_FLAGS = cli.flag_values()
-cli.define_config(IMPORT_FLAGS, "Train config for the run (default configs/train.py).")
+cli.define_config(IMPORT_FLAGS, "Train config for the run (default configs/train.py).", "configs/train.py")
 flags.DEFINE_string("src", None, "Reference checkpoint folder (config.yaml + rep_statistics.pt + "
                     "final.safetensors) or a glp-export folder.", flag_values=IMPORT_FLAGS)
 flags.DEFINE_string("workdir", None, "New run directory to create.", flag_values=IMPORT_FLAGS)

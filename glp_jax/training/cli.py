@@ -21,7 +21,7 @@ from glp_jax.util import cli
 from glp_jax.util.errors import ConfigError
 
 FLAGS = cli.flag_values()
-cli.define_config(FLAGS, "Train config file (configs/train.py:<args>).")
+cli.define_config(FLAGS, "Train config file (configs/train.py:<args>).", "configs/train.py")
 flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints, summary).", flag_values=FLAGS)
 flags.DEFINE_bool("dry_run", False, "Build abstractly, AOT-compile the step, print one JSON object, exit.",
                   flag_values=FLAGS)

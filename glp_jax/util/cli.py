@@ -45,9 +45,15 @@ def flag_values() -> flags.FlagValues:
   return fv
 
 
-def define_config(fv: flags.FlagValues, help_text: str) -> None:
-  """Adds `--config` (a config file with args and `--config.x=v` overrides) and `--print_config`."""
+# The config file whose fields `--help` lists when no --config is given, per tool (FlagValues).
+_HELP_CONFIG: dict[int, str] = {}
+
+
+def define_config(fv: flags.FlagValues, help_text: str, help_file: str) -> None:
+  """Adds `--config` (a config file with args and `--config.x=v` overrides) and `--print_config`;
+  `help_file` (e.g. configs/train.py) is the config whose fields `--help` lists when no --config is given."""
   config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv, lock_config=True)
+  _HELP_CONFIG[id(fv)] = help_file
   flags.DEFINE_bool("print_config", False, "Print the resolved config as JSON and exit.", flag_values=fv)
 
 
@@ -68,11 +74,11 @@ def config_fields(path: str) -> list[tuple[str, str, str]]:
     return []
 
 
-def _config_help(argv: list[str]) -> str:
+def _config_help(argv: list[str], help_file: str | None) -> str:
   spec = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
-  if spec is None:
+  if spec is None and help_file is None:
     return ""
-  path = spec.split(":")[0]
+  path = spec.split(":")[0] if spec is not None else config_lib.packaged_config(help_file)
   lines = [f"\nconfig fields of {path} (override with --config.<field>=<value>):"]
   lines += [f"  {k:<28} {v:<14} {c}" for k, v, c in config_fields(path)]
   doc = _module_doc(path)
@@ -145,7 +151,8 @@ def run(main: Callable[..., object], fv: flags.FlagValues, doc: str, argv: list[
   argv = _resolve_config_args(list(sys.argv if argv is None else argv))
   prog = prog or os.path.basename(argv[0])   # the tool's name, also under `python -m`
   if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-    print(doc.strip() + "\n\nflags:\n" + fv.get_help(include_special_flags=False) + _config_help(argv))
+    print(doc.strip() + "\n\nflags:\n" + fv.get_help(include_special_flags=False)
+          + _config_help(argv, _HELP_CONFIG.get(id(fv))))
     sys.exit(0)
   debug = "--debug" in argv or bool(os.environ.get("GLP_DEBUG"))
   try:

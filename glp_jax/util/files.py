@@ -8,6 +8,7 @@ could lose.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from typing import Any, Iterator
@@ -89,3 +90,15 @@ def append_jsonl(path: str, obj: dict) -> None:
   """Appends one object as one line (the line is written whole by one `write`)."""
   with open(path, "a") as f:
     f.write(json.dumps(obj) + "\n")
+
+
+def file_digests(*roots: str) -> dict[str, str]:
+  """sha256 of every file below the given folders, by path: "did this command change anything?" checks."""
+  out = {}
+  for root in roots:
+    for folder, _, names in os.walk(root):
+      for name in names:
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+          out[path] = hashlib.sha256(f.read()).hexdigest()
+  return out
