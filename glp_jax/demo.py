@@ -29,11 +29,15 @@ flags.DEFINE_list("evals", ["fd", "delta_lm", "steer", "probe"], "Evaluations ru
 # Stage arguments of each pipeline. `spread` reruns some grid points with another seed (own root).
 PIPELINES = {
     "demo": dict(extract=("--config=configs/extract.py",), sweep=("--config=configs/sweep.py:runlocal",),
-                 spread=None, evals=("--quick",), fit=("--n_bootstrap=500",)),
+                 spread=None, lrcheck=None, evals=("--quick",), fit=("--n_bootstrap=500",)),
     "study": dict(extract=("--config=configs/extract.py:rows=5200000", "--config.corpus.source=python-packages"),
                   sweep=("--config=configs/sweep.py:study",),
                   spread=("--config=configs/sweep.py:study", "--config.sizes=('w0.125_l1','w0.75_l3')",
                           "--config.budgets=(200000,)", "--config.seeds=(1,)"),
+                  # The lr rule checked at the smallest budget: the smallest and largest size at 0.5x, 2x and 4x
+                  # the rule's lr (the grid's own run is 1x).
+                  lrcheck=("--config=configs/sweep.py:study", "--config.sizes=('w0.125_l1','w0.75_l3')",
+                           "--config.budgets=(200000,)", "--config.lrs=(1.4e-3,5.6e-3,1.12e-2)"),
                   # Between --quick and the full sizes: ~1 min per run on 2 cores. FD: 4,096 samples a side (7 per
                   # dimension), 50 Euler steps; delta LM: 32 held-out documents; steering: 4 prompts.
                   evals=("--num_samples=4096", "--steps=50", "--num_docs=32", "--max_length=128",
@@ -70,8 +74,8 @@ def main(fv: flags.FlagValues) -> None:
   spec = PIPELINES[fv.pipeline]
   out = os.path.abspath(fv.out or os.path.join("runs", fv.pipeline))
   os.makedirs(out, exist_ok=True)
-  extract_dir, sweep_dir, spread_dir, fit_dir, export_dir = (
-      os.path.join(out, d) for d in ("extract", "sweep", "spread", "fit", "export"))
+  extract_dir, sweep_dir, spread_dir, lrcheck_dir, fit_dir, export_dir = (
+      os.path.join(out, d) for d in ("extract", "sweep", "spread", "lrcheck", "fit", "export"))
   store = os.path.join(extract_dir, "store")
   t0 = time.time()
 
@@ -86,6 +90,9 @@ def main(fv: flags.FlagValues) -> None:
     _stage("seed reruns (run-to-run spread)", _tool("glp-sweep", *spec["spread"], f"--config.store={store}",
                                                    f"--root={spread_dir}"))
     runs += _finished_runs(spread_dir)
+  if spec["lrcheck"]:
+    _stage("learning-rate check", _tool("glp-sweep", *spec["lrcheck"], f"--config.store={store}",
+                                        f"--root={lrcheck_dir}"))
 
   # --- evaluate every prior; results land in <run>/eval_<name>.json for the collector ---
   # One process per run and evaluation list, so the LM is loaded once per run.
@@ -105,10 +112,13 @@ def main(fv: flags.FlagValues) -> None:
   _report(out, store, sweep_dir, fit_dir, export_dir)
   if spec["spread"]:
     _spread_report(sweep_dir, spread_dir, out)
+  if spec["lrcheck"]:
+    _lr_report(sweep_dir, lrcheck_dir, out)
   files.write_json(os.path.join(out, "pipeline.json"), dict(pipeline=fv.pipeline, wall_s=round(time.time() - t0),
                                                            note="wall time of this call (stages already "
                                                                 "complete were skipped)"))
-  _publish(out, store, fit_dir, [sweep_dir] + [spread_dir] * bool(spec["spread"]))
+  _publish(out, store, fit_dir, [sweep_dir] + [spread_dir] * bool(spec["spread"])
+           + [lrcheck_dir] * bool(spec["lrcheck"]))
 
 
 # What <out>/results keeps of each run: enough for glp-fit and the notebook to redo every fit (no weights).
@@ -134,7 +144,7 @@ def _publish(out: str, store: str, fit_dir: str, roots: list[str]) -> None:
   manifest = files.read_json(os.path.join(store, "manifest.json")) or {}
   files.write_json(os.path.join(dest, "store.json"), {k: v for k, v in manifest.items()
                                                        if k not in ("stats", "stats_state", "heldout")})
-  for name in ("spread.json", "pipeline.json"):
+  for name in ("spread.json", "lrcheck.json", "pipeline.json"):
     if os.path.exists(os.path.join(out, name)):
       shutil.copy2(os.path.join(out, name), os.path.join(dest, name))
   print(f"results to commit: {dest}")
@@ -192,6 +202,26 @@ def _spread_report(sweep_dir: str, spread_dir: str, out: str) -> None:
   for p in pairs:
     print(f"  {p['run']}: {p['loss']:.4f} vs {p['loss_rerun']:.4f} ({100 * p['rel_diff']:+.2f}%), "
           f"eval SEM {p['sem'] or float('nan'):.4f}")
+
+
+def _lr_report(sweep_dir: str, lrcheck_dir: str, out: str) -> None:
+  """Final eval loss against the peak lr, per size, at the budget of the lr check (the grid's own run is the
+  rule's lr). Written to <out>/lrcheck.json."""
+  by_size: dict[str, list] = {}
+  for run in _finished_runs(lrcheck_dir) + _finished_runs(sweep_dir):
+    cfg = files.read_json(os.path.join(run, "config.json")) or {}
+    size, rest = os.path.basename(run).split("_b", 1)
+    budget = rest.split("_lr")[0]
+    if not any(os.path.basename(r).startswith(f"{size}_b{budget}_") for r in _finished_runs(lrcheck_dir)):
+      continue
+    loss = (files.read_json(os.path.join(run, "summary.json")) or {}).get("eval_loss")
+    by_size.setdefault(size, []).append(dict(lr=cfg["opt"]["lr"], loss=loss, grid=run.startswith(sweep_dir)))
+  for rows in by_size.values():
+    rows.sort(key=lambda r: r["lr"])
+  files.write_json(os.path.join(out, "lrcheck.json"), by_size)
+  print("\nlearning-rate check (final eval loss; * = the rule's lr, the grid's run):")
+  for size, rows in sorted(by_size.items()):
+    print(f"  {size}: " + "  ".join(f"{r['lr']:.3g}{'*' if r['grid'] else ''} {r['loss']:.4f}" for r in rows))
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -41,3 +41,11 @@ def test_reference_curves_notebook_fits_the_published_points(tmp_path, monkeypat
   assert "paper envelope: 0.169" in text and images == 2
   assert os.path.exists(tmp_path / "reference_loss_vs_compute.pdf")
   assert os.path.exists(tmp_path / "reference_fd_vs_compute.png")
+
+
+def test_scaling_laws_notebook_opens_the_committed_study_by_default(tmp_path, monkeypatch):
+  monkeypatch.delenv("GLP_RUNS", raising=False)
+  text, images = execute("scaling_laws.ipynb", monkeypatch, GLP_FIT_OUT=str(tmp_path), GLP_N_BOOT="20")
+  n_runs = len([d for d in os.listdir(os.path.join(ROOT, "docs", "results", "sweep")) if not d.startswith(".")])
+  assert n_runs >= 15 and f"{n_runs} runs under" in text and "docs/results/sweep" in text
+  assert "alpha" in text and images >= 3

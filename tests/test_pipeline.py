@@ -43,3 +43,14 @@ def test_spread_and_published_results_reproduce_the_fit(tmp_path, capsys):
                             level=0.95, loss="final", points="annealed", make_plots=False)
   assert again["chinchilla"] == fitted["chinchilla"] and again["compute"] == fitted["compute"]
   assert len(collect.collect(str(res / "sweep"))) == len(names)
+
+
+def test_lr_report_lines_up_each_size_with_its_grid_run(tmp_path):
+  sweep_dir, check_dir = str(tmp_path / "sweep"), str(tmp_path / "lrcheck")
+  for lr, root in ((1e-3, sweep_dir), (5e-4, check_dir), (4e-3, check_dir)):
+    scaling_fakes.write_run(os.path.join(root, f"w1_l2_b2e05_lr{lr:g}_s0"), n_params=20000, budget=2e5, lr=lr)
+  scaling_fakes.write_run(os.path.join(sweep_dir, "w1_l2_b2e06_lr0.001_s0"), n_params=20000, budget=2e6)
+  demo._lr_report(sweep_dir, check_dir, str(tmp_path))
+  rows = json.load(open(tmp_path / "lrcheck.json"))["w1_l2"]
+  assert [(r["lr"], r["grid"]) for r in rows] == [(5e-4, False), (1e-3, True), (4e-3, False)]   # other budget left out
+  assert all(isinstance(r["loss"], float) for r in rows)

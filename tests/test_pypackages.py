@@ -106,6 +106,9 @@ def test_distributions_normalises_and_rejects_unknown(site, tmp_path, monkeypatc
   assert pypackages.distributions(PACKAGES) == [("glp-fake-alpha", "1.0"), ("glp-fake-beta", "2.0")]
   everything = pypackages.distributions()
   assert everything == sorted(everything) and ("glp-fake-alpha", "1.0") in everything
+  # Not this project nor the installer tools: the lock file fixes neither, so "all" would drift.
+  assert not {name for name, _ in everything} & set(pypackages.UNPINNED)
+  assert [n for n, _ in pypackages.distributions(["pip"])] == ["pip"]          # named, it is included
   # A second copy later on sys.path is shadowed, as it is for imports.
   _dist(tmp_path / "later", "glp-fake-beta", "9.9", {"glp_fake_beta/x.py": _code("x")})
   monkeypatch.setattr("sys.path", sys.path + [str(tmp_path / "later")])

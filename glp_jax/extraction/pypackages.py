@@ -4,6 +4,9 @@ This module owns turning `importlib.metadata.distributions()` into a determinist
 pieces, and the manifest entry (`describe()`) that says exactly which text a study saw. Standard library only.
 
 Rules:
+* All distributions (no `packages` given) means all but `UNPINNED`: this project itself (its files change with
+  every commit, and an editable install lists the checkout) and the installer tools, whose versions
+  `requirements/lock.txt` does not fix; so the corpus is a function of the lock file. Name them to include them.
 * Distributions are deduplicated by PEP 503 name (the first on `sys.path` wins, as for imports; the current
   working directory is not searched, so the result does not depend on where a command runs) and sorted by
   name; each one's files (`dist.files`, i.e. RECORD) are sorted by path and resolved with `dist.locate_file`.
@@ -91,10 +94,15 @@ def _installed() -> dict[str, tuple[str, metadata.Distribution]]:
   return found
 
 
+# Left out of "all distributions" (see the module docstring).
+UNPINNED = ("glp-jax", "pip", "setuptools", "wheel")
+
+
 def _select(packages: Sequence[str] | None) -> list[tuple[str, str, metadata.Distribution]]:
-  """(name, version, distribution) of `packages` (all when None), sorted by name."""
+  """(name, version, distribution) of `packages` (all but UNPINNED when None), sorted by name."""
   installed = _installed()
-  wanted = sorted(installed) if packages is None else sorted({normalize(p) for p in packages})
+  wanted = (sorted(set(installed) - set(UNPINNED)) if packages is None
+            else sorted({normalize(p) for p in packages}))
   missing = [p for p in wanted if p not in installed]
   if missing:
     raise ValueError(f"not installed: {', '.join(missing)}")
