@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,7 +107,6 @@ def kill_battery(cmd: list[str], out_flag: str, base: str, n: int, rng, digest) 
 
 def bad_inputs(base: str, store: str, run: str, quick: bool) -> list[dict]:
   """Each case: (label, argv, expected status). Existing files must not change."""
-  import shutil  # pylint: disable=g-import-not-at-top
   from glp_jax.util import files  # pylint: disable=g-import-not-at-top
   broken = os.path.join(base, "broken_store")
   shutil.copytree(store, broken)
@@ -183,7 +183,6 @@ def main(_):
   out["bad_inputs"] = dict(n=len(cases), ok=sum(c["rc"] == c["expected_rc"] and c["stderr_lines"] <= 2 and
                                               c["unchanged"] and not c["traceback"] for c in cases), cases=cases)
   out["wall_s"] = round(time.time() - t0, 1)
-  import shutil
   shutil.rmtree(base, ignore_errors=True)
   print(json.dumps(out))
 

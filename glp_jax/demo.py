@@ -207,15 +207,19 @@ def _spread_report(sweep_dir: str, spread_dir: str, out: str) -> None:
 def _lr_report(sweep_dir: str, lrcheck_dir: str, out: str) -> None:
   """Final eval loss against the peak lr, per size, at the budget of the lr check (the grid's own run is the
   rule's lr). Written to <out>/lrcheck.json."""
-  by_size: dict[str, list] = {}
-  for run in _finished_runs(lrcheck_dir) + _finished_runs(sweep_dir):
-    cfg = files.read_json(os.path.join(run, "config.json")) or {}
+  def point(run: str) -> tuple[str, str]:   # (size, budget) of a run name <size>_b<budget>_lr<lr>_s<seed>
     size, rest = os.path.basename(run).split("_b", 1)
-    budget = rest.split("_lr")[0]
-    if not any(os.path.basename(r).startswith(f"{size}_b{budget}_") for r in _finished_runs(lrcheck_dir)):
+    return size, rest.split("_lr")[0]
+
+  checked = _finished_runs(lrcheck_dir)
+  wanted = {point(r) for r in checked}
+  by_size: dict[str, list] = {}
+  for run, grid in [(r, False) for r in checked] + [(r, True) for r in _finished_runs(sweep_dir)]:
+    if point(run) not in wanted:
       continue
+    lr = (files.read_json(os.path.join(run, "config.json")) or {})["opt"]["lr"]
     loss = (files.read_json(os.path.join(run, "summary.json")) or {}).get("eval_loss")
-    by_size.setdefault(size, []).append(dict(lr=cfg["opt"]["lr"], loss=loss, grid=run.startswith(sweep_dir)))
+    by_size.setdefault(point(run)[0], []).append(dict(lr=lr, loss=loss, grid=grid))
   for rows in by_size.values():
     rows.sort(key=lambda r: r["lr"])
   files.write_json(os.path.join(out, "lrcheck.json"), by_size)
