@@ -2,8 +2,8 @@
 
 extract -> store -> sweep -> evaluate every prior -> fit scaling laws -> export the largest prior. Two
 pipelines share it: `demo` (Python's own docs, 3 sizes x 3 budgets, minutes) and `study` (5.2M rows of the
-installed packages' sources, 5 sizes x 3 budgets plus a seed rerun of two sizes for the run-to-run spread,
-~1-2 h on 2 CPU cores; docs/results.md). Everything lands under --out. Each stage is the same console entry
+installed packages' sources, an lr search per size at the smallest budget, then 5 sizes x 3 budgets, plus a
+seed rerun of two sizes for the run-to-run spread; ~2 h on 2 CPU cores; docs/results.md). Everything lands under --out. Each stage is the same console entry
 point a user would run, so this doubles as a worked example; a stage whose output is already complete is
 skipped, so a second call resumes where the first stopped.
 """
@@ -18,6 +18,7 @@ import time
 
 from absl import flags
 
+from glp_jax.scaling import sweep
 from glp_jax.util import cli, files
 
 FLAGS = cli.flag_values()
@@ -29,15 +30,12 @@ flags.DEFINE_list("evals", ["fd", "delta_lm", "steer", "probe"], "Evaluations ru
 # Stage arguments of each pipeline. `spread` reruns some grid points with another seed (own root).
 PIPELINES = {
     "demo": dict(extract=("--config=configs/extract.py",), sweep=("--config=configs/sweep.py:runlocal",),
-                 spread=None, lrcheck=None, evals=("--quick",), fit=("--n_bootstrap=500",)),
+                 spread=None, evals=("--quick",), fit=("--n_bootstrap=500",)),
     "study": dict(extract=("--config=configs/extract.py:rows=5200000", "--config.corpus.source=python-packages"),
                   sweep=("--config=configs/sweep.py:study",),
+                  # Seed 1 of the smallest and largest size at the smallest budget, at the sweep's chosen lrs.
                   spread=("--config=configs/sweep.py:study", "--config.sizes=('w0.125_l1','w0.75_l3')",
                           "--config.budgets=(200000,)", "--config.seeds=(1,)"),
-                  # The lr rule checked at the smallest budget: the smallest and largest size at 0.5x, 2x and 4x
-                  # the rule's lr (the grid's own run is 1x).
-                  lrcheck=("--config=configs/sweep.py:study", "--config.sizes=('w0.125_l1','w0.75_l3')",
-                           "--config.budgets=(200000,)", "--config.lrs=(1.4e-3,5.6e-3,1.12e-2)"),
                   # Between --quick and the full sizes: ~1 min per run on 2 cores. FD: 4,096 samples a side (7 per
                   # dimension), 50 Euler steps; delta LM: 32 held-out documents; steering: 4 prompts.
                   evals=("--num_samples=4096", "--steps=50", "--num_docs=32", "--max_length=128",
@@ -74,8 +72,8 @@ def main(fv: flags.FlagValues) -> None:
   spec = PIPELINES[fv.pipeline]
   out = os.path.abspath(fv.out or os.path.join("runs", fv.pipeline))
   os.makedirs(out, exist_ok=True)
-  extract_dir, sweep_dir, spread_dir, lrcheck_dir, fit_dir, export_dir = (
-      os.path.join(out, d) for d in ("extract", "sweep", "spread", "lrcheck", "fit", "export"))
+  extract_dir, sweep_dir, spread_dir, fit_dir, export_dir = (
+      os.path.join(out, d) for d in ("extract", "sweep", "spread", "fit", "export"))
   store = os.path.join(extract_dir, "store")
   t0 = time.time()
 
@@ -83,18 +81,15 @@ def main(fv: flags.FlagValues) -> None:
   if not _done(os.path.join(extract_dir, "summary.json")):
     _stage("extract activations", _tool("glp-extract", *spec["extract"], f"--workdir={extract_dir}"))
 
-  # --- sweep: sizes x activation budgets, each run one glp-train ---
+  # --- sweep: sizes x activation budgets (after the config's lr search, if any), each run one glp-train ---
   _stage("scaling sweep", _tool("glp-sweep", *spec["sweep"], f"--config.store={store}", f"--root={sweep_dir}"))
   runs = _finished_runs(sweep_dir)
-  if spec["spread"]:
+  lr_dir = os.path.join(sweep_dir, sweep.LR_SEARCH)
+  if spec["spread"]:   # the seed reruns only measure the loss spread: they are not evaluated
     _stage("seed reruns (run-to-run spread)", _tool("glp-sweep", *spec["spread"], f"--config.store={store}",
-                                                   f"--root={spread_dir}"))
-    runs += _finished_runs(spread_dir)
-  if spec["lrcheck"]:
-    _stage("learning-rate check", _tool("glp-sweep", *spec["lrcheck"], f"--config.store={store}",
-                                        f"--root={lrcheck_dir}"))
+                                                   f"--root={spread_dir}", f"--config.lr_from={sweep_dir}"))
 
-  # --- evaluate every prior; results land in <run>/eval_<name>.json for the collector ---
+  # --- evaluate every grid prior; results land in <run>/eval_<name>.json for the collector ---
   # One process per run and evaluation list, so the LM is loaded once per run.
   for run in runs:
     todo = [n for n in fv.evals if not os.path.exists(os.path.join(run, f"eval_{n}.json"))]
@@ -112,13 +107,13 @@ def main(fv: flags.FlagValues) -> None:
   _report(out, store, sweep_dir, fit_dir, export_dir)
   if spec["spread"]:
     _spread_report(sweep_dir, spread_dir, out)
-  if spec["lrcheck"]:
-    _lr_report(sweep_dir, lrcheck_dir, out)
+  if os.path.isdir(lr_dir):
+    _lr_report(lr_dir, out)
   files.write_json(os.path.join(out, "pipeline.json"), dict(pipeline=fv.pipeline, wall_s=round(time.time() - t0),
                                                            note="wall time of this call (stages already "
                                                                 "complete were skipped)"))
   _publish(out, store, fit_dir, [sweep_dir] + [spread_dir] * bool(spec["spread"])
-           + [lrcheck_dir] * bool(spec["lrcheck"]))
+           + [lr_dir] * os.path.isdir(lr_dir))
 
 
 # What <out>/results keeps of each run: enough for glp-fit and the notebook to redo every fit (no weights).
@@ -144,7 +139,7 @@ def _publish(out: str, store: str, fit_dir: str, roots: list[str]) -> None:
   manifest = files.read_json(os.path.join(store, "manifest.json")) or {}
   files.write_json(os.path.join(dest, "store.json"), {k: v for k, v in manifest.items()
                                                        if k not in ("stats", "stats_state", "heldout")})
-  for name in ("spread.json", "lrcheck.json", "pipeline.json"):
+  for name in ("spread.json", "lr_search.json", "pipeline.json"):
     if os.path.exists(os.path.join(out, name)):
       shutil.copy2(os.path.join(out, name), os.path.join(dest, name))
   print(f"results to commit: {dest}")
@@ -204,28 +199,18 @@ def _spread_report(sweep_dir: str, spread_dir: str, out: str) -> None:
           f"eval SEM {p['sem'] or float('nan'):.4f}")
 
 
-def _lr_report(sweep_dir: str, lrcheck_dir: str, out: str) -> None:
-  """Final eval loss against the peak lr, per size, at the budget of the lr check (the grid's own run is the
-  rule's lr). Written to <out>/lrcheck.json."""
-  def point(run: str) -> tuple[str, str]:   # (size, budget) of a run name <size>_b<budget>_lr<lr>_s<seed>
-    size, rest = os.path.basename(run).split("_b", 1)
-    return size, rest.split("_lr")[0]
-
-  checked = _finished_runs(lrcheck_dir)
-  wanted = {point(r) for r in checked}
-  by_size: dict[str, list] = {}
-  for run, grid in [(r, False) for r in checked] + [(r, True) for r in _finished_runs(sweep_dir)]:
-    if point(run) not in wanted:
-      continue
-    lr = (files.read_json(os.path.join(run, "config.json")) or {})["opt"]["lr"]
-    loss = (files.read_json(os.path.join(run, "summary.json")) or {}).get("eval_loss")
-    by_size.setdefault(point(run)[0], []).append(dict(lr=lr, loss=loss, grid=grid))
-  for rows in by_size.values():
-    rows.sort(key=lambda r: r["lr"])
-  files.write_json(os.path.join(out, "lrcheck.json"), by_size)
-  print("\nlearning-rate check (final eval loss; * = the rule's lr, the grid's run):")
-  for size, rows in sorted(by_size.items()):
-    print(f"  {size}: " + "  ".join(f"{r['lr']:.3g}{'*' if r['grid'] else ''} {r['loss']:.4f}" for r in rows))
+def _lr_report(lr_dir: str, out: str) -> None:
+  """The lr search: final eval loss per size and lr at the smallest budget, and the lr each size got.
+  Written to <out>/lr_search.json."""
+  choice = files.read_json(os.path.join(lr_dir, sweep.CHOICE)) or {}
+  files.write_json(os.path.join(out, "lr_search.json"), choice)
+  print("\nlearning-rate search (final eval loss at the smallest budget; * = chosen for the grid):")
+  for size, rows in sorted(choice.get("search", {}).items()):
+    cells = [f"{r['lr']:.3g}{'*' if r['lr'] == choice['lrs'][size] else ''} "
+             + (f"{r['loss']:.4f}" if r["loss"] is not None else "failed") for r in sorted(rows, key=lambda r: r["lr"])]
+    print(f"  {size}: " + "  ".join(cells))
+  if choice.get("at_edge"):
+    print(f"  best lr at the edge of the ladder for {choice['at_edge']}: the optimum may lie outside it")
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -45,12 +45,21 @@ def test_spread_and_published_results_reproduce_the_fit(tmp_path, capsys):
   assert len(collect.collect(str(res / "sweep"))) == len(names)
 
 
-def test_lr_report_lines_up_each_size_with_its_grid_run(tmp_path):
-  sweep_dir, check_dir = str(tmp_path / "sweep"), str(tmp_path / "lrcheck")
-  for lr, root in ((1e-3, sweep_dir), (5e-4, check_dir), (4e-3, check_dir)):
-    scaling_fakes.write_run(os.path.join(root, f"w1_l2_b2e05_lr{lr:g}_s0"), n_params=20000, budget=2e5, lr=lr)
-  scaling_fakes.write_run(os.path.join(sweep_dir, "w1_l2_b2e06_lr0.001_s0"), n_params=20000, budget=2e6)
-  demo._lr_report(sweep_dir, check_dir, str(tmp_path))
-  rows = json.load(open(tmp_path / "lrcheck.json"))["w1_l2"]
-  assert [(r["lr"], r["grid"]) for r in rows] == [(5e-4, False), (1e-3, True), (4e-3, False)]   # other budget left out
-  assert all(isinstance(r["loss"], float) for r in rows)
+def test_lr_report_publishes_the_search_and_marks_the_choice(tmp_path, capsys):
+  lr_dir = tmp_path / "sweep" / "lr_search"
+  for lr in (1e-3, 4e-3):
+    scaling_fakes.write_run(str(lr_dir / f"w1_l2_b2e05_lr{lr:g}_s0"), n_params=20000, budget=2e5, lr=lr)
+  search = {"w1_l2": [dict(lr=1e-3, loss=1.5, status="done"), dict(lr=4e-3, loss=1.4, status="done"),
+                      dict(lr=1.6e-2, loss=None, status="diverged")]}
+  (lr_dir / "choice.json").write_text(json.dumps(dict(lrs={"w1_l2": 4e-3}, search=search, at_edge=[])))
+  demo._lr_report(str(lr_dir), str(tmp_path))
+  assert json.load(open(tmp_path / "lr_search.json"))["lrs"] == {"w1_l2": 4e-3}
+  assert "w1_l2: 0.001 1.5000  0.004* 1.4000  0.016 failed" in capsys.readouterr().out
+  fit_dir = tmp_path / "fit"
+  fit_dir.mkdir()
+  store = tmp_path / "store"
+  store.mkdir()
+  demo._publish(str(tmp_path), str(store), str(fit_dir), [str(lr_dir)])
+  res = tmp_path / "results"
+  assert sorted(os.listdir(res / "lr_search")) == ["w1_l2_b2e05_lr0.001_s0", "w1_l2_b2e05_lr0.004_s0"]
+  assert os.path.exists(res / "lr_search.json")

@@ -246,6 +246,10 @@ def test_non_finite_loss_stops_and_saves_nothing(store, tmp_path):
     train.train_and_evaluate(make_config(store, **{"opt.lr": 1e30, "opt.clip_norm": 0.0}), w)
   ck = os.path.join(w, "checkpoints")
   assert not os.path.exists(ck) or not [s for s in os.listdir(ck) if s.isdigit()]
+  # Recorded for sweeps: a diverged run counts as finished and lost, not as one to start again.
+  assert "non-finite" in json.load(open(os.path.join(w, "diverged.json")))["error"]
+  from glp_jax.scaling import sweep  # pylint: disable=g-import-not-at-top
+  assert sweep.Run("nan", w, ()).status() == "diverged"
 
 
 def test_nan_at_a_non_logged_step_stops_before_the_next_checkpoint(store, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ r"""glp-sweep and glp-fit: run a grid of training runs, then fit scaling laws to
   glp-sweep --config=configs/sweep.py:runlocal --root=runs/sweep --dry_run    # print what would run
   glp-sweep --config=configs/sweep.py --root=/shared/sweep --emit=slurm       # <root>/sweep.slurm
   glp-sweep --config=configs/sweep.py --root=/shared/sweep --emit=tpu         # <root>/sweep_tpu.sh
+  glp-sweep --config=configs/sweep.py:study --root=runs/s --config.lr_search=1e-3,4e-3  # lr per size first
   glp-fit --runs=runs/sweep --out=runs/fit          # table (runs.csv/.parquet), fit.json, *.png/*.pdf
   glp-fit --runs=runs/sweep --points=all            # L(C) over every eval point, not only annealed ones
   glp-fit --table=points.csv --form=chinchilla      # columns N, D, loss [, loss_sem] (--form=compute: C, loss)
@@ -20,7 +21,7 @@ import sys
 from absl import flags
 
 from glp_jax.scaling import analysis, sweep
-from glp_jax.util import cli
+from glp_jax.util import cli, files
 from glp_jax.util import config as config_lib
 from glp_jax.util.errors import ConfigError
 
@@ -59,8 +60,31 @@ def sweep_main(fv: flags.FlagValues) -> None:
   root = fv.root if emit != "local" else os.path.abspath(fv.root)
   # Local runs get the train config as an absolute path (the packaged copy where there is no checkout).
   train_config = None if emit != "local" else os.path.abspath(config_lib.packaged_config(config.train_config))
-  runs = sweep.expand(config, root, train_config)
-  pending = [r for r in runs if r.status() != "done"]
+  lrs = sweep.read_choice(config.lr_from) if config.get("lr_from") else None
+  if config.get("lr_search") and lrs is None:
+    # First the lr search (its own folder); the grid's lrs come from its result.
+    search = sweep.expand(sweep.search_config(config), os.path.join(root, sweep.LR_SEARCH), train_config)
+    if emit != "local" or fv.dry_run:
+      if any(r.status() not in ("done", "diverged") for r in search):
+        print(f"[glp-sweep] lr search first ({len(search)} runs); call again once it is done for the grid",
+              flush=True)
+        _launch(fv, config, search, os.path.join(root, sweep.LR_SEARCH))
+        return
+    else:
+      sweep.run_local(search, config.parallel)   # a failed (diverged) lr just loses; choose_lrs says so
+    choice = sweep.choose_lrs(search, config.sizes)
+    if not fv.dry_run:
+      files.write_json(os.path.join(root, sweep.LR_SEARCH, sweep.CHOICE), choice)
+    lrs = choice["lrs"]
+    print(f"[glp-sweep] lr per size (lowest final eval loss at budget {min(config.budgets):g}): "
+          f"{json.dumps(lrs)}", flush=True)
+  _launch(fv, config, sweep.expand(config, root, train_config, lrs), root)
+
+
+def _launch(fv: flags.FlagValues, config, runs: list[sweep.Run], root: str) -> None:
+  """Runs `runs` here, prints them (--dry_run) or writes their launcher (--emit)."""
+  emit = fv.emit
+  pending = [r for r in runs if r.status() not in ("done", "diverged")]
   print(f"[glp-sweep] {len(runs)} runs, {len(runs) - len(pending)} done, {len(pending)} to run", flush=True)
   if emit in ("slurm", "tpu"):
     if not pending:

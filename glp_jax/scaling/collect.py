@@ -18,6 +18,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from glp_jax.scaling import sweep
+
 from glp_jax.util import files
 
 CORE_COLUMNS = ("run", "workdir", "done", "N", "D", "C", "C_6ND", "steps", "final_eval_loss",
@@ -42,10 +44,11 @@ def eval_curve(workdir: str) -> dict[str, np.ndarray]:
 
 
 def find_runs(root: str) -> list[str]:
-  """Run directories under `root` (or `root` itself), sorted; checkpoint folders are not descended into."""
+  """Run directories under `root` (or `root` itself), sorted; checkpoint folders are not descended into,
+  nor a sweep's lr search (its runs pick each size's lr; they are not grid points)."""
   found = []
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if d != "checkpoints" and not d.startswith("."))
+    dirnames[:] = sorted(d for d in dirnames if d not in ("checkpoints", sweep.LR_SEARCH) and not d.startswith("."))
     if any(f in filenames for f in _RUN_FILES):
       found.append(dirpath)
   return sorted(found)

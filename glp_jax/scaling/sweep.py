@@ -3,6 +3,12 @@
 
 A run whose summary.json says done is skipped; an interrupted one is simply started again (glp-train
 resumes from its last checkpoint). Launchers hold environment set-up and the glp-train command only.
+
+Learning rate per size: with `lr_search` set, every size first runs each of those lrs at the smallest budget
+under <root>/lr_search (not grid points: collect skips that folder), and the grid runs each size at the lr
+with the lowest final eval loss there (`choose_lrs`, recorded in <root>/lr_search/choice.json). `lr_from`
+reuses another sweep's choice (e.g. for seed reruns). Emitted launchers come in the same two steps: the
+search first, and once it is done the same glp-sweep call emits the grid.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from glp_jax.training import workdir as workdir_lib
 from glp_jax.util import files
 from glp_jax.util.errors import ConfigError
 
@@ -29,11 +36,15 @@ class Run:
   name: str
   workdir: str
   args: tuple[str, ...]   # glp-train arguments
+  size: str = ""
+  lr: float = 0.0
 
   def status(self) -> str:
-    """done | partial (something written: resumes) | new."""
+    """done | diverged (stopped on a non-finite loss: not started again) | partial (resumes) | new."""
     if (files.read_json(os.path.join(self.workdir, "summary.json")) or {}).get("done"):
       return "done"
+    if os.path.exists(os.path.join(self.workdir, workdir_lib.DIVERGED_FILE)):
+      return "diverged"
     if any(os.path.exists(os.path.join(self.workdir, p)) for p in ("checkpoints", "metrics.jsonl")):
       return "partial"
     return "new"
@@ -73,6 +84,48 @@ def run_lr(lr: float, size: str, lr_width_ref: float) -> float:
   return lr if lr_width_ref <= 0 else lr * lr_width_ref / width_mult(size)
 
 
+LR_SEARCH = "lr_search"        # <root>/LR_SEARCH holds the lr search runs and its choice.json
+CHOICE = "choice.json"
+
+
+def search_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The lr search of a sweep: every size at each `lr_search` lr, the smallest budget, the first seed."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.budgets, c.lrs, c.seeds = (min(config.budgets),), tuple(config.lr_search), (config.seeds[0],)
+  c.lr_search, c.lr_from = (), ""
+  return c
+
+
+def choose_lrs(runs: list[Run], sizes) -> dict:
+  """Each size's lr: the finished search run with the lowest final eval loss (a run that failed, e.g.
+  diverged, simply loses). Returns {"lrs": {size: lr}, "search": {size: [{lr, loss, status}...]},
+  "at_edge": [sizes whose best lr is the lowest or highest tried: the ladder may not bracket the optimum]}."""
+  search: dict[str, list] = {s: [] for s in sizes}
+  for r in runs:
+    summary = files.read_json(os.path.join(r.workdir, "summary.json")) or {}
+    loss = summary.get("eval_loss") if summary.get("done") else None
+    search[r.size].append(dict(lr=r.lr, loss=loss, status=r.status() if loss is None else "done"))
+  lrs = {}
+  for size, rows in search.items():
+    done = [x for x in rows if x["loss"] is not None]
+    if not done:
+      raise ConfigError(f"lr search: no run of size {size!r} finished with an eval loss; see its train.log "
+                        "files under <root>/lr_search")
+    lrs[size] = min(done, key=lambda x: (x["loss"], x["lr"]))["lr"]
+  tried = sorted({x["lr"] for rows in search.values() for x in rows})
+  at_edge = sorted(s for s, lr in lrs.items() if len(tried) > 2 and lr in (tried[0], tried[-1]))
+  return dict(lrs=lrs, search=search, at_edge=at_edge)
+
+
+def read_choice(root: str) -> dict[str, float]:
+  """{size: lr} of the finished lr search of the sweep at `root`."""
+  choice = files.read_json(os.path.join(root, LR_SEARCH, CHOICE))
+  if not choice:
+    raise ConfigError(f"lr_from={root!r}: no {os.path.join(LR_SEARCH, CHOICE)} there (its lr search has not "
+                      "finished)")
+  return {k: float(v) for k, v in choice["lrs"].items()}
+
+
 def flatten(cfg: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
   """Nested overrides -> {'a.b': value} in sorted key order."""
   out = {}
@@ -89,14 +142,20 @@ def _value(v: Any) -> str:
   return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def expand(config: ml_collections.ConfigDict, root: str, train_config: str | None = None) -> list[Run]:
-  """The grid in a fixed order (size, budget, lr, seed); names and workdirs are pure functions of it."""
+def expand(config: ml_collections.ConfigDict, root: str, train_config: str | None = None,
+           lrs: dict[str, float] | None = None) -> list[Run]:
+  """The grid in a fixed order (size, budget, lr, seed); names and workdirs are pure functions of it.
+  `lrs` ({size: lr}, an lr search's choice) replaces config.lrs and the width rule."""
   train_config = train_config or config.train_config
   spec = f"{train_config}:{config.train_arg}" if config.train_arg else train_config
   fixed = flatten(config.overrides)
   runs, seen = [], set()
-  for size, budget, lr, seed in itertools.product(config.sizes, config.budgets, config.lrs, config.seeds):
-    lr = run_lr(float(lr), size, float(config.get("lr_width_ref", 0.0)))
+  missing = sorted(set(config.sizes) - set(lrs or config.sizes))
+  if missing:
+    raise ConfigError(f"the lr choice has no lr for sizes {missing}: run their lr search")
+  lr_axis = (None,) if lrs else config.lrs   # a choice gives one lr per size
+  for size, budget, lr, seed in itertools.product(config.sizes, config.budgets, lr_axis, config.seeds):
+    lr = lrs[size] if lrs else run_lr(float(lr), size, float(config.get("lr_width_ref", 0.0)))
     name = f"{size}_b{_num(float(budget))}_lr{_num(float(lr))}_s{int(seed)}"
     if name in seen:
       raise ValueError(f"duplicate run {name!r}: the grid repeats a value")
@@ -108,7 +167,7 @@ def expand(config: ml_collections.ConfigDict, root: str, train_config: str | Non
     over.update(size_overrides(size))
     over.update({"num_activations": float(budget), "opt.lr": float(lr), "seed": int(seed)})
     args = (f"--config={spec}", f"--workdir={workdir}", *(f"--config.{k}={_value(v)}" for k, v in over.items()))
-    runs.append(Run(name, workdir, args))
+    runs.append(Run(name, workdir, args, size, float(lr)))
   return runs
 
 
@@ -145,8 +204,8 @@ def device_slots(parallel: int, env: dict) -> list[dict]:
 def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, poll_s: float = 0.2) -> dict:
   """Runs every run not done, `parallel` at a time, each on its own devices (`device_slots`); each logs to
   <workdir>/train.log. Returns name -> rc."""
-  todo = [r for r in runs if r.status() != "done"]
-  results = {r.name: 0 for r in runs if r not in todo}
+  todo = [r for r in runs if r.status() not in ("done", "diverged")]
+  results = {r.name: 0 if r.status() == "done" else 1 for r in runs if r not in todo}
   free = device_slots(parallel, dict(os.environ if env is None else env))
   active: list[tuple[Run, subprocess.Popen, Any, dict]] = []
   while todo or active:

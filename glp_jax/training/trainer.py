@@ -168,6 +168,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
       if start_step == total_steps:   # resumed a finished run: report its final state again
         recorder.add_eval(step, state_lib.evaluate(eval_step, state, evals))
         recorder.last_loss = metrics_lib.last_logged_loss(writer.path)
+  except metrics_lib.NonFiniteLoss as e:
+    if is_main:   # sweeps read it: a rerun of the same config would diverge again (workdir.DIVERGED_FILE)
+      files.write_json(os.path.join(workdir, workdir_lib.DIVERGED_FILE), {"step": step, "error": str(e)})
+    raise
   finally:
     batches.close()
     ckpt.wait()

@@ -23,6 +23,9 @@ from glp_jax.util.errors import ConfigError, GlpError
 
 LOCK_FILE = ".glp-train.lock"
 OWNER_FILE = ".glp-train.owner.json"
+# Written when a run stops on a non-finite loss: the same config diverges again on a rerun, so a sweep counts
+# the run as finished and lost (an lr search's too-high rate) instead of starting it over.
+DIVERGED_FILE = "diverged.json"
 # Config fields that decide the trajectory: a resumed run must see the same values (mesh, logging, checkpoint
 # cadence and prefetching may change freely between restarts).
 PLAN_FIELDS = ("seed", "batch_size", "num_activations", "eval_rows", "model", "flow", "opt", "data.layer",
