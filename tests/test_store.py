@@ -523,3 +523,40 @@ def test_closed_store_without_heldout_rows(workdir):
   with StoreWriter.open_for_append(path) as st:   # and it grows again on append
     write_docs(st, range(5, 9), lambda i: True)
   assert assert_committed_prefix_correct(path, lambda i: i >= 5) == 9
+
+
+def copy_to_memory(path: str, name: str) -> str:
+  """A copy of the store folder `path` in this process's memory:// key-value store; returns its URL."""
+  mem = ts.KvStore.open(f"memory://{name}/", context=store_lib.CONTEXT).result()
+  for root, _, names in os.walk(path):
+    for n in names:
+      with open(os.path.join(root, n), "rb") as f:
+        mem[os.path.relpath(os.path.join(root, n), path)] = f.read()
+  return f"memory://{name}"
+
+
+def test_store_reads_the_same_through_file_and_memory_urls(workdir):
+  path = os.path.join(workdir, "s")
+  with new_store(path) as st:
+    write_docs(st, range(60), is_held)
+  local = ActivationStore.open(path)
+  for url in ("file://" + path, copy_to_memory(path, "copied")):
+    assert store_lib.is_store(url)
+    r = ActivationStore.open(url)
+    assert r.path == url and r.manifest == local.manifest
+    for l in LAYERS:
+      np.testing.assert_array_equal(r.read(0, r.num_rows, l), local.read(0, local.num_rows, l))
+      np.testing.assert_array_equal(r.read_heldout(0, r.heldout_num_rows, l),
+                                    local.read_heldout(0, local.heldout_num_rows, l))
+    np.testing.assert_array_equal(r.docs(), local.docs())
+    np.testing.assert_array_equal(r.heldout_docs(), local.heldout_docs())
+    np.testing.assert_array_equal(r.positions(3, 50), local.positions(3, 50))
+    np.testing.assert_array_equal(r.heldout_positions(), local.heldout_positions())
+  # Behind a URL a missing shard is still an error, not zeros.
+  mem = ts.KvStore.open("memory://copied/", context=store_lib.CONTEXT).result()
+  del mem["layer_05/c/1/0"]
+  with pytest.raises(StoreError, match=r"memory://copied: reading rows \[60, 70\) of layer_05 failed.*missing"):
+    ActivationStore.open("memory://copied").read(60, 70, 5)
+  assert not store_lib.is_store("memory://nothing") and not store_lib.is_store("nope://x")
+  with pytest.raises(StoreError, match="memory://nothing: not an activation store"):
+    ActivationStore.open("memory://nothing")

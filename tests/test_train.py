@@ -132,6 +132,15 @@ def test_reference_run_outputs(reference):
   assert train_lib.params_checksum(nnx.to_pure_dict(nnx.state(model))) == summary["params_checksum"]
 
 
+def test_a_store_behind_a_url_trains_the_same_run(reference, store, tmp_path):
+  """config.data.store as a tensorstore URL (here an in-memory copy; gs:// goes the same way)."""
+  from test_store import copy_to_memory  # pylint: disable=g-import-not-at-top
+  url = copy_to_memory(store, "train_store")
+  summary = train.train_and_evaluate(make_config(url), str(tmp_path / "url"))
+  assert summary["params_checksum"] == reference[1]["params_checksum"]
+  assert json.load(open(tmp_path / "url" / "config.json"))["data"]["store"] == url
+
+
 def test_resume_of_finished_run_is_a_noop(reference, store, tmp_path):
   workdir = str(tmp_path / "again")
   shutil.copytree(reference[0], workdir)

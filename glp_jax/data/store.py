@@ -23,6 +23,9 @@ Statistics are exact per-dimension mean / population variance over all committed
 float64 (Chan et al.) over whole shard-sized chunks in row order (so they do not depend on where commits fell),
 plus the reference's 'first_shard' statistic over the first `first_shard_rows` rows.
 Reads never fill absent chunks with zeros (`fill_missing_data_reads: false`): a deleted shard file is an error.
+A store is read through tensorstore key-value stores only, so its path may be a URL as well as a local folder:
+`gs://bucket/store`, `s3://...`, `file:///data/store`, or `memory://name` (a store in this process's memory,
+for tests). The writer needs a local folder (atomic renames, fsync); extract locally and copy the folder up.
 zarr-python 3 reads float16/float32 stores (`zarr.open_array(<store>/layer_XX)`); it has no bfloat16.
 The write path (buffering, whole-shard writes, commits) is `writer.StoreWriter`; the statistics math is
 `stats.py`; the progress files of streaming consumers are `streaming.py`.
@@ -57,6 +60,51 @@ RESERVED = ("format", "format_version", "layers", "d", "dtype", "shard_rows", "c
             "created", "updated", "finished", "metadata", "stats_state", "heldout")
 SHARD_BYTES = 32 << 20   # default shard size: written whole, so a few tens of MB keeps writes efficient
 CHUNK_BYTES = 1 << 20    # default inner chunk: ~1 MB keeps contiguous block reads fast
+
+
+# One tensorstore context for every store this process opens: shared cache pools and, for memory:// stores,
+# one shared in-memory key-value store.
+CONTEXT = ts.Context()
+
+
+def location(path: str) -> str:
+  """Where a store is: a URL (scheme://...) as given, without a trailing slash; else an absolute path."""
+  path = os.fspath(path)
+  return path.rstrip("/") if "://" in path else os.path.abspath(path)
+
+
+def kvstore(path: str, *parts: str) -> dict | str:
+  """The tensorstore kvstore spec of a folder inside a store: a file driver spec for a local path, the URL
+  (tensorstore's kvstore URL syntax) for a URL. Both end in a slash: keys are appended to the path as is."""
+  sub = "/".join(p for p in parts if p)
+  if "://" in path:
+    return f"{path.rstrip('/')}/{sub}/" if sub else f"{path.rstrip('/')}/"
+  return {"driver": "file", "path": os.path.join(path, sub, "")}
+
+
+def _kv(path: str) -> ts.KvStore:
+  try:
+    return ts.KvStore.open(kvstore(location(path)), context=CONTEXT).result()
+  except ValueError as e:   # an unknown scheme, or a driver this tensorstore build lacks
+    raise StoreError(f"{path}: cannot open as a key-value store: {e}") from e
+
+
+def _read(kv: ts.KvStore, path: str, key: str, byte_range: slice | None = None) -> bytes:
+  try:
+    r = kv.read(key, byte_range=byte_range).result()
+  except ValueError as e:   # e.g. a byte range past the end of a truncated file
+    raise StoreError(f"{path}/{key}: cannot read bytes {byte_range}: {e}") from e
+  if r.state != "value":
+    raise StoreError(f"{path}/{key} is missing")
+  return r.value
+
+
+def is_store(path: str) -> bool:
+  """Whether `path` (a folder or URL) holds a store manifest."""
+  try:
+    return _kv(path).read(MANIFEST).result().state == "value"
+  except (StoreError, ValueError):
+    return False
 
 
 class StoreError(GlpError, ValueError):
@@ -101,8 +149,8 @@ def default_rows(d: int, dtype: str) -> tuple[int, int]:
 def layer_spec(path: str, layer: int, split: Split = TRAIN) -> dict:
   """The plain tensorstore spec that opens one layer's array (no glp_jax needed). Absent chunks raise on
   read instead of reading as zeros."""
-  kvstore = {"driver": "file", "path": os.path.join(split.root(path), layer_dir(layer))}
-  return {"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False}
+  return {"driver": "zarr3", "kvstore": kvstore(path, split.subdir, layer_dir(layer)),
+          "fill_missing_data_reads": False}
 
 
 def create_spec(path, layer, d, dtype, shard_rows, chunk_rows, compression, capacity, split=TRAIN) -> dict:
@@ -122,13 +170,13 @@ def create_spec(path, layer, d, dtype, shard_rows, chunk_rows, compression, capa
 
 
 def read_manifest(path: str) -> dict:
-  mpath = os.path.join(path, MANIFEST)
-  if not os.path.exists(mpath):
+  mpath = f"{path.rstrip('/')}/{MANIFEST}"
+  r = _kv(path).read(MANIFEST).result()
+  if r.state != "value":
     raise StoreError(f"{path}: not an activation store (no {MANIFEST})")
   try:
-    with open(mpath) as f:
-      m = json.load(f)
-  except json.JSONDecodeError as e:
+    m = json.loads(r.value)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise StoreError(f"{mpath}: unreadable manifest ({e})") from e
   if m.get("format") != FORMAT or m.get("format_version") not in READABLE_VERSIONS:
     raise StoreError(f"{path}: manifest format {m.get('format')!r} v{m.get('format_version')} is not "
@@ -153,8 +201,9 @@ class ActivationStore:
   appends.) Readers only ever see the committed rows [0, num_rows) of each split."""
 
   def __init__(self, path: str, manifest: dict):
-    self.path = os.path.abspath(path)
+    self.path = location(path)
     self.manifest = manifest
+    self._kvstore = _kv(self.path)
     self._arrays: dict[tuple[str, int], Any] = {}
 
   # ---------------------------------------------------------------- opening
@@ -247,9 +296,11 @@ class ActivationStore:
     for split in (TRAIN, HELDOUT) if self.has_heldout_split else (TRAIN,):
       rows = split.counts(self.manifest)[0]
       for layer in self.layers:
-        folder = os.path.join(split.root(self.path), layer_dir(layer), "c")
+        folder = "/".join(p for p in (split.subdir, layer_dir(layer), "c/") if p)
+        keys = self._kvstore.list(ts.KvStore.KeyRange(folder, folder[:-1] + "0")).result()
+        present = {k.decode() for k in keys}
         for i in range(-(-rows // shard)):
-          if not os.path.exists(os.path.join(folder, str(i), "0")):
+          if f"{folder}{i}/0" not in present:
             raise StoreError(f"{self.path}: rows [{i * shard}, {min((i + 1) * shard, rows)}) of "
                              f"{os.path.join(split.subdir, layer_dir(layer))} are missing (no shard file "
                              f"c/{i}/0): the store is damaged; restore or re-extract it")
@@ -261,7 +312,7 @@ class ActivationStore:
     arr = self._arrays.get((split.name, layer))
     if arr is None or arr.shape[0] < split.counts(self.manifest)[0]:
       try:
-        arr = ts.open(layer_spec(self.path, layer, split), open=True).result()
+        arr = ts.open(layer_spec(self.path, layer, split), open=True, context=CONTEXT).result()
       except Exception as e:  # tensorstore raises ValueError with its own message
         raise StoreError(f"{self.path}: cannot open {os.path.join(split.subdir, layer_dir(layer))}: {e}") from e
       self._arrays[(split.name, layer)] = arr
@@ -350,10 +401,10 @@ class ActivationStore:
 
   def _docs(self, split: Split) -> np.ndarray:
     n = split.counts(self.manifest)[1]
-    path = os.path.join(split.root(self.path), DOCS_FILE)
-    raw = np.fromfile(path, dtype="<i8", count=n * 4) if n else np.zeros(0, "<i8")
+    key = "/".join(p for p in (split.subdir, DOCS_FILE) if p)
+    raw = np.frombuffer(_read(self._kvstore, self.path, key, slice(0, 32 * n)), "<i8") if n else np.zeros(0, "<i8")
     if raw.size != n * 4:
-      raise StoreError(f"{path}: holds {raw.size // 4} docs, manifest commits {n}")
+      raise StoreError(f"{self.path}/{key}: holds {raw.size // 4} docs, manifest commits {n}")
     return raw.reshape(-1, 4)
 
   def _positions(self, split: Split, start: int, stop: int | None) -> np.ndarray:
@@ -361,8 +412,10 @@ class ActivationStore:
     stop = rows if stop is None else stop
     if not 0 <= start <= stop <= rows:
       raise StoreError(f"{self.path}: {split.name} positions [{start}, {stop}) beyond {rows} committed rows")
-    path = os.path.join(split.root(self.path), POSITIONS_FILE)
-    return np.fromfile(path, dtype="<i4", count=stop - start, offset=4 * start)
+    if stop == start:
+      return np.zeros(0, "<i4")
+    key = "/".join(p for p in (split.subdir, POSITIONS_FILE) if p)
+    return np.frombuffer(_read(self._kvstore, self.path, key, slice(4 * start, 4 * stop)), "<i4").copy()
 
   def docs(self) -> np.ndarray:
     """[num_docs, 4] int64 table of the training split: doc_id, first_row, n_rows, position_start."""

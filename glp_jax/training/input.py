@@ -30,7 +30,7 @@ class Input:
 
   def __init__(self, config: ml_collections.ConfigDict):
     path = config.data.store or default_store()
-    if not os.path.exists(os.path.join(path, "manifest.json")):
+    if not store_lib.is_store(path):
       raise ConfigError(f"config.data.store: no activation store at {path!r} (expected {path}/manifest.json); "
                         "run glp-extract first or leave it empty for the embedded default")
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
@@ -87,7 +87,7 @@ def default_store() -> str:
   Built in a child process: the extractor is the torch side, and the trainer process never imports torch.
   """
   path = store_lib.default_store_path()
-  if os.path.exists(os.path.join(path, "manifest.json")):
+  if store_lib.is_store(path):
     return path
   print(f"building the embedded default store at {path} (once; about a minute on 2 CPU cores)",
         file=sys.stderr, flush=True)
