@@ -1,9 +1,10 @@
 """glp-train as one job of 2 processes x 4 fake CPU devices (jax.distributed over gloo, launch/multiprocess.sh):
-the same numbers as one process, eval identical everywhere, SIGKILL + restart, restore in 1 process, SIGTERM
+the same numbers as one process, eval identical everywhere, SIGKILL + restart, restore in 1 and in 4 processes, SIGTERM
 to one process stops both at the same step."""
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,21 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
                        env={k: v for k, v in _env().items() if not k.startswith("GLP_")})
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().splitlines()[-1] == two_process_run[1][0]["params_checksum"]
+
+
+def test_two_process_checkpoint_restores_in_four_processes(store, two_process_run, tmp_path):
+  """Resuming the finished 2-process run as 4 processes x 2 devices restores its last checkpoint onto the new
+  process layout and evaluates it again: the same parameters and eval loss on every process."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_process_run[0], workdir)
+  rc, out, err = _launch(4, workdir, store)
+  assert rc == 0, err[-4000:]
+  got = _summaries(out)
+  assert sorted(got) == [0, 1, 2, 3]
+  want = two_process_run[1][0]
+  for s in got.values():
+    assert s["params_checksum"] == want["params_checksum"] and s["steps"] == want["steps"]
+    assert s["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
 
 
 def test_sigkill_one_process_then_restart_matches(store, two_process_run, tmp_path):
