@@ -27,7 +27,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m glp_jax.demo --out=$(DEMO_DIR)
 
-# The scaling study behind docs/results.md (~1.5-2 h on 2 CPU cores; resumes where it stopped).
+# The scaling study behind docs/results.md (~1.5 h on 2 CPU cores; resumes where it stopped).
 study: $(STAMP)
 	$(PY) -m glp_jax.demo --pipeline=study --out=runs/study
 
