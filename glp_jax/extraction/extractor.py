@@ -43,7 +43,7 @@ from glp_jax.data import store as store_lib
 from glp_jax.data.writer import StoreWriter
 from glp_jax.extraction import corpus as corpus_lib
 from glp_jax.util import config as config_lib
-from glp_jax.util import threads
+from glp_jax.util import files, threads
 from glp_jax.util.errors import GlpError
 
 
@@ -159,7 +159,7 @@ def _plans(config, corpus, tokenizer, rule: dict, batching: dict, start_doc: int
 # The driver.
 # ----------------------------------------------------------------------------------------------------
 def store_path(config, workdir: str) -> str:
-  return os.path.abspath(config.store.path or os.path.join(workdir, "store"))
+  return os.path.abspath(files.local_folder(config.store.path or os.path.join(workdir, "store"), "store.path"))
 
 
 def _metadata(config, model_info: dict, tokenizer, rule: dict, corpus: corpus_lib.Corpus,

@@ -57,7 +57,8 @@ def sweep_main(fv: flags.FlagValues) -> None:
   if fv.parallel is not None:
     config.parallel = fv.parallel
   emit = fv.emit
-  root = fv.root if emit != "local" else os.path.abspath(fv.root)
+  root = files.local_folder(fv.root, "--root")
+  root = root if emit != "local" else os.path.abspath(root)
   # Local runs get the train config as an absolute path (the packaged copy where there is no checkout).
   train_config = None if emit != "local" else os.path.abspath(config_lib.packaged_config(config.train_config))
   lrs = sweep.read_choice(config.lr_from) if config.get("lr_from") else None

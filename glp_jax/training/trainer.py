@@ -41,6 +41,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   Every check (config, store, model shape, devices, the resume contract, a second trainer) runs before the
   workdir is touched, so a refused start leaves it as it was.
   """
+  workdir = files.local_folder(workdir, "workdir")
   runtime.init_distributed()
   is_main = jax.process_index() == 0
   config = resolve(config)

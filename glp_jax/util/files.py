@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Iterator
 
+from glp_jax.util.errors import ConfigError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str, *, durable: bool = False) -> Iterator[str]:
@@ -38,6 +40,19 @@ def _fsync(path: str, flags: int) -> None:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def local_folder(path: str, what: str) -> str:
+  """`path` as a local folder for writing: a file:// URL becomes its path, any other URL is refused. Run
+  folders, sweep roots and stores being written need a local file system (atomic renames, fsync, file locks);
+  stores are *read* from URLs too (data/store.py)."""
+  path = os.fspath(path)
+  if path.startswith("file://"):
+    return path[len("file://"):]
+  if "://" in path:
+    raise ConfigError(f"{what}={path!r}: must be a local folder or a file:// URL (writes need a local file "
+                      "system; a store may be read from a URL, so extract locally and copy the store up)")
+  return path
 
 
 def atomic_write(path: str, data: bytes | str, *, durable: bool = False) -> None:
