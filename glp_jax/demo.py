@@ -3,9 +3,9 @@
 extract -> store -> sweep -> evaluate every prior -> fit scaling laws -> export the largest prior. Two
 pipelines share it: `demo` (Python's own docs, 3 sizes x 3 budgets, minutes) and `study` (5.2M rows of the
 installed packages' sources, an lr search per size at the smallest budget, then 5 sizes x 3 budgets, plus a
-seed rerun of two sizes for the run-to-run spread; ~2 h on 2 CPU cores; docs/results.md). Everything lands under --out. Each stage is the same console entry
-point a user would run, so this doubles as a worked example; a stage whose output is already complete is
-skipped, so a second call resumes where the first stopped.
+seed rerun of two sizes for the run-to-run spread; ~1.5 h on 2 CPU cores; docs/results.md). Everything lands
+under --out. Each stage is the same console entry point a user would run, so this doubles as a worked example;
+a stage whose output is already complete is skipped, so a second call resumes where the first stopped.
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def _lr_report(lr_dir: str, out: str) -> None:
   print("\nlearning-rate search (final eval loss at the smallest budget; * = chosen for the grid):")
   for size, rows in sorted(choice.get("search", {}).items()):
     cells = [f"{r['lr']:.3g}{'*' if r['lr'] == choice['lrs'][size] else ''} "
-             + (f"{r['loss']:.4f}" if r["loss"] is not None else "failed") for r in sorted(rows, key=lambda r: r["lr"])]
+             + (f"{r['loss']:.4f}" if r["loss"] is not None else r["status"]) for r in sorted(rows, key=lambda r: r["lr"])]
     print(f"  {size}: " + "  ".join(cells))
   if choice.get("at_edge"):
     print(f"  best lr at the edge of the ladder for {choice['at_edge']}: the optimum may lie outside it")

@@ -54,7 +54,7 @@ def test_lr_report_publishes_the_search_and_marks_the_choice(tmp_path, capsys):
   (lr_dir / "choice.json").write_text(json.dumps(dict(lrs={"w1_l2": 4e-3}, search=search, at_edge=[])))
   demo._lr_report(str(lr_dir), str(tmp_path))
   assert json.load(open(tmp_path / "lr_search.json"))["lrs"] == {"w1_l2": 4e-3}
-  assert "w1_l2: 0.001 1.5000  0.004* 1.4000  0.016 failed" in capsys.readouterr().out
+  assert "w1_l2: 0.001 1.5000  0.004* 1.4000  0.016 diverged" in capsys.readouterr().out
   fit_dir = tmp_path / "fit"
   fit_dir.mkdir()
   store = tmp_path / "store"
