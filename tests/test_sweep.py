@@ -244,6 +244,33 @@ def test_local_sweep_runs_end_to_end_and_skips_finished_runs(tiny_store, tmp_pat
   assert len(collect.eval_curve(big["workdir"])["eval_loss"]) == 2   # evals at steps 3 and 6
 
 
+def test_lr_search_runs_for_real_and_a_broken_lr_fails_the_sweep(tmp_path):
+  """glp-sweep runs the search, then the grid at the chosen lr; a search run that fails without diverging
+  (here: a negative lr, refused by glp-train) stops the sweep before the grid."""
+  store = str(tmp_path / "store")
+  rng = np.random.default_rng(0)
+  mix = rng.normal(size=(2, 16))
+  with StoreWriter.create(store, layers=[0], d=16, dtype="float32", shard_rows=4096, chunk_rows=512) as st:
+    for doc in range(96):
+      x = rng.normal(size=(128, 2)) @ mix + 0.1 * rng.normal(size=(128, 16))
+      st.append({0: x.astype(np.float32)}, doc_id=doc, positions=np.arange(128), heldout=doc % 16 == 3)
+  args = ["--config=configs/sweep.py:runlocal", f"--config.store={store}", "--config.sizes=('w0.5_l1',)",
+          "--config.budgets=(1024,2048)", "--config.overrides.eval_rows=256"]
+  out = _cli(*args, f"--root={tmp_path / 'ok'}", "--config.lr_search=(1e-4,3e-3)")
+  choice = json.load(open(tmp_path / "ok" / "lr_search" / "choice.json"))
+  losses = {x["lr"]: x["loss"] for x in choice["search"]["w0.5_l1"]}
+  assert choice["lrs"]["w0.5_l1"] == min(losses, key=losses.get) and len(losses) == 2
+  best = choice["lrs"]["w0.5_l1"]
+  grid = sorted(os.listdir(tmp_path / "ok"))
+  assert grid == sorted(["lr_search", f"w0.5_l1_b1024_lr{best:g}_s0", f"w0.5_l1_b2048_lr{best:g}_s0"])
+  same = json.load(open(tmp_path / "ok" / f"w0.5_l1_b1024_lr{best:g}_s0" / "summary.json"))
+  assert same["eval_loss"] == losses[best]     # the grid's smallest-budget run is the search's run again
+  bad = subprocess.run([tool("glp-sweep"), *args, f"--root={tmp_path / 'bad'}", "--config.lr_search=(1e-3,-1.0)"],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode == 1 and "lr search: 1 runs failed without diverging (w0.5_l1_b1024_lr-1_s0)" in bad.stderr
+  assert sorted(os.listdir(tmp_path / "bad")) == ["lr_search"]      # no grid run started
+
+
 def test_entry_points_import_together():
   """Every CLI keeps its flags in a registry of its own, so all of them (and the library) import together."""
   code = ("import glp_jax.scaling.cli, glp_jax.training.cli, glp_jax.extraction.cli, glp_jax.interop.cli, "

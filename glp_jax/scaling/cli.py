@@ -23,7 +23,7 @@ from absl import flags
 from glp_jax.scaling import analysis, sweep
 from glp_jax.util import cli, files
 from glp_jax.util import config as config_lib
-from glp_jax.util.errors import ConfigError
+from glp_jax.util.errors import ConfigError, GlpError
 
 SWEEP_FLAGS = cli.flag_values()
 cli.define_config(SWEEP_FLAGS, "Sweep config (configs/sweep.py[:runlocal]).", "configs/sweep.py")
@@ -72,7 +72,12 @@ def sweep_main(fv: flags.FlagValues) -> None:
         _launch(fv, config, search, os.path.join(root, sweep.LR_SEARCH))
         return
     else:
-      sweep.run_local(search, config.parallel)   # a failed (diverged) lr just loses; choose_lrs says so
+      results = sweep.run_local(search, config.parallel)
+      # A diverged lr just loses (choose_lrs records it); any other failure would hit the grid as well.
+      broken = sorted(r.name for r in search if results[r.name] and r.status() != "diverged")
+      if broken:
+        raise GlpError(f"lr search: {len(broken)} runs failed without diverging ({', '.join(broken)}); see "
+                       f"their train.log under {os.path.join(root, sweep.LR_SEARCH)}")
     choice = sweep.choose_lrs(search, config.sizes)
     if not fv.dry_run:
       files.write_json(os.path.join(root, sweep.LR_SEARCH, sweep.CHOICE), choice)
