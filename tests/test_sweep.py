@@ -256,7 +256,7 @@ def test_lr_search_runs_for_real_and_a_broken_lr_fails_the_sweep(tmp_path):
       st.append({0: x.astype(np.float32)}, doc_id=doc, positions=np.arange(128), heldout=doc % 16 == 3)
   args = ["--config=configs/sweep.py:runlocal", f"--config.store={store}", "--config.sizes=('w0.5_l1',)",
           "--config.budgets=(1024,2048)", "--config.overrides.eval_rows=256"]
-  out = _cli(*args, f"--root={tmp_path / 'ok'}", "--config.lr_search=(1e-4,3e-3)")
+  _cli(*args, f"--root={tmp_path / 'ok'}", "--config.lr_search=(1e-4,3e-3)")
   choice = json.load(open(tmp_path / "ok" / "lr_search" / "choice.json"))
   losses = {x["lr"]: x["loss"] for x in choice["search"]["w0.5_l1"]}
   assert choice["lrs"]["w0.5_l1"] == min(losses, key=losses.get) and len(losses) == 2
