@@ -66,7 +66,7 @@ def sweep_main(fv: flags.FlagValues) -> None:
     # First the lr search (its own folder); the grid's lrs come from its result.
     search = sweep.expand(sweep.search_config(config), os.path.join(root, sweep.LR_SEARCH), train_config)
     if emit != "local" or fv.dry_run:
-      if any(r.status() not in ("done", "diverged") for r in search):
+      if not all(r.finished for r in search):
         print(f"[glp-sweep] lr search first ({len(search)} runs); call again once it is done for the grid",
               flush=True)
         _launch(fv, config, search, os.path.join(root, sweep.LR_SEARCH))
@@ -90,7 +90,7 @@ def sweep_main(fv: flags.FlagValues) -> None:
 def _launch(fv: flags.FlagValues, config, runs: list[sweep.Run], root: str) -> None:
   """Runs `runs` here, prints them (--dry_run) or writes their launcher (--emit)."""
   emit = fv.emit
-  pending = [r for r in runs if r.status() not in ("done", "diverged")]
+  pending = [r for r in runs if not r.finished]
   print(f"[glp-sweep] {len(runs)} runs, {len(runs) - len(pending)} done, {len(pending)} to run", flush=True)
   if emit in ("slurm", "tpu"):
     if not pending:

@@ -19,7 +19,6 @@ from typing import Any, Iterable
 import numpy as np
 
 from glp_jax.scaling import sweep
-
 from glp_jax.util import files
 
 CORE_COLUMNS = ("run", "workdir", "done", "N", "D", "C", "C_6ND", "steps", "final_eval_loss",

@@ -49,6 +49,11 @@ class Run:
       return "partial"
     return "new"
 
+  @property
+  def finished(self) -> bool:
+    """Nothing left to run: done, or diverged (a rerun of the same config would diverge again)."""
+    return self.status() in ("done", "diverged")
+
 
 def _num(x: float) -> str:
   """Compact, filename-safe number: 10240 -> 10240, 1.25e8 -> 1.25e08, 5e-5 -> 5e-05."""
@@ -204,7 +209,7 @@ def device_slots(parallel: int, env: dict) -> list[dict]:
 def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, poll_s: float = 0.2) -> dict:
   """Runs every run not done, `parallel` at a time, each on its own devices (`device_slots`); each logs to
   <workdir>/train.log. Returns name -> rc."""
-  todo = [r for r in runs if r.status() not in ("done", "diverged")]
+  todo = [r for r in runs if not r.finished]
   results = {r.name: 0 if r.status() == "done" else 1 for r in runs if r not in todo}
   free = device_slots(parallel, dict(os.environ if env is None else env))
   active: list[tuple[Run, subprocess.Popen, Any, dict]] = []
