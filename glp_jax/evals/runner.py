@@ -60,7 +60,7 @@ class Options:
 
 def resolve_prior(prior: str, revision: str | None = None) -> str:
   """A local run dir or prior folder as given; a Hub repo id fetched into the Hub cache (torch side)."""
-  if os.path.exists(prior) and revision is None:
+  if files.exists(prior) and revision is None:
     return prior
   from glp_jax.torch import hub   # only for repo ids: a run dir must evaluate without torch
   return hub.resolve(prior, revision)
@@ -228,12 +228,12 @@ def evaluate_all(names, opts: Options) -> dict[str, dict]:
   if unknown or not opts.prior:
     raise ConfigError(f"evaluations are {NAMES} (or 'all'), got {unknown}; and a prior is required" if unknown
                       else "a prior (run dir, exported folder or Hub repo id) is required")
-  if not opts.out and not os.path.exists(opts.prior):
+  if not opts.out and not files.exists(opts.prior):
     from glp_jax.torch import hub
     if hub.is_repo_id(opts.prior):
       raise ConfigError(f"--prior={opts.prior} is a Hub repo id: pass --out (the Hub cache is not a place to "
                         "write results)")
   ctx = Context(opts)
   out_dir = opts.out or opts.prior
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   return {name: evaluate(name, ctx, out_dir) for name in names}

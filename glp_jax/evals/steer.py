@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from glp_jax.util import files
+
 log = logging.getLogger("glp_jax")
 # judge(prompt, continuation, concept_description) -> (concept 0-2, fluency 0-2)
 JudgeFn = Callable[[str, str, str], tuple[float, float]]
@@ -174,7 +176,7 @@ def plot_frontier(rows: list[dict], path: str) -> str:
   ax.set_ylabel("concept score <h, w>")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  files.save_figure(fig, path, dpi=120)
   plt.close(fig)
   return path
 

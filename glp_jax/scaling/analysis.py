@@ -146,7 +146,7 @@ def fit_table(path: str, form: str, out: str, *, n_boot: int, seed: int, holdout
 
 
 def _write(out: str, result: dict) -> None:
-  os.makedirs(out, exist_ok=True)
+  files.makedirs(out)
   files.write_json(os.path.join(out, "fit.json"), result, indent=1)
 
 

@@ -57,8 +57,8 @@ def sweep_main(fv: flags.FlagValues) -> None:
   if fv.parallel is not None:
     config.parallel = fv.parallel
   emit = fv.emit
-  root = files.local_folder(fv.root, "--root")
-  root = root if emit != "local" else os.path.abspath(root)
+  root = files.run_folder(fv.root, "--root")
+  root = root if emit != "local" or files.is_remote(root) else os.path.abspath(root)
   # Local runs get the train config as an absolute path (the packaged copy where there is no checkout).
   train_config = None if emit != "local" else os.path.abspath(config_lib.packaged_config(config.train_config))
   lrs = sweep.read_choice(config.lr_from) if config.get("lr_from") else None
@@ -99,8 +99,9 @@ def _launch(fv: flags.FlagValues, config, runs: list[sweep.Run], root: str) -> N
     if fv.dry_run:
       print(text, end="", flush=True)
       return
-    path = os.path.join(root, "sweep.slurm" if emit == "slurm" else "sweep_tpu.sh")
-    os.makedirs(root, exist_ok=True)
+    # The script is run from a shell here, so a sweep on a bucket gets it in the current folder.
+    path = os.path.join(root if not files.is_remote(root) else ".", "sweep.slurm" if emit == "slurm" else "sweep_tpu.sh")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
       f.write(text)
     os.chmod(path, 0o755)
@@ -130,7 +131,7 @@ def fit_main(fv: flags.FlagValues) -> None:
     for w in result["warnings"]:
       print(f"[glp-fit] warning: {w}", file=sys.stderr, flush=True)
   else:
-    out = fv.out or os.path.dirname(os.path.abspath(fv.table))
+    out = fv.out or os.path.dirname(os.path.abspath(fv.table))   # tables are local files
     result = analysis.fit_table(fv.table, fv.form, out, **kw)
   print(f"fit.json: {os.path.join(out, 'fit.json')}", flush=True)
   print(json.dumps(analysis.headline(result)), flush=True)

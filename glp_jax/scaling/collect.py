@@ -10,7 +10,7 @@ The table is a list of dicts; CSV always, parquet too when pyarrow is importable
 from __future__ import annotations
 
 import csv
-import glob
+import io
 import math
 import os
 import re
@@ -46,7 +46,7 @@ def find_runs(root: str) -> list[str]:
   """Run directories under `root` (or `root` itself), sorted; checkpoint folders are not descended into,
   nor a sweep's lr search (its runs pick each size's lr; they are not grid points)."""
   found = []
-  for dirpath, dirnames, filenames in os.walk(root):
+  for dirpath, dirnames, filenames in files.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in ("checkpoints", sweep.LR_SEARCH) and not d.startswith("."))
     if any(f in filenames for f in _RUN_FILES):
       found.append(dirpath)
@@ -71,9 +71,11 @@ def _flatten(prefix: str, obj: Any, out: dict) -> None:
 def eval_metrics(workdir: str) -> dict[str, float]:
   """Every numeric scalar of every eval_<name>.json, keyed '<name>.<key>'."""
   out: dict[str, float] = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "eval_*.json"))):
-    name = os.path.basename(path)[len("eval_"):-len(".json")]
-    obj = files.read_json(path)
+  for name in files.listdir(workdir):
+    if not (name.startswith("eval_") and name.endswith(".json")):
+      continue
+    obj = files.read_json(os.path.join(workdir, name))
+    name = name[len("eval_"):-len(".json")]
     if isinstance(obj, dict):
       _flatten(name, obj, out)
   return out
@@ -93,7 +95,7 @@ def load_run(workdir: str, root: str | None = None) -> dict:
 
   row: dict[str, Any] = {
       "run": os.path.relpath(workdir, root) if root else os.path.basename(os.path.normpath(workdir)),
-      "workdir": os.path.abspath(workdir),
+      "workdir": workdir if files.is_remote(workdir) else os.path.abspath(workdir),
       "done": bool(summary.get("done", False)),
       "N": num(summary.get("params")),
       "D": num(summary.get("examples"), last.get("examples")),
@@ -166,13 +168,14 @@ def metric_columns(rows: Iterable[dict]) -> list[str]:
 
 def write_table(rows: list[dict], path: str) -> list[str]:
   """Writes `path` (CSV) and, when pyarrow is importable, the same table as .parquet; returns the paths."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   cols = columns(rows)
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=cols, restval="")
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: ("" if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k, "")) for k in cols})
+  text = io.StringIO(newline="")
+  w = csv.DictWriter(text, fieldnames=cols, restval="")
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: ("" if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k, "")) for k in cols})
+  files.makedirs(os.path.dirname(path))
+  files.atomic_write(path, text.getvalue())
   written = [path]
   try:
     import pyarrow as pa
@@ -183,7 +186,9 @@ def write_table(rows: list[dict], path: str) -> list[str]:
   for c in cols:
     vals = [r.get(c) for r in rows]
     data[c] = vals if any(isinstance(v, str) for v in vals) else column(rows, c)
-  pq.write_table(pa.table(data), os.path.splitext(path)[0] + ".parquet")
+  buf = io.BytesIO()
+  pq.write_table(pa.table(data), buf)
+  files.atomic_write(os.path.splitext(path)[0] + ".parquet", buf.getvalue())
   return written + [os.path.splitext(path)[0] + ".parquet"]
 
 
@@ -199,5 +204,5 @@ def read_table(path: str) -> list[dict]:
     except ValueError:
       return v
 
-  with open(path, newline="") as f:
-    return [{k.strip(): parse(v.strip()) for k, v in r.items() if k is not None} for r in csv.DictReader(f)]
+  text = io.StringIO(files.read_bytes(path).decode(), newline="")
+  return [{k.strip(): parse(v.strip()) for k, v in r.items() if k is not None} for r in csv.DictReader(text)]

@@ -4,7 +4,6 @@ the numbers come from `glp_jax.scaling.report` dicts.
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -14,14 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from glp_jax.scaling import fit as scaling  # noqa: E402
+from glp_jax.util import files  # noqa: E402
 
 
 def save(fig, out_base: str) -> list[str]:
   """Writes `<out_base>.png` and `<out_base>.pdf`; closes the figure; returns both paths."""
-  os.makedirs(os.path.dirname(os.path.abspath(out_base)), exist_ok=True)
   paths = [out_base + ".png", out_base + ".pdf"]
-  fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-  fig.savefig(paths[1], bbox_inches="tight")
+  files.save_figure(fig, paths[0], dpi=150, bbox_inches="tight")
+  files.save_figure(fig, paths[1], bbox_inches="tight")
   plt.close(fig)
   return paths
 

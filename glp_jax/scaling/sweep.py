@@ -43,9 +43,9 @@ class Run:
     """done | diverged (stopped on a non-finite loss: not started again) | partial (resumes) | new."""
     if (files.read_json(os.path.join(self.workdir, "summary.json")) or {}).get("done"):
       return "done"
-    if os.path.exists(os.path.join(self.workdir, workdir_lib.DIVERGED_FILE)):
+    if files.exists(os.path.join(self.workdir, workdir_lib.DIVERGED_FILE)):
       return "diverged"
-    if any(os.path.exists(os.path.join(self.workdir, p)) for p in ("checkpoints", "metrics.jsonl")):
+    if any(files.exists(os.path.join(self.workdir, p)) for p in ("checkpoints", "metrics.jsonl")):
       return "partial"
     return "new"
 
@@ -206,9 +206,20 @@ def device_slots(parallel: int, env: dict) -> list[dict]:
   return [dict(env, CUDA_VISIBLE_DEVICES=",".join(gpus[i * share:(i + 1) * share])) for i in range(parallel)]
 
 
+def _log_path(workdir: str) -> str:
+  """Where a local run's train.log is written: in its folder, or for a folder on a bucket (no appends there)
+  a local file under the user's cache that keeps growing across restarts and is uploaded after each."""
+  if files.is_remote(workdir):
+    folder = os.path.join(os.path.expanduser("~/.cache/glp_jax/sweep_logs"), workdir.replace("://", "/"))
+  else:
+    folder = workdir
+  os.makedirs(folder, exist_ok=True)
+  return os.path.join(folder, "train.log")
+
+
 def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, poll_s: float = 0.2) -> dict:
   """Runs every run not done, `parallel` at a time, each on its own devices (`device_slots`); each logs to
-  <workdir>/train.log. Returns name -> rc."""
+  <workdir>/train.log (a run folder on a bucket: a local log, uploaded when the run ends). Returns name -> rc."""
   todo = [r for r in runs if not r.finished]
   results = {r.name: 0 if r.status() == "done" else 1 for r in runs if r not in todo}
   free = device_slots(parallel, dict(os.environ if env is None else env))
@@ -216,8 +227,7 @@ def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, po
   while todo or active:
     while todo and free:
       r, slot = todo.pop(0), free.pop(0)
-      os.makedirs(r.workdir, exist_ok=True)
-      log = open(os.path.join(r.workdir, "train.log"), "a")
+      log = open(_log_path(r.workdir), "a")
       print(f"[glp-sweep] start {r.name} ({r.status()})", flush=True)
       active.append((r, subprocess.Popen(command(r), stdout=log, stderr=subprocess.STDOUT, env=slot), log, slot))
     time.sleep(poll_s)
@@ -225,6 +235,8 @@ def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, po
       r, proc, log, slot = item
       if proc.poll() is not None:
         log.close()
+        if files.is_remote(r.workdir):
+          files.atomic_write(os.path.join(r.workdir, "train.log"), files.read_bytes(log.name))
         active.remove(item)
         free.append(slot)
         results[r.name] = proc.returncode

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from glp_jax.util import files
 from glp_jax.util.errors import ConfigError, GlpError
 
 
@@ -51,7 +52,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
                read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if files.is_remote(directory) else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(int(keep), 1), keep_period=int(keep_every) or None, create=not read_only,
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save, read_only=read_only)
@@ -107,7 +108,7 @@ class Checkpointer:
     """Renames a damaged step out of the way (kept for inspection), so a later save of that step can land."""
     path = os.path.join(self.directory, str(step))
     aside = f"{path}.damaged-{int(time.time())}"
-    os.rename(path, aside)
+    files.rename(path, aside)
     self._manager.reload()
     return aside
 

@@ -108,6 +108,6 @@ def save_normalizer(normalizer: Normalizer, workdir: str) -> None:
 
 
 def load_normalizer(workdir: str) -> Normalizer:
-  z = np.load(os.path.join(workdir, NORMALIZER_FILE))
+  z = np.load(io.BytesIO(files.read_bytes(os.path.join(workdir, NORMALIZER_FILE))))
   layers = tuple(int(l) for l in z["layers"]) or None
   return Normalizer(z["mean"], z["var"], layers)

@@ -44,7 +44,7 @@ class MetricsWriter:
     self._wandb = wandb_run
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     truncate_after(self.path, start_step)
     if tensorboard:
       try:
@@ -198,9 +198,10 @@ def start_wandb(log_cfg: Any, config: dict, workdir: str):
   if not log_cfg.get("wandb_project"):
     return None
   import wandb
-  name = os.path.basename(os.path.normpath(workdir))
+  name = os.path.basename(workdir.rstrip("/"))
   return wandb.init(project=log_cfg.wandb_project, entity=log_cfg.get("wandb_entity") or None, name=name,
-                    id=name, resume="allow", config=config, dir=workdir)
+                    id=name, resume="allow", config=config,
+                    dir=None if files.is_remote(workdir) else workdir)   # wandb keeps its files locally
 
 
 def plot_loss_curve(metrics_path: str, out_png: str) -> str | None:
@@ -219,10 +220,10 @@ def plot_loss_curve(metrics_path: str, out_png: str) -> str | None:
                 yerr=[r.get("eval_loss_sem") or 0 for r in ev], fmt="o-", ms=3, label="held-out loss (± SEM)")
   ax.set_xlabel("activations seen")
   ax.set_ylabel("flow-matching loss")
-  ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
+  ax.set_title(os.path.basename(os.path.dirname(metrics_path.rstrip("/"))))
   ax.legend()
   fig.tight_layout()
-  fig.savefig(out_png, dpi=120)
+  files.save_figure(fig, out_png, dpi=120)
   plt.close(fig)
   return out_png
 
@@ -234,10 +235,9 @@ def every(step: int, period: int) -> bool:
 def truncate_after(path: str, step: int) -> None:
   """Drops lines of steps > `step` (logged by a run that died after its last checkpoint), so a resumed run's
   metrics.jsonl holds one trajectory (a torn last line from a killed process goes too)."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = files.read_bytes(path).decode(errors="replace").splitlines(keepends=True)
   keep = [json.dumps(r) + "\n" for r in files.iter_jsonl(path) if r.get("step", step + 1) <= step]
   if keep != lines:
     files.atomic_write(path, "".join(keep))

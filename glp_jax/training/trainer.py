@@ -41,7 +41,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   Every check (config, store, model shape, devices, the resume contract, a second trainer) runs before the
   workdir is touched, so a refused start leaves it as it was.
   """
-  workdir = files.local_folder(workdir, "workdir")
+  workdir = files.run_folder(workdir, "workdir")
   runtime.init_distributed()
   is_main = jax.process_index() == 0
   config = resolve(config)
@@ -59,7 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   normalizer_path = os.path.join(workdir, input_lib.NORMALIZER_FILE)
   # A run keeps the normaliser it started with (a resumed run, or a prior brought in by glp-import that is
   # trained further on another store): the weights only make sense in the space they were trained in.
-  if os.path.exists(normalizer_path):
+  if files.exists(normalizer_path):
     data.use_normalizer(input_lib.load_normalizer(workdir))
 
   # ---------------------------------------------------------------- mesh
@@ -83,7 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   identity = workdir_lib.identity(config_dict, data.loader.store)
   recorded_config = files.read_json(os.path.join(workdir, "config.json"))
   start_step, meta, skipped = None, {}, []
-  if os.path.isdir(ckpt_dir):
+  if files.isdir(ckpt_dir):
     reader = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
     if reader.all_steps():   # step 0 is a real checkpoint too (glp-import writes one)
       start_step, restored, meta, skipped = reader.restore_newest(
@@ -114,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
                   ckpt_lib.Checkpointer(ckpt_dir).set_aside(step))
     if contract is None or diffs:
       config_lib.write_config(config, workdir)
-    if not os.path.exists(normalizer_path):
+    if not files.exists(normalizer_path):
       input_lib.save_normalizer(data.normalizer, workdir)
     if diffs:
       files.append_jsonl(os.path.join(workdir, "metrics.jsonl"),

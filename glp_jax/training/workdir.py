@@ -86,7 +86,10 @@ def refuse(workdir: str, diffs: list[tuple[str, Any, Any]]) -> None:
 
 
 def check_writable(workdir: str) -> None:
-  """Fails before any work when the workdir (or the folder it would be created in) cannot be written."""
+  """Fails before any work when the workdir (or the folder it would be created in) cannot be written (a
+  bucket's permissions show only at the first write)."""
+  if files.is_remote(workdir):
+    return
   path = os.path.abspath(workdir)
   while not os.path.exists(path):
     path = os.path.dirname(path)
@@ -95,28 +98,34 @@ def check_writable(workdir: str) -> None:
 
 
 class Lock:
-  """The trainer's claim on a workdir (process 0 only): a second trainer refuses at once, naming the holder."""
+  """The trainer's claim on a workdir (process 0 only): a second trainer refuses at once, naming the holder.
+
+  A run folder on an object store has no lock (a bucket has no file locks, and a lock object would outlive a
+  preempted VM): there the owner file is still written, but one trainer per run folder is the launcher's job
+  (a sweep gives each run its own folder)."""
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self._lock = filelock.FileLock(os.path.join(workdir, LOCK_FILE), timeout=0)
+    self._lock = None if files.is_remote(workdir) else filelock.FileLock(os.path.join(workdir, LOCK_FILE), timeout=0)
 
   def check_free(self) -> None:
     """Raises WorkdirBusy when another trainer holds the workdir; writes nothing."""
-    if os.path.exists(os.path.join(self.workdir, LOCK_FILE)):
+    if self._lock is not None and os.path.exists(os.path.join(self.workdir, LOCK_FILE)):
       self._take()
       self.release()
 
   def acquire(self) -> None:
     """Claims the workdir (creating it) and records who holds it."""
-    os.makedirs(self.workdir, exist_ok=True)
-    self._take()
+    files.makedirs(self.workdir)
+    if self._lock is not None:
+      self._take()
     files.write_json(os.path.join(self.workdir, OWNER_FILE),
                      {"pid": os.getpid(), "host": socket.gethostname(),
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
   def release(self) -> None:
-    self._lock.release()
+    if self._lock is not None:
+      self._lock.release()
 
   def _take(self) -> None:
     try:

@@ -1,19 +1,30 @@
-"""File I/O every stage shares: atomic writes and JSON / JSON-lines reading.
+"""File I/O every stage shares: atomic writes, JSON / JSON-lines reading, and run folders on object stores.
 
-A write goes to a temporary sibling first and is renamed over the target, so a reader (or a process killed
-mid-write) sees the old file or the new one, never half of either. `durable=True` also fsyncs the data and
-the folder: what the store's commit protocol needs, since its manifest must not name rows that a power cut
+A local write goes to a temporary sibling first and is renamed over the target, so a reader (or a process
+killed mid-write) sees the old file or the new one, never half of either. `durable=True` also fsyncs the data
+and the folder: what the store's commit protocol needs, since its manifest must not name rows that a power cut
 could lose.
+
+Run folders and sweep roots may also be gs:// or s3:// URLs (a TPU VM's disk goes with the VM; a bucket
+outlives it). Those paths go through `etils.epath` (gcsfs / s3fs underneath, as orbax's own do), and the
+local guarantees carry over: an object upload is atomic by itself (a reader sees the old object or the new
+one) and durable once it returns, so no rename or fsync is needed; object stores cannot append, so
+`append_jsonl` rewrites the object (a run's metrics.jsonl is a few hundred kB at most).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 from typing import Any, Iterator
 
+from etils import epath
+
 from glp_jax.util.errors import ConfigError
+
+REMOTE_SCHEMES = ("gs://", "s3://")
 
 
 @contextlib.contextmanager
@@ -42,29 +53,111 @@ def _fsync(path: str, flags: int) -> None:
     os.close(fd)
 
 
+def is_remote(path: str) -> bool:
+  """True for the object-store URLs that run folders may be (see the module docstring)."""
+  return os.fspath(path).startswith(REMOTE_SCHEMES)
+
+
 def local_folder(path: str, what: str) -> str:
-  """`path` as a local folder for writing: a file:// URL becomes its path, any other URL is refused. Run
-  folders, sweep roots and stores being written need a local file system (atomic renames, fsync, file locks);
-  stores are *read* from URLs too (data/store.py)."""
+  """`path` as a local folder for writing: a file:// URL becomes its path, any other URL is refused. A store
+  being *written* needs a local file system (in-place side tables, fsync, file locks); stores are *read*
+  from URLs too (data/store.py), and run folders may be URLs (`run_folder`)."""
   path = os.fspath(path)
   if path.startswith("file://"):
     return path[len("file://"):]
   if "://" in path:
-    raise ConfigError(f"{what}={path!r}: must be a local folder or a file:// URL (writes need a local file "
-                      "system; a store may be read from a URL, so extract locally and copy the store up)")
+    raise ConfigError(f"{what}={path!r}: must be a local folder or a file:// URL (writing a store needs a local "
+                      "file system; a store may be read from a URL, so extract locally and copy the store up)")
   return path
 
 
+def run_folder(path: str, what: str) -> str:
+  """`path` as a folder for a run or a sweep: a local path (file:// stripped) or a gs:// / s3:// URL, kept
+  as it is. Other schemes are refused before anything is written."""
+  path = os.fspath(path)
+  if is_remote(path):
+    return path.rstrip("/")
+  if "://" in path and not path.startswith("file://"):
+    raise ConfigError(f"{what}={path!r}: must be a local folder, a file:// URL or an object-store URL "
+                      f"({', '.join(REMOTE_SCHEMES)})")
+  return local_folder(path, what)
+
+
+def exists(path: str) -> bool:
+  return epath.Path(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  return epath.Path(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def makedirs(path: str) -> None:
+  """Creates a local folder and its parents; object stores have no folders, so there it does nothing."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+  """The names in a folder, sorted ([] when it does not exist)."""
+  if is_remote(path):
+    p = epath.Path(path)
+    return sorted(c.name for c in p.iterdir()) if p.exists() else []
+  return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
+  """`os.walk` (top-down: prune by editing the folder list in place), for buckets too."""
+  if not is_remote(root):
+    yield from os.walk(root)
+    return
+  scheme = root.split("://", 1)[0]
+  for folder, dirnames, filenames in epath.Path(root).walk():
+    folder = os.fspath(folder)   # etils' gcsfs backend yields "bucket/key", without the scheme
+    yield (folder if "://" in folder else f"{scheme}://{folder}"), dirnames, filenames
+
+
+def read_bytes(path: str) -> bytes:
+  if is_remote(path):
+    return epath.Path(path).read_bytes()
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def rename(path: str, new_path: str) -> None:
+  """Renames a file or folder (on an object store: a copy and a delete, not atomic)."""
+  if is_remote(path):
+    epath.Path(path).rename(new_path)
+  else:
+    os.rename(path, new_path)
+
+
 def atomic_write(path: str, data: bytes | str, *, durable: bool = False) -> None:
-  """Writes `data` to `path` through a temporary file and a rename (fsynced when `durable`)."""
+  """Writes `data` to `path` through a temporary file and a rename (fsynced when `durable`); on an object
+  store, as one upload (atomic and durable by itself)."""
+  if is_remote(path):
+    p = epath.Path(path)
+    p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
+    return
   with atomic_path(path, durable=durable) as tmp:
     with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
       f.write(data)
 
 
+def save_figure(fig: Any, path: str, **savefig_kw: Any) -> str:
+  """A matplotlib figure written through `atomic_write` (format from the extension), so plots land in run
+  folders on buckets too; returns the path."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format=os.path.splitext(path)[1].lstrip(".") or "png", **savefig_kw)
+  if not is_remote(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  atomic_write(path, buf.getvalue())
+  return path
+
+
 def write_json(path: str, obj: Any, *, indent: int | None = 2, durable: bool = False, **kw: Any) -> str:
   """`obj` as JSON at `path` (atomically; parent folders created); returns the path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if not is_remote(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   atomic_write(path, json.dumps(obj, indent=indent, **kw) + "\n", durable=durable)
   return path
 
@@ -72,8 +165,7 @@ def write_json(path: str, obj: Any, *, indent: int | None = 2, durable: bool = F
 def read_json(path: str, default: Any = None) -> Any:
   """The JSON value at `path`, or `default` when the file is absent or unreadable."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(read_bytes(path))
   except (OSError, ValueError):
     return default
 
@@ -81,19 +173,18 @@ def read_json(path: str, default: Any = None) -> Any:
 def iter_jsonl(path: str) -> Iterator[dict]:
   """The objects of a JSON-lines file in order; a line cut short by a killed writer is skipped."""
   try:
-    f = open(path)
+    text = read_bytes(path).decode(errors="replace")   # a torn last line may end mid-character
   except OSError:
     return
-  with f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(obj, dict):
-        yield obj
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(obj, dict):
+      yield obj
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -102,7 +193,12 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def append_jsonl(path: str, obj: dict) -> None:
-  """Appends one object as one line (the line is written whole by one `write`)."""
+  """Appends one object as one line (the line is written whole by one `write`; on an object store the object
+  is rewritten with the line added)."""
+  if is_remote(path):
+    old = read_bytes(path) if exists(path) else b""
+    atomic_write(path, old + (json.dumps(obj) + "\n").encode())
+    return
   with open(path, "a") as f:
     f.write(json.dumps(obj) + "\n")
 
