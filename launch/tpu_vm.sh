@@ -1,9 +1,10 @@
 #!/bin/bash
 # One glp-train run on a multi-host TPU VM slice: every worker runs the same command; jax.distributed reads the
-# slice from the TPU metadata. The workdir and store must be on storage every worker sees (e.g. a gcsfuse or
-# Filestore mount). A whole sweep: `glp-sweep --config=... --root=... --emit=tpu` writes these lines per run.
+# slice from the TPU metadata. The workdir and store must be on storage every worker sees: a gs:// bucket
+# (pip install 'glp_jax[gcs]'), or a gcsfuse / Filestore mount. A whole sweep: `glp-sweep --config=...
+# --root=gs://... --emit=tpu` writes these lines per run.
 #   TPU_NAME=glp-v5e-32 ZONE=us-west4-a launch/tpu_vm.sh --config=configs/train.py:model=llama1b-d12 \
-#       --config.data.store=/mnt/glp/llama1b_l07 --workdir=/mnt/glp/runs/d12
+#       --config.data.store=gs://glp/stores/llama1b_l07 --workdir=gs://glp/runs/d12
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 SETUP="${SETUP:-cd ~/glp_jax && source .venv/bin/activate}"

@@ -62,11 +62,11 @@ def gcs():
         os.environ[k] = v
 
 
-def objects(url, prefix):
-  """Names of the bucket's objects under `prefix`, read with the JSON API (not through glp_jax)."""
+def objects(url, prefix, field=None):
+  """Names of the bucket's objects under `prefix` (or {name: field}), read with the JSON API, not glp_jax."""
   q = urllib.parse.urlencode({"prefix": prefix})
-  return sorted(o["name"] for o in json.load(urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}/o?{q}"))
-                .get("items", []))
+  items = json.load(urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}/o?{q}")).get("items", [])
+  return {o["name"]: o[field] for o in items} if field else sorted(o["name"] for o in items)
 
 
 def read_object(url, name):
@@ -164,7 +164,7 @@ def _children_of(launcher_pid):
   return found
 
 
-def test_a_sweep_on_a_bucket_runs_skips_finished_runs_and_is_collected(gcs, store):
+def test_a_sweep_on_a_bucket_runs_skips_finished_runs_and_is_collected(gcs, store, tmp_path):
   env, url = gcs
   root = f"gs://{BUCKET}/sweep"
   args = [tool("glp-sweep"), "--config=configs/sweep.py:runlocal", f"--config.store={store}",
@@ -188,3 +188,56 @@ def test_a_sweep_on_a_bucket_runs_skips_finished_runs_and_is_collected(gcs, stor
   written = collect.write_table(rows, f"{root}/fit/runs.csv")
   assert written[0] == f"{root}/fit/runs.csv" and files.exists(written[0])
   assert [r["run"] for r in collect.read_table(written[0])] == [r["run"] for r in rows]
+
+  # A TPU launcher for the runs still to do: the script lands in the current folder, the runs in the bucket.
+  tpu = subprocess.run([*args[:4], "--config.budgets=(1024,2048,4096)", f"--root={root}", "--emit=tpu"],
+                       cwd=str(tmp_path), env=_env(env, devices=1), capture_output=True, text=True, timeout=300)
+  assert tpu.returncode == 0 and "3 runs, 2 done, 1 to run" in tpu.stdout, tpu.stderr[-3000:]
+  script = (tmp_path / "sweep_tpu.sh").read_text()
+  assert f"--workdir={root}/w0.5_l1_b4096" in script and "b1024" not in script
+
+
+@pytest.mark.torch
+def test_a_store_extracted_to_a_bucket_is_uploaded_manifest_last_read_back_and_resumed_elsewhere(
+    gcs, tmp_path, monkeypatch):
+  from glp_jax.data import store as store_lib
+  from glp_jax.extraction import extractor
+  from glp_jax.torch import lm
+  from glp_jax.util import config as config_lib
+  env, url = gcs
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))   # the staging folder lives under ~/.cache
+  tiny = lm.save_tiny_llama(str(tmp_path / "tiny"), hidden=32, n_layers=2)
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "extract.py"), "runlocal,layers=1")
+  config = config_lib.override(config, {
+      "model.name": tiny, "model.dtype": "float32", "store.dtype": "float32", "corpus.max_docs": 40,
+      "context_length": 64, "max_rows": 300, "store.shard_rows": 128, "store.chunk_rows": 64, "progress": False,
+      "corpus.heldout_fraction": 0.2})
+  target = f"gs://{BUCKET}/stores/s"
+  config.store.path = target
+  first = extractor.extract(config, str(tmp_path / "w"))
+  staging = first["staging"]
+  assert first["store"] == target and first["uploaded_bytes"] > 0 and staging.startswith(str(tmp_path / "home"))
+  local = store_lib.ActivationStore.open(staging)
+  remote = store_lib.ActivationStore.open(target)          # tensorstore's gcs driver
+  assert remote.num_rows == local.num_rows >= 300 and remote.heldout_num_docs == local.heldout_num_docs > 0
+  np.testing.assert_array_equal(remote.read(0, remote.num_rows, layer=1), local.read(0, local.num_rows, layer=1))
+  np.testing.assert_array_equal(remote.docs(), local.docs())
+  assert remote.manifest["stats"] == local.manifest["stats"]
+  created = objects(url, "stores/s/", "timeCreated")   # RFC 3339 in UTC: ordered as strings
+  assert max(created, key=created.get) == "stores/s/manifest.json" and not any(n.endswith(".lock") for n in created)
+
+  # On another machine (no staging folder) the same command with a larger bound resumes from the bucket.
+  import shutil
+  shutil.rmtree(staging)
+  config.max_rows = 600
+  second = extractor.extract(config, str(tmp_path / "w"))
+  grown = store_lib.ActivationStore.open(target)
+  assert second["resumed_from_doc"] == first["num_docs"] + first["heldout_num_docs"]
+  assert grown.num_rows == second["num_rows"] >= 600
+  np.testing.assert_array_equal(grown.read(0, remote.num_rows, layer=1), remote.read(0, remote.num_rows, layer=1))
+
+  # A run trains on the bucket's store.
+  out = subprocess.run(_train(f"gs://{BUCKET}/runs/on_remote_store", target, **{"data.layer": 1}), cwd=ROOT,
+                       env=_env(env, devices=1), capture_output=True, text=True, timeout=400)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(read_object(url, "runs/on_remote_store/summary.json"))["done"]

@@ -75,7 +75,7 @@ def test_run_folders_take_file_urls_and_refuse_unknown_schemes(run, tmp_path):
          {p: d for p, d in before.items() if "checkpoints" in p}
   for tool_args, words in (
       (("glp-train", *TRAIN, f"--config.data.store={store}", "--workdir=memory://run"), "or an object-store URL"),
-      (("glp-extract", "--config=configs/extract.py", "--workdir=gs://bucket/x"), "writing a store needs a local"),
+      (("glp-extract", "--config=configs/extract.py", "--workdir=ftp://host/x"), "or an object-store URL"),
       (("glp-sweep", "--config=configs/sweep.py:runlocal", "--root=hdfs://x/sweep", "--dry_run"),
        "or an object-store URL")):
     out = cli(*tool_args, cwd=str(tmp_path))

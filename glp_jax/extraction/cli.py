@@ -27,7 +27,7 @@ def main(fv: flags.FlagValues) -> None:
   config, workdir = fv.config, fv.workdir
   if config is None or not workdir:
     raise config_lib.ConfigError("--config and --workdir are required (see --help)")
-  workdir = files.local_folder(workdir, "--workdir")
+  workdir = files.run_folder(workdir, "--workdir")
   config_lib.write_config(config, workdir)
   producer = None
   if config.stream.buffer_rows:

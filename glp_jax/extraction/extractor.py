@@ -40,7 +40,7 @@ import filelock
 import numpy as np
 
 from glp_jax.data import store as store_lib
-from glp_jax.data.writer import StoreWriter
+from glp_jax.data.writer import LOCK_FILE, StoreWriter
 from glp_jax.extraction import corpus as corpus_lib
 from glp_jax.util import config as config_lib
 from glp_jax.util import files, threads
@@ -159,7 +159,15 @@ def _plans(config, corpus, tokenizer, rule: dict, batching: dict, start_doc: int
 # The driver.
 # ----------------------------------------------------------------------------------------------------
 def store_path(config, workdir: str) -> str:
-  return os.path.abspath(files.local_folder(config.store.path or os.path.join(workdir, "store"), "store.path"))
+  """Where the store goes: a local folder, or a gs:// / s3:// URL (written through `staging_path`)."""
+  path = files.run_folder(config.store.path or os.path.join(workdir, "store"), "store.path")
+  return path if files.is_remote(path) else os.path.abspath(path)
+
+
+def staging_path(url: str) -> str:
+  """The local folder a store bound for a bucket is written in: the writer's commit protocol needs a local
+  file system (in-place side tables, fsync, a file lock). Uploaded when the extraction ends, manifest last."""
+  return os.path.join(os.path.expanduser("~/.cache/glp_jax/staging"), url.replace("://", "/"))
 
 
 def _metadata(config, model_info: dict, tokenizer, rule: dict, corpus: corpus_lib.Corpus,
@@ -199,7 +207,12 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
   from glp_jax.extraction import pipeline
   from glp_jax.torch import lm  # pylint: disable=g-import-not-at-top  (torch only here)
   t_start = time.time()
-  path = store_path(config, workdir)
+  target = store_path(config, workdir)
+  path = staging_path(target) if files.is_remote(target) else target
+  if path != target and not os.path.exists(os.path.join(path, store_lib.MANIFEST)) and \
+      files.exists(os.path.join(target, store_lib.MANIFEST)):
+    logging.info("resuming %s: downloading it to %s", target, path)   # e.g. on a new VM
+    files.copy_tree(target, path)
   corpus = corpus_lib.Corpus.from_config(config.corpus)
   try:
     model, tokenizer = loaded or lm.load_causal_lm(config.model.name, config.model.dtype, config.model.device)
@@ -281,7 +294,15 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
                        f"document is only a BOS); nothing was written")
   row_bytes = store.d * np.dtype(store_lib.DTYPES[store.dtype]).itemsize * len(layers)
   rows_run = store.num_rows - start_rows
-  return {"store": path, "num_rows": store.num_rows, "num_docs": store.num_docs,
+  upload = {}
+  if path != target:
+    t0 = time.time()
+    upload = {"staging": path, "uploaded_bytes": files.copy_tree(path, target, last=(store_lib.MANIFEST,),
+                                                                 skip=(LOCK_FILE,)),
+              "upload_seconds": time.time() - t0}
+    logging.info("uploaded %s to %s (%.1f MB in %.1f s)", path, target, upload["uploaded_bytes"] / 1e6,
+                 upload["upload_seconds"])
+  return {"store": target, **upload, "num_rows": store.num_rows, "num_docs": store.num_docs,
           "heldout_num_rows": store.heldout_num_rows, "heldout_num_docs": store.heldout_num_docs,
           "layers": layers, "d": info["d"], "rows_this_run": rows_run,
           "tokens_this_run": host.n_tokens, "tokens_per_s": host.n_tokens / max(elapsed, 1e-9),

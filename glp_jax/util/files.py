@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from typing import Any, Iterator
 
 from etils import epath
@@ -58,29 +59,20 @@ def is_remote(path: str) -> bool:
   return os.fspath(path).startswith(REMOTE_SCHEMES)
 
 
-def local_folder(path: str, what: str) -> str:
-  """`path` as a local folder for writing: a file:// URL becomes its path, any other URL is refused. A store
-  being *written* needs a local file system (in-place side tables, fsync, file locks); stores are *read*
-  from URLs too (data/store.py), and run folders may be URLs (`run_folder`)."""
-  path = os.fspath(path)
-  if path.startswith("file://"):
-    return path[len("file://"):]
-  if "://" in path:
-    raise ConfigError(f"{what}={path!r}: must be a local folder or a file:// URL (writing a store needs a local "
-                      "file system; a store may be read from a URL, so extract locally and copy the store up)")
-  return path
-
-
 def run_folder(path: str, what: str) -> str:
-  """`path` as a folder for a run or a sweep: a local path (file:// stripped) or a gs:// / s3:// URL, kept
-  as it is. Other schemes are refused before anything is written."""
+  """`path` as a folder to write a run, a sweep or a store into: a local path (file:// stripped) or a gs:// /
+  s3:// URL, kept as it is (a store bound for a bucket is written locally first: extraction/extractor.py).
+  Other schemes are refused before anything is written. Stores are also *read* from any tensorstore kvstore
+  URL (data/store.py)."""
   path = os.fspath(path)
   if is_remote(path):
     return path.rstrip("/")
-  if "://" in path and not path.startswith("file://"):
+  if path.startswith("file://"):
+    return path[len("file://"):]
+  if "://" in path:
     raise ConfigError(f"{what}={path!r}: must be a local folder, a file:// URL or an object-store URL "
                       f"({', '.join(REMOTE_SCHEMES)})")
-  return local_folder(path, what)
+  return path
 
 
 def exists(path: str) -> bool:
@@ -121,6 +113,31 @@ def read_bytes(path: str) -> bytes:
     return epath.Path(path).read_bytes()
   with open(path, "rb") as f:
     return f.read()
+
+
+def open_file(path: str, mode: str = "rb"):
+  """A binary file object, local or on a bucket (written there in parts as it grows)."""
+  return epath.Path(path).open(mode) if is_remote(path) else open(path, mode)
+
+
+def copy_tree(src: str, dst: str, *, last: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> int:
+  """Copies every file below `src` to the same place below `dst` (each side local or on a bucket), streamed
+  in 16 MiB pieces; files named in `last` go after all others (a store's manifest: a reader must not see it
+  before the data it names), names in `skip` not at all. Returns the bytes copied."""
+  todo = []
+  for folder, _, names in walk(src):
+    rel = os.path.relpath(folder, src) if folder.rstrip("/") != src.rstrip("/") else ""
+    todo += [os.path.join(rel, n) for n in sorted(names) if n not in skip]
+  todo.sort(key=lambda r: os.path.basename(r) in last)   # stable: the rest keep their order
+  copied = 0
+  for rel in todo:
+    target = os.path.join(dst, rel)
+    if not is_remote(target):
+      os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    with open_file(os.path.join(src, rel), "rb") as fin, open_file(target, "wb") as fout:
+      shutil.copyfileobj(fin, fout, 16 << 20)
+      copied += fin.tell()
+  return copied
 
 
 def rename(path: str, new_path: str) -> None:
