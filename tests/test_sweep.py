@@ -161,6 +161,9 @@ def test_slurm_script_dry_run_text():
   if shutil.which("bash"):
     check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert check.returncode == 0, check.stderr
+  assert "#SBATCH --output=/shared/sw/slurm-%A_%a.out" in script
+  on_bucket = sweep.slurm_script(c, sweep.expand(c, "gs://b/sw"), "gs://b/sw")   # SLURM writes logs locally
+  assert "#SBATCH --output=slurm-%A_%a.out" in on_bucket and "--workdir=gs://b/sw/" in on_bucket
 
 
 def test_tpu_script_dry_run_text(tmp_path):

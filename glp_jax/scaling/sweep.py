@@ -253,10 +253,12 @@ def slurm_script(config: ml_collections.ConfigDict, runs: list[Run], root: str) 
   s = config.slurm
   n_tasks = s.nodes * s.gpus_per_node
   limit = f"%{config.parallel}" if config.parallel else ""
+  # SLURM writes job output to a file system: a sweep on a bucket gets it in the submit folder.
+  output = "slurm-%A_%a.out" if files.is_remote(root) else os.path.join(root, "slurm-%A_%a.out")
   head = ["#!/bin/bash", "#SBATCH --job-name=glp-sweep", f"#SBATCH --array=0-{len(runs) - 1}{limit}",
           f"#SBATCH --nodes={s.nodes}", f"#SBATCH --ntasks-per-node={s.gpus_per_node}",
           f"#SBATCH --gpus-per-node={s.gpus_per_node}", f"#SBATCH --cpus-per-task={s.cpus_per_task}",
-          f"#SBATCH --time={s.time}", f"#SBATCH --output={os.path.join(root, 'slurm-%A_%a.out')}"]
+          f"#SBATCH --time={s.time}", f"#SBATCH --output={output}"]
   head += [f"#SBATCH --partition={s.partition}"] * bool(s.partition)
   head += [f"#SBATCH --account={s.account}"] * bool(s.account)
   body = [f"# {len(runs)} runs of glp-sweep; {n_tasks} processes (one per GPU) per run. Written by glp-sweep.",
