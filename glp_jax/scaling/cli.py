@@ -100,7 +100,8 @@ def _launch(fv: flags.FlagValues, config, runs: list[sweep.Run], root: str) -> N
       print(text, end="", flush=True)
       return
     # The script is run from a shell here, so a sweep on a bucket gets it in the current folder.
-    path = os.path.join(root if not files.is_remote(root) else ".", "sweep.slurm" if emit == "slurm" else "sweep_tpu.sh")
+    folder = "." if files.is_remote(root) else root
+    path = os.path.join(folder, "sweep.slurm" if emit == "slurm" else "sweep_tpu.sh")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
       f.write(text)
@@ -131,7 +132,7 @@ def fit_main(fv: flags.FlagValues) -> None:
     for w in result["warnings"]:
       print(f"[glp-fit] warning: {w}", file=sys.stderr, flush=True)
   else:
-    out = fv.out or os.path.dirname(os.path.abspath(fv.table))   # tables are local files
+    out = fv.out or os.path.dirname(fv.table if files.is_remote(fv.table) else os.path.abspath(fv.table))
     result = analysis.fit_table(fv.table, fv.form, out, **kw)
   print(f"fit.json: {os.path.join(out, 'fit.json')}", flush=True)
   print(json.dumps(analysis.headline(result)), flush=True)
