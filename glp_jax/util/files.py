@@ -89,6 +89,12 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+def _make_parent(path: str) -> None:
+  """Creates the folder a local file goes into (an object has no folder to create)."""
+  if not is_remote(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
 def listdir(path: str) -> list[str]:
   """The names in a folder, sorted ([] when it does not exist)."""
   if is_remote(path):
@@ -132,8 +138,7 @@ def copy_tree(src: str, dst: str, *, last: tuple[str, ...] = (), skip: tuple[str
   copied = 0
   for rel in todo:
     target = os.path.join(dst, rel)
-    if not is_remote(target):
-      os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    _make_parent(target)
     with open_file(os.path.join(src, rel), "rb") as fin, open_file(target, "wb") as fout:
       shutil.copyfileobj(fin, fout, 16 << 20)
       copied += fin.tell()
@@ -165,16 +170,14 @@ def save_figure(fig: Any, path: str, **savefig_kw: Any) -> str:
   folders on buckets too; returns the path."""
   buf = io.BytesIO()
   fig.savefig(buf, format=os.path.splitext(path)[1].lstrip(".") or "png", **savefig_kw)
-  if not is_remote(path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  _make_parent(path)
   atomic_write(path, buf.getvalue())
   return path
 
 
 def write_json(path: str, obj: Any, *, indent: int | None = 2, durable: bool = False, **kw: Any) -> str:
   """`obj` as JSON at `path` (atomically; parent folders created); returns the path."""
-  if not is_remote(path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  _make_parent(path)
   atomic_write(path, json.dumps(obj, indent=indent, **kw) + "\n", durable=durable)
   return path
 
