@@ -203,8 +203,10 @@ class StoreWriter(ActivationStore):
       if self.train.total - self.train.written >= self.shard:
         self.flush()
       return
-    self._submit_complete_shards()
-    if self.train.reap(max_inflight=self.write_queue):
+    written = self.train.written
+    self._submit_complete_shards()   # (a resize in there waits for, and collects, every write in flight)
+    self.train.reap(max_inflight=self.write_queue)
+    if self.train.written > written:
       self._release_written()
     if self.train.written > self._written_at_commit and (
         time.perf_counter() - self._last_commit >= self.commit_seconds
