@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh [OUT_DIR]
 # Prints each benchmark's JSON line and copies them to OUT_DIR (default $OUT, else ./gpu_check_out).
 # The accelerator image lacks some of our pure-Python dependencies (grain, ml-collections, array-record,
-# portpicker, threadpoolctl, filelock): put their cp312 wheels in .whl/ (see docs/benchmarks.md) and carry it.
+# portpicker, threadpoolctl): put their cp312 wheels in .whl/ (see docs/benchmarks.md) and carry it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-gpu_check_out}}"
@@ -17,6 +17,14 @@ fi
 # The console scripts are not installed in the image: run the entry modules with this interpreter.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/device.txt" || true
 python -c "import jax; print(jax.devices())" | tee -a "$OUT_DIR/device.txt"
+# What the checks import that an image may lack (named here, so a failure below is readable at once).
+python - <<'PY' | tee -a "$OUT_DIR/device.txt"
+import importlib.util
+need = ["grain", "ml_collections", "tensorstore", "orbax.checkpoint", "optax", "flax", "etils", "filelock",
+        "threadpoolctl", "matplotlib", "scipy", "yaml", "transformers", "torch", "ml_dtypes", "absl"]
+missing = [m for m in need if importlib.util.find_spec(m.split(".")[0]) is None]
+print("missing modules:", ", ".join(missing) or "none")
+PY
 
 run() {   # run NAME CMD... : the command's last line (its JSON) goes to OUT_DIR/NAME.json
   local name="$1"; shift
@@ -35,3 +43,9 @@ run train_e2e python bench/train_e2e.py --model=llama1b-d6 --steps=300 --batch=4
 # models of each shape with SmolLM2's tokenizer, built on the device; the embedded Python docs as corpus).
 run extract_smollm2 python bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda
 run extract_llama1b python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda
+# Issue 14, last as the trace needs CUPTI (a failure here leaves the figures above intact): where the d6 step's
+# time goes (jax.profiler trace + the fused HLO under OUT_DIR/profile_*), with an f32 and a bf16 AdamW first
+# moment (optimizer-state traffic is part of the gap to the ceiling).
+run profile_d6 python bench/profile_step.py --depth=6 --batch=4096 --out_dir="$OUT_DIR/profile_d6"
+run profile_d6_mu_bf16 python bench/profile_step.py --depth=6 --batch=4096 --mu_dtype=bfloat16 \
+  --out_dir="$OUT_DIR/profile_d6_mu_bf16"

@@ -268,7 +268,7 @@ def test_lr_search_runs_for_real_and_a_broken_lr_fails_the_sweep(tmp_path):
   assert grid == sorted(["lr_search", f"w0.5_l1_b1024_lr{best:g}_s0", f"w0.5_l1_b2048_lr{best:g}_s0"])
   same = json.load(open(tmp_path / "ok" / f"w0.5_l1_b1024_lr{best:g}_s0" / "summary.json"))
   assert same["eval_loss"] == losses[best]     # the grid's smallest-budget run is the search's run again
-  bad = subprocess.run([tool("glp-sweep"), *args, f"--root={tmp_path / 'bad'}", "--config.lr_search=(1e-3,-1.0)"],
+  bad = subprocess.run([tool("glp-sweep"), *args, f"--root={tmp_path / 'bad'}", "--config.lr_search=(-1.0,)"],
                        cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 1 and "lr search: 1 runs failed without diverging (w0.5_l1_b1024_lr-1_s0)" in bad.stderr
   assert sorted(os.listdir(tmp_path / "bad")) == ["lr_search"]      # no grid run started
