@@ -13,12 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One XLA compilation cache for the session, inherited by every process the tests start: glp-train, glp-sweep
 # and the multi-process jobs compile the same small steps over and over (a sweep test ran 25% faster with it).
-# A fresh folder each session, so no run depends on what an earlier one left.
+# A fresh folder each session, so no run depends on what an earlier one left. A size bound turns on the cache's
+# file lock, so processes that start together never read an entry another is still writing.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _XLA_CACHE = tempfile.mkdtemp(prefix="glp_jax_tests_xla_cache_")
   atexit.register(shutil.rmtree, _XLA_CACHE, True)
   os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
 
 import importlib.util  # noqa: E402
 
