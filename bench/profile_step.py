@@ -29,7 +29,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax_step  # noqa: E402  (bench/jax_step.py: train_step.py's step and peak table)
+from benchlib import jax_step  # noqa: E402  (train_step.py's step and peak table)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Small and fast (< 30 s on CPU).")

@@ -30,7 +30,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jax_step import config_for, device_peak, time_jax  # noqa: E402  (bench/jax_step.py)
+from benchlib.jax_step import config_for, device_peak, time_jax  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Small and fast (< 30 s).")

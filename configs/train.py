@@ -68,8 +68,8 @@ def get_config(arg=None):
   c.opt.weight_decay = 0.01            # decoupled; not applied to biases and LayerNorm scales
   c.opt.clip_norm = 1.0                # global gradient-norm clip; 0 disables
   c.opt.ema_decay = 0.0                # >0 keeps an EMA of params, used by eval, sampling and export
-  c.opt.mu_dtype = "float32"           # AdamW first-moment dtype; bfloat16 saves memory traffic (unvalidated:
-                                       # keep float32 until a 2,000-step run matches its loss curve)
+  c.opt.mu_dtype = "float32"           # AdamW first-moment dtype; bfloat16 saves memory traffic but ended
+                                       # 0.02-0.1% worse over 2,000 steps (bench/moment_dtype.py, docs/benchmarks.md)
 
   # --- mesh: -1 = the rest of the devices ---
   c.mesh = ml_collections.ConfigDict()

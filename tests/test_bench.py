@@ -1,13 +1,28 @@
-"""bench/profile_step.py's trace summary on a synthetic trace shaped as jax.profiler writes one for a GPU: only
-the device's op tracks count (not the Steps/Modules tracks that nest them, nor host threads), kernels are named
-by their HLO instruction, and the busy share is the union of op intervals over the traced span."""
+"""The benches' own logic, without running them. bench/profile_step.py's trace summary on a synthetic trace shaped
+as jax.profiler writes one for a GPU: only the device's op tracks count (not the Steps/Modules tracks that nest
+them, nor host threads), kernels are named by their HLO instruction, and the busy share is the union of op
+intervals over the traced span. bench/moment_dtype.py's verdict on the bf16 first moment."""
 import os
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-profile_step = pytest.importorskip("profile_step")
+
+
+def _bench(name):
+  """Imports bench/<name>.py for its functions. Each bench script defines its own absl flags (two never share a
+  process when run), so the flags the previous import added are dropped first."""
+  from absl import flags
+  for flag in getattr(_bench, "added", []):
+    delattr(flags.FLAGS, flag)
+  before = set(flags.FLAGS)
+  module = pytest.importorskip(name)
+  _bench.added = sorted(set(flags.FLAGS) - before)
+  return module
+
+
+profile_step = _bench("profile_step")
 
 HLO = """HloModule jit_step_fn
 ENTRY %main {
@@ -56,3 +71,20 @@ def test_summary_on_cpu_reads_the_xla_runtime_threads():
   s = profile_step.summarize(events, steps=1, top=5, hlo_text=HLO)
   assert s["source"].startswith("host XLA runtime") and [r["op"] for r in s["top"]] == ["loop_add_fusion.3"]
   assert s["top"][0]["kind"] == "fusion/kLoop" and s["busy_share"] == 1.0
+
+
+def test_moment_dtype_verdict_uses_the_seed_gap_and_falls_back_to_the_sem():
+  """bench/moment_dtype.py: within noise when every bf16-f32 gap at a seed is inside the f32 seed-to-seed gap."""
+  moment_dtype = _bench("moment_dtype")
+
+  def run(mu, seed, curve, sem=0.01):
+    return {"mu_dtype": mu, "seed": seed, "eval_loss": curve, "final_eval_loss": curve[-1], "final_eval_sem": sem}
+  runs = [run("float32", 0, [2.0, 1.500]), run("bfloat16", 0, [2.1, 1.502]),
+          run("float32", 1, [2.0, 1.496]), run("bfloat16", 1, [2.0, 1.497])]
+  v = moment_dtype.compare(runs)
+  assert v["f32_seed_spread"] == pytest.approx(0.004) and v["within_noise"]
+  assert v["gaps"]["0"]["max_abs_gap"] == pytest.approx(0.1) and v["gaps"]["0"]["final_gap"] == pytest.approx(0.002)
+  runs[1]["final_eval_loss"] = 1.505                       # a final gap wider than the seeds' gap
+  assert not moment_dtype.compare(runs)["within_noise"]
+  one = moment_dtype.compare(runs[:2])                     # one seed: 2 SEM of the final eval is the bar
+  assert one["f32_seed_spread"] is None and one["noise"] == pytest.approx(0.02) and one["within_noise"]

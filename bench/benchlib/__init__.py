@@ -1,0 +1,1 @@
+"""Helpers the bench scripts share (no flags, no main: every bench/*.py is a script with --quick)."""
