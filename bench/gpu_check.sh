@@ -1,12 +1,14 @@
 #!/bin/bash
 # The accelerator checks of issues 14 (trainer) and 16 (extractor) as ONE command, < 8 minutes on an H200/H100:
-#   bash bench/gpu_check.sh [OUT_DIR]
-# Prints each benchmark's JSON line and copies them to OUT_DIR (default $OUT, else ./gpu_check_out).
+#   bash bench/gpu_check.sh [OUT_DIR [PARTS]]       PARTS: any of "train extract profile" (default: all three)
+# Prints each benchmark's JSON line and copies them to OUT_DIR (default $OUT, else ./gpu_check_out) as each ends,
+# so a run stopped at a time limit keeps what finished; PARTS splits the checks over several calls.
 # The accelerator image lacks some of our pure-Python dependencies (grain, ml-collections, array-record,
-# portpicker, threadpoolctl): put their cp312 wheels in .whl/ (see docs/benchmarks.md) and carry it.
+# portpicker; threadpoolctl is carried too): put their cp312 wheels in .whl/ (see docs/benchmarks.md) and carry it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-gpu_check_out}}"
+PARTS="${2:-train extract profile}"
 mkdir -p "$OUT_DIR"
 if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
   pip install -q --no-index --no-deps --target /tmp/glp_deps .whl/*.whl
@@ -35,17 +37,27 @@ run() {   # run NAME CMD... : the command's last line (its JSON) goes to OUT_DIR
   cat "$OUT_DIR/$name.json"
 }
 
-# Issue 14: the trainer's step against the PyTorch reference steps (d3 / d6 / d12 at Llama-1B width, batch 4096,
-# bf16 by default), then glp-train end to end on a synthetic D = 2048 bf16 store (d6, 300 steps).
-run train_step python bench/train_step.py --depths=3,6,12 --batch=4096 --steps=20
-run train_e2e python bench/train_e2e.py --model=llama1b-d6 --steps=300 --batch=4096
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+
+# Issue 14: the d6 step against the PyTorch reference steps (eager, torch.compile, fused AdamW + compile; Llama-1B
+# width, batch 4096, bf16 by default), d3 / d12 for the MFU spread (JAX only: each torch.compile costs ~a minute),
+# then glp-train end to end on a synthetic D = 2048 bf16 store (d6, 300 steps).
+if want train; then
+  run train_step_d6 python bench/train_step.py --depths=6 --batch=4096 --steps=20
+  run train_step_d3_d12 python bench/train_step.py --depths=3,12 --batch=4096 --steps=20 --torch=false
+  run train_e2e python bench/train_e2e.py --model=llama1b-d6 --steps=300 --batch=4096
+fi
 # Issue 16: the extractor against its LM's bare truncated forward, both rows of the issue's table (random-weight
 # models of each shape with SmolLM2's tokenizer, built on the device; the embedded Python docs as corpus).
-run extract_smollm2 python bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda
-run extract_llama1b python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda
+if want extract; then
+  run extract_smollm2 python bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda
+  run extract_llama1b python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda
+fi
 # Issue 14, last as the trace needs CUPTI (a failure here leaves the figures above intact): where the d6 step's
 # time goes (jax.profiler trace + the fused HLO under OUT_DIR/profile_*), with an f32 and a bf16 AdamW first
 # moment (optimizer-state traffic is part of the gap to the ceiling).
-run profile_d6 python bench/profile_step.py --depth=6 --batch=4096 --out_dir="$OUT_DIR/profile_d6"
-run profile_d6_mu_bf16 python bench/profile_step.py --depth=6 --batch=4096 --mu_dtype=bfloat16 \
-  --out_dir="$OUT_DIR/profile_d6_mu_bf16"
+if want profile; then
+  run profile_d6 python bench/profile_step.py --depth=6 --batch=4096 --out_dir="$OUT_DIR/profile_d6"
+  run profile_d6_mu_bf16 python bench/profile_step.py --depth=6 --batch=4096 --mu_dtype=bfloat16 \
+    --out_dir="$OUT_DIR/profile_d6_mu_bf16"
+fi
