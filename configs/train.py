@@ -91,6 +91,9 @@ def get_config(arg=None):
   c.log.wandb_project = ""             # also log to Weights & Biases under this project ("" = off; needs wandb)
   c.log.wandb_entity = ""              # W&B entity (team); "" = your default
   c.log.loss_curve = True              # write <workdir>/loss_curve.png at the end of training
+  c.profile = ml_collections.ConfigDict()   # a jax.profiler trace of a few steps (glp_jax/training/profile.py)
+  c.profile.steps = 0                  # steps traced (0 = off): <workdir>/profile/ and <workdir>/profile.json
+  c.profile.start_step = 10            # trace steps start_step+1 .. start_step+steps (compile and warm-up before)
 
   if a.runlocal:
     c.model.preset = a.model if a.model != "tiny" else "tiny"

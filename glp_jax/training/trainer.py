@@ -25,6 +25,7 @@ from glp_jax.data import loader as loader_lib
 from glp_jax.training import checkpoint as ckpt_lib
 from glp_jax.training import input as input_lib
 from glp_jax.training import metrics as metrics_lib
+from glp_jax.training import profile as profile_lib
 from glp_jax.training import sharding
 from glp_jax.training import state as state_lib
 from glp_jax.training import workdir as workdir_lib
@@ -140,13 +141,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
                                   batch_size=config.batch_size, flops_per_example=flops_per_example,
                                   start_step=start_step, wall_offset=wall_offset,
                                   peak=metrics_lib.peak_flops(mesh.devices.flat))
+  profiler = profile_lib.StepProfiler(config.get("profile"), workdir, enabled=is_main)
   step, stopped = start_step, False
   batches = data.batches(start_step, total_steps, mesh)
   try:
     with runtime.StopRequest.for_this_job() as stop, sharding.activation_context(mesh):
       for step0, inputs in batches:
-        state, nonfinite, device_metrics = train_step(state, nonfinite, *inputs)
+        profiler.before(step0)
+        with profiler.annotate(step0):
+          state, nonfinite, device_metrics = train_step(state, nonfinite, *inputs)
         step = step0 + 1
+        profiler.after(step, state, lambda: train_step.lower(state, nonfinite, *inputs))
         recorder.tick()   # the metrics held from an earlier step are ready now: fetching them costs no stall
         if config.debug_sleep_s:
           time.sleep(config.debug_sleep_s)
@@ -174,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
       files.write_json(os.path.join(workdir, workdir_lib.DIVERGED_FILE), {"step": step, "error": str(e)})
     raise
   finally:
+    profiler.close()
     batches.close()
     ckpt.wait()
     writer.close()

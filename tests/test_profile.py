@@ -1,0 +1,75 @@
+"""glp_jax.training.profile: the trace summary on synthetic traces shaped as jax.profiler writes them (only the
+device's op tracks count, not the Steps/Modules tracks that nest them nor host threads; kernels are named by their
+HLO instruction; the busy share is the union of op intervals over the traced span), and `config.profile` on a
+real run: the trace, the HLO and profile.json land in the workdir, and the run ends as it would unprofiled."""
+import json
+import os
+
+import pytest
+
+from glp_jax.training import profile as profile_lib
+from glp_jax.training import trainer as train
+from test_train import make_config, store  # noqa: F401  (the synthetic store fixture)
+
+HLO = """HloModule jit_step_fn
+ENTRY %main {
+  %gemm_fusion_dot.1 = bf16[4096,2048]{1,0} fusion(%a, %b), kind=kCustom, calls=%c1, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %loop_add_fusion.3 = f32[2048]{0} fusion(%x, %y), kind=kLoop, calls=%c2
+  ROOT %custom-call.7 = bf16[4096,4096]{1,0} custom-call(%p, %q), custom_call_target="__cublas$gemm"
+}
+"""
+
+
+def _meta(pid, tid, process, thread):
+  return [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": process}},
+          {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": thread}}]
+
+
+def _op(pid, tid, ts, dur, name, **args):
+  return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name, "args": args}
+
+
+def test_summary_counts_device_ops_once_and_names_their_hlo():
+  events = (_meta(1, 10, "/device:GPU:0", "Stream #13(Compute)") + _meta(1, 11, "/device:GPU:0", "Steps")
+            + _meta(1, 12, "/device:GPU:0", "XLA Modules") + _meta(2, 20, "/host:CPU", "python"))
+  for step in range(2):   # two steps of 100 us: a 60 us GEMM, 20 us elementwise, 10 us cuBLAS, 10 us idle
+    t = step * 100
+    events += [_op(1, 11, t, 100, "train 0"), _op(1, 12, t, 95, "jit_step_fn"), _op(2, 20, t, 100, "PjitFunction"),
+               _op(1, 10, t, 60, "triton_gemm_kernel_xyz", hlo_op="gemm_fusion_dot.1"),
+               _op(1, 10, t + 60, 20, "loop_add_fusion_3", hlo_op="loop_add_fusion.3"),
+               _op(1, 10, t + 80, 10, "sm90_xmma_gemm", hlo_op="custom-call.7")]
+  s = profile_lib.summarize(events, steps=2, top=2, hlo_text=HLO)
+  assert s["source"] == "device" and list(s["tracks_ms_per_step"]) == ["/device:GPU:0 Stream #13(Compute)"]
+  assert s["ops_ms_per_step"] == pytest.approx(0.09) and s["distinct_ops"] == 3
+  assert s["busy_share"] == pytest.approx(180 / 190)   # the span ends with the last op: 10 us idle in it
+  assert [r["op"] for r in s["top"]] == ["gemm_fusion_dot.1", "loop_add_fusion.3"]
+  assert s["top"][0]["share"] == pytest.approx(60 / 90) and s["top"][0]["hlo"].startswith("%gemm_fusion_dot.1 =")
+  assert s["by_kind"]["fusion/__triton_gemm"]["ms_per_step"] == pytest.approx(0.06)
+  assert s["by_kind"]["fusion/kLoop"]["share"] == pytest.approx(20 / 90)
+  assert s["by_kind"]["custom-call/__cublas$gemm"]["share"] == pytest.approx(10 / 90)
+  assert profile_lib.hlo_summary(HLO) == {"fusions": {"kCustom": 1, "kLoop": 1},
+                                           "custom_calls": {"__cublas$gemm": 1}, "entry_instructions": 3}
+
+
+def test_summary_on_cpu_reads_the_xla_runtime_threads():
+  events = _meta(1, 5, "/host:CPU", "tf_XLAEigen/123") + _meta(1, 6, "/host:CPU", "python")
+  events += [_op(1, 5, 0, 30, "loop_add_fusion.3"), _op(1, 5, 30, 1, "end: loop_add_fusion.3"),
+             _op(1, 6, 0, 50, "PjitFunction(step_fn)")]
+  s = profile_lib.summarize(events, steps=1, top=5, hlo_text=HLO)
+  assert s["source"].startswith("host XLA runtime") and [r["op"] for r in s["top"]] == ["loop_add_fusion.3"]
+  assert s["top"][0]["kind"] == "fusion/kLoop" and s["busy_share"] == 1.0
+
+
+def test_a_profiled_run_writes_its_trace_and_summary_and_trains_the_same(store, tmp_path):  # noqa: F811
+  plain = train.train_and_evaluate(make_config(store, num_activations=64 * 8, eval_every=8), str(tmp_path / "a"))
+  workdir = str(tmp_path / "p")
+  profiled = train.train_and_evaluate(make_config(store, num_activations=64 * 8, eval_every=8,
+                                                  **{"profile.steps": 3, "profile.start_step": 2}), workdir)
+  assert profiled["params_checksum"] == plain["params_checksum"] and profiled["eval_loss"] == plain["eval_loss"]
+  p = json.load(open(os.path.join(workdir, "profile.json")))
+  assert p["steps"] == [3, 5] and p["source"].startswith("host XLA") and 0 < p["busy_share"] <= 1
+  assert p["ops_ms_per_step"] > 0 and p["hlo"]["fusions"] and "unknown" not in list(p["by_kind"])[:1]
+  assert all(r["hlo"] for r in p["top"][:5])   # the top ops are found in the step's HLO
+  found = [f for _, _, fs in os.walk(os.path.join(workdir, "profile")) for f in fs]
+  assert "perfetto_trace.json.gz" in found and "step.hlo.txt" in found and any(f.endswith(".xplane.pb") for f in found)
+  assert not os.path.exists(os.path.join(str(tmp_path / "a"), "profile.json"))
