@@ -11,6 +11,7 @@ runs the same summary on the bare step. On CPU the "device" ops are the XLA runt
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -152,7 +153,7 @@ class StepProfiler:
       self.active = True
 
   def annotate(self, step0: int):
-    return jax.profiler.StepTraceAnnotation("train", step_num=step0) if self.active else _NULL
+    return jax.profiler.StepTraceAnnotation("train", step_num=step0) if self.active else contextlib.nullcontext()
 
   def after(self, step: int, outputs: Any, lower) -> dict | None:
     """Called after step `step` was dispatched: at the window's end waits for it, stops the trace and writes
@@ -186,14 +187,3 @@ class StepProfiler:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
-
-
-class _Null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
-
-
-_NULL = _Null()
