@@ -69,7 +69,7 @@ def test_a_profiled_run_writes_its_trace_and_summary_and_trains_the_same(store, 
   p = json.load(open(os.path.join(workdir, "profile.json")))
   assert p["steps"] == [3, 5] and p["source"].startswith("host XLA") and 0 < p["busy_share"] <= 1
   assert p["ops_ms_per_step"] > 0 and p["hlo"]["fusions"] and "unknown" not in list(p["by_kind"])[:1]
-  assert all(r["hlo"] for r in p["top"][:5])   # the top ops are found in the step's HLO
+  assert all(r["hlo"] for r in p["top"][:3])   # the top ops are found in the step's HLO
   found = [f for _, _, fs in os.walk(os.path.join(workdir, "profile")) for f in fs]
   assert "perfetto_trace.json.gz" in found and "step.hlo.txt" in found and any(f.endswith(".xplane.pb") for f in found)
   assert not os.path.exists(os.path.join(str(tmp_path / "a"), "profile.json"))
