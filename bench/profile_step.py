@@ -39,6 +39,7 @@ flags.DEFINE_string("jax_dtype", "auto", "Compute dtype: auto (bfloat16 on accel
 flags.DEFINE_string("mu_dtype", "float32", "AdamW first-moment dtype (bfloat16 halves its traffic).")
 flags.DEFINE_string("out_dir", "", "Output folder (default $OUT/profile_step, else ./profile_out).")
 
+
 def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})

@@ -74,10 +74,8 @@ def reference(store, tmp_path_factory):
 
 def launch(workdir, store, devices=8, **extra):
   args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "data.store": store, **extra}.items()]
-  # A compilation cache shared by the restarts: the second and third process skip XLA compiles.
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(workdir), "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  # The restarts share the session's XLA compilation cache (conftest.py) through os.environ.
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, "-m", "glp_jax.training.cli", "--config=configs/train.py:runlocal",
                            f"--workdir={workdir}", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
