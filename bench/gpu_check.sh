@@ -1,6 +1,7 @@
 #!/bin/bash
 # The accelerator checks of issues 14 (trainer) and 16 (extractor) as ONE command, < 8 minutes on an H200/H100:
-#   bash bench/gpu_check.sh [OUT_DIR [PARTS]]       PARTS: any of "train extract profile" (default: all three)
+#   bash bench/gpu_check.sh [OUT_DIR [PARTS]]   PARTS: any of "train extract profile flags" (default: the first three;
+#                                               "flags", ~5 more minutes, is the second call where time allows)
 # Prints each benchmark's JSON line and copies them to OUT_DIR (default $OUT, else ./gpu_check_out) as each ends,
 # so a run stopped at a time limit keeps what finished; PARTS splits the checks over several calls.
 # The accelerator image lacks some of our pure-Python dependencies (grain, ml-collections, array-record,
@@ -60,4 +61,9 @@ if want profile; then
   run profile_d6 python bench/profile_step.py --depth=6 --batch=4096 --out_dir="$OUT_DIR/profile_d6"
   run profile_d6_mu_bf16 python bench/profile_step.py --depth=6 --batch=4096 --mu_dtype=bfloat16 \
     --out_dir="$OUT_DIR/profile_d6_mu_bf16"
+fi
+# Issue 14, point 4: GPU XLA flags on the d6 step (latency-hiding scheduler, cuBLAS vs Triton GEMMs, cuBLASLt, CUDA
+# graphs off, exhaustive Triton tiling), each set in a process of its own; speedups inside `block_spread` are noise.
+if want flags; then
+  run xla_flags_d6 python bench/xla_flags.py --depth=6 --batch=4096 --steps=20 --blocks=3
 fi

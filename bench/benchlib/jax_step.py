@@ -64,8 +64,12 @@ def build_jax_step(config):
   return step, (state, nonfinite, x), mesh
 
 
-def time_jax(config, steps: int) -> dict:
+def time_jax(config, steps: int, blocks: int = 1) -> dict:
+  """The step's wall time: the median over `blocks` timed runs of `steps` steps each (the first step, compile
+  included, is `first_step_s`; `block_spread` the blocks' (max - min) / median). `loss` is after
+  1 + blocks * steps steps."""
   import jax
+  import numpy as np
   from glp_jax.training import sharding
   step, (state, nonfinite, x), mesh = build_jax_step(config)
   with sharding.activation_context(mesh):
@@ -73,10 +77,16 @@ def time_jax(config, steps: int) -> dict:
     state, nonfinite, m = step(state, nonfinite, x)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(steps):
-      state, nonfinite, m = step(state, nonfinite, x)
-    jax.block_until_ready((state, m))
-  dt = (time.perf_counter() - t) / steps
-  return {"step_s": dt, "examples_per_s": config.batch_size / dt, "first_step_s": compile_s,
-          "loss": float(m["loss"])}
+    times = []
+    for _ in range(blocks):
+      t = time.perf_counter()
+      for _ in range(steps):
+        state, nonfinite, m = step(state, nonfinite, x)
+      jax.block_until_ready((state, m))
+      times.append((time.perf_counter() - t) / steps)
+  dt = float(np.median(times))
+  out = {"step_s": dt, "examples_per_s": config.batch_size / dt, "first_step_s": compile_s,
+         "loss": float(m["loss"])}
+  if blocks > 1:   # the timing's own noise: a difference between setups below it means nothing
+    out["block_spread"] = (max(times) - min(times)) / dt
+  return out
