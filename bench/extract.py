@@ -129,7 +129,7 @@ def host_ceiling(folder: str, config, d: int, n_layers: int, megabytes: int) -> 
   (random, store dtype) through the extractor's host stage (its thread) into a store written as configured
   (write queue, statistics threads), up to the final close. None with an extractor that has no host stage."""
   import numpy as np
-  from glp_jax.data import store as store_lib
+  from glp_jax.data import layout
   from glp_jax.data.writer import StoreWriter
   from glp_jax.extraction import extractor as extract
   try:
@@ -138,7 +138,7 @@ def host_ceiling(folder: str, config, d: int, n_layers: int, megabytes: int) -> 
     return None
   docs, n = 64, 500
   rng = np.random.default_rng(0)
-  rows = rng.normal(size=(n_layers, docs * n, d)).astype(store_lib.DTYPES[config.store.dtype])
+  rows = rng.normal(size=(n_layers, docs * n, d)).astype(layout.DTYPES[config.store.dtype])
   batch = _ReadyBatch(rows, np.zeros(rows.shape[:2], bool), {k: (k * n, n) for k in range(docs)})
   st = StoreWriter.create(os.path.join(folder, "host_ceiling"), layers=list(range(n_layers)), d=d,
                           dtype=config.store.dtype, write_queue=int(config.store.write_queue),

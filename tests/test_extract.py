@@ -11,6 +11,7 @@ import pytest
 
 from glp_jax.util import config as config_lib
 from glp_jax.extraction import extractor as extract
+from glp_jax.data import layout
 from glp_jax.data import store as store_lib
 from glp_jax.data.writer import StoreWriter
 
@@ -266,7 +267,7 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(tiny, tmp_path):
   extract.extract(config, a)                     # uninterrupted, in this process
   argv, env = _cli(b, *flags)                    # killed part-way, through the CLI
   proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  manifest = os.path.join(b, "store", store_lib.MANIFEST)
+  manifest = os.path.join(b, "store", layout.MANIFEST)
   deadline = time.time() + 120
   while time.time() < deadline and proc.poll() is None:
     try:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from glp_jax.data import streaming as producer_lib
+from glp_jax.data import layout
 from glp_jax.data import store as store_lib
 
 
@@ -64,7 +65,7 @@ def test_buffer_bound_warmup_stats_and_finish(tmp_path):
   path = extract.store_path(config, workdir)
   # The consumer: waits for the warm-up rows, then reads slowly, publishing its progress.
   deadline = time.time() + 180
-  while not os.path.exists(os.path.join(path, store_lib.MANIFEST)) or \
+  while not os.path.exists(os.path.join(path, layout.MANIFEST)) or \
       store_lib.ActivationStore.open(path).num_rows < 512:
     assert not errors and time.time() < deadline, errors
     time.sleep(0.02)

@@ -11,6 +11,7 @@ import scaling_fakes
 from glp_jax.scaling import fit as scaling
 from glp_jax.scaling import frontier
 from glp_jax.scaling import report as scaling_report
+from glp_jax.scaling import uncertainty
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TRUE_C = dict(E=0.52, A=435.1, alpha=0.169)                         # the GLP paper's law (Fig. 2a)
@@ -35,7 +36,7 @@ def test_compute_fit_recovers_parameters_inside_bootstrap_ci():
   for r in range(8):
     C, L = _compute_data(100 + r)
     fit = scaling.fit_compute(C, L)
-    boot = scaling.bootstrap(functools.partial(scaling.fit_compute, init=scaling.warm_starts(fit)),
+    boot = uncertainty.bootstrap(functools.partial(scaling.fit_compute, init=scaling.warm_starts(fit)),
                              dict(C=C, L=L), n=50, seed=r)
     ci = boot.ci(0.95)
     hits.append([ci[k][0] <= TRUE_C[k] <= ci[k][1] for k in TRUE_C])
@@ -49,7 +50,7 @@ def test_chinchilla_fit_recovers_parameters_inside_bootstrap_ci():
   for r in range(6):
     N, D, L = _chinchilla_data(200 + r)
     fit = scaling.fit_chinchilla(N, D, L)
-    boot = scaling.bootstrap(functools.partial(scaling.fit_chinchilla, init=scaling.warm_starts(fit)),
+    boot = uncertainty.bootstrap(functools.partial(scaling.fit_chinchilla, init=scaling.warm_starts(fit)),
                              dict(N=N, D=D, L=L), n=30, seed=r)
     ci = boot.ci(0.95)
     hits.append([ci[k][0] <= TRUE_NDL[k] <= ci[k][1] for k in TRUE_NDL])
@@ -109,12 +110,12 @@ def test_fits_are_invariant_to_the_order_of_runs():
   assert scaling.fit_linear(L, f).params == scaling.fit_linear(L[p], f[p]).params
   # The bootstrap (and so the CIs) does not depend on the order of the points either.
   fit_fn = functools.partial(scaling.fit_compute, init=scaling.warm_starts(scaling.fit_compute(C, L)))
-  b1 = scaling.bootstrap(fit_fn, dict(C=C, L=L), n=10, seed=5)
-  b2 = scaling.bootstrap(fit_fn, dict(C=C[p], L=L[p]), n=10, seed=5)
+  b1 = uncertainty.bootstrap(fit_fn, dict(C=C, L=L), n=10, seed=5)
+  b2 = uncertainty.bootstrap(fit_fn, dict(C=C[p], L=L[p]), n=10, seed=5)
   np.testing.assert_array_equal(b1.samples, b2.samples)
   sem = 0.01 * L   # with per-point noise too: each point keeps its own SEM whatever the order
-  b1 = scaling.bootstrap(fit_fn, dict(C=C, L=L), n=10, seed=5, noise=dict(L=sem))
-  b2 = scaling.bootstrap(fit_fn, dict(C=C[p], L=L[p]), n=10, seed=5, noise=dict(L=sem[p]))
+  b1 = uncertainty.bootstrap(fit_fn, dict(C=C, L=L), n=10, seed=5, noise=dict(L=sem))
+  b2 = uncertainty.bootstrap(fit_fn, dict(C=C[p], L=L[p]), n=10, seed=5, noise=dict(L=sem[p]))
   np.testing.assert_array_equal(b1.samples, b2.samples)
 
 
@@ -302,4 +303,4 @@ def test_eval_sem_widens_the_bootstrap_ci_and_is_recorded():
   c1 = scaling_report.analyze_chinchilla(N, D, L2, loss_sem=0.02 * L2, **kw)
   assert width(c1) > width(c0) and c1["bootstrap"]["sources"] == ["runs", "eval_loss_sem"]
   with pytest.raises(scaling.FitError, match="noise"):
-    scaling.bootstrap(scaling.fit_compute, dict(C=C, L=L), noise=dict(L=-np.ones_like(L)), n=2)
+    uncertainty.bootstrap(scaling.fit_compute, dict(C=C, L=L), noise=dict(L=-np.ones_like(L)), n=2)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from glp_jax.data import store as store_lib
+from glp_jax.data import layout
 from glp_jax.data.store import ActivationStore, StoreError
 from glp_jax.data.writer import StoreWriter
 
@@ -97,7 +97,7 @@ def test_16bit_round_trip_and_plain_tensorstore(workdir, dtype):
   path = os.path.join(workdir, "s")
   with new_store(path, dtype=dtype, compression="zstd") as st:
     write_docs(st, range(8))
-  want = expected(range(8), 5).astype(store_lib.DTYPES[dtype])
+  want = expected(range(8), 5).astype(layout.DTYPES[dtype])
   r = ActivationStore.open(path)
   got = r.read(0, r.num_rows, layer=5)
   assert got.dtype == want.dtype
@@ -330,9 +330,9 @@ def test_heldout_rows_follow_documents(workdir):
 
 
 def test_default_shard_sizes():
-  shard, chunk = store_lib.default_rows(2048, "bfloat16")
+  shard, chunk = layout.default_rows(2048, "bfloat16")
   assert (shard, chunk) == (8192, 256)        # 32 MB shards, 1 MB chunks
-  shard, chunk = store_lib.default_rows(576, "bfloat16")
+  shard, chunk = layout.default_rows(576, "bfloat16")
   assert shard % chunk == 0 and 16 << 20 <= shard * 1152 <= 32 << 20 and 512 << 10 <= chunk * 1152 <= 1 << 20
 
 
@@ -377,7 +377,7 @@ def test_heldout_split(workdir):
     np.testing.assert_allclose(s["mean"], x.mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(s["var"], x.var(0), rtol=1e-12)
     np.testing.assert_allclose(r.stats(l, "first_shard")["var"], x[:100].var(0), rtol=1e-12)
-  assert r.array(2, store_lib.HELDOUT).shape == (r.heldout_num_rows, D)   # closed: shape == committed rows
+  assert r.array(2, layout.HELDOUT).shape == (r.heldout_num_rows, D)   # closed: shape == committed rows
   with pytest.raises(StoreError, match=r"held-out rows \[0, 999\) requested"):
     r.read_heldout(0, 999, layer=2)
 
@@ -517,7 +517,7 @@ def test_closed_store_without_heldout_rows(workdir):
   r = ActivationStore.open(path)
   assert r.has_heldout_split and r.heldout_num_rows == 0 and r.manifest["heldout"]["doc_ids"] == []
   assert r.heldout_docs().shape == (0, 4) and r.heldout_positions().shape == (0,)
-  assert r.array(5, store_lib.HELDOUT).shape == (0, D)   # plain readers see exactly the (no) rows
+  assert r.array(5, layout.HELDOUT).shape == (0, D)   # plain readers see exactly the (no) rows
   with pytest.raises(StoreError, match="held-out split is empty"):
     r.read_heldout(0, 1, layer=5)
   with StoreWriter.open_for_append(path) as st:   # and it grows again on append
@@ -527,7 +527,7 @@ def test_closed_store_without_heldout_rows(workdir):
 
 def copy_to_memory(path: str, name: str) -> str:
   """A copy of the store folder `path` in this process's memory:// key-value store; returns its URL."""
-  mem = ts.KvStore.open(f"memory://{name}/", context=store_lib.CONTEXT).result()
+  mem = ts.KvStore.open(f"memory://{name}/", context=layout.CONTEXT).result()
   for root, _, names in os.walk(path):
     for n in names:
       with open(os.path.join(root, n), "rb") as f:
@@ -541,7 +541,7 @@ def test_store_reads_the_same_through_file_and_memory_urls(workdir):
     write_docs(st, range(60), is_held)
   local = ActivationStore.open(path)
   for url in ("file://" + path, copy_to_memory(path, "copied")):
-    assert store_lib.is_store(url)
+    assert layout.is_store(url)
     r = ActivationStore.open(url)
     assert r.path == url and r.manifest == local.manifest
     for l in LAYERS:
@@ -553,10 +553,10 @@ def test_store_reads_the_same_through_file_and_memory_urls(workdir):
     np.testing.assert_array_equal(r.positions(3, 50), local.positions(3, 50))
     np.testing.assert_array_equal(r.heldout_positions(), local.heldout_positions())
   # Behind a URL a missing shard is still an error, not zeros.
-  mem = ts.KvStore.open("memory://copied/", context=store_lib.CONTEXT).result()
+  mem = ts.KvStore.open("memory://copied/", context=layout.CONTEXT).result()
   del mem["layer_05/c/1/0"]
   with pytest.raises(StoreError, match=r"memory://copied: reading rows \[60, 70\) of layer_05 failed.*missing"):
     ActivationStore.open("memory://copied").read(60, 70, 5)
-  assert not store_lib.is_store("memory://nothing") and not store_lib.is_store("nope://x")
+  assert not layout.is_store("memory://nothing") and not layout.is_store("nope://x")
   with pytest.raises(StoreError, match="memory://nothing: not an activation store"):
     ActivationStore.open("memory://nothing")

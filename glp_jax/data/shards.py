@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from glp_jax.data import stats as stats_lib
-from glp_jax.data.store import DOCS_FILE, DTYPES, POSITIONS_FILE, Split, StoreError
+from glp_jax.data.layout import DOCS_FILE, DTYPES, POSITIONS_FILE, Split, StoreError
 
 
 class SplitWriter:

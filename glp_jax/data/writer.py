@@ -1,4 +1,4 @@
-"""The write path of the activation store (see store.py for the layout and the commit protocol).
+"""The write path of the activation store (layout.py: the format; store.py: the commit protocol).
 
 `StoreWriter` is an `ActivationStore` that can also append: `StoreWriter.create(path, ...)` makes a new store,
 `StoreWriter.open_for_append(path, expect=...)` resumes one at its committed state. Documents are appended in
@@ -41,9 +41,10 @@ import tensorstore as ts
 
 from glp_jax.data.shards import MomentCache, SplitWriter
 from glp_jax.data.stats import CommitStats
-from glp_jax.data.store import (COMPRESSIONS, DOCS_FILE, DTYPES, FORMAT, FORMAT_VERSION, HELDOUT, MANIFEST,
-                                POSITIONS_FILE, RESERVED, TRAIN, ActivationStore, StoreError, create_spec,
-                                default_rows, read_manifest)
+from glp_jax.data.layout import (COMPRESSIONS, DOCS_FILE, DTYPES, FORMAT, FORMAT_VERSION, HELDOUT, MANIFEST,
+                                 POSITIONS_FILE, RESERVED, TRAIN, StoreError, create_spec, default_rows,
+                                 read_manifest)
+from glp_jax.data.store import ActivationStore
 from glp_jax.util import files
 
 LOCK_FILE = ".writer.lock"

@@ -39,6 +39,8 @@ from absl import logging
 import filelock
 import numpy as np
 
+from glp_jax.data import layout
+
 from glp_jax.data import store as store_lib
 from glp_jax.data.writer import LOCK_FILE, StoreWriter
 from glp_jax.extraction import corpus as corpus_lib
@@ -209,8 +211,8 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
   t_start = time.time()
   target = store_path(config, workdir)
   path = staging_path(target) if files.is_remote(target) else target
-  if path != target and not os.path.exists(os.path.join(path, store_lib.MANIFEST)) and \
-      files.exists(os.path.join(target, store_lib.MANIFEST)):
+  if path != target and not os.path.exists(os.path.join(path, layout.MANIFEST)) and \
+      files.exists(os.path.join(target, layout.MANIFEST)):
     logging.info("resuming %s: downloading it to %s", target, path)   # e.g. on a new VM
     files.copy_tree(target, path)
   corpus = corpus_lib.Corpus.from_config(config.corpus)
@@ -224,8 +226,8 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
     raise ExtractError(f"config.layers: {e}") from None
   info = lm.model_info(model, config.model.name)
   rule = token_rule(tokenizer, config.prepend_bos)
-  created = not os.path.exists(os.path.join(path, store_lib.MANIFEST))
-  stored = None if created else store_lib.read_manifest(path)["metadata"]
+  created = not os.path.exists(os.path.join(path, layout.MANIFEST))
+  stored = None if created else layout.read_manifest(path)["metadata"]
   with pipeline.BatchRunner(model, layers, config.store.dtype) as runner:
     # The planner thread must tokenise as fast as the device forwards (one Rust thread does ~0.3M tok/s):
     # on a GPU let the tokenizer use its threads; on a CPU they would slow the forward. Set it to override.
@@ -292,12 +294,12 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
       shutil.rmtree(path, ignore_errors=True)
     raise ExtractError(f"corpus {config.corpus.source!r} yields no tokens to store (documents empty, or every "
                        f"document is only a BOS); nothing was written")
-  row_bytes = store.d * np.dtype(store_lib.DTYPES[store.dtype]).itemsize * len(layers)
+  row_bytes = store.d * np.dtype(layout.DTYPES[store.dtype]).itemsize * len(layers)
   rows_run = store.num_rows - start_rows
   upload = {}
   if path != target:
     t0 = time.time()
-    upload = {"staging": path, "uploaded_bytes": files.copy_tree(path, target, last=(store_lib.MANIFEST,),
+    upload = {"staging": path, "uploaded_bytes": files.copy_tree(path, target, last=(layout.MANIFEST,),
                                                                  skip=(LOCK_FILE,)),
               "upload_seconds": time.time() - t0}
     logging.info("uploaded %s to %s (%.1f MB in %.1f s)", path, target, upload["uploaded_bytes"] / 1e6,
@@ -352,11 +354,11 @@ def default_store(cache_dir: str | None = None) -> str:
   `glp-train` when `data.store` is empty. A killed build resumes on the next call.
   """
   path = store_lib.default_store_path(cache_dir)
-  if os.path.exists(os.path.join(path, store_lib.MANIFEST)):
+  if os.path.exists(os.path.join(path, layout.MANIFEST)):
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with filelock.FileLock(path + ".lock"):   # one build across processes; the others wait, then reuse it
-    if not os.path.exists(os.path.join(path, store_lib.MANIFEST)):
+    if not os.path.exists(os.path.join(path, layout.MANIFEST)):
       config = config_lib.load_file(config_lib.packaged_config("configs/extract.py"), "runlocal,rows=32768")
       config.progress = False
       config.store.shard_rows = 8192

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from glp_jax.data import store as store_lib
+from glp_jax.data import layout
 from glp_jax.torch import lm
 
 CPU_BATCHING = {"batch_tokens": 8192, "max_batch_docs": 64, "window_docs": 64}
@@ -141,7 +141,7 @@ class BatchRunner:
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
   if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits as ml_dtypes.bfloat16
-    return t.view(torch.int16).numpy().view(store_lib.DTYPES["bfloat16"])
+    return t.view(torch.int16).numpy().view(layout.DTYPES["bfloat16"])
   return t.numpy()
 
 
@@ -209,7 +209,7 @@ class HostStage:
     self.n_tokens, self.waited = 0, 0.0
     self.error: BaseException | None = None
     self.t0 = time.time()
-    self._empty = {l: np.zeros((0, store.d), store_lib.DTYPES[store.dtype]) for l in store.layers}
+    self._empty = {l: np.zeros((0, store.d), layout.DTYPES[store.dtype]) for l in store.layers}
     self._no_bad = {l: np.zeros(0, bool) for l in store.layers}
     self.queue = queue.Queue(maxsize=depth) if threaded else None
     if threaded:

@@ -107,9 +107,9 @@ def lm_info(normalizer: Any, config: Any, multi: int, imported: bool = False,
   if not store and not imported:
     from glp_jax.training.input import default_store
     store = default_store()
-  from glp_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
+  from glp_jax.data import layout  # pylint: disable=g-import-not-at-top
   try:
-    manifest = store_lib.read_manifest(store) if store else {}
+    manifest = layout.read_manifest(store) if store else {}
   except Exception:  # a moved or deleted store (or an imported run): the layer may still be known
     manifest = {}
   if manifest and d_input is not None and int(manifest.get("d", d_input)) != d_input:
@@ -126,7 +126,7 @@ def lm_info(normalizer: Any, config: Any, multi: int, imported: bool = False,
   else:
     layers = list(range(multi)) if multi else None
   metadata = manifest.get("metadata") or {}
-  info = {"store": store_lib.location(store) if store else None,
+  info = {"store": layout.location(store) if store else None,
           "lm": metadata.get("model"),
           "layer": layers[0] if layers and len(layers) == 1 else layers}
   if manifest:

@@ -1,5 +1,6 @@
 """Scaling reports: a fit + bootstrap CIs + confidence/prediction bands + held-out check as one JSON-able
-dict (what `glp-fit` writes to fit.json and the notebooks plot). The math lives in `glp_jax.scaling.fit`.
+dict (what `glp-fit` writes to fit.json and the notebooks plot). The math lives in `glp_jax.scaling.fit` and
+`glp_jax.scaling.uncertainty`.
 """
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import functools
 
 import numpy as np
 
-from glp_jax.scaling.fit import (CHINCHILLA_PARAMS, COMPUTE_PARAMS, Bootstrap, FitError, allocation_exponents,
-                             bands, bootstrap, compute_frontier, compute_optimal, fit_chinchilla, fit_compute, fit_linear,
-                             fit_metric_power, holdout_errors, holdout_split, predict_chinchilla, predict_compute,
-                             predict_linear, predict_metric_power, residual_bootstrap, warm_starts)
+from glp_jax.scaling.fit import (CHINCHILLA_PARAMS, COMPUTE_PARAMS, FitError, allocation_exponents, compute_frontier,
+                                 compute_optimal, fit_chinchilla, fit_compute, fit_linear, fit_metric_power,
+                                 predict_chinchilla, predict_compute, predict_linear, predict_metric_power,
+                                 warm_starts)
+from glp_jax.scaling.uncertainty import (Bootstrap, bands, bootstrap, holdout_errors, holdout_split,
+                                         residual_bootstrap)
 
 # What a bootstrap CI includes (fit.json's report.bootstrap.sources): "runs" = runs resampled with
 # replacement; "residuals" = the fit's residuals resampled onto its fitted values (fixed design: the L(C)

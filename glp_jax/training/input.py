@@ -17,6 +17,7 @@ import numpy as np
 from glp_jax.core import model as model_lib
 from glp_jax.core.normalizer import Normalizer
 from glp_jax.data import loader as loader_lib
+from glp_jax.data import layout
 from glp_jax.data import store as store_lib
 from glp_jax.training import sharding
 from glp_jax.util import files
@@ -30,7 +31,7 @@ class Input:
 
   def __init__(self, config: ml_collections.ConfigDict):
     path = config.data.store or default_store()
-    if not store_lib.is_store(path):
+    if not layout.is_store(path):
       raise ConfigError(f"config.data.store: no activation store at {path!r} (expected {path}/manifest.json); "
                         "run glp-extract first or leave it empty for the embedded default")
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
@@ -87,7 +88,7 @@ def default_store() -> str:
   Built in a child process: the extractor is the torch side, and the trainer process never imports torch.
   """
   path = store_lib.default_store_path()
-  if store_lib.is_store(path):
+  if layout.is_store(path):
     return path
   print(f"building the embedded default store at {path} (once; about a minute on 2 CPU cores)",
         file=sys.stderr, flush=True)

@@ -63,7 +63,7 @@ def run_folder(path: str, what: str) -> str:
   """`path` as a folder to write a run, a sweep or a store into: a local path (file:// stripped) or a gs:// /
   s3:// URL, kept as it is (a store bound for a bucket is written locally first: extraction/extractor.py).
   Other schemes are refused before anything is written. Stores are also *read* from any tensorstore kvstore
-  URL (data/store.py)."""
+  URL (data/layout.py)."""
   path = os.fspath(path)
   if is_remote(path):
     return path.rstrip("/")
