@@ -78,9 +78,10 @@ if want profile; then
     --out_dir="$OUT_DIR/profile_d6_mu_bf16"
 fi
 # Issue 14, point 4: GPU XLA flags on the d6 step (latency-hiding scheduler, cuBLAS vs Triton GEMMs, cuBLASLt, CUDA
-# graphs off, exhaustive Triton tiling), each set in a process of its own; speedups inside `block_spread` are noise.
+# graphs off, exhaustive Triton tiling), each set in a process of its own (at most 150 s each, compile included);
+# speedups inside `block_spread` are noise.
 if want flags; then
-  run xla_flags_d6 python bench/xla_flags.py --depth=6 --batch=4096 --steps=20 --blocks=3
+  run xla_flags_d6 python bench/xla_flags.py --depth=6 --batch=4096 --steps=20 --blocks=3 --timeout=150
 fi
 if (( ${#FAILED[@]} )); then
   echo "failed checks: ${FAILED[*]}" >&2
