@@ -73,3 +73,42 @@ def test_a_profiled_run_writes_its_trace_and_summary_and_trains_the_same(store, 
   found = [f for _, _, fs in os.walk(os.path.join(workdir, "profile")) for f in fs]
   assert "perfetto_trace.json.gz" in found and "step.hlo.txt" in found and any(f.endswith(".xplane.pb") for f in found)
   assert not os.path.exists(os.path.join(str(tmp_path / "a"), "profile.json"))
+
+
+def test_a_profiler_that_fails_costs_the_profile_not_the_run(tmp_path, monkeypatch):
+  """A trace that cannot start (a GPU without CUPTI) or a trace the summary cannot read: a warning and
+  profile.json's `error`, the trace kept; the training loop's calls never raise."""
+  import jax
+  import jax.numpy as jnp
+  cfg = {"steps": 2, "start_step": 0}
+  f = jax.jit(lambda x: (x * 2.0).sum())
+  x = jnp.ones((8, 8))
+
+  def boom(*a, **k):
+    raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+  monkeypatch.setattr(jax.profiler, "start_trace", boom)
+  prof = profile_lib.StepProfiler(cfg, str(tmp_path / "a"), enabled=True)
+  os.makedirs(tmp_path / "a")
+  for step0 in range(3):
+    prof.before(step0)
+    with prof.annotate(step0):
+      y = f(x)
+    assert prof.after(step0 + 1, y, lambda: f.lower(x)) is None
+  prof.close()
+  error = json.load(open(tmp_path / "a" / "profile.json"))
+  assert "could not start the trace" in error["error"] and "CUPTI" in error["error"] and error["steps"] == [1, 2]
+  monkeypatch.undo()
+
+  monkeypatch.setattr(profile_lib, "summarize", boom)
+  prof = profile_lib.StepProfiler(cfg, str(tmp_path / "b"), enabled=True)
+  os.makedirs(tmp_path / "b")
+  out = None
+  for step0 in range(2):
+    prof.before(step0)
+    with prof.annotate(step0):
+      y = f(x)
+    out = prof.after(step0 + 1, y, lambda: f.lower(x))
+  assert out["error"].startswith("could not summarize the trace") and not prof.active
+  assert json.load(open(tmp_path / "b" / "profile.json")) == out
+  assert os.path.exists(tmp_path / "b" / "profile" / "step.hlo.txt")
+  assert profile_lib.load_events(str(tmp_path / "b" / "profile"))   # the trace itself is kept

@@ -147,10 +147,23 @@ class StepProfiler:
     self.active = False
 
   def before(self, step0: int) -> None:
-    """Called before dispatching the step that follows step `step0`."""
+    """Called before dispatching the step that follows step `step0`. A profiler that cannot start (e.g. no
+    CUPTI on a GPU) costs a warning and profile.json's `error`, never the run."""
     if self.enabled and step0 == self.start and not self.active:
-      jax.profiler.start_trace(self.local, create_perfetto_trace=True)
+      try:
+        jax.profiler.start_trace(self.local, create_perfetto_trace=True)
+      except Exception as e:  # pylint: disable=broad-except
+        self._failed("start the trace", e)
+        return
       self.active = True
+
+  def _failed(self, what: str, e: BaseException) -> dict:
+    self.enabled = False
+    error = {"error": f"could not {what}: {type(e).__name__}: {e}",
+             "steps": [self.start + 1, self.start + self.steps]}
+    log.warning("profile: %s (training goes on)", error["error"])
+    files.write_json(os.path.join(self.workdir, "profile.json"), error)
+    return error
 
   def annotate(self, step0: int):
     return jax.profiler.StepTraceAnnotation("train", step_num=step0) if self.active else contextlib.nullcontext()
@@ -161,20 +174,29 @@ class StepProfiler:
     if not self.active or step < self.start + self.steps:
       return None
     jax.block_until_ready(outputs)
-    jax.profiler.stop_trace()
     self.active = False
+    try:
+      jax.profiler.stop_trace()
+    except Exception as e:  # pylint: disable=broad-except
+      return self._failed("stop the trace", e)
     hlo = ""
     try:
       hlo = lower().compile().as_text()
     except Exception as e:  # pylint: disable=broad-except  # the summary stands without HLO lines
       log.warning("profile: no HLO for the step (%s)", e)
-    summary = {"steps": [self.start + 1, self.start + self.steps], "trace": self.out,
-               **summarize(load_events(self.local), self.steps, self.top, hlo), "hlo": hlo_summary(hlo)}
+    summary = error = None
+    try:   # a trace this reader cannot summarise loses the summary, not the run (the trace is kept)
+      summary = {"steps": [self.start + 1, self.start + self.steps], "trace": self.out,
+                 **summarize(load_events(self.local), self.steps, self.top, hlo), "hlo": hlo_summary(hlo)}
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
     if self.local != self.out:
       files.copy_tree(self.local, self.out)
       shutil.rmtree(self.local, ignore_errors=True)
     if hlo:
       files.atomic_write(os.path.join(self.out, "step.hlo.txt"), hlo)
+    if summary is None:
+      return self._failed("summarize the trace", error)
     files.write_json(os.path.join(self.workdir, "profile.json"), summary)
     kinds = ", ".join(f"{k} {100 * v['share']:.0f}%" for k, v in list(summary["by_kind"].items())[:5])
     log.info("profile of steps %d-%d: %.2f ms of ops per step, device busy %.0f%% of the span; %s",
