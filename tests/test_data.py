@@ -173,6 +173,17 @@ def test_heldout_rows_fixed_and_from_documents(workdir):
   np.testing.assert_array_equal(np.concatenate([t.x_BxD for t in two]), h.x_BxD)
 
 
+@pytest.mark.parametrize("corpus", ["synthetic", ["a", "b"], {"heldout": "none"}, {"heldout": {"fraction": 0}}])
+def test_stores_written_by_other_tools_load_whatever_their_corpus_metadata(workdir, corpus):
+  """Metadata is free-form JSON for stores written through the StoreWriter API: only glp-extract's corpus dict
+  says held-out documents are coming; anything else means none (rows held out at one end, with a warning)."""
+  path = os.path.join(workdir, "s")
+  with StoreWriter.create(path, layers=[0], d=D, dtype="float32", metadata={"corpus": corpus}) as st:
+    st.append({0: np.random.default_rng(0).normal(size=(600, D)).astype(np.float32)}, 0, np.arange(600))
+  ld = loader(path)
+  assert not ld.heldout_split and len(ld.heldout_ids) == 200
+
+
 @pytest.mark.parametrize("layers", [(0,), (1, 4)])
 def test_streaming_waits_for_producer_and_publishes_progress(workdir, layers):
   path = os.path.join(workdir, "s")

@@ -115,7 +115,10 @@ class Loader:
     self.multi_layer = len(self.layers) > 1
     self.d_input = self.d = st.d
     # A store has held-out documents when glp-extract wrote some (or, still being written, will).
-    fraction = ((st.metadata.get("corpus") or {}).get("heldout") or {}).get("fraction", 0)
+    # `corpus` is glp-extract's dict; a store written through the StoreWriter API may hold any JSON there.
+    corpus = st.metadata.get("corpus")
+    heldout = corpus.get("heldout") if isinstance(corpus, dict) else None
+    fraction = heldout.get("fraction", 0) if isinstance(heldout, dict) else 0
     coming = st.has_heldout_split and fraction > 0 and not st.manifest.get("finished")
     self.heldout_split = st.has_heldout_docs or coming
     if not self.heldout_split:
