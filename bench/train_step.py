@@ -12,7 +12,8 @@ For each depth: examples/s and MFU (analytic training FLOPs / the device's peak)
   torch_fused    torch.compile + fused AdamW: a PyTorch step as a performance engineer would write it.
 Each torch setup's `jax_over_<setup>` is the JAX step's speed-up over it.
 The torch setups run in a child process each (`--torch_threads` sets its CPU threads; see docs/benchmarks.md
-for why one thread is the default with --quick).
+for why one thread is the default with --quick), before this process starts its JAX backend, so on a GPU each
+has the whole card (a JAX process holds 75% of its memory from its first use).
 The peak is the published dense bf16 figure on known GPUs/TPUs; on CPU it is a measured large f32 matmul rate
 ("measured_matmul_peak"), so CPU MFU reads "fraction of what this CPU's GEMM reaches". Also reports the host
 overhead per step on a tiny model of the split-once plain `jax.jit` step vs an `nnx.jit` step.
@@ -96,6 +97,13 @@ def time_torch(config, steps: int, setup: str) -> dict:
   return {"step_s": dt, "examples_per_s": b / dt, "first_step_s": first, "loss": float(loss)}
 
 
+def backend_in_child() -> str:
+  """JAX's default backend, asked of a child process so that this one starts no backend yet."""
+  out = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"], stdout=subprocess.PIPE,
+                       text=True, check=True)
+  return out.stdout.strip().splitlines()[-1]
+
+
 def host_overhead(steps: int = 50) -> dict:
   """Per-step wall time on a tiny model (device work ~nothing): split-once plain jit vs nnx.jit."""
   import jax
@@ -148,18 +156,17 @@ def main(argv):
       torch.set_num_threads(int(threads))
     print(json.dumps(time_torch(config_for(int(depth), int(d_input), int(batch), "float32"), int(steps), setup)))
     return
-  import jax
+  # This process starts its JAX backend only after the torch children are done: on a GPU a JAX process holds
+  # 75% of the memory from its first use, and the PyTorch steps must get the whole card as the JAX step does.
   from glp_jax.core import flops
   from glp_jax.core import model as model_lib
-  accel = jax.default_backend() != "cpu"
   d_input = FLAGS.d_input or (64 if FLAGS.quick else 2048)
-  batch = FLAGS.batch or (32 if FLAGS.quick else (4096 if accel else 256))
+  batch = FLAGS.batch or (32 if FLAGS.quick else (4096 if backend_in_child() != "cpu" else 256))
   steps = FLAGS.steps or (10 if FLAGS.quick else 5)
-  dtype = model_lib.resolve_compute_dtype(FLAGS.jax_dtype)
   depths = [int(d) for d in (FLAGS.depths or ("3" if FLAGS.quick else "3,6,12")).split(",")]
   rows = []
-  for depth in depths:
-    mc = model_lib.model_config(config_for(depth, d_input, batch, dtype).model, None)
+  for depth in depths:   # (FLOPs do not depend on the compute dtype; an explicit one starts no backend)
+    mc = model_lib.model_config(config_for(depth, d_input, batch, "float32").model, None)
     rows.append({"depth": depth, "params": flops.param_count(mc), "train_flops_per_example":
                  flops.train_flops_per_example(mc)})
   # PyTorch runs in a child process, so the two frameworks' CPU thread pools never share one process.
@@ -174,6 +181,8 @@ def main(argv):
       out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--torch_worker={spec}"],
                            stdout=subprocess.PIPE, text=True, check=True)
       row[name] = json.loads(out.stdout.strip().splitlines()[-1])
+  import jax
+  dtype = model_lib.resolve_compute_dtype(FLAGS.jax_dtype)
   peak, peak_source = device_peak()
   for row in rows:
     row["jax"] = time_jax(config_for(row["depth"], d_input, batch, dtype), steps)
