@@ -205,7 +205,11 @@ class StepProfiler:
     return summary
 
   def close(self) -> None:
-    """Stops a trace still running (a run that ended or failed inside the window)."""
+    """Stops a trace still running (a run that ended or failed inside the window). Called from the training
+    loop's `finally`: a failure here must not hide the error that ended the run."""
     if self.active:
-      jax.profiler.stop_trace()
       self.active = False
+      try:
+        jax.profiler.stop_trace()
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("profile: could not stop the trace (%s)", e)
