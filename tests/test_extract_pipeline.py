@@ -21,7 +21,7 @@ from test_extract import ROOT, _config, _rows, tiny  # noqa: E402,F401  (tiny: t
 CHILD = textwrap.dedent("""
   import json, os, signal, sys
   sys.path.insert(0, {tests!r})
-  from test_store import slow_writes
+  from store_fakes import slow_writes
   from test_extract import _config
   from glp_jax.data import writer as writer_lib
   from glp_jax.extraction import extractor as extract

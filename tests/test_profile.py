@@ -9,7 +9,12 @@ import pytest
 
 from glp_jax.training import profile as profile_lib
 from glp_jax.training import trainer as train
-from test_train import make_config, store  # noqa: F401  (the synthetic store fixture)
+from train_fakes import make_config, write_store
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  return write_store(str(tmp_path_factory.mktemp("data") / "store"))
+
 
 HLO = """HloModule jit_step_fn
 ENTRY %main {
