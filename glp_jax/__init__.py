@@ -18,7 +18,30 @@ Importing the package imports nothing heavy, so `import glp_jax` works with or w
 
 __version__ = "0.1.0"
 
-from glp_jax import configs  # noqa: E402  (config files; nothing heavy)
+import importlib.util as _util  # noqa: E402
+
+
+def _configs_from_checkout():
+  """An install ships the top-level configs/ folder as `glp_jax.configs` (setup.py's package_dir). A source
+  checkout used without installing it (PYTHONPATH=checkout, as on an accelerator image or a cluster's shared
+  disk) has no such package: there configs/ beside this folder is loaded under that name."""
+  import os  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  init = os.path.join(folder, "__init__.py")
+  if not os.path.exists(init):
+    raise ImportError(f"glp_jax.configs: not installed, and no {init} beside the package")
+  spec = _util.spec_from_file_location("glp_jax.configs", init, submodule_search_locations=[folder])
+  module = _util.module_from_spec(spec)
+  sys.modules["glp_jax.configs"] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+if _util.find_spec("glp_jax.configs") is None:
+  configs = _configs_from_checkout()
+else:
+  from glp_jax import configs  # noqa: E402  (config files; nothing heavy)
 from glp_jax.api import evaluate, extract, fit, train  # noqa: E402  (each imports its stage when called)
 
 __all__ = ["configs", "evaluate", "extract", "fit", "train"]

@@ -72,3 +72,23 @@ def test_override_sets_dotted_keys_and_rejects_unknown():
   assert config_lib.override(c, {"opt.lr": 3e-4, "seed": 2}).opt.lr == 3e-4 and c.seed == 2
   with pytest.raises(config_lib.ConfigError, match="'opt.lrr'"):
     config_lib.override(c, {"opt.lrr": 1.0})
+
+
+def test_a_source_checkout_runs_without_being_installed(tmp_path):
+  """PYTHONPATH=checkout and no install (how bench/gpu_check.sh runs on an accelerator image): the top-level
+  configs/ is `glp_jax.configs` there too, so the package imports and `configs/train.py` resolves from any folder.
+  `python -S` keeps the test venv's editable-install finder (a .pth file) out, as on such an image."""
+  import sysconfig
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, sysconfig.get_paths()["purelib"]]), JAX_PLATFORMS="cpu")
+  probe = ("import glp_jax; print(glp_jax.configs.__file__); "
+           "print(glp_jax.configs.train(runlocal=True, batch_size=96).batch_size)")
+  out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == [os.path.join(root, "configs", "__init__.py"), "96"]
+  out = subprocess.run([sys.executable, "-S", "-m", "glp_jax.training.cli", "--config=configs/train.py:runlocal",
+                        "--config.model.d_input=64", "--dry_run"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1])["params"] > 0
