@@ -81,3 +81,17 @@ def test_analytic_train_flops_match_xla_cost_analysis(cfg, batch):
   xla_per_example = cost["flops"] / batch
   ratio = xla_per_example / flops.train_flops_per_example(cfg)
   assert abs(ratio - 1) < 0.05, ratio
+
+
+def test_peak_flops_table_matches_the_most_specific_name():
+  """A device kind takes the first table name it contains, so longer names must come first: an L40 is not an L4,
+  an H100 NVL not an H100 SXM; an unknown device (a CPU) gives no peak at all, and so no MFU."""
+  from types import SimpleNamespace
+  from glp_jax.training.metrics import peak_flops
+  kinds = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
+           "NVIDIA H100 NVL": 835e12, "NVIDIA L40": 181e12, "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12,
+           "TPU v5 lite": 197e12}
+  for kind, peak in kinds.items():
+    assert peak_flops([SimpleNamespace(device_kind=kind)]) == peak, kind
+  assert peak_flops([SimpleNamespace(device_kind="NVIDIA H200")] * 8) == 8 * 989e12
+  assert peak_flops([SimpleNamespace(device_kind="NVIDIA H200"), SimpleNamespace(device_kind="cpu")]) is None

@@ -88,14 +88,16 @@ class MetricsWriter:
     if self._wandb is not None:
       self._wandb.finish()
 
-# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity), matched against `device.device_kind`.
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity), matched against `device.device_kind`: the
+# first name contained in it wins, so a name comes before any name it contains ("L40S", "L40", "L4").
 # Unknown devices (CPUs among them) give no MFU rather than a guess.
 PEAK_BF16_FLOPS = (
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12),
-    ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("B200", 2250e12),
+    ("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("B200", 2250e12),
     ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
     ("TPU v4", 275e12),
 )
+
 
 def peak_flops(devices) -> float | None:
   """The summed dense bf16 peak FLOP/s of `devices`, or None when any device is not in the table."""
@@ -106,6 +108,7 @@ def peak_flops(devices) -> float | None:
       return None
     total += peak
   return total
+
 
 class Recorder:
   """Each logged step's device metrics -> checked lines. Metrics are fetched only for steps that write a line
