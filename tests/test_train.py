@@ -289,3 +289,30 @@ def test_wandb_and_loss_curve(store, tmp_path, monkeypatch):
     with pytest.raises(config_lib.ConfigError, match="wandb is not installed"):
       train.train_and_evaluate(make_config(store, **{"log.wandb_project": "x"}), str(tmp_path / "none"))
     assert not os.path.exists(tmp_path / "none")
+
+
+def test_compile_cache_lets_a_second_run_skip_its_compiles(store, tmp_path):
+  """`config.compile_cache=FOLDER`: the first run fills it, an identical second run (a resume, a sweep's next
+  run of the shape) finds every program there and adds nothing; `auto` leaves it off on CPU."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}   # conftest's session cache
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", GLP_JAX_CACHE=str(tmp_path / "glp_cache"))
+
+  def run(name, compile_cache):
+    script = (f"import glp_jax; cfg = glp_jax.configs.train(runlocal=True, data__store={store!r}, batch_size=64, "
+              f"num_activations=64 * 4, log_every=2, eval_every=4, eval_rows=256, data__heldout_rows=256, "
+              f"data__block_rows=32, data__window_blocks=8, mesh__data=1, mesh__fsdp=1, "
+              f"compile_cache={compile_cache!r}); glp_jax.train(cfg, {str(tmp_path / name)!r})")
+    out = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+  cache = tmp_path / "xla"
+  assert f'"compile_cache": "{cache}"' in run("first", str(cache))
+  entries = set(os.listdir(cache))
+  assert entries
+  run("second", str(cache))
+  assert set(os.listdir(cache)) == entries
+  assert '"compile_cache": null' in run("cpu_auto", "auto")
+  assert not (tmp_path / "glp_cache" / "xla").exists()

@@ -44,6 +44,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   """
   workdir = files.run_folder(workdir, "workdir")
   runtime.init_distributed()
+  runtime.use_compile_cache(config.get("compile_cache", "auto"))
   is_main = jax.process_index() == 0
   config = resolve(config)
   total_steps = state_lib.total_steps(config)

@@ -11,6 +11,7 @@ from typing import Any
 _MULTIPROCESS_ENV = ("GLP_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
                      "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 INIT_TIMEOUT_S = 120   # a process that never joins (a port in use, a crashed peer) fails the job, not hangs it
+COMPILE_CACHE_MAX_BYTES = 8 << 30   # the XLA compilation cache's bound: least recently used programs go first
 
 
 def show_logs() -> None:
@@ -33,6 +34,31 @@ def interactive() -> bool:
 def cache_dir() -> str:
   """`$GLP_JAX_CACHE`, default `~/.cache/glp_jax` (converted models, the default store)."""
   return os.path.expanduser(os.environ.get("GLP_JAX_CACHE") or "~/.cache/glp_jax")
+
+
+def use_compile_cache(setting: str) -> str | None:
+  """Turns on JAX's persistent compilation cache, so a resumed run or a sweep's next run of the same shape loads
+  its compiled step instead of compiling it again (~16 s for d6 on an H200, minutes on TPU slices). `setting`:
+  "auto" = `cache_dir()/xla` on GPU/TPU and off on CPU (compiles take seconds there, and a host with other CPU
+  features refuses a cached CPU executable); a folder; "" = off. A cache the environment already names
+  (JAX_COMPILATION_CACHE_DIR) is kept. Call before the first compile. Returns the folder in use, or None."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  current = jax.config.jax_compilation_cache_dir
+  if current or not setting:
+    return current or None
+  if setting == "auto":
+    if jax.default_backend() == "cpu":
+      return None
+    setting = os.path.join(cache_dir(), "xla")
+  path = setting if "://" in setting else os.path.abspath(os.path.expanduser(setting))
+  compilation_cache.reset_cache()   # a cache JAX set up as disabled (no folder yet) would ignore the new folder
+  compilation_cache.set_cache_dir(path)
+  if jax.config.jax_compilation_cache_max_size == -1:
+    # A size bound also turns on the cache's file lock: the processes of a job (one per GPU) share the folder,
+    # and unlocked, one can read an entry another is still writing.
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+  return path
 
 
 def _wants_distributed() -> bool:
@@ -132,6 +158,7 @@ def log_environment(logger: logging.Logger | None = None) -> dict:
       "local_device_count": jax.local_device_count(),
       "process_index": jax.process_index(),
       "process_count": jax.process_count(),
+      "compile_cache": jax.config.jax_compilation_cache_dir,
   }
   (logger or logging.getLogger("glp_jax")).info("environment %s", json.dumps(info))
   return info
