@@ -48,9 +48,12 @@ def check_repo_id(repo_id: str) -> str:
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str], cache_dir: str | None,
               token: str | bool | None) -> str:
+  # Offline (HF_HUB_OFFLINE=1, e.g. compute nodes without internet): say so, so no version of huggingface_hub
+  # tries the network first (1.x listed a pinned commit's files online and failed where the cache had them).
   return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                            cache_dir=cache_dir, token=token, library_name="glp_jax",
-                                           library_version=glp_jax.__version__)
+                                           library_version=glp_jax.__version__,
+                                           local_files_only=huggingface_hub.is_offline_mode())
 
 
 def resolve(path: str | os.PathLike, revision: str | None = None, checkpoint: str | None = None,
