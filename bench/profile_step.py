@@ -9,7 +9,9 @@ The step is bench/train_step.py's (the trainer's own, training/state.py). Writes
   step.hlo.txt  the optimised HLO module XLA runs (fusions, GEMM custom calls, what stayed unfused)
 and prints the ops that take the most device time per step, each with its HLO instruction when the trace names
 one (the fusion's `calls=` computation says what it fused), the share of the traced time the device was busy,
-XLA's cost analysis (FLOPs, bytes) and a count of the module's fusions and custom calls. On CPU the "device" ops
+XLA's cost analysis (FLOPs, bytes) and a count of the module's fusions and custom calls. On a GPU of known HBM
+bandwidth each top op also gets its roofline floor (glp_jax.training.roofline; bench/roofline.py) and the source
+function that made it, and `floor` is the whole program's. On CPU the "device" ops
 are the XLA runtime's host thunks (one per fusion or library call), which shows the same structure less finely.
 The summary is glp_jax.training.profile's, the one `glp-train --config.profile.steps=N` writes for a real run
 (loader and host included). The last line printed is one JSON object.
@@ -49,6 +51,24 @@ def _cost(compiled) -> dict:
     out["temp_bytes"] = getattr(mem, "temp_size_in_bytes", None)
     out["argument_bytes"] = getattr(mem, "argument_size_in_bytes", None)
   return out
+
+
+def _floors(hlo: str, peak: float, profile: dict) -> dict | None:
+  """On a device of known HBM bandwidth: the program's roofline floor (glp_jax.training.roofline), and each
+  top op's own floor and source group added to its profile row, so the measured time sits beside the least
+  time the kernel could take."""
+  import jax
+  from glp_jax.training import roofline
+  bandwidth = roofline.hbm_bandwidth(jax.devices()[0].device_kind)
+  if not bandwidth or jax.default_backend() == "cpu":
+    return None
+  ks = {k["name"]: k for k in roofline.floors(hlo, peak, bandwidth)}
+  for row in profile.get("top", []):
+    if row["op"] in ks:
+      row["floor_ms"], row["group"] = 1e3 * ks[row["op"]]["floor_s"], ks[row["op"]]["group"]
+  return {"floor_ms": 1e3 * sum(k["floor_s"] for k in ks.values()), "kernels": len(ks),
+          "matmul_floor_ms": 1e3 * sum(k["floor_s"] for k in ks.values() if k["flops"]),
+          "bytes_per_s": bandwidth, "flops_per_s": peak}
 
 
 def main(argv):
@@ -96,16 +116,19 @@ def main(argv):
       print(f"no profile: {profile['error']}", flush=True)
   mc = model_lib.model_config(config.model, None)
   peak, peak_source = jax_step.device_peak()
+  floor = _floors(hlo, peak, profile)
   for kind, v in profile.get("by_kind", {}).items():
     print(f"{v['ms_per_step']:9.3f} ms {100 * v['share']:5.1f}%  {kind}", flush=True)
   for row in profile.get("top", []):
-    print(f"{row['ms_per_step']:9.3f} ms {100 * row['share']:5.1f}%  {row['op']} ({row['kind']})", flush=True)
+    at_floor = f" floor {row['floor_ms']:.3f} ms, {row['group']}" if "floor_ms" in row else ""
+    print(f"{row['ms_per_step']:9.3f} ms {100 * row['share']:5.1f}%  {row['op']} ({row['kind']}){at_floor}",
+          flush=True)
   result = {"bench": "profile_step", "quick": FLAGS.quick, "device": jax.devices()[0].device_kind,
             "backend": jax.default_backend(), "depth": depth, "d_input": d_input, "batch": batch, "steps": steps,
             "compute_dtype": dtype, "mu_dtype": FLAGS.mu_dtype, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "params": flops.param_count(mc), "step_ms": step_s * 1e3, "examples_per_s": batch / step_s,
             "mfu": batch / step_s * flops.train_flops_per_example(mc) / peak, "peak_source": peak_source,
-            "loss": float(m["loss"]), "cost": _cost(compiled), "hlo": profile_lib.hlo_summary(hlo), "profile": profile,
+            "loss": float(m["loss"]), "cost": _cost(compiled), "floor": floor, "hlo": profile_lib.hlo_summary(hlo), "profile": profile,
             "files": {"trace": trace_dir, "hlo": os.path.join(out_dir, "step.hlo.txt")}}
   print(json.dumps(result))
 

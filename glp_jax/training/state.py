@@ -167,10 +167,12 @@ def evaluate(eval_step: Callable, state: nnx.State, evals: EvalSet) -> dict[str,
 
 # ---------------------------------------------------------------- dry run
 
-def dry_run(config: ml_collections.ConfigDict) -> dict:
-  """Abstract build + AOT compile of the train step on the current devices; no store, no allocation."""
+def compile_step(config: ml_collections.ConfigDict, devices=None):
+  """AOT-compiles the train step from an abstract state (no store, no allocation) on `devices` (default: all
+  attached; bench/roofline.py passes a GPU topology's devices to compile for a card the host lacks).
+  Returns (compiled, mesh, model config)."""
   model_cfg = model_lib.model_config(config.model, None)
-  mesh = sharding.make_mesh(sharding.resolve_mesh(config.mesh, flops.param_count(model_cfg)))
+  mesh = sharding.make_mesh(sharding.resolve_mesh(config.mesh, flops.param_count(model_cfg)), devices)
   sharding.check_batch(config.batch_size, mesh)
   n_steps = total_steps(config)
   graphdef, target = sharding.abstract_state_with_shardings(creator(model_cfg, config, n_steps), mesh)
@@ -184,7 +186,13 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   layer = (jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1)),) * bool(multi)
   counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
   with sharding.activation_context(mesh):
-    compiled = step_fn.lower(target, counter, x, *layer).compile()
+    return step_fn.lower(target, counter, x, *layer).compile(), mesh, model_cfg
+
+
+def dry_run(config: ml_collections.ConfigDict) -> dict:
+  """Abstract build + AOT compile of the train step on the current devices; no store, no allocation."""
+  compiled, mesh, model_cfg = compile_step(config)
+  n_steps = total_steps(config)
   mem = compiled.memory_analysis()
   memory = {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                               "temp_size_in_bytes", "alias_size_in_bytes",
