@@ -80,7 +80,8 @@ def test_kernels_count_operand_and_result_bytes_and_matmul_flops():
   assert ks["twice"]["bytes"] == 2 * 4000          # the same operand twice is read once
   assert ks["gemm"]["flops"] == ks["cublas"]["flops"] == 2 * 64 * 32 * 128
   assert ks["gemm"]["bytes"] == ks["cublas"]["bytes"] == gemm_bytes
-  assert ks["gemm"]["kind"] == "__triton_gemm" and ks["cublas"]["kind"] == "__cublas$gemm"
+  assert ks["gemm"]["kind"] == "fusion/__triton_gemm" and ks["cublas"]["kind"] == "custom-call/__cublas$gemm"
+  assert ks["sum"]["kind"] == "fusion/kLoop"
   assert ks["sum"]["where"] == "apply_updates (_src/update.py:42)"
 
   r = roofline.roofline(HLO, flops_per_s=1e9, bytes_per_s=1e6)

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 
+from glp_jax.training import roofline
 from glp_jax.util import files
 
 log = logging.getLogger(__name__)
@@ -65,19 +66,9 @@ def hlo_instructions(text: str) -> dict[str, str]:
 
 
 def op_kind(line: str | None) -> str:
-  """What an instruction is: 'dot', 'while', 'fusion/kLoop', 'fusion/__triton_gemm', 'custom-call/<target>'."""
-  if not line:
-    return "unknown"
-  m = re.search(r"\s([a-z][a-z0-9\-]*)\((?:%|\))", line)
-  opcode = m.group(1) if m else "unknown"
-  if opcode == "fusion":
-    custom = re.search(r'"kind":"(__\w+)"', line)
-    kind = re.search(r"kind=(k\w+)", line)
-    return "fusion/" + (custom.group(1) if custom else kind.group(1) if kind else "?")
-  if opcode == "custom-call":
-    target = re.search(r'custom_call_target="([^"]+)"', line)
-    return "custom-call/" + (target.group(1) if target else "?")
-  return opcode
+  """What an instruction is ('dot', 'while', 'fusion/kLoop', 'fusion/__triton_gemm', 'custom-call/<target>')."""
+  ins = roofline.parse_instruction(line) if line else None
+  return roofline.kind(ins) if ins else "unknown"
 
 
 def summarize(events: list[dict], steps: int, top: int, hlo_text: str = "") -> dict:

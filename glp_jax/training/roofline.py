@@ -22,7 +22,7 @@ import re
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+|f4e\w+)\[([\d,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 # Vendor HBM bandwidth (bytes/s) by device kind, most specific names first (as training/metrics.py's peaks).
 HBM_BYTES_PER_S = (
@@ -187,11 +187,15 @@ def _flops(module: Module, name: str, seen: set) -> float:
   return total
 
 
-def _kind(ins: Instr) -> str:
-  for pattern in (r'"kind":"(__[\w]+)"', r"kind=(k\w+)", r'custom_call_target="([^"]+)"'):
-    m = re.search(pattern, ins.attrs)
-    if m:
-      return m.group(1)
+def kind(ins: Instr) -> str:
+  """What an instruction is: 'fusion/kLoop', 'fusion/__triton_gemm', 'custom-call/__cublas$gemm', or its opcode."""
+  if ins.op == "fusion":
+    custom = re.search(r'"kind":"(__\w+)"', ins.attrs)
+    loop = re.search(r"kind=(k\w+)", ins.attrs)
+    return "fusion/" + (custom.group(1) if custom else loop.group(1) if loop else "?")
+  if ins.op == "custom-call":
+    target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
+    return "custom-call/" + (target.group(1) if target else "?")
   return ins.op
 
 
@@ -215,7 +219,7 @@ def kernels(module: Module, computation: str | None = None) -> list[dict]:
     flops = _dot_flops(ins, shapes) if gemm or ins.op == "dot" else sum(_flops(module, c, set()) for c in ins.calls)
     frame = re.search(r"stack_frame_id=(\d+)", ins.attrs)
     op_name = re.search(r'op_name="([^"]*)"', ins.attrs)
-    out.append({"name": ins.name, "kind": _kind(ins), "bytes": read + written, "flops": flops,
+    out.append({"name": ins.name, "kind": kind(ins), "bytes": read + written, "flops": flops,
                 "where": module.frames.get(int(frame.group(1)), "?") if frame else "?",
                 "op_name": op_name.group(1) if op_name else ""})
   return out
