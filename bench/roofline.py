@@ -95,6 +95,13 @@ def target_devices(name: str):
   return topo.devices
 
 
+def plugin_version(folder: str) -> str | None:
+  """The version of JAX's CUDA plugin installed (pip --target) into `folder`, from its dist-info name."""
+  import glob
+  names = glob.glob(os.path.join(folder, "jax_cuda*_plugin-*.dist-info"))
+  return os.path.basename(names[0]).removesuffix(".dist-info").split("-")[1] if names else None
+
+
 def measured_bandwidth() -> float:
   """A large on-device copy's bytes moved (read + write) per second, best of 5: the CPU's stand-in for HBM."""
   import jax
@@ -116,6 +123,11 @@ def main(argv):
     if FLAGS.target not in GPU_TARGETS:
       raise SystemExit(f"--target: one of {sorted(GPU_TARGETS)}, got {FLAGS.target!r}")
     if os.path.isdir(FLAGS.plugin_dir):
+      import jaxlib
+      found = plugin_version(FLAGS.plugin_dir)
+      if found != jaxlib.__version__:   # a plugin must match its jaxlib exactly, or it fails to load
+        raise SystemExit(f"{FLAGS.plugin_dir} holds JAX's CUDA plugin {found}, this jaxlib is {jaxlib.__version__}: "
+                         "run `make gpu-aot` (or pip install --target) for this jaxlib")
       sys.path.insert(0, FLAGS.plugin_dir)
     # The plugin only compiles here: the runtime stays on the CPU, and it skips its check of CUDA libraries.
     os.environ["JAX_PLATFORMS"] = "cpu"

@@ -139,7 +139,13 @@ def _bench(*args, tmp_path):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, ".gpu_aot")), reason="needs `make gpu-aot` (make test runs it)")
+def _plugin_matches_jaxlib() -> bool:
+  import glob
+  import jaxlib
+  return bool(glob.glob(os.path.join(ROOT, ".gpu_aot", f"jax_cuda*_plugin-{jaxlib.__version__}.dist-info")))
+
+
+@pytest.mark.skipif(not _plugin_matches_jaxlib(), reason="needs `make gpu-aot` for this jaxlib (make test runs it)")
 def test_the_step_compiles_for_an_h100_without_one(tmp_path):
   """bench/roofline.py --target: XLA's GPU compiler builds the trainer's real step for an H100 on this CPU (so a
   change that breaks the CUDA compile fails here, not on a scarce card), in bf16 compute by default, with
