@@ -5,6 +5,7 @@ r"""The trainer's step as XLA compiles it for a GPU, kernel by kernel, on a host
   python bench/roofline.py --target=h200             # the d6 step at Llama-1B width, batch 4096, compiled for an H200
   python bench/roofline.py --target=h200 --mu_dtype=bfloat16        # what a bf16 AdamW first moment saves
   python bench/roofline.py --target=h200 --hlo=OUT/profile_d6/step.hlo.txt   # the HLO a card compiled (profile_step)
+  python bench/roofline.py --target=h100 --gpus=8 --fsdp=8             # per device, FSDP over 8 cards of one host
 
 With --target, XLA's GPU compiler builds the real step (training/state.py's, from an abstract state) for that card
 from a description of it (no device, no autotuning: the GEMMs get the compiler's default Triton tiling, and the
@@ -13,7 +14,9 @@ then reads the optimised HLO: each kernel's bytes and FLOPs, its least time at t
 HBM bandwidth (vendor figures, or --tflops / --tbps, e.g. the rates a card reaches), grouped by the source
 function that made it. The floor says how far a step can go before the program itself must change; a measured
 step above it by more than launch gaps is the kernels' own inefficiency. `mfu_ceiling` is the trainer's MFU at
-that floor: analytic training FLOPs / (floor x the peak its MFU is against). The last line printed is one JSON object.
+that floor: analytic training FLOPs / (floor x the peak its MFU is against). With --gpus the figures are per device
+(the HLO is one device's program; the batch is global), and `collective_gb_sent` is what each device puts into
+all-reduces, all-gathers and reduce-scatters per step (their interconnect time is not in the floor). The last line printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ flags.DEFINE_bool("quick", False, "Small and fast (< 30 s): d3, d_input 64, batc
 flags.DEFINE_string("target", "", "Compile for this GPU without one: " + ", ".join(["h100", "h200", "a100"]) +
                     " (needs `make gpu-aot`); empty: the attached device.")
 flags.DEFINE_string("plugin_dir", os.path.join(ROOT, ".gpu_aot"), "Where `make gpu-aot` put JAX's CUDA plugin.")
+flags.DEFINE_integer("gpus", 1, "Devices the step is compiled for (a one-host topology of --target, or the attached).")
+flags.DEFINE_integer("fsdp", 1, "Mesh fsdp axis size (parameters and optimizer state sharded; the rest is data).")
 flags.DEFINE_integer("depth", 6, "Denoiser depth (3 with --quick).")
 flags.DEFINE_integer("d_input", 0, "Activation width (0: 2048 = Llama-1B, or 64 with --quick).")
 flags.DEFINE_integer("batch", 0, "Rows per step (0: 4096, or 32 with --quick).")
@@ -83,12 +88,13 @@ device_description_str: "{t["name"]}"
 """
 
 
-def target_devices(name: str):
-  """The devices of a one-GPU topology of card `name`, from JAX's CUDA plugin (no GPU or CUDA install needed)."""
+def target_devices(name: str, n: int = 1):
+  """The devices of a one-host topology of `n` cards `name`, from JAX's CUDA plugin (no GPU or CUDA install
+  needed)."""
   from jax.experimental import topologies
   try:
     topo = topologies.get_topology_desc(name, "cuda", target_config=target_config(GPU_TARGETS[name]),
-                                        topology="1x1x1")
+                                        topology=f"1x1x{n}")
   except Exception as e:  # pylint: disable=broad-except
     raise SystemExit(f"cannot compile for {name}: {type(e).__name__}: {e}\n"
                      "(JAX's CUDA plugin at the jaxlib version is needed: `make gpu-aot`)") from e
@@ -147,9 +153,10 @@ def main(argv):
            else model_lib.resolve_compute_dtype(FLAGS.jax_dtype))
   config = jax_step.config_for(depth, d_input, batch, dtype)
   config.opt.mu_dtype = FLAGS.mu_dtype
+  config.mesh.data, config.mesh.fsdp = -1, FLAGS.fsdp
   mc = model_lib.model_config(config.model, None)
 
-  devices = target_devices(FLAGS.target) if FLAGS.target else jax.devices()[:1]
+  devices = target_devices(FLAGS.target, FLAGS.gpus) if FLAGS.target else jax.devices()[:FLAGS.gpus]
   kind = devices[0].device_kind
   compile_s = None
   if FLAGS.hlo:
@@ -172,7 +179,10 @@ def main(argv):
   bandwidth = FLAGS.tbps * 1e12 or roofline.hbm_bandwidth(kind) or measured_bandwidth()
   r = roofline.roofline(hlo, rate, bandwidth, top=FLAGS.top)
   analytic = flops.train_flops_per_example(mc) * batch
-  print(f"{kind}: {r['kernels']} kernels, floor {1e3 * r['floor_s']:.2f} ms/step "
+  n = len(devices)
+  collectives = {name.removeprefix("collective: "): g["kernels"] for name, g in r["groups"].items()
+                 if name.startswith("collective: ")}
+  print(f"{n} x {kind}: {r['kernels']} kernels per device, floor {1e3 * r['floor_s']:.2f} ms/step "
         f"(matmuls {1e3 * r['matmul_floor_s']:.2f} ms) at {rate / 1e12:.0f} TFLOP/s and {bandwidth / 1e12:.2f} TB/s")
   print(roofline.format_table(r, FLAGS.top), flush=True)
   groups = {name: {"ms": round(1e3 * g["floor_s"], 4), "gb": round(g["bytes"] / 1e9, 4), "kernels": g["kernels"]}
@@ -180,13 +190,14 @@ def main(argv):
   top = [{"name": k["name"], "kind": k["kind"], "ms": round(1e3 * k["floor_s"], 4), "gb": round(k["bytes"] / 1e9, 4),
           "tflop": round(k["flops"] / 1e12, 4), "bound": k["bound"], "where": k["where"]} for k in r["top"]]
   result = {"bench": "roofline", "quick": FLAGS.quick, "target": FLAGS.target or None, "device": kind,
-            "hlo_file": FLAGS.hlo or None, "depth": depth, "d_input": d_input, "batch": batch,
+            "hlo_file": FLAGS.hlo or None, "gpus": n, "mesh": {"data": n // FLAGS.fsdp, "fsdp": FLAGS.fsdp}, "depth": depth, "d_input": d_input, "batch": batch,
             "compute_dtype": dtype, "mu_dtype": FLAGS.mu_dtype, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "params": flops.param_count(mc), "compile_s": compile_s, "peak_flops": peak, "peak_source": peak_source, "flops_per_s": rate,
             "bytes_per_s": bandwidth, "kernels": r["kernels"], "floor_ms": 1e3 * r["floor_s"],
             "matmul_floor_ms": 1e3 * r["matmul_floor_s"], "other_floor_ms": 1e3 * (r["floor_s"] - r["matmul_floor_s"]),
-            "gb_moved": r["bytes"] / 1e9, "hlo_tflop": r["flops"] / 1e12, "analytic_tflop": analytic / 1e12,
-            "mfu_ceiling": analytic / (r["floor_s"] * peak), "groups": groups, "top": top}
+            "gb_moved": r["bytes"] / 1e9, "collective_gb_sent": r["sent_bytes"] / 1e9, "collectives": collectives,
+            "hlo_tflop": r["flops"] / 1e12, "analytic_tflop": analytic / 1e12,
+            "mfu_ceiling": analytic / (r["floor_s"] * peak * n), "groups": groups, "top": top}
   print(json.dumps(result))
 
 

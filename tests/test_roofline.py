@@ -61,6 +61,10 @@ ENTRY %main.1 (a: f32[1000], b: f32[1000], x: bf16[64,128], w: bf16[128,32]) -> 
   %sum = f32[1000]{0} fusion(%a, %b), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/add" stack_frame_id=2}
   %gemm = bf16[64,32]{1,0} fusion(%x, %w), kind=kCustom, calls=%gemm_computation, metadata={op_name="jit(step)/dot_general" stack_frame_id=1}, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
   %cublas = (bf16[64,32]{1,0}, s8[4194304]{0}) custom-call(%x, %w), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %ar = f32[1000]{0} all-reduce-start(%sum), replica_groups={}, to_apply=%fused_add
+  %ard = f32[1000]{0} all-reduce-done(%ar)
+  %ag = (f32[1000]{0}, f32[8000]{0}) all-gather-start(%a), dimensions={0}, replica_groups={}
+  %agd = f32[8000]{0} all-gather-done(%ag)
   %zero = s32[] constant(0)
   %init = (s32[], f32[1000]{0}) tuple(%zero, %sum)
   %loop = (s32[], f32[1000]{0}) while(%init), condition=%cond, body=%body
@@ -72,9 +76,13 @@ ENTRY %main.1 (a: f32[1000], b: f32[1000], x: bf16[64,128], w: bf16[128,32]) -> 
 def test_kernels_count_operand_and_result_bytes_and_matmul_flops():
   """A fusion reads its operands and writes its result; a GEMM (Triton fusion or cuBLAS call, whose workspace
   result is not data) has 2 M N K FLOPs; a loop body's kernels count once; views and tuples are free; each kernel
-  is named by the source function of its stack frame."""
+  is named by the source function of its stack frame; a collective's `-done` only waits, its `-start` sends its
+  operand."""
   ks = {k["name"]: k for k in roofline.kernels(roofline.parse(HLO))}
-  assert set(ks) == {"sum", "gemm", "cublas", "twice"}
+  assert set(ks) == {"sum", "gemm", "cublas", "twice", "ar", "ag"}
+  assert ks["ar"]["sent"] == 4000 and ks["ar"]["bytes"] == 8000 and ks["sum"]["sent"] == 0
+  assert ks["ag"]["sent"] == 4000 and ks["ag"]["bytes"] == 4000 + 32000   # its result's copy of %a is no data
+  assert roofline.group_of(ks["ar"]) == "collective: all-reduce"
   gemm_bytes = 2 * (64 * 128 + 128 * 32 + 64 * 32)
   assert ks["sum"]["bytes"] == 3 * 4000 and ks["sum"]["flops"] == 0
   assert ks["twice"]["bytes"] == 2 * 4000          # the same operand twice is read once
@@ -85,10 +93,10 @@ def test_kernels_count_operand_and_result_bytes_and_matmul_flops():
   assert ks["sum"]["where"] == "apply_updates (_src/update.py:42)"
 
   r = roofline.roofline(HLO, flops_per_s=1e9, bytes_per_s=1e6)
-  assert r["kernels"] == 4 and r["flops"] == 2 * 2 * 64 * 32 * 128
+  assert r["kernels"] == 6 and r["flops"] == 2 * 2 * 64 * 32 * 128 and r["sent_bytes"] == 8000
   floor_gemm = max(2 * 64 * 32 * 128 / 1e9, gemm_bytes / 1e6)
   assert r["matmul_floor_s"] == pytest.approx(2 * floor_gemm)
-  assert r["floor_s"] == pytest.approx(2 * floor_gemm + (3 * 4000 + 2 * 4000) / 1e6)
+  assert r["floor_s"] == pytest.approx(2 * floor_gemm + (3 * 4000 + 2 * 4000 + 2 * 4000 + 36000) / 1e6)
   assert r["groups"]["apply_updates"]["kernels"] == 1 and r["top"][0]["bound"] == "memory"
 
 
@@ -128,7 +136,7 @@ def test_profile_step_puts_each_top_ops_floor_beside_its_time(monkeypatch):
   floor = profile_step._floors(HLO, 1e9, profile)
   assert profile["top"][0]["floor_ms"] == pytest.approx(12.0) and profile["top"][0]["group"] == "apply_updates"
   assert "floor_ms" not in profile["top"][1]
-  assert floor["kernels"] == 4 and floor["floor_ms"] == pytest.approx(1e3 * roofline.roofline(HLO, 1e9, 1e6)["floor_s"])
+  assert floor["kernels"] == 6 and floor["floor_ms"] == pytest.approx(1e3 * roofline.roofline(HLO, 1e9, 1e6)["floor_s"])
 
 
 def _bench(*args, tmp_path):
@@ -146,16 +154,23 @@ def _plugin_matches_jaxlib() -> bool:
 
 
 @pytest.mark.skipif(not _plugin_matches_jaxlib(), reason="needs `make gpu-aot` for this jaxlib (make test runs it)")
-def test_the_step_compiles_for_an_h100_without_one(tmp_path):
-  """bench/roofline.py --target: XLA's GPU compiler builds the trainer's real step for an H100 on this CPU (so a
-  change that breaks the CUDA compile fails here, not on a scarce card), in bf16 compute by default, with
-  the same GEMM FLOPs as the CPU program and a floor below the vendor peak's time for them."""
-  r = _bench("--target=h100", tmp_path=tmp_path)
-  assert r["device"] == "NVIDIA H100 80GB HBM3" and r["compute_dtype"] == "bfloat16"
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_the_step_compiles_for_h100s_without_one(tmp_path, gpus):
+  """bench/roofline.py --target: XLA's GPU compiler builds the trainer's real step for one H100, or FSDP over two,
+  on this CPU (so a change that breaks the CUDA compile fails here, not on a scarce card), in bf16 compute by
+  default, each device with its share of the GEMM FLOPs of the CPU program; FSDP's all-gathers and
+  reduce-scatters are there."""
+  r = _bench("--target=h100", f"--gpus={gpus}", f"--fsdp={gpus}", tmp_path=tmp_path)
+  assert r["device"] == "NVIDIA H100 80GB HBM3" and r["compute_dtype"] == "bfloat16" and r["gpus"] == gpus
   assert r["peak_flops"] == 989e12 and r["bytes_per_s"] == 3.35e12
   d, m = r["d_input"], 2 * r["d_input"]
-  assert r["hlo_tflop"] * 1e12 == pytest.approx(r["analytic_tflop"] * 1e12 - 2 * r["batch"] * (d * m + m * m))
+  unused = 2 * r["batch"] * (d * m + m * m)
+  assert r["hlo_tflop"] * 1e12 == pytest.approx((r["analytic_tflop"] * 1e12 - unused) / gpus)
   assert 0 < r["mfu_ceiling"] < 1 and r["floor_ms"] >= r["matmul_floor_ms"] > 0
+  if gpus == 1:
+    assert r["collectives"] == {} and r["collective_gb_sent"] == 0
+  else:
+    assert r["collectives"]["all-gather"] > 0 and r["collectives"]["reduce-scatter"] > 0 and r["collective_gb_sent"] > 0
   hlo = (tmp_path / "step.hlo.txt").read_text()
   module = roofline.parse(hlo)
   operand_dtypes = set()
@@ -166,4 +181,3 @@ def test_the_step_compiles_for_an_h100_without_one(tmp_path):
         operand_dtypes |= {shapes[o][0][0] for o in ins.operands}
   assert operand_dtypes == {"bf16"}                      # every GEMM reads bf16 (it may accumulate into f32)
   assert "__triton" in hlo or "__cublas" in hlo          # GPU kernels, not the CPU's
-

@@ -11,6 +11,9 @@ Why from the HLO and not from XLA's `cost_analysis()`: a program compiled for a 
 (bench/roofline.py --target) has no cost analysis, and the HLO is what runs on the card: which ops XLA fused,
 which stayed separate kernels, in which dtype each GEMM reads its operands. It is a model, not a measurement:
 bytes counted once per kernel (an operand a kernel re-reads from L2 costs nothing more here), no launch gaps.
+A collective (all-reduce, all-gather, ... of a multi-device program) is costed by its memory traffic like any
+kernel; its time on the interconnect is not modelled (XLA overlaps it with compute), but `sent_bytes` says how
+much data each device puts into collectives per call of the program.
 On the card, bench/profile_step.py puts the measured time of each kernel beside this floor.
 """
 from __future__ import annotations
@@ -32,11 +35,13 @@ HBM_BYTES_PER_S = (
     ("TPU v6", 1.64e12), ("TPU v5 lite", 0.819e12), ("TPU v5e", 0.819e12), ("TPU v5p", 2.765e12),
     ("TPU v4", 1.2e12),
 )
-# Instructions that move no data of their own (views, bookkeeping) or only schedule others.
+# Instructions that move no data of their own (views, bookkeeping; an async op's `-done` only waits for its
+# `-start`) or only schedule others.
 FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all", "partition-id",
-        "replica-id", "opt-barrier", "copy-done", "send-done", "recv-done", "all-gather-done",
-        "all-reduce-done", "collective-permute-done", "add-dependency", "domain"}
-CONTROL = {"while", "conditional", "call", "async-start", "async-done"}
+        "replica-id", "opt-barrier", "add-dependency", "domain"}
+CONTROL = {"while", "conditional", "call", "async-start"}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "collective-broadcast")
 
 
 @dataclasses.dataclass
@@ -207,19 +212,27 @@ def kernels(module: Module, computation: str | None = None) -> list[dict]:
   shapes = {i.name: i.shapes for i in body}
   out = []
   for ins in body:
-    if ins.op in FREE:
+    if ins.op in FREE or ins.op.endswith("-done"):
       continue
     if ins.op in CONTROL:
       for c in ins.calls:
         out += kernels(module, c)
       continue
-    read = sum(_bytes(shapes.get(o, [])) for o in dict.fromkeys(ins.operands))
+    operands = [shapes.get(o, []) for o in dict.fromkeys(ins.operands)]
+    read = sum(_bytes(o) for o in operands)
     gemm = ins.op == "custom-call" and _is_gemm_call(ins)
-    written = _bytes(ins.shapes[:1] if gemm else ins.shapes)   # a GEMM call's 2nd result is its workspace
+    collective = ins.op.removesuffix("-start") in COLLECTIVES
+    results = ins.shapes
+    if gemm:             # a GEMM call's 2nd result is its workspace
+      results = results[:1]
+    elif collective and len(results) == 2 * sum(len(o) for o in operands):
+      results = results[len(results) // 2:]   # an async start's result repeats its operands before its outputs
+    written = _bytes(results)
     flops = _dot_flops(ins, shapes) if gemm or ins.op == "dot" else sum(_flops(module, c, set()) for c in ins.calls)
     frame = re.search(r"stack_frame_id=(\d+)", ins.attrs)
     op_name = re.search(r'op_name="([^"]*)"', ins.attrs)
     out.append({"name": ins.name, "kind": kind(ins), "bytes": read + written, "flops": flops,
+                "sent": read if collective else 0.0,
                 "where": module.frames.get(int(frame.group(1)), "?") if frame else "?",
                 "op_name": op_name.group(1) if op_name else ""})
   return out
@@ -231,9 +244,12 @@ def hbm_bandwidth(device_kind: str) -> float | None:
 
 
 def group_of(kernel: dict) -> str:
-  """A kernel's group: 'matmul' when it multiplies matrices, else the function whose code made it."""
+  """A kernel's group: 'matmul' when it multiplies matrices, 'collective: <op>' for a cross-device exchange, else
+  the function whose code made it."""
   if kernel["flops"]:
     return "matmul"
+  if kernel["sent"]:
+    return "collective: " + kernel["kind"].removesuffix("-start")
   return kernel["where"].split(" (")[0]
 
 
@@ -260,6 +276,7 @@ def roofline(hlo_text: str, flops_per_s: float, bytes_per_s: float, top: int = 1
   total = sum(k["floor_s"] for k in ks)
   flops = sum(k["flops"] for k in ks)
   return {"kernels": len(ks), "floor_s": total, "flops": flops, "bytes": sum(k["bytes"] for k in ks),
+          "sent_bytes": sum(k["sent"] for k in ks),
           "matmul_floor_s": groups["matmul"]["floor_s"] if "matmul" in groups else 0.0,
           "flops_per_s": flops_per_s, "bytes_per_s": bytes_per_s,
           "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1]["floor_s"])),
