@@ -128,7 +128,8 @@ def main(argv):
             "compute_dtype": dtype, "mu_dtype": FLAGS.mu_dtype, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "params": flops.param_count(mc), "step_ms": step_s * 1e3, "examples_per_s": batch / step_s,
             "mfu": batch / step_s * flops.train_flops_per_example(mc) / peak, "peak_source": peak_source,
-            "loss": float(m["loss"]), "cost": _cost(compiled), "floor": floor, "hlo": profile_lib.hlo_summary(hlo), "profile": profile,
+            "loss": float(m["loss"]), "cost": _cost(compiled), "floor": floor, "hlo": profile_lib.hlo_summary(hlo),
+            "profile": profile,
             "files": {"trace": trace_dir, "hlo": os.path.join(out_dir, "step.hlo.txt")}}
   print(json.dumps(result))
 

@@ -16,7 +16,8 @@ function that made it. The floor says how far a step can go before the program i
 step above it by more than launch gaps is the kernels' own inefficiency. `mfu_ceiling` is the trainer's MFU at
 that floor: analytic training FLOPs / (floor x the peak its MFU is against). With --gpus the figures are per device
 (the HLO is one device's program; the batch is global), and `collective_gb_sent` is what each device puts into
-all-reduces, all-gathers and reduce-scatters per step (their interconnect time is not in the floor). The last line printed is one JSON object.
+all-reduces, all-gathers and reduce-scatters per step (their interconnect time is not in the floor). The last line
+printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -157,6 +158,8 @@ def main(argv):
   mc = model_lib.model_config(config.model, None)
 
   devices = target_devices(FLAGS.target, FLAGS.gpus) if FLAGS.target else jax.devices()[:FLAGS.gpus]
+  if len(devices) < FLAGS.gpus:
+    raise SystemExit(f"--gpus={FLAGS.gpus}: {len(devices)} device(s) attached (use --target to compile for more)")
   kind = devices[0].device_kind
   compile_s = None
   if FLAGS.hlo:
@@ -190,10 +193,11 @@ def main(argv):
   top = [{"name": k["name"], "kind": k["kind"], "ms": round(1e3 * k["floor_s"], 4), "gb": round(k["bytes"] / 1e9, 4),
           "tflop": round(k["flops"] / 1e12, 4), "bound": k["bound"], "where": k["where"]} for k in r["top"]]
   result = {"bench": "roofline", "quick": FLAGS.quick, "target": FLAGS.target or None, "device": kind,
-            "hlo_file": FLAGS.hlo or None, "gpus": n, "mesh": {"data": n // FLAGS.fsdp, "fsdp": FLAGS.fsdp}, "depth": depth, "d_input": d_input, "batch": batch,
-            "compute_dtype": dtype, "mu_dtype": FLAGS.mu_dtype, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "params": flops.param_count(mc), "compile_s": compile_s, "peak_flops": peak, "peak_source": peak_source, "flops_per_s": rate,
-            "bytes_per_s": bandwidth, "kernels": r["kernels"], "floor_ms": 1e3 * r["floor_s"],
+            "hlo_file": FLAGS.hlo or None, "gpus": n, "mesh": {"data": n // FLAGS.fsdp, "fsdp": FLAGS.fsdp},
+            "depth": depth, "d_input": d_input, "batch": batch, "compute_dtype": dtype, "mu_dtype": FLAGS.mu_dtype,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "params": flops.param_count(mc), "compile_s": compile_s,
+            "peak_flops": peak, "peak_source": peak_source, "flops_per_s": rate, "bytes_per_s": bandwidth,
+            "kernels": r["kernels"], "floor_ms": 1e3 * r["floor_s"],
             "matmul_floor_ms": 1e3 * r["matmul_floor_s"], "other_floor_ms": 1e3 * (r["floor_s"] - r["matmul_floor_s"]),
             "gb_moved": r["bytes"] / 1e9, "collective_gb_sent": r["sent_bytes"] / 1e9, "collectives": collectives,
             "hlo_tflop": r["flops"] / 1e12, "analytic_tflop": analytic / 1e12,
