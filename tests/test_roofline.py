@@ -61,6 +61,7 @@ ENTRY %main.1 (a: f32[1000], b: f32[1000], x: bf16[64,128], w: bf16[128,32]) -> 
   %sum = f32[1000]{0} fusion(%a, %b), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/add" stack_frame_id=2}
   %gemm = bf16[64,32]{1,0} fusion(%x, %w), kind=kCustom, calls=%gemm_computation, metadata={op_name="jit(step)/dot_general" stack_frame_id=1}, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
   %cublas = (bf16[64,32]{1,0}, s8[4194304]{0}) custom-call(%x, %w), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %conv = bf16[64,32]{1,0:T(8,128)(2,1)} convolution(%x, %w), dim_labels=bf_io->bf
   %ar = f32[1000]{0} all-reduce-start(%sum), replica_groups={}, to_apply=%fused_add
   %ard = f32[1000]{0} all-reduce-done(%ar)
   %ag = (f32[1000]{0}, f32[8000]{0}) all-gather-start(%a), dimensions={0}, replica_groups={}
@@ -74,29 +75,29 @@ ENTRY %main.1 (a: f32[1000], b: f32[1000], x: bf16[64,128], w: bf16[128,32]) -> 
 
 
 def test_kernels_count_operand_and_result_bytes_and_matmul_flops():
-  """A fusion reads its operands and writes its result; a GEMM (Triton fusion or cuBLAS call, whose workspace
-  result is not data) has 2 M N K FLOPs; a loop body's kernels count once; views and tuples are free; each kernel
+  """A fusion reads its operands and writes its result; a GEMM (Triton fusion, cuBLAS call whose workspace result
+  is not data, or a TPU program's convolution) has 2 M N K FLOPs; a loop body's kernels count once; views and tuples are free; each kernel
   is named by the source function of its stack frame; a collective's `-done` only waits, its `-start` sends its
   operand."""
   ks = {k["name"]: k for k in roofline.kernels(roofline.parse(HLO))}
-  assert set(ks) == {"sum", "gemm", "cublas", "twice", "ar", "ag"}
+  assert set(ks) == {"sum", "gemm", "cublas", "conv", "twice", "ar", "ag"}
   assert ks["ar"]["sent"] == 4000 and ks["ar"]["bytes"] == 8000 and ks["sum"]["sent"] == 0
   assert ks["ag"]["sent"] == 4000 and ks["ag"]["bytes"] == 4000 + 32000   # its result's copy of %a is no data
   assert roofline.group_of(ks["ar"]) == "collective: all-reduce"
   gemm_bytes = 2 * (64 * 128 + 128 * 32 + 64 * 32)
   assert ks["sum"]["bytes"] == 3 * 4000 and ks["sum"]["flops"] == 0
   assert ks["twice"]["bytes"] == 2 * 4000          # the same operand twice is read once
-  assert ks["gemm"]["flops"] == ks["cublas"]["flops"] == 2 * 64 * 32 * 128
-  assert ks["gemm"]["bytes"] == ks["cublas"]["bytes"] == gemm_bytes
+  assert ks["gemm"]["flops"] == ks["cublas"]["flops"] == ks["conv"]["flops"] == 2 * 64 * 32 * 128
+  assert ks["gemm"]["bytes"] == ks["cublas"]["bytes"] == ks["conv"]["bytes"] == gemm_bytes
   assert ks["gemm"]["kind"] == "fusion/__triton_gemm" and ks["cublas"]["kind"] == "custom-call/__cublas$gemm"
   assert ks["sum"]["kind"] == "fusion/kLoop"
   assert ks["sum"]["where"] == "apply_updates (_src/update.py:42)"
 
   r = roofline.roofline(HLO, flops_per_s=1e9, bytes_per_s=1e6)
-  assert r["kernels"] == 6 and r["flops"] == 2 * 2 * 64 * 32 * 128 and r["sent_bytes"] == 8000
+  assert r["kernels"] == 7 and r["flops"] == 3 * 2 * 64 * 32 * 128 and r["sent_bytes"] == 8000
   floor_gemm = max(2 * 64 * 32 * 128 / 1e9, gemm_bytes / 1e6)
-  assert r["matmul_floor_s"] == pytest.approx(2 * floor_gemm)
-  assert r["floor_s"] == pytest.approx(2 * floor_gemm + (3 * 4000 + 2 * 4000 + 2 * 4000 + 36000) / 1e6)
+  assert r["matmul_floor_s"] == pytest.approx(3 * floor_gemm)
+  assert r["floor_s"] == pytest.approx(3 * floor_gemm + (3 * 4000 + 2 * 4000 + 2 * 4000 + 36000) / 1e6)
   assert r["groups"]["apply_updates"]["kernels"] == 1 and r["top"][0]["bound"] == "memory"
 
 
@@ -136,7 +137,7 @@ def test_profile_step_puts_each_top_ops_floor_beside_its_time(monkeypatch):
   floor = profile_step._floors(HLO, 1e9, profile)
   assert profile["top"][0]["floor_ms"] == pytest.approx(12.0) and profile["top"][0]["group"] == "apply_updates"
   assert "floor_ms" not in profile["top"][1]
-  assert floor["kernels"] == 6 and floor["floor_ms"] == pytest.approx(1e3 * roofline.roofline(HLO, 1e9, 1e6)["floor_s"])
+  assert floor["kernels"] == 7 and floor["floor_ms"] == pytest.approx(1e3 * roofline.roofline(HLO, 1e9, 1e6)["floor_s"])
 
 
 def _bench(*args, tmp_path):

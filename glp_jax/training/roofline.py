@@ -152,7 +152,21 @@ def parse(text: str) -> Module:
 
 
 def _dot_flops(ins: Instr, shapes: dict) -> float:
-  """2 x output elements x contracted size of a `dot` (or a cuBLAS GEMM custom call)."""
+  """2 x output elements x contracted size of a `dot`, a cuBLAS GEMM custom call, or a `convolution` (how TPU
+  programs write their matmuls: the contracted size is the kernel's input features x its window)."""
+  if ins.op == "convolution":
+    labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
+    rhs = shapes.get(ins.operands[1]) if len(ins.operands) > 1 else None
+    if not labels or not rhs or not ins.shapes:
+      return 0.0
+    k = 1
+    for label, size in zip(labels.group(1), rhs[0][1]):
+      if label == "i" or label.isdigit():
+        k *= size
+    out = 1
+    for d in ins.shapes[0][1]:
+      out *= d
+    return 2.0 * out * k
   if ins.op == "dot":
     dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
     contracting = [int(d) for d in dims.group(1).split(",") if d] if dims else []
@@ -185,7 +199,7 @@ def _flops(module: Module, name: str, seen: set) -> float:
   shapes = {i.name: i.shapes for i in body}
   total = 0.0
   for ins in body:
-    if ins.op == "dot" or (ins.op == "custom-call" and _is_gemm_call(ins)):
+    if ins.op in ("dot", "convolution") or (ins.op == "custom-call" and _is_gemm_call(ins)):
       total += _dot_flops(ins, shapes)
     for c in ins.calls:
       total += _flops(module, c, seen)
@@ -228,7 +242,8 @@ def kernels(module: Module, computation: str | None = None) -> list[dict]:
     elif collective and len(results) == 2 * sum(len(o) for o in operands):
       results = results[len(results) // 2:]   # an async start's result repeats its operands before its outputs
     written = _bytes(results)
-    flops = _dot_flops(ins, shapes) if gemm or ins.op == "dot" else sum(_flops(module, c, set()) for c in ins.calls)
+    flops = (_dot_flops(ins, shapes) if gemm or ins.op in ("dot", "convolution")
+             else sum(_flops(module, c, set()) for c in ins.calls))
     frame = re.search(r"stack_frame_id=(\d+)", ins.attrs)
     op_name = re.search(r'op_name="([^"]*)"', ins.attrs)
     out.append({"name": ins.name, "kind": kind(ins), "bytes": read + written, "flops": flops,
