@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -55,13 +56,8 @@ class Instr:
 
 
 def _bytes(shapes) -> float:
-  total = 0.0
-  for dtype, dims in shapes:
-    n = 1
-    for d in dims:
-      n *= d
-    total += n * DTYPE_BYTES.get(dtype, 1 if dtype.startswith(("f8", "f4")) else 4)
-  return total
+  return sum(math.prod(dims) * DTYPE_BYTES.get(dtype, 1 if dtype.startswith(("f8", "f4")) else 4)
+             for dtype, dims in shapes)
 
 
 def _shapes(type_text: str) -> list:
@@ -154,35 +150,24 @@ def parse(text: str) -> Module:
 def _dot_flops(ins: Instr, shapes: dict) -> float:
   """2 x output elements x contracted size of a `dot`, a cuBLAS GEMM custom call, or a `convolution` (how TPU
   programs write their matmuls: the contracted size is the kernel's input features x its window)."""
+  if not ins.shapes or not ins.operands:
+    return 0.0
   if ins.op == "convolution":
     labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
     rhs = shapes.get(ins.operands[1]) if len(ins.operands) > 1 else None
-    if not labels or not rhs or not ins.shapes:
+    if not labels or not rhs:
       return 0.0
-    k = 1
-    for label, size in zip(labels.group(1), rhs[0][1]):
-      if label == "i" or label.isdigit():
-        k *= size
-    out = 1
-    for d in ins.shapes[0][1]:
-      out *= d
-    return 2.0 * out * k
-  if ins.op == "dot":
-    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
-    contracting = [int(d) for d in dims.group(1).split(",") if d] if dims else []
+    k = math.prod(size for label, size in zip(labels.group(1), rhs[0][1]) if label == "i" or label.isdigit())
   else:
-    dims = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
-    contracting = [int(d) for d in re.findall(r"\d+", dims.group(1))] if dims else []
-  lhs = shapes.get(ins.operands[0]) if ins.operands else None
-  if not lhs or not ins.shapes:
-    return 0.0
-  k = 1
-  for d in contracting:
-    k *= lhs[0][1][d]
-  out = 1
-  for d in ins.shapes[0][1]:
-    out *= d
-  return 2.0 * out * k
+    if ins.op == "dot":
+      dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
+    else:
+      dims = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
+    lhs = shapes.get(ins.operands[0])
+    if not lhs:
+      return 0.0
+    k = math.prod(lhs[0][1][int(d)] for d in re.findall(r"\d+", dims.group(1))) if dims else 1
+  return 2.0 * math.prod(ins.shapes[0][1]) * k
 
 
 def _is_gemm_call(ins: Instr) -> bool:
