@@ -32,9 +32,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Enough of a card for XLA's GPU compiler (a stream_executor.GpuTargetConfigProto): the vendor's figures.
+GPU_TARGETS = {
+    "h100": {"name": "NVIDIA H100 80GB HBM3", "cc": (9, 0), "sms": 132, "ghz": 1.98, "tbps": 3.35,
+             "l2_mb": 50, "gib": 80},
+    "h200": {"name": "NVIDIA H200", "cc": (9, 0), "sms": 132, "ghz": 1.98, "tbps": 4.8, "l2_mb": 50, "gib": 141},
+    "a100": {"name": "NVIDIA A100-SXM4-80GB", "cc": (8, 0), "sms": 108, "ghz": 1.41, "tbps": 2.039,
+             "l2_mb": 40, "gib": 80},
+}
+
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Small and fast (< 30 s): d3, d_input 64, batch 32.")
-flags.DEFINE_string("target", "", "Compile for this GPU without one: " + ", ".join(["h100", "h200", "a100"]) +
+flags.DEFINE_string("target", "", "Compile for this GPU without one: " + ", ".join(GPU_TARGETS) +
                     " (needs `make gpu-aot`); empty: the attached device.")
 flags.DEFINE_string("plugin_dir", os.path.join(ROOT, ".gpu_aot"), "Where `make gpu-aot` put JAX's CUDA plugin.")
 flags.DEFINE_integer("gpus", 1, "Devices the step is compiled for (a one-host topology of --target, or the attached).")
@@ -50,16 +60,6 @@ flags.DEFINE_float("tbps", 0.0, "Memory bandwidth in TB/s (0: the vendor's HBM f
 flags.DEFINE_string("hlo", "", "Analyse this optimised-HLO file (e.g. profile_step's step.hlo.txt) instead.")
 flags.DEFINE_string("out_dir", "", "Write the compiled step's HLO here (step.hlo.txt).")
 flags.DEFINE_integer("top", 12, "Kernels and groups listed.")
-
-# Enough of a card for XLA's GPU compiler (a stream_executor.GpuTargetConfigProto): the vendor's figures.
-GPU_TARGETS = {
-    "h100": {"name": "NVIDIA H100 80GB HBM3", "cc": (9, 0), "sms": 132, "ghz": 1.98, "tbps": 3.35,
-             "l2_mb": 50, "gib": 80},
-    "h200": {"name": "NVIDIA H200", "cc": (9, 0), "sms": 132, "ghz": 1.98, "tbps": 4.8, "l2_mb": 50, "gib": 141},
-    "a100": {"name": "NVIDIA A100-SXM4-80GB", "cc": (8, 0), "sms": 108, "ghz": 1.41, "tbps": 2.039,
-             "l2_mb": 40, "gib": 80},
-}
-
 
 def target_config(t: dict) -> str:
   smem_per_sm = 233472 if t["cc"][0] >= 9 else 167936
