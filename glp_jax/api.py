@@ -25,11 +25,13 @@ def extract(config, workdir: str) -> dict:
 
 def evaluate(name: str, prior: str, store: str | None = None, **options) -> dict:
   """Runs evaluation `name` (fd, delta_lm, steer, probe) of a run dir, exported folder or Hub repo id, as
-  `glp-eval` does (`options` are its flags: quick=True, num_samples=..., out=...); returns the flat result."""
+  `glp-eval` does (`options` are its flags: quick=True, num_samples=..., out=...); returns the flat result
+  ({name: result} for "all")."""
   from glp_jax.evals import runner
   from glp_jax.util import runtime
   runtime.show_logs()
-  return runner.evaluate_all(name, runner.Options(prior=prior, store=store, **options))[name]
+  results = runner.evaluate_all(name, runner.Options(prior=prior, store=store, **options))
+  return results if name == "all" else results[name]
 
 
 def fit(runs: str, out: str | None = None, **options) -> dict:

@@ -78,6 +78,39 @@ def test_jax_run_and_torch_export_give_the_same_fd(setup, tmp_path):
                                                          out=str(tmp_path / name), quick=True))["fd"]
   assert got["jax"]["fd_floor"] == got["torch"]["fd_floor"]
   np.testing.assert_allclose(got["jax"]["fd"], got["torch"]["fd"], rtol=1e-3)
+  from glp_jax.training.prior import checkpoint_step
+  assert got["jax"]["ckpt_step"] == checkpoint_step(run, None)[0] and "ckpt_step" not in got["torch"]
+
+
+def test_export_is_evaluated_at_its_own_layer_reading_only_the_rows_it_compares(setup, tmp_path, monkeypatch):
+  """An export of a layer-1 prior, evaluated on a store of layers 0 and 1, is measured against layer 1 (not the
+  store's first layer), and fd reads just the 2n rows it compares."""
+  from glp_jax.data.store import ActivationStore
+  from glp_jax.evals import fd as fd_lib, runner
+  from glp_jax.torch import GLP
+  x = ActivationStore.open(f"{setup}/store").read(0, 600, 1)
+  st = StoreWriter.create(str(tmp_path / "store01"), layers=[0, 1], d=32, dtype="float32",
+                          metadata={"model": f"{setup}/lm"})
+  noise = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32) * 9
+  for i in range(0, len(x), 50):
+    st.append({0: noise[i:i + 50], 1: x[i:i + 50]}, doc_id=i // 50, positions=np.arange(1, 51))
+  st.close()
+  GLP.from_pretrained(f"{setup}/export").save_pretrained(str(tmp_path / "export1"), provenance={"layer": 1})
+  ctx = runner.Context(runner.Options(prior=str(tmp_path / "export1"), store=str(tmp_path / "store01"),
+                                      num_samples=50, steps=10))
+  assert ctx.layer == 1
+  taken = []
+  monkeypatch.setattr(ActivationStore, "_read", lambda *a: pytest.fail("read a whole block of rows"))
+  take = ActivationStore.take
+  monkeypatch.setattr(ActivationStore, "take", lambda self, rows, *a, **k: taken.append(len(rows)) or
+                      take(self, rows, *a, **k))
+  res = runner.run_fd(ctx)
+  assert taken == [50, 50] and res["fd_num_samples"] == 50
+  # The same halves as from the rows in memory: the numbers do not depend on how the rows are read.
+  lazy = fd_lib.split_halves(fd_lib.StoreRows(ActivationStore.open(str(tmp_path / "store01")), 1, False,
+                                              np.arange(100, 600)), 50, seed=3)
+  eager = fd_lib.split_halves(x[100:600], 50, seed=3)
+  assert all(np.array_equal(a, b) for a, b in zip(lazy, eager))
 
 
 def test_prior_as_a_hub_repo_id(setup, tmp_path, monkeypatch):
@@ -98,7 +131,7 @@ def test_prior_as_a_hub_repo_id(setup, tmp_path, monkeypatch):
   assert res["fd_num_samples"] == 300 and res["fd_rank_deficient"] == 0.0 and res["lm_layer"] == 1
   cli.FLAGS(["glp-eval", "--prior=org/tiny-prior", f"--store={setup}/store"])
   try:
-    with pytest.raises(ConfigError, match="pass --out"):
+    with pytest.raises(ConfigError, match="no such local folder; if it is a Hub repo id, pass --out"):
       cli.main(cli.FLAGS, ["fd"])
   finally:
     cli.FLAGS.unparse_flags()
@@ -131,3 +164,11 @@ def test_fewer_steering_prompts_than_asked_are_warned_and_recorded(tmp_path, mon
     res = runner.run_steer(ctx, str(tmp_path))
   assert len(seen["prompts"]) == 10 and res["steer_num_prompts_requested"] == 50
   assert "--num_prompts=50 but only 10 neutral prompts exist" in caplog.text
+
+
+def test_python_api_evaluate_all_returns_every_result(monkeypatch):
+  import glp_jax
+  from glp_jax.evals import runner
+  got = {"fd": {"fd": 1.0}, "probe": {"probe_auc_raw": 0.5}}
+  monkeypatch.setattr(runner, "evaluate_all", lambda names, opts: dict(got))
+  assert glp_jax.evaluate("all", "runs/x") == got and glp_jax.evaluate("fd", "runs/x") == got["fd"]

@@ -83,9 +83,14 @@ def test_card_carries_the_run_evals_and_cli_pushes_to_the_hub(tmp_path, monkeypa
   a, b = GLP.from_pretrained(out), GLP.from_pretrained("org/glp-d16")
   z, t = torch.randn(3, 16), torch.rand(3) * 1000
   assert torch.equal(a(z, t), b(z, t)) and b.meta["provenance"]["lm"] == DEFAULT_LM
-  # An earlier step: the run's eval files are about the latest checkpoint, so they stay out of its card.
+  # An earlier step: an eval file that records no checkpoint is about the latest one: it stays out of the card.
   prov = export_lib.export(run, str(tmp_path / "out4"), step=4)["provenance"]
   assert prov["evals"] == {} and "| fd |" not in open(tmp_path / "out4" / "README.md").read()
+  # glp-eval --step=4 records the checkpoint it measured: then it goes into step 4's card and not the latest's.
+  with open(os.path.join(run, "eval_fd.json"), "w") as fh:
+    json.dump({"fd": 9.5, "ckpt_step": 4.0}, fh)
+  assert export_lib.export(run, str(tmp_path / "out4b"), step=4)["provenance"]["evals"]["fd"]["fd"] == 9.5
+  assert export_lib.export(run, str(tmp_path / "out6"))["provenance"]["evals"] == {}
   # A bad repo id is refused before any export work.
   fv(["glp-export", f"--workdir={run}", f"--out={tmp_path / 'never'}", "--push_to_hub=a/b/c"])
   try:

@@ -228,12 +228,21 @@ class ActivationStore:
       idx = np.asarray(operator.index(index))
     if not np.issubdtype(idx.dtype, np.integer):
       raise IndexError(f"{self.path}: rows must be indexed by ints, slices or int arrays, got {idx.dtype}")
-    idx = np.where(idx < 0, idx + n, idx)
+    return self._take(TRAIN, np.where(idx < 0, idx + n, idx), layer, f"rows {_short(index, 60)}")
+
+  def take(self, rows: np.ndarray, layer: int | None = None, heldout: bool = False) -> np.ndarray:
+    """Rows `rows` (int indices, any order) of the training or held-out split of one layer, as [n, D] in the
+    store dtype: one read of just those rows (an evaluation sampling a huge split never loads all of it)."""
+    split = self._split(HELDOUT) if heldout else TRAIN
+    return self._take(split, np.asarray(rows, np.int64), self._layer(layer), f"{len(rows)} rows")
+
+  def _take(self, split: Split, idx: np.ndarray, layer: int, what: str) -> np.ndarray:
+    n = split.counts(self.manifest)[0]
     if idx.size and (idx.min() < 0 or idx.max() >= n):
       raise IndexError(f"{self.path}: row index out of range for {n} committed rows")
     if idx.size == 0:
       return np.zeros(idx.shape + (self.d,), DTYPES[self.dtype])
-    return self._result(self.array(layer)[idx].read(), f"rows {_short(index, 60)}", TRAIN, layer)
+    return self._result(self.array(layer, split)[idx].read(), what, split, layer)
 
   # ---------------------------------------------------------------- statistics and side tables
   def stats(self, layer: int | None = None, which: str = "all") -> dict:

@@ -78,12 +78,33 @@ def fd_from_samples(a_NxD: np.ndarray, b_MxD: np.ndarray, method: str = "eigh") 
   return frechet_distance(*gaussian_stats(a_NxD), *gaussian_stats(b_MxD), method=method)
 
 
-def split_halves(real_NxD: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Two disjoint, randomly chosen halves of `n` rows each (needs 2n rows)."""
+def split_halves(real_NxD: Any, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Two disjoint, randomly chosen halves of `n` rows each (needs 2n rows).
+
+  `real_NxD` is an array or anything with `len()` that a sorted int index array selects rows of (e.g.
+  `StoreRows`), so only the 2n chosen rows are ever read.
+  """
   if 2 * n > len(real_NxD):
     raise ValueError(f"need {2 * n} real rows for two halves of {n}, have {len(real_NxD)}")
   perm = np.random.default_rng(seed).permutation(len(real_NxD))[:2 * n]
   return real_NxD[np.sort(perm[:n])], real_NxD[np.sort(perm[n:])]
+
+
+class StoreRows:
+  """Rows `rows` (default: all) of one layer of a store's split, read only when indexed: `evaluate_fd` then
+  reads the 2n rows it compares, not a held-out split that may hold tens of millions."""
+
+  def __init__(self, store: Any, layer: int | None, heldout: bool, rows: np.ndarray | None = None):
+    self.store, self.layer, self.heldout, self.rows = store, layer, heldout, rows
+    n = len(rows) if rows is not None else (store.heldout_num_rows if heldout else store.num_rows)
+    self.shape = (n, store.d)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+    idx = np.asarray(idx, np.int64)
+    return self.store.take(idx if self.rows is None else self.rows[idx], self.layer, heldout=self.heldout)
 
 
 def sample_size_checks(n: int, requested: int, d: int, rows: int | None = None) -> dict[str, float]:
@@ -108,7 +129,7 @@ def sample_size_checks(n: int, requested: int, d: int, rows: int | None = None) 
           "fd_rank_deficient": float(deficient), "fd_samples_per_dim": n / d}
 
 
-def evaluate_fd(prior: Any, real_NxD: np.ndarray, num_samples: int = 50_000, steps: int = 1000,
+def evaluate_fd(prior: Any, real_NxD: Any, num_samples: int = 50_000, steps: int = 1000,
                 seed: int = 42, method: str = "eigh", batch_size: int = 4096) -> dict[str, float]:
   """FD of the prior's Euler samples (raw space) vs real rows, beside the real-vs-real floor.
 
@@ -118,7 +139,8 @@ def evaluate_fd(prior: Any, real_NxD: np.ndarray, num_samples: int = 50_000, ste
   """
   n = min(int(num_samples), len(real_NxD) // 2)
   checks = sample_size_checks(n, int(num_samples), np.shape(real_NxD)[-1], len(real_NxD))
-  ref_A, ref_B = split_halves(np.asarray(real_NxD), n, seed)
+  ref_A, ref_B = (h if h.dtype in (np.float32, np.float64) else h.astype(np.float32)   # bf16 store rows
+                  for h in map(np.asarray, split_halves(real_NxD, n, seed)))
   t0 = time.time()
   samples = prior.sample_raw(n, steps=steps, seed=seed, batch_size=batch_size)
   sample_time = time.time() - t0

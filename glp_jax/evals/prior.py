@@ -244,7 +244,8 @@ def load_prior(path: str, step: int | None = None, layer: int | None = None) -> 
   `layer` (LM layer number) is needed for multi-layer priors only.
   """
   if is_run_dir(path):
-    from glp_jax.training.prior import load_prior as load_run   # JAX: only for run dirs
+    from glp_jax.training.prior import checkpoint_step, load_prior as load_run   # JAX: only for run dirs
+    step, _ = checkpoint_step(path, step)   # recorded: an evaluation says which checkpoint it measured
     model, normalizer, config = load_run(path, step=step)
     multi = bool(model.cfg.multi_layer_n_layers)
     if multi and layer is None:

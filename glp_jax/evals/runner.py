@@ -95,7 +95,11 @@ class Context:
     if not self.store and self.config and not imported:  # trained on the embedded default store (data.store="")
       from glp_jax.training.input import default_store
       self.store = default_store()
-    info = prior_lib.lm_info_from_store(self.store, _cfg(self.config, "data", "layer")) if self.store else {}
+    # The layer the prior was trained on: a run's config, else an export's provenance (a multi-layer export
+    # lists its layers there, and then needs --layer); the store alone would answer with its first layer.
+    hint = _cfg(self.config, "data", "layer") if self.config else prov.get("layer")
+    hint = hint if isinstance(hint, int) else None
+    info = prior_lib.lm_info_from_store(self.store, hint) if self.store else {}
     self.lm_name = opts.lm or info.get("lm") or prov.get("lm")
     self.layer = opts.layer if opts.layer is not None else info.get("layer", prov.get("layer"))
     self.prior = prior_lib.load_prior(self.path, opts.step, self.layer)
@@ -128,18 +132,15 @@ def run_fd(ctx: Context) -> dict:
     raise ConfigError("fd needs real activations: pass --store")
   st = store_lib.ActivationStore.open(ctx.store)
   if st.has_heldout_docs:   # the held-out documents: never trained on, never in the statistics
-    real = st.read_heldout(0, st.heldout_num_rows, ctx.layer)
+    real = fd_lib.StoreRows(st, ctx.layer, heldout=True)
   else:                      # a v1 store: the loader's fallback rows
     rows = st.heldout_rows()
     if not len(rows):
       n_held = opts.heldout_rows or _cfg(ctx.config, "data", "heldout_rows", default=4096)
       rows = np.arange(max(0, st.num_rows - n_held), st.num_rows)
-    starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)       # contiguous runs, one block read each
-    ends = np.append(starts[1:], len(rows))
-    real = np.concatenate([st.read(int(rows[a]), int(rows[b - 1]) + 1, ctx.layer)
-                           for a, b in zip(starts, ends)])
+    real = fd_lib.StoreRows(st, ctx.layer, heldout=False, rows=rows)
   n, steps = (1024, 100) if opts.quick else (opts.num_samples, opts.steps)
-  return fd_lib.evaluate_fd(ctx.prior, real.astype(np.float32), num_samples=n, steps=steps, seed=opts.seed,
+  return fd_lib.evaluate_fd(ctx.prior, real, num_samples=n, steps=steps, seed=opts.seed,
                             method=opts.fd_method)   # warns (and records it) when n is too small for D
 
 
@@ -217,6 +218,8 @@ def evaluate(name: str, ctx: Context, out_dir: str) -> dict:
   res[f"{name}_wall_seconds"] = time.time() - t0
   if ctx.layer is not None:
     res.setdefault("lm_layer", float(ctx.layer))
+  if ctx.prior.info.get("step") is not None:   # a run dir's checkpoint: --step may not be the latest
+    res.setdefault("ckpt_step", float(ctx.prior.info["step"]))
   files.write_json(os.path.join(out_dir, f"eval_{name}.json"), res, indent=1, sort_keys=True)
   return res
 
@@ -230,9 +233,9 @@ def evaluate_all(names, opts: Options) -> dict[str, dict]:
                       else "a prior (run dir, exported folder or Hub repo id) is required")
   if not opts.out and not files.exists(opts.prior):
     from glp_jax.torch import hub
-    if hub.is_repo_id(opts.prior):
-      raise ConfigError(f"--prior={opts.prior} is a Hub repo id: pass --out (the Hub cache is not a place to "
-                        "write results)")
+    if hub.is_repo_id(opts.prior):   # or a mistyped local path: the message must not assume either
+      raise ConfigError(f"--prior={opts.prior}: no such local folder; if it is a Hub repo id, pass --out (the "
+                        "Hub cache is not a place to write results)")
   ctx = Context(opts)
   out_dir = opts.out or opts.prior
   files.makedirs(out_dir)

@@ -37,26 +37,6 @@ def denoiser_config(cfg: model_lib.ModelConfig) -> DenoiserConfig:
   return DenoiserConfig(cfg.d_input, cfg.d_model, cfg.d_mlp, cfg.n_layers, cfg.multi_layer_n_layers or None)
 
 
-def checkpoint_step(workdir: str, step: int | None) -> tuple[int, dict]:
-  """(step, checkpoint meta) of `step` or the latest checkpoint; names the steps present when it is missing."""
-  from glp_jax.training import checkpoint as ckpt_lib  # orbax: only when a run is read
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir}: no checkpoints/ directory (not a glp-train run?)")
-  ckpt = ckpt_lib.Checkpointer(directory, read_only=True)   # never touches a running trainer's saves
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{directory}: no checkpoint")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; present: {sorted(steps)}")
-    return step, ckpt.read_meta(step)
-  finally:
-    ckpt.close()
-
-
 def provenance(workdir: str, step: int, meta: dict, config: Any) -> dict:
   """Where the prior comes from: run, step, activations seen, FLOPs, the eval loss at (or before) `step`."""
   summary = files.read_json(os.path.join(workdir, "summary.json")) or {}
@@ -149,22 +129,27 @@ def hub_identity(lm: str | None) -> dict:
 
 
 def run_evals(workdir: str, step: int, latest: int) -> dict:
-  """The run's `eval_<name>.json` numbers, when they can belong to checkpoint `step`.
+  """The run's `eval_<name>.json` numbers that belong to checkpoint `step`.
 
-  glp-eval evaluates a run's latest checkpoint and its files do not record the step, so they are kept only
-  when `step` is the latest and each file is newer than that checkpoint; what is left out is logged.
+  glp-eval records the checkpoint it measured (`ckpt_step`); a file from before it did is kept only when
+  `step` is the latest and the file is newer than that checkpoint. What is left out is logged.
   """
   from glp_jax.torch import card
   evals = card.read_evals(workdir)
-  if evals and step != latest:
-    log.warning("export: step %d is not the run's latest (%d); its eval_*.json (%s) are not recorded in the "
-                "model card", step, latest, ", ".join(sorted(evals)))
-    return {}
   ckpt = os.path.join(workdir, "checkpoints", str(step))
   born = os.path.getmtime(ckpt) if os.path.exists(ckpt) else 0.0
   for name in sorted(evals):
-    if os.path.getmtime(os.path.join(workdir, f"eval_{name}.json")) < born:
-      log.warning("export: eval_%s.json predates checkpoint %d; not recorded", name, step)
+    at = evals[name].get("ckpt_step")
+    if at is not None:
+      why = None if int(at) == step else f"measured checkpoint {int(at)}"
+    elif step != latest:
+      why = f"records no checkpoint and {step} is not the latest ({latest})"
+    elif os.path.getmtime(os.path.join(workdir, f"eval_{name}.json")) < born:
+      why = "records no checkpoint and predates it"
+    else:
+      why = None
+    if why:
+      log.warning("export: eval_%s.json %s; not recorded in the model card of step %d", name, why, step)
       del evals[name]
   return evals
 
@@ -182,7 +167,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
   `command` is the command line recorded in the model card (default: the equivalent glp-export call);
   `license` (a Hub license id such as apache-2.0) is the prior's license in the card's metadata.
   """
-  from glp_jax.training.prior import load_prior  # jax, orbax: imported only when exporting
+  from glp_jax.training.prior import checkpoint_step, load_prior  # jax, orbax: imported only when exporting
   latest, _ = checkpoint_step(workdir, None)
   step, meta = checkpoint_step(workdir, step)
   model, normalizer, config = load_prior(workdir, step)

@@ -19,6 +19,25 @@ from glp_jax.training.input import load_normalizer
 from glp_jax.util import files
 
 
+def checkpoint_step(workdir: str, step: int | None) -> tuple[int, dict]:
+  """(step, checkpoint meta) of `step` or the latest checkpoint; names the steps present when it is missing."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir}: no checkpoints/ directory (not a glp-train run?)")
+  ckpt = ckpt_lib.Checkpointer(directory, read_only=True)   # never touches a running trainer's saves
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{directory}: no checkpoint")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; present: {sorted(steps)}")
+    return step, ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+
+
 def load_prior(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
                ) -> tuple[model_lib.Denoiser, Normalizer, ml_collections.ConfigDict]:
   """(model, normalizer, config) of a run: the EMA parameters when the run kept them, else the raw ones.
@@ -29,12 +48,10 @@ def load_prior(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | 
   if config is None:
     raise FileNotFoundError(f"{workdir}: no config.json (not a glp-train run?)")
   config = ml_collections.ConfigDict(config)
+  step, meta = checkpoint_step(workdir, step)
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)   # a run may be training
   try:
-    step = ck.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{workdir}: no checkpoint to load")
-    model_cfg = model_lib.ModelConfig(**ck.read_meta(step)["model"])
+    model_cfg = model_lib.ModelConfig(**meta["model"])
     if mesh is None:
       mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), devices=jax.local_devices()[:1])
     graphdef, target = sharding.abstract_state_with_shardings(
