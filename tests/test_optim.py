@@ -51,9 +51,11 @@ def test_constant_and_wsd():
   kw = dict(warmup_ratio=0.1, final_lr_factor=0.1, decay_ratio=0.2)
   assert factor("constant", 5, 100, **kw) == pytest.approx(0.01 + 0.99 * 0.5)
   assert factor("constant", 60, 100, **kw) == 1.0
-  assert factor("wsd", 79, 100, **kw) == 1.0   # stable until the last 20%
-  assert factor("wsd", 90, 100, **kw) == pytest.approx(0.55)
-  assert factor("wsd", 100, 100, **kw) == pytest.approx(0.1)
+  assert factor("wsd", 79, 100, **kw) == 1.0   # stable until the last 20% of the updates (80 .. 99)
+  assert factor("wsd", 80, 100, **kw) == pytest.approx(1 - 0.9 / 20)
+  assert factor("wsd", 90, 100, **kw) == pytest.approx(1 - 0.9 * 11 / 20)
+  assert factor("wsd", 99, 100, **kw) == pytest.approx(0.1)   # the last update runs annealed
+  assert factor("wsd", 4, 5, **kw) == pytest.approx(0.1)      # also when the decay is a single update
   assert factor("cosine", 0, 100, warmup_ratio=0.0) == 1.0   # no warmup: the peak at once
   with pytest.raises(ConfigError, match="schedule"):
     optim.make_schedule(opt_cfg(schedule="linear"), 10)

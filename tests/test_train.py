@@ -116,6 +116,9 @@ def test_resume_of_finished_run_is_a_noop(reference, store, tmp_path):
   summary = train.train_and_evaluate(make_config(store), workdir)
   assert summary["params_checksum"] == reference[1]["params_checksum"] and summary["steps"] == 30
   assert summary["eval_loss"] == pytest.approx(reference[1]["eval_loss"], rel=1e-6)
+  # Its figures are the training's, not this idle start's: the medians of its lines, its time so far.
+  assert all(summary[k] == reference[1][k] for k in ("median_examples_per_s", "median_tflops_per_s", "median_mfu"))
+  assert summary["wall_time"] <= reference[1]["wall_time"]
 
 
 def test_sigkill_then_sigterm_then_resume_is_bit_identical(reference, store, tmp_path):

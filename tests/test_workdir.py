@@ -56,6 +56,12 @@ def test_changed_plan_is_refused_and_changes_nothing(finished, tmp_path):
     trainer.train_and_evaluate(make_config(store, batch_size=128), workdir)
   with pytest.raises(config_lib.ConfigError, match=r"opt\.schedule='cosine', not 'wsd'"):
     trainer.train_and_evaluate(make_config(store, **{"opt.schedule": "wsd"}), workdir)
+  # A change of what the state holds (an EMA switched on) is refused by name too, not taken for damage; allowed,
+  # it still cannot restore, and says so instead of calling every checkpoint damaged.
+  with pytest.raises(config_lib.ConfigError, match=r"opt\.ema_decay=0\.0, not 0\.99"):
+    trainer.train_and_evaluate(make_config(store, **{"opt.ema_decay": 0.99}), workdir)
+  with pytest.raises(config_lib.ConfigError, match=r"no checkpoint restores under the changed opt\.ema_decay"):
+    trainer.train_and_evaluate(make_config(store, **{"opt.ema_decay": 0.99}), workdir, allow_changes=True)
   assert files.file_digests(workdir) == before
   # Fields outside the plan may change between restarts (here: logging and checkpoint cadence).
   assert trainer.train_and_evaluate(make_config(store, log_every=4, **{"ckpt.every_steps": 4}), workdir)["done"]
@@ -122,3 +128,23 @@ def test_readers_never_write(finished, tmp_path):
   assert reader.all_steps() == [6, 12]
   reader.close()
   assert os.path.isdir(in_progress)
+
+
+def test_a_streaming_runs_store_may_grow_between_restarts():
+  """Extract-while-training: the store a streaming run reads grows while the run is down (its batches depend on
+  the step alone), so a restart accepts more rows and other all-row statistics; not fewer rows, not other
+  warm-up statistics (what it normalises with), and a static run accepts neither."""
+  import types
+  def store(rows, all_mean, first_mean):
+    stats = {"all": {"0": {"mean": all_mean}}, "first_shard": {"0": {"mean": first_mean}}}
+    return types.SimpleNamespace(path="s", num_rows=rows, layers=[0], d=4, dtype="bfloat16",
+                                 manifest={"stats": stats})
+  for streaming in (True, False):
+    cfg = {"seed": 0, "data": {"streaming": streaming, "layer": 0}}
+    started = workdir_lib.identity(cfg, store(2048, 1.0, 0.5))
+    diffs = lambda st: [d[0] for d in workdir_lib.changes(cfg, cfg, started, workdir_lib.identity(cfg, st))]
+    grown = diffs(store(2560, 1.1, 0.5))
+    assert grown == ([] if streaming else ["store.num_rows", "store.stats_hash"])
+    assert diffs(store(1024, 1.0, 0.5)) == ["store.num_rows"]
+    assert diffs(store(2560, 1.1, 0.6)) == (["store.stats_hash"] if streaming else
+                                            ["store.num_rows", "store.stats_hash"])

@@ -180,10 +180,15 @@ class Recorder:
     self.writer.progress(step, host["loss"], speed)
 
   def medians(self) -> dict[str, float | None]:
-    """Median examples/s, TFLOP/s and MFU over the run's lines (the first, holding compile time, too)."""
+    """Median examples/s, TFLOP/s and MFU over the run's lines (the first, holding compile time, too): every
+    line of metrics.jsonl where this process writes it, so the steps of earlier (resumed) processes count and
+    rerunning a finished run changes nothing; else the lines of this process."""
+    rows = self.throughput
+    if self.writer.enabled and files.exists(self.writer.path):
+      rows = [r for r in files.iter_jsonl(self.writer.path) if "examples_per_s" in r]
     out = {}
     for k in ("examples_per_s", "tflops_per_s", "mfu"):
-      vals = [r[k] for r in self.throughput if r[k] is not None]
+      vals = [r[k] for r in rows if r.get(k) is not None]
       out[f"median_{k}"] = float(np.median(vals)) if vals else None
     return out
 

@@ -24,9 +24,10 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
 
 
 def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
-  """The learning rate at each step: linear warmup from WARMUP_START * lr, then
-  cosine: to final_lr_factor * lr at the last step; constant: lr; wsd: lr, then a linear decay to
-  final_lr_factor * lr over the last decay_ratio of the steps."""
+  """The learning rate of each update `count` (0 .. total_steps - 1): linear warmup from WARMUP_START * lr, then
+  cosine: towards final_lr_factor * lr, reached at count = total_steps (the reference's LambdaLR, stepped after
+  each update, never applies that last value either); constant: lr; wsd: lr, then a linear decay over the last
+  decay_ratio of the updates whose last update runs at final_lr_factor * lr (a cooldown that ends annealed)."""
   if opt_cfg.schedule not in SCHEDULES:
     raise ConfigError(f"config.opt.schedule must be one of {SCHEDULES}, got {opt_cfg.schedule!r}")
   lr, final = float(opt_cfg.lr), float(opt_cfg.final_lr_factor) * float(opt_cfg.lr)
@@ -37,8 +38,9 @@ def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
   if opt_cfg.schedule == "constant":
     return optax.join_schedules([warm, optax.constant_schedule(lr)], [n_warm])
   n_decay = max(int(opt_cfg.get("decay_ratio", 0.2) * total_steps), 1)
+  # The decay's count 0 is the last stable update, so its n_decay updates end at `final` on the run's last one.
   return optax.join_schedules([warm, optax.constant_schedule(lr), optax.linear_schedule(lr, final, n_decay)],
-                              [n_warm, total_steps - n_decay])
+                              [n_warm, total_steps - n_decay - 1])
 
 
 def decay_mask(params: Any) -> Any:

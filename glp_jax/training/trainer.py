@@ -85,19 +85,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   identity = workdir_lib.identity(config_dict, data.loader.store)
   recorded_config = files.read_json(os.path.join(workdir, "config.json"))
   start_step, meta, skipped = None, {}, []
+  # The plan is fixed by the first start that trains, and checked against each checkpoint before restoring it.
+  plan = workdir_lib.PlanCheck(workdir, recorded_config, config_dict, identity, allow_changes)
   if files.isdir(ckpt_dir):
     reader = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
     if reader.all_steps():   # step 0 is a real checkpoint too (glp-import writes one)
-      start_step, restored, meta, skipped = reader.restore_newest(
-          state_lib.pure(target), check=lambda m: ckpt_lib.check_signature(m["param_shapes"], signature, ckpt_dir))
+      def check(m: dict) -> None:   # another model is an error, a changed plan a refusal: neither is damage
+        ckpt_lib.check_signature(m["param_shapes"], signature, ckpt_dir)
+        plan(m)
+      try:
+        start_step, restored, meta, skipped = reader.restore_newest(state_lib.pure(target), check=check)
+      except ckpt_lib.CheckpointError as e:
+        raise plan.unrestorable(e) from e
       state = state_lib.replace_pure(target, restored)
     reader.close()
-  # The plan is fixed by the first start that trains: a checkpoint without an identity (glp-import's step 0)
-  # only fixes the model's shape, which `check_signature` holds.
-  contract = meta.get("identity")
-  diffs = workdir_lib.changes(recorded_config, config_dict, contract, identity) if contract else []
-  if diffs and not allow_changes:
-    workdir_lib.refuse(workdir, diffs)
+  contract, diffs = plan.contract, plan.diffs
   fresh = start_step is None
   if fresh:
     state = nnx.split(sharding.create_sharded(create, mesh))[1]   # born sharded
@@ -190,7 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
              "flops_per_example": flops_per_example, "examples": step * config.batch_size, "steps": step,
              "final_train_loss": recorder.last_loss, "eval_loss": recorder.last_eval.get("eval_loss"),
              "eval_loss_sem": recorder.last_eval.get("eval_loss_sem"), "eval_docs": recorder.last_eval.get("eval_docs"),
-             "wall_time": recorder.wall_time(), "compute_dtype": model_cfg.compute_dtype, **recorder.medians(),
+             # a finished run started again trains nothing: its time stays what the training took
+             "wall_time": wall_offset if start_step == total_steps else recorder.wall_time(),
+             "compute_dtype": model_cfg.compute_dtype, **recorder.medians(),
              "params_checksum": state_lib.params_checksum(state_lib.pure(state)["model"]),
              "done": step == total_steps}
   if stopped and not summary["done"]:   # signum is None where another process of the run got the signal

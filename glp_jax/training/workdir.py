@@ -56,7 +56,10 @@ def plan_fields(config: dict) -> dict[str, Any]:
 def identity(config: dict, store: Any, normalizer_layers: Any = None) -> dict:
   """What a checkpoint records about how its run was trained."""
   plan = plan_fields(config)
-  stats = json.dumps(store.manifest.get("stats", {}), sort_keys=True)
+  stats = store.manifest.get("stats", {})
+  if plan.get("data.streaming"):   # a store still being written: only its frozen warm-up statistics stay put
+    stats = {"first_shard": stats.get("first_shard", {})}
+  stats = json.dumps(stats, sort_keys=True)
   return {"config_hash": hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest(),
           "store": {"path": store.path, "num_rows": store.num_rows, "layers": store.layers, "d": store.d,
                     "dtype": store.dtype, "stats_hash": hashlib.sha256(stats.encode()).hexdigest()},
@@ -72,9 +75,12 @@ def changes(recorded_config: dict | None, config: dict, recorded_identity: dict 
     out += [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
   if recorded_identity is not None:
     old_store, new_store = recorded_identity.get("store", {}), new_identity["store"]
-    # The store is compared by content: a moved store with the same rows and statistics is the same store.
+    # The store is compared by content: a moved store with the same rows and statistics is the same store. A
+    # streaming run's store grows while it trains (its batches depend on the step alone, not on the row count).
+    grows = bool(new_identity.get("plan", {}).get("data.streaming"))
     out += [(f"store.{k}", old_store.get(k), new_store[k]) for k in ("num_rows", "layers", "d", "dtype", "stats_hash")
-            if k in old_store and old_store.get(k) != new_store[k]]
+            if k in old_store and old_store.get(k) != new_store[k]
+            and not (grows and k == "num_rows" and new_store[k] >= old_store[k])]
   return out
 
 
@@ -83,6 +89,34 @@ def refuse(workdir: str, diffs: list[tuple[str, Any, Any]]) -> None:
   more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:4])})" if len(diffs) > 1 else ""
   raise ConfigError(f"{workdir} was started with {field}={old!r}, not {new!r}{more}: a resumed run must keep its "
                     "plan; use a new --workdir, or pass --allow_changes to continue under the new values")
+
+
+class PlanCheck:
+  """`check(meta)` for `Checkpointer.restore_newest`: holds a restart to the plan its checkpoint records before
+  the checkpoint is restored, so a changed plan is refused by name, never taken for damage when the change
+  alters what the state holds (EMA or clipping switched on or off). Keeps the restored step's `contract` (its
+  identity; glp-import's step 0 has none and fixes only the model's shape) and the `diffs` allowed."""
+
+  def __init__(self, workdir: str, recorded_config: dict | None, config: dict, new_identity: dict,
+               allow_changes: bool):
+    self.workdir, self.recorded_config, self.config = workdir, recorded_config, config
+    self.new_identity, self.allow_changes = new_identity, allow_changes
+    self.contract: dict | None = None
+    self.diffs: list[tuple[str, Any, Any]] = []
+
+  def __call__(self, meta: dict) -> None:
+    self.contract = meta.get("identity")
+    self.diffs = changes(self.recorded_config, self.config, self.contract, self.new_identity) if self.contract else []
+    if self.diffs and not self.allow_changes:
+      refuse(self.workdir, self.diffs)
+
+  def unrestorable(self, error: Exception) -> Exception:
+    """The error to raise when no checkpoint restored: with allowed changes, they are the likely cause."""
+    if not self.diffs:
+      return error
+    return ConfigError(f"{self.workdir}: no checkpoint restores under the changed "
+                       f"{', '.join(d[0] for d in self.diffs)} (a change of what the train state holds, such as "
+                       f"EMA or clipping switched on or off, cannot continue a run): use a new --workdir ({error})")
 
 
 def check_writable(workdir: str) -> None:
