@@ -119,6 +119,13 @@ def test_lr_search_picks_each_sizes_best_lr_then_the_grid_runs_it(tmp_path):
   assert choice["lrs"] == {c.sizes[0]: 4e-3, c.sizes[1]: 1.6e-2, c.sizes[2]: 1e-3}
   assert choice["at_edge"] == sorted(c.sizes[1:])
   assert [x["status"] for x in choice["search"][c.sizes[2]]] == ["done", "done", "diverged"]
+  # With lr_width_ref each width searches its own scaled ladder: its edges are judged on that ladder.
+  c2 = sweep_config("runlocal")
+  c2.sizes, c2.lr_width_ref, c2.lr_search = ("w0.5_l1", "w1_l1"), 1.0, (1e-3, 2e-3, 4e-3)
+  scaled = sweep.expand(sweep.search_config(c2), str(tmp_path / "scaled" / "lr_search"))
+  for r in scaled:
+    _finish(r, 1.0 / r.lr)   # every size is best at the top of its ladder
+  assert sweep.choose_lrs(scaled, c2.sizes)["at_edge"] == ["w0.5_l1", "w1_l1"]
   out = _cli(*args, "--dry_run")
   grid = [l for l in out.splitlines() if not l.startswith("[")]
   assert len(grid) == len(c.sizes) * len(c.budgets) and "/lr_search/" not in "".join(grid)

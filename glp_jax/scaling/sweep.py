@@ -117,8 +117,10 @@ def choose_lrs(runs: list[Run], sizes) -> dict:
       raise ConfigError(f"lr search: no run of size {size!r} finished with an eval loss; see its train.log "
                         "files under <root>/lr_search")
     lrs[size] = min(done, key=lambda x: (x["loss"], x["lr"]))["lr"]
-  tried = sorted({x["lr"] for rows in search.values() for x in rows})
-  at_edge = sorted(s for s, lr in lrs.items() if len(tried) > 2 and lr in (tried[0], tried[-1]))
+  def edges(size: str) -> tuple[float, ...]:   # of the size's own ladder (lr_width_ref scales it per width)
+    tried = sorted({x["lr"] for x in search[size]})
+    return (tried[0], tried[-1]) if len(tried) > 2 else ()
+  at_edge = sorted(s for s, lr in lrs.items() if lr in edges(s))
   return dict(lrs=lrs, search=search, at_edge=at_edge)
 
 
