@@ -205,8 +205,8 @@ def from_torch_glp(glp: Any, info: dict | None = None, layer: int | None = None)
   # The [D] moments of the chosen layer, read through the public normaliser API (works for stacked stats).
   d = glp.cfg.d_input
   with torch.no_grad():
-    mean = glp.denormalize(torch.zeros(1, d), layer)[0].double().cpu().numpy()
-    var = (glp.denormalize(torch.ones(1, d), layer)[0].double().cpu().numpy() - mean) ** 2
+    mean = glp.denormalize(torch.zeros(1, d, device=glp.device), layer)[0].double().cpu().numpy()
+    var = (glp.denormalize(torch.ones(1, d, device=glp.device), layer)[0].double().cpu().numpy() - mean) ** 2
   return Prior(integrate, mean, var, meta_neurons_fn=meta, info=dict(info or {"source": "torch"}))
 
 
@@ -238,10 +238,11 @@ def lm_info_from_store(store: str, layer: int | None = None) -> dict:
   return out
 
 
-def load_prior(path: str, step: int | None = None, layer: int | None = None) -> Prior:
+def load_prior(path: str, step: int | None = None, layer: int | None = None, device: str = "auto") -> Prior:
   """Opens a glp_jax run dir (config.json + checkpoints/) or an exported / reference folder (torch module).
 
-  `layer` (LM layer number) is needed for multi-layer priors only.
+  `layer` (LM layer number) is needed for multi-layer priors only. `device` places a torch prior (auto: a GPU
+  when one is visible); a run dir's JAX prior is on JAX's default device.
   """
   if is_run_dir(path):
     from glp_jax.training.prior import checkpoint_step, load_prior as load_run   # JAX: only for run dirs
@@ -260,7 +261,8 @@ def load_prior(path: str, step: int | None = None, layer: int | None = None) -> 
   if not torch_io.is_export_folder(path) and not os.path.exists(os.path.join(path, "config.yaml")):
     raise FileNotFoundError(f"{path!r} is neither a glp_jax run dir (config.json + checkpoints/) nor an "
                             "exported / reference prior folder")
-  glp = GLP.from_pretrained(path)
+  from glp_jax.torch.lm import resolve_device
+  glp = GLP.from_pretrained(path, device=resolve_device(device))
   multi = bool(glp.cfg.multi_layer_n_layers)
   if multi and layer is None:
     raise ValueError(f"{path} holds a multi-layer prior: say which LM layer to evaluate (--layer)")

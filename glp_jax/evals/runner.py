@@ -34,7 +34,7 @@ class Options:
   lm: str | None = _opt(None, "LM name/folder (default: the store's model).")
   layer: int | None = _opt(None, "LM layer the prior models (default: the store's layer).")
   lm_dtype: str = _opt("float32", "LM forward dtype: float32 | bfloat16 (--quick uses bfloat16).")
-  device: str = _opt("auto", "LM device: auto | cpu | cuda.")
+  device: str = _opt("auto", "Device of the LM and of an exported (torch) prior: auto | cpu | cuda.")
   quick: bool = _opt(False, "Smoke-test sizes (seconds to minutes on CPU).")
   seed: int = _opt(42, "Seed for samples, noise and splits.")
   num_samples: int = _opt(50_000, "fd: samples per side (capped at half the held-out rows).")
@@ -102,7 +102,7 @@ class Context:
     info = prior_lib.lm_info_from_store(self.store, hint) if self.store else {}
     self.lm_name = opts.lm or info.get("lm") or prov.get("lm")
     self.layer = opts.layer if opts.layer is not None else info.get("layer", prov.get("layer"))
-    self.prior = prior_lib.load_prior(self.path, opts.step, self.layer)
+    self.prior = prior_lib.load_prior(self.path, opts.step, self.layer, opts.device)
     if self.store:   # a prior of another width would fail only after minutes of sampling
       from glp_jax.data.store import ActivationStore
       st = ActivationStore.open(self.store)
