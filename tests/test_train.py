@@ -229,6 +229,9 @@ def test_multi_layer_store_trains_with_layer_conditioning(tmp_path):
   assert normalizer.stacked and normalizer.layers == (0, 2) and model.layer_embed is not None
   # load_prior hands out the EMA weights (summary's checksum is of the raw weights).
   assert train_lib.params_checksum(nnx.to_pure_dict(nnx.state(model))) != summary["params_checksum"]
+  # Layer 2 cannot be numbered by a prior of 2 LM layers (its depth would be 2 / 1): refused before any work.
+  with pytest.raises(config_lib.ConfigError, match=r"multi_layer_n_layers=2 \(LM layers 0..1\)"):
+    train.train_and_evaluate(make_config(path, **{"model.multi_layer_n_layers": 2}), str(tmp_path / "w2"))
 
 
 def test_multi_layer_model_needs_a_multi_layer_store(store, tmp_path):

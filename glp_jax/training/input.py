@@ -45,12 +45,16 @@ class Input:
     self.batch_size = config.batch_size
 
   def check_model(self, model_cfg: model_lib.ModelConfig) -> None:
-    """A multi-layer prior needs a multi-layer store and a single-layer prior a single layer."""
+    """A multi-layer prior needs a multi-layer store of layers it can number, a single-layer prior one layer."""
     if bool(model_cfg.multi_layer_n_layers) != self.multi_layer:
       layers = self.loader.layers if self.multi_layer else self.loader.layers[0]
       raise ConfigError(f"config.model.multi_layer_n_layers={model_cfg.multi_layer_n_layers} but the store "
                         f"{self.path} gives {'several layers' if self.multi_layer else 'one layer'} "
                         f"(config.data.layer={layers})")
+    n = model_cfg.multi_layer_n_layers
+    if n and max(self.loader.layers) >= n:   # depth = layer / (n - 1) must stay in [0, 1]; export refuses too
+      raise ConfigError(f"config.model.multi_layer_n_layers={n} (LM layers 0..{n - 1}) but the store {self.path} "
+                        f"gives layers {self.loader.layers}: set it to the LM's number of layers")
 
   def use_normalizer(self, normalizer: Normalizer) -> None:
     """Normalise with `normalizer` (the run's own) instead of the store's statistics."""
