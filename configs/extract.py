@@ -83,6 +83,7 @@ def get_config(arg=None):
   c.stream = ml_collections.ConfigDict()
   c.stream.buffer_rows = a.stream      # max committed rows ahead of the slowest consumer
   c.stream.warmup_rows = 65536         # rows whose statistics are committed before training may start
+  c.stream.heldout_rows = 4096         # held-out rows committed before the bound applies (>= data.heldout_rows)
   c.stream.poll_seconds = 0.5          # how often a full buffer is re-checked
   c.progress = True                    # tqdm bar (tokens/s, rows)
 
@@ -92,4 +93,5 @@ def get_config(arg=None):
     c.store.shard_rows = 4096          # small shards: commits every ~0.5 s, so a kill part-way is visible
     c.store.chunk_rows = 512
     c.stream.warmup_rows = 8192
+    c.stream.heldout_rows = 1024       # the runlocal trainer's data.heldout_rows
   return c

@@ -16,11 +16,9 @@ def extract(config, workdir: str) -> dict:
   """Extracts (or resumes extracting) activations with `config` (e.g. `configs.extract(...)`) into
   `<workdir>/store`; returns the summary. Needs the torch extra."""
   from glp_jax.extraction import extractor
-  from glp_jax.util import files, runtime
+  from glp_jax.util import runtime
   runtime.show_logs()
-  summary = extractor.extract(config, workdir)
-  files.write_json(f"{workdir}/summary.json", summary)
-  return summary
+  return extractor.run(config, workdir)
 
 
 def evaluate(name: str, prior: str, store: str | None = None, **options) -> dict:

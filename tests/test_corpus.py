@@ -52,6 +52,10 @@ def test_local_files(tmp_path):
   assert texts == sorted(["First file.\n\nSecond paragraph of it.", "json one", "json two", "parquet row"])
   blocks = corpus_lib.Corpus(str(tmp_path / "a.txt"), txt_mode="blank_line", heldout_fraction=0.0)
   assert sorted(d.text for d in blocks.train()) == ["First file.", "Second paragraph of it."]
+  # CRLF files (Project Gutenberg's) and blank lines holding spaces split the same way.
+  (tmp_path / "crlf.txt").write_bytes(b"One.\r\nline two.\r\n\r\nTwo.\r\n \t\r\nThree.")
+  crlf = corpus_lib.Corpus(str(tmp_path / "crlf.txt"), txt_mode="blank_line", heldout_fraction=0.0)
+  assert sorted(d.text for d in crlf.train()) == ["One.\nline two.", "Three.", "Two."]
 
 
 def test_bad_inputs(tmp_path):

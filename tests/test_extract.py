@@ -172,8 +172,10 @@ def test_bad_inputs(tiny, workdir, tmp_path):
     extract.extract(_config(tiny, layers=(1, 9)), workdir)
   assert not os.path.exists(os.path.join(workdir, "store"))
   extract.extract(_config(tiny, max_rows=20), workdir)
+  written = open(os.path.join(workdir, "config.json")).read()
   with pytest.raises(store_lib.StoreError, match="layers"):
     extract.extract(_config(tiny, max_rows=20, layers=(2,)), workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == written   # a refused config is not recorded
   other = lm.save_tiny_llama(str(tmp_path / "other"), hidden=32, n_layers=4)
   with pytest.raises(store_lib.StoreError, match="model"):
     extract.extract(_config(other, max_rows=20), workdir)

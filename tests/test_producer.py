@@ -34,6 +34,21 @@ def test_bad_stream_config():
     producer_lib.Producer(_stream_cfg(100, 200))
 
 
+
+def test_the_bound_waits_for_the_trainers_heldout_rows():
+  """A trainer consumes nothing before its held-out rows exist, and held-out documents come a few percent at
+  a time: bounding the buffer before they are committed would leave both sides waiting on each other."""
+  import types
+  cfg = ml_collections.ConfigDict({"buffer_rows": 1000, "warmup_rows": 500, "heldout_rows": 300,
+                                   "poll_seconds": 0.01})
+  store = lambda rows, held: types.SimpleNamespace(num_rows=rows, heldout_num_rows=held)
+  producer = producer_lib.Producer(cfg, heldout=True)
+  assert not producer._full(store(5000, 299)) and producer._full(store(5000, 300))
+  assert not producer._full(store(1000, 300))
+  no_heldout = producer_lib.Producer(cfg, heldout=False)   # a corpus holding nothing out never gets them
+  assert no_heldout._full(store(5000, 0))
+
+
 torch = pytest.importorskip("torch")
 from glp_jax.extraction import extractor as extract  # noqa: E402
 from glp_jax.torch import lm  # noqa: E402
@@ -106,3 +121,18 @@ def test_buffer_bound_warmup_stats_and_finish(tmp_path):
   held, train = st.heldout_docs()[:, 0].tolist(), st.docs()[:, 0].tolist()
   assert st.manifest["heldout"]["doc_ids"] == held and not set(held) & set(train)
   assert sorted(held + train) == list(range(len(held) + len(train)))
+
+
+def test_python_api_and_cli_extract_alike(tmp_path, monkeypatch):
+  """glp_jax.extract runs what glp-extract runs: a streaming config gets its producer (with the held-out rule)
+  and the summary lands in summary.json."""
+  import json
+  import glp_jax
+  from glp_jax.util import config as config_lib
+  seen = {}
+  monkeypatch.setattr(extract, "extract", lambda config, workdir, producer=None: seen.update(producer=producer)
+                      or {"num_rows": 7})
+  config = config_lib.load_file(config_lib.packaged_config("configs/extract.py"), "runlocal,stream=8192")
+  assert glp_jax.extract(config, str(tmp_path / "w")) == {"num_rows": 7}
+  assert seen["producer"].buffer_rows == 8192 and seen["producer"].heldout_rows == 1024
+  assert json.load(open(tmp_path / "w" / "summary.json")) == {"num_rows": 7}

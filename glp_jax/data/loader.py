@@ -352,7 +352,9 @@ class StreamingLoader(Loader):
           return
         raise StoreError(f"{self.path}: the producer finished at {count()} rows; {need} are needed")
       if time.time() - t0 > self.wait_timeout_s:
-        raise StoreError(f"{self.path}: waited {self.wait_timeout_s:.0f} s for {need} committed rows "
+        what = "held-out rows (a streaming producer bounds its lead only after stream.heldout_rows of them: " \
+            "set that >= data.heldout_rows)" if heldout else "rows"
+        raise StoreError(f"{self.path}: waited {self.wait_timeout_s:.0f} s for {need} committed {what} "
                          f"(have {count()})")
       time.sleep(self.poll_s)
       self.store.refresh()

@@ -6,6 +6,8 @@ devices or hosts sharing a file system):
 * Statistics: in streaming mode the store's `first_shard_rows` is `stream.warmup_rows`, so
   `manifest.stats.first_shard` is the statistic of a fixed warm-up prefix; a trainer waits until
   `num_rows >= first_shard_rows` and then normalises with it for the whole run (a resumed trainer too).
+* Evaluation rows: a trainer also waits for its `data.heldout_rows` held-out rows, so the producer applies
+  its bound only once `stream.heldout_rows` of them are committed (set it >= the trainers' data.heldout_rows).
 * Consumers (loader.py) publish `<store>/consumers/<name>.json` = {"rows_consumed": n}: rows below n are no
   longer needed. The producer keeps `num_rows - min(rows_consumed) <= buffer_rows` (it may overshoot by at
   most one shard plus one document, the commit granularity); before any consumer has published, its
@@ -56,11 +58,18 @@ def min_consumed(store_path: str) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- the producer
 class Producer:
-  """Throttles an extraction so committed rows stay within `buffer_rows` of the slowest consumer."""
+  """Throttles an extraction so committed rows stay within `buffer_rows` of the slowest consumer.
 
-  def __init__(self, stream_cfg):
+  The bound applies once the warm-up rows and, when the corpus holds documents out (`heldout`),
+  `stream.heldout_rows` held-out rows are committed: a trainer consumes nothing before it has its warm-up
+  statistics and its evaluation rows, and held-out documents come only a few percent at a time, so a bound
+  applied earlier could leave both sides waiting on each other.
+  """
+
+  def __init__(self, stream_cfg, heldout: bool = False):
     self.buffer_rows = int(stream_cfg.buffer_rows)
     self.warmup_rows = int(stream_cfg.warmup_rows)
+    self.heldout_rows = int(stream_cfg.get("heldout_rows", 0)) if heldout else 0
     self.poll_seconds = float(stream_cfg.poll_seconds)
     if self.buffer_rows <= 0:
       raise ConfigError(f"stream.buffer_rows must be > 0, got {self.buffer_rows}")
@@ -79,7 +88,8 @@ class Producer:
           f"{self.warmup_rows}; the warm-up statistic must cover exactly the warm-up rows")
 
   def _full(self, store) -> bool:
-    return store.num_rows >= self.warmup_rows and store.num_rows - self._consumed > self.buffer_rows
+    warm = store.num_rows >= self.warmup_rows and store.heldout_num_rows >= self.heldout_rows
+    return warm and store.num_rows - self._consumed > self.buffer_rows
 
   def wait_for_room(self, store: store_lib.ActivationStore) -> None:
     """Blocks while the buffer is full (re-reading the consumers' files every `poll_seconds`)."""

@@ -10,12 +10,11 @@ Writes <workdir>/config.json, <workdir>/store/ (or config.store.path) and <workd
 from __future__ import annotations
 
 import json
-import os
 
 from absl import flags, logging
 
 from glp_jax.extraction import extractor
-from glp_jax.util import cli, files
+from glp_jax.util import cli
 from glp_jax.util import config as config_lib
 
 FLAGS = cli.flag_values()
@@ -27,14 +26,7 @@ def main(fv: flags.FlagValues) -> None:
   config, workdir = fv.config, fv.workdir
   if config is None or not workdir:
     raise config_lib.ConfigError("--config and --workdir are required (see --help)")
-  workdir = files.run_folder(workdir, "--workdir")
-  config_lib.write_config(config, workdir)
-  producer = None
-  if config.stream.buffer_rows:
-    from glp_jax.data import streaming  # pylint: disable=g-import-not-at-top
-    producer = streaming.Producer(config.stream)
-  summary = extractor.extract(config, workdir, producer)
-  files.write_json(os.path.join(workdir, "summary.json"), summary)
+  summary = extractor.run(config, workdir)
   logging.info("done: %s", json.dumps(summary))
   print(json.dumps(summary))
 

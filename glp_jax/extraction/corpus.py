@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import sysconfig
 from typing import Iterable, Iterator
@@ -176,7 +177,9 @@ def file_documents(source: str, text_field: str = "text", txt_mode: str = "file"
       if txt_mode == "file":
         yield Document(path, text)
       elif txt_mode == "blank_line":
-        for k, block in enumerate(text.split("\n\n")):
+        # Windows and old Mac line ends too (Project Gutenberg texts are CRLF), and blank lines holding spaces.
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        for k, block in enumerate(re.split(r"\n[ \t]*\n", text)):
           yield Document(f"{path}#{k}", block)
       else:
         raise CorpusError(f"txt_mode must be 'file' or 'blank_line', got {txt_mode!r}")

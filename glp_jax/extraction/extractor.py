@@ -203,6 +203,19 @@ def _disk_full(e: BaseException) -> bool:
   return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e)
 
 
+def run(config, workdir: str) -> dict:
+  """What `glp-extract` and `glp_jax.extract` do: the extraction into `<workdir>/store`, throttled by a
+  `streaming.Producer` when `config.stream.buffer_rows` is set, and its summary in `<workdir>/summary.json`."""
+  workdir = files.run_folder(workdir, "--workdir")
+  producer = None
+  if config.stream.buffer_rows:
+    from glp_jax.data import streaming  # pylint: disable=g-import-not-at-top
+    producer = streaming.Producer(config.stream, heldout=config.corpus.heldout_fraction > 0)
+  summary = extract(config, workdir, producer)
+  files.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
 def extract(config, workdir: str, producer=None, loaded=None) -> dict:
   """Runs (or resumes) an extraction; returns a summary dict. `producer` (streaming.Producer) throttles;
   `loaded` = (model, tokenizer) already loaded from `config.model` (benchmarks reuse one warm model)."""
@@ -246,6 +259,7 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
     else:
       store = StoreWriter.open_for_append(path, expect=dict(meta, layers=layers, d=info["d"],
                                                             dtype=config.store.dtype), **kw)
+    config_lib.write_config(config, workdir)   # only now: a store that refused this config keeps the old one
     # Documents are appended once each, in order, so the committed ones are exactly those below this index.
     start_doc, start_rows = store.num_docs + store.heldout_num_docs, store.num_rows
     logging.info("store %s: %s at document %d (%d rows committed); batching %s", path,
