@@ -12,6 +12,7 @@ from glp_jax.data import loader as data
 from glp_jax.core.normalizer import Normalizer
 from glp_jax.data.store import ActivationStore, StoreError
 from glp_jax.data.writer import StoreWriter
+from glp_jax.data.streaming import min_consumed, publish_consumed
 
 D = 4
 
@@ -213,6 +214,11 @@ def test_streaming_waits_for_producer_and_publishes_progress(workdir, layers):
   assert set(got[:, 1].tolist()) == set(layers)
   progress = json.load(open(os.path.join(path, "consumers", "t1.json")))
   assert progress["rows_consumed"] >= 100 + (39 * 64 - 128) // k
+  # A run that has trained its last step retires: a producer extracting on for longer runs stops waiting on it.
+  publish_consumed(path, "t2", 50)
+  assert min_consumed(path) == (50, 2)
+  ld.retire()
+  assert min_consumed(path) == (50, 1) and json.load(open(os.path.join(path, "consumers", "t1.json")))["done"]
   np.testing.assert_array_equal(ids_of(loader(path, **kw), 40), got)   # same store, same batches
   with pytest.raises(StoreError, match="producer finished"):
     ld.raw_batch(200)

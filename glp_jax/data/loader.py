@@ -159,6 +159,9 @@ class Loader:
   def _after_batch(self, step: int) -> None:
     """Hook after a batch was assembled (with the batch lock held)."""
 
+  def retire(self) -> None:
+    """Called once the run has trained its last step (a static store has nobody waiting on it)."""
+
   # ---------------------------------------------------------------- the shared plan
   def _window(self, p: int, g: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """The shuffled rows [n, D] (store dtype) and their layers [n] of one group window (cached)."""
@@ -368,6 +371,11 @@ class StreamingLoader(Loader):
       return
     publish_consumed(self.path, self.consumer, consumed, step=int(step))
     self._published = consumed
+
+  def retire(self) -> None:
+    """Marks this consumer done, so a producer still extracting (for longer runs) no longer waits on it."""
+    if self.process_index == 0:
+      publish_consumed(self.path, self.consumer, max(self._published, 0), done=True)
 
 
 def from_config(cfg, *, batch_size: int, seed: int, all_layers: bool = False, **kw) -> Loader:

@@ -304,6 +304,11 @@ class ActivationStore:
     return {**self.__dict__, "_arrays": {}}   # tensorstore handles reopen lazily in the new process
 
 
+DEFAULT_STORE_RECIPE = 2   # bump when what default_store builds changes (2: documents held out in their own split)
+
+
 def default_store_path(cache_dir: str | None = None) -> str:
   """Where the embedded default store lives (built by `extraction.extractor.default_store` or not yet)."""
-  return os.path.join(cache_dir or default_cache_dir(), "stores", "smollm2-135m_l15_pydoc_32k")
+  # Named with the recipe's version: a cache built by an older glp_jax (e.g. before the held-out split of
+  # documents) is then rebuilt rather than silently trained on.
+  return os.path.join(cache_dir or default_cache_dir(), "stores", f"smollm2-135m_l15_pydoc_32k_r{DEFAULT_STORE_RECIPE}")

@@ -11,7 +11,8 @@ devices or hosts sharing a file system):
 * Consumers (loader.py) publish `<store>/consumers/<name>.json` = {"rows_consumed": n}: rows below n are no
   longer needed. The producer keeps `num_rows - min(rows_consumed) <= buffer_rows` (it may overshoot by at
   most one shard plus one document, the commit granularity); before any consumer has published, its
-  `rows_consumed` counts as 0. Warm-up rows are produced regardless of consumers.
+  `rows_consumed` counts as 0. Warm-up rows are produced regardless of consumers. A trainer that has trained
+  its last step writes `"done": true` there and holds the producer back no longer (other runs may read on).
 * When the producer ends, `store.close()` commits `"finished": true` (every other commit writes false), so a
   waiting trainer stops waiting.
 * Multi-layer stores hold one array per layer over the same rows; the loader interleaves the layers' blocks
@@ -49,10 +50,11 @@ def publish_consumed(store_path: str, name: str, rows_consumed: int, **extra: An
 
 
 def min_consumed(store_path: str) -> tuple[int, int]:
-  """(min rows_consumed over consumers, number of consumers); (0, 0) before any consumer published."""
+  """(min rows_consumed over active consumers, their number); (0, 0) before any consumer published. A consumer
+  that finished its run (`"done": true`, `StreamingLoader.retire`) holds nothing back any more."""
   # A file that cannot be read counts as 0 (atomic renames make a half-written one rare).
-  values = [int((files.read_json(p) or {}).get("rows_consumed", 0))
-            for p in glob.glob(os.path.join(store_path, CONSUMERS, "*.json"))]
+  found = [files.read_json(p) or {} for p in glob.glob(os.path.join(store_path, CONSUMERS, "*.json"))]
+  values = [int(c.get("rows_consumed", 0)) for c in found if not c.get("done")]
   return (min(values) if values else 0), len(values)
 
 

@@ -77,6 +77,10 @@ class Input:
       else:
         yield step, (x, loader_lib.to_global_array(np.asarray(b.layer_B, np.int32), vec, (self.batch_size,)))
 
+  def retire(self) -> None:
+    """The run has trained its last step: a streaming producer stops waiting for it."""
+    self.loader.retire()
+
   def heldout(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """n fixed held-out rows spread over the held-out documents (all processes read the same rows):
     normalised x_NxD, the document group 0..G-1 of each row, and layer_N (multi-layer) or None."""

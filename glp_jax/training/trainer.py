@@ -187,6 +187,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
     ckpt.wait()
     writer.close()
 
+  if step == total_steps:
+    data.retire()   # a finished run holds a streaming producer back no longer
   # ---------------------------------------------------------------- summary
   summary = {"params": n_params, "flops": step * config.batch_size * flops_per_example,
              "flops_per_example": flops_per_example, "examples": step * config.batch_size, "steps": step,
