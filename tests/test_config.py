@@ -92,3 +92,14 @@ def test_a_source_checkout_runs_without_being_installed(tmp_path):
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads(out.stdout.strip().splitlines()[-1])["params"] > 0
+
+
+def test_a_run_records_its_store_as_an_absolute_path(tmp_path, monkeypatch):
+  """config.json names the store so that glp-eval / glp-export find it from any folder; URLs stay as given."""
+  from glp_jax.training import trainer
+  cfg = config_lib.load_file(os.path.join(ROOT, "configs", "train.py"), "runlocal")
+  monkeypatch.chdir(tmp_path)
+  cfg.data.store = "runs/extract/store"
+  assert trainer.resolve(cfg).data.store == str(tmp_path / "runs" / "extract" / "store")
+  cfg.data.store = "gs://bucket/store"
+  assert trainer.resolve(cfg).data.store == "gs://bucket/store"

@@ -215,6 +215,9 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config as this run uses it: 'auto' choices made for these devices and processes (recorded in
   config.json; the mesh is resolved once the model's size is known)."""
   config = ml_collections.ConfigDict(config.to_dict())
+  store = config.data.store
+  if store and "://" not in store:   # recorded absolute: glp-eval and glp-export find it from any folder
+    config.data.store = os.path.abspath(store)
   config.model.compute_dtype = model_lib.resolve_compute_dtype(config.model.get("compute_dtype", "auto"))
   config.data.groups = loader_lib.resolve_groups(config.data.get("groups", 0), config.batch_size,
                                                  config.data.window_blocks, jax.process_count())
