@@ -151,17 +151,23 @@ def test_two_process_checkpoint_restores_in_four_processes(store, two_process_ru
 
 
 def test_sigkill_one_process_then_restart_matches(store, two_process_run, tmp_path):
+  """Also with the newest checkpoint damaged on top: both processes skip it, process 0 alone sets it aside."""
   workdir = str(tmp_path / "killed")
   proc = _launch(2, workdir, store, wait=False, debug_sleep_s=0.3)
-  _wait_for_checkpoint(workdir, proc, 6)
+  _wait_for_checkpoint(workdir, proc, 12)
   victim = next(pid for pid, i in _children(workdir).items() if i == 1)
   os.kill(victim, signal.SIGKILL)
   proc.communicate(timeout=120)
   assert proc.returncode != 0                        # the launcher stops the survivor and reports the failure
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  newest = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  data = [os.path.join(r, n) for r, _, ns in os.walk(os.path.join(workdir, "checkpoints", str(newest), "state"))
+          for n in ns]
+  with open(max(data, key=os.path.getsize), "r+b") as f:   # its largest file cut short
+    f.truncate(16)
   rc, out, err = _launch(2, workdir, store)          # the same command again resumes
   assert rc == 0, err[-4000:]
-  assert "resumed from step" in err
+  assert "resumed from step" in err and f"set the damaged step {newest} aside" in err
   assert _summaries(out)[0]["params_checksum"] == two_process_run[1][0]["params_checksum"]
 
 

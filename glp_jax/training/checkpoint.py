@@ -43,6 +43,18 @@ def check_signature(saved: dict[str, list[int]], current: dict[str, list[int]], 
                     f"trained with")
 
 
+def set_aside(directory: str, step: int) -> str:
+  """Renames a damaged step out of the way (kept for inspection), so a later save of that step can land.
+
+  A plain rename, by process 0 alone: building a writable manager here would enter orbax's cross-process
+  barrier, which the other processes of a multi-process run never join. Managers made afterwards see it gone.
+  """
+  path = os.path.join(directory, str(step))
+  aside = f"{path}.damaged-{int(time.time())}"
+  files.rename(path, aside)
+  return aside
+
+
 class Checkpointer:
   """Async orbax CheckpointManager over `<workdir>/checkpoints`, keeping the last N plus every K-th step.
 
@@ -104,13 +116,6 @@ class Checkpointer:
     raise CheckpointError(f"{self.directory}: no checkpoint restores completely (tried "
                           f"{', '.join(f'{s} ({r})' for s, r in skipped)})")
 
-  def set_aside(self, step: int) -> str:
-    """Renames a damaged step out of the way (kept for inspection), so a later save of that step can land."""
-    path = os.path.join(self.directory, str(step))
-    aside = f"{path}.damaged-{int(time.time())}"
-    files.rename(path, aside)
-    self._manager.reload()
-    return aside
 
   def restore_parts(self, step: int, target: dict) -> dict:
     """Restores only the top-level parts named in `target` (e.g. {'model': ..., 'ema': ...}), never reading

@@ -115,7 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
     lock.acquire()
     for step, _ in skipped:
       log.warning("set the damaged step %d aside as %s", step,
-                  ckpt_lib.Checkpointer(ckpt_dir).set_aside(step))
+                  ckpt_lib.set_aside(ckpt_dir, step))
     if contract is None or diffs:
       config_lib.write_config(config, workdir)
     if not files.exists(normalizer_path):
