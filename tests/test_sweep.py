@@ -305,3 +305,28 @@ def test_parallel_runs_get_their_own_gpus(tmp_path):
   slots = sweep.device_slots(3, {"PATH": f"{bindir}:{os.environ['PATH']}"})
   assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1", "2,3", "4,5"]
   assert all("CUDA_VISIBLE_DEVICES" not in s for s in sweep.device_slots(2, {"PATH": "/nonexistent"}))
+
+
+def test_emitted_launchers_go_on_past_a_failed_run_and_stop_on_a_failed_scontrol(tmp_path):
+  """The TPU script runs every run even when one fails (a diverged lr simply loses) and exits 1; a SLURM task
+  whose scontrol fails stops before srun instead of exporting an empty coordinator host."""
+  c = sweep_config("runlocal")
+  c.slurm.setup = ""
+  runs = sweep.expand(c, str(tmp_path / "sw"))
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  calls = tmp_path / "calls.txt"
+  stubs = {"gcloud": f'echo gcloud >> {calls}; [ "$(wc -l < {calls})" -gt 1 ]',   # the first run fails
+           "scontrol": "exit 3", "srun": f"echo srun $JAX_COORDINATOR_ADDRESS >> {calls}"}
+  for name, body in stubs.items():
+    (bindir / name).write_text(f"#!/bin/bash\n{body}\n")
+    (bindir / name).chmod(0o755)
+  env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "0", "SLURM_JOB_ID": "7",
+         "SLURM_JOB_NODELIST": "node1"}
+  tpu = subprocess.run(["bash", "-c", sweep.tpu_script(c, runs)], env=env, capture_output=True, text=True)
+  assert tpu.returncode == 1 and calls.read_text().split() == ["gcloud"] * len(runs)
+  assert f"run {runs[0].name} failed" in tpu.stderr
+  calls.unlink()
+  slurm = subprocess.run(["bash", "-c", sweep.slurm_script(c, runs, str(tmp_path / "sw"))], env=env,
+                         capture_output=True, text=True)
+  assert slurm.returncode == 3 and not calls.exists()

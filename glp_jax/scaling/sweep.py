@@ -268,24 +268,30 @@ def slurm_script(config: ml_collections.ConfigDict, runs: list[Run], root: str) 
   for i, r in enumerate(runs):
     body.append(f"  {i}) ARGS=({' '.join(shlex.quote(a) for a in r.args)}) ;;  # {r.name}")
   body += ["  *) echo \"no run for array task $SLURM_ARRAY_TASK_ID\" >&2; exit 1 ;;", "esac",
-           "# jax.distributed: the first node coordinates; process count and ids come from SLURM (srun).",
-           "export JAX_COORDINATOR_ADDRESS=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)"
-           ":$((20000 + SLURM_ARRAY_TASK_ID % 10000))\"",
+           "# jax.distributed: the first node coordinates; process count and ids come from SLURM (srun). The host",
+           "# is assigned apart from the export so that a failing scontrol stops the task (set -e); the port comes",
+           "# from the task's own job id, so array tasks of two sweeps sharing a node do not collide.",
+           "COORDINATOR_HOST=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)\"",
+           "export JAX_COORDINATOR_ADDRESS=\"$COORDINATOR_HOST:$((20000 + SLURM_JOB_ID % 10000))\"",
            "export GLP_DISTRIBUTED=1",
            "srun --kill-on-bad-exit=1 glp-train \"${ARGS[@]}\""]
   return "\n".join(head + [""] + [b for b in body if b]) + "\n"
 
 
 def tpu_script(config: ml_collections.ConfigDict, runs: list[Run]) -> str:
-  """One `gcloud compute tpus tpu-vm ssh --worker=all` line per run (the runs go one after another)."""
+  """One `gcloud compute tpus tpu-vm ssh --worker=all` line per run (the runs go one after another). A failed run
+  (e.g. a diverged lr of a search) is reported and the next one starts, as locally and in SLURM arrays; the
+  script's exit status says whether any failed."""
   t = config.tpu
   project = f" --project={shlex.quote(t.project)}" if t.project else ""
   lines = ["#!/bin/bash", f"# {len(runs)} runs of glp-sweep on TPU VM {t.name}; every worker runs the same "
            "glp-train and jax.distributed reads the slice from the TPU metadata. Written by glp-sweep.",
-           "set -euo pipefail"]
+           "set -uo pipefail", "failed=0"]
   for r in runs:
     remote = " && ".join(x for x in (t.setup, "GLP_DISTRIBUTED=1 glp-train " +
                                       " ".join(shlex.quote(a) for a in r.args)) if x)
     lines.append(f"gcloud compute tpus tpu-vm ssh {shlex.quote(t.name)} --zone={shlex.quote(t.zone)}{project} "
-                 f"--worker=all --command={shlex.quote(remote)}")
+                 f"--worker=all --command={shlex.quote(remote)} || "
+                 f"{{ echo \"glp-sweep: run {r.name} failed (rc=$?)\" >&2; failed=1; }}")
+  lines.append("exit $failed")
   return "\n".join(lines) + "\n"
