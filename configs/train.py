@@ -75,7 +75,8 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                     # pure data parallel axis
   c.mesh.fsdp = 0                      # parameter + optimizer-state sharding axis (also splits the batch);
-                                       # 0 = auto: all devices once the train state passes 1 GiB, else 1
+                                       # 0 = auto: once the train state passes 1 GiB, the most devices that
+                                       # divide the widths (all, usually), else 1; with data set, the rest
 
   # --- checkpoints, logging, eval ---
   c.ckpt = ml_collections.ConfigDict()

@@ -27,6 +27,19 @@ def test_mesh_shape_resolves_the_rest_and_rejects_misfits():
     sharding.mesh_shape(mesh_cfg(-1, -1), 8)
 
 
+def test_auto_fsdp_splits_what_the_devices_and_widths_allow():
+  """mesh.fsdp = 0: small models replicate; large ones shard over the largest device divisor that divides the
+  widths (6 devices, 2048-wide: 2, not a 6 that divides nothing); with mesh.data set, fsdp takes what is left."""
+  big = model_lib.ModelConfig(d_input=2048, d_model=2048, d_mlp=8192, n_layers=6)
+  small = model_lib.ModelConfig(d_input=16, d_model=32, d_mlp=64, n_layers=2)
+  assert sharding.resolve_mesh(mesh_cfg(-1, 0), small, 8) == {"data": -1, "fsdp": 1}
+  assert sharding.resolve_mesh(mesh_cfg(-1, 0), big, 8) == {"data": 1, "fsdp": 8}
+  assert sharding.resolve_mesh(mesh_cfg(-1, 0), big, 6) == {"data": 3, "fsdp": 2}
+  assert sharding.resolve_mesh(mesh_cfg(-1, 0), big, 12) == {"data": 3, "fsdp": 4}
+  assert sharding.resolve_mesh(mesh_cfg(4, 0), small, 8) == {"data": 4, "fsdp": 2}
+  assert sharding.resolve_mesh(mesh_cfg(2, 4), small, 8) == {"data": 2, "fsdp": 4}   # explicit: kept
+
+
 def test_make_mesh_axes_and_batch_checks():
   mesh = sharding.make_mesh(mesh_cfg(2, -1))
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4}

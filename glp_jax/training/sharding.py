@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from glp_jax.core import flops
 from glp_jax.util.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp")
@@ -41,17 +42,24 @@ _METADATA_KEYS = ("out_sharding", "sharding_names", "sharding")
 REPLICATE_BELOW_BYTES = 1 << 30   # train-state size under which `mesh.fsdp = 0` (auto) replicates
 
 
-def resolve_mesh(mesh_cfg: Any, n_params: int) -> dict[str, int]:
-  """`mesh.fsdp = 0` (auto) shards parameters and optimizer state over the devices (`fsdp = -1`, MaxText's
-  default at small scale) once the replicated train state (f32 parameters + two AdamW moments) would pass
-  1 GiB per device, and replicates smaller models (`fsdp = 1`: pure data parallel is fastest there).
-  Explicit sizes are kept; the result goes into config.json."""
+def resolve_mesh(mesh_cfg: Any, model_cfg: Any, n_devices: int) -> dict[str, int]:
+  """`mesh.fsdp = 0` (auto) shards parameters and optimizer state once the replicated train state (f32
+  parameters + two AdamW moments) would pass 1 GiB per device (MaxText's default at small scale), and replicates
+  smaller models (`fsdp = 1`: pure data parallel is fastest there). Sharded, fsdp is the largest divisor of the
+  devices (of those `mesh.data` leaves) that divides the model's widths D, M and F, so every kernel really is
+  split (6 devices on a 2048-wide model: fsdp 2, data 3; not an fsdp of 6 that divides nothing and silently
+  replicates); the rest goes to `data`. With `mesh.data` set, fsdp takes the devices it leaves. Explicit sizes
+  are kept; the result (explicit sizes) goes into config.json."""
   data, fsdp = int(mesh_cfg.data), int(mesh_cfg.fsdp)
-  if fsdp == 0:
-    fsdp = -1 if 12 * n_params >= REPLICATE_BELOW_BYTES else 1
-    if fsdp == -1 and data == -1:
-      data = 1
-  return {"data": data, "fsdp": fsdp}
+  if fsdp != 0:
+    return {"data": data, "fsdp": fsdp}
+  if data > 0:   # the devices data leaves (mesh_shape names a data size that does not divide them)
+    return {"data": data, "fsdp": n_devices // data if n_devices % data == 0 else 1}
+  if 12 * flops.param_count(model_cfg) < REPLICATE_BELOW_BYTES:
+    return {"data": -1, "fsdp": 1}
+  widths = math.gcd(model_cfg.d_input, model_cfg.d_model, model_cfg.d_mlp)
+  fsdp = max(k for k in range(1, n_devices + 1) if n_devices % k == 0 and widths % k == 0)
+  return {"data": n_devices // fsdp, "fsdp": fsdp}
 
 
 def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, ...]:

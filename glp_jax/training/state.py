@@ -172,7 +172,8 @@ def compile_step(config: ml_collections.ConfigDict, devices=None):
   attached; bench/roofline.py passes a GPU topology's devices to compile for a card the host lacks).
   Returns (compiled, mesh, model config)."""
   model_cfg = model_lib.model_config(config.model, None)
-  mesh = sharding.make_mesh(sharding.resolve_mesh(config.mesh, flops.param_count(model_cfg)), devices)
+  n_devices = len(devices) if devices is not None else jax.device_count()
+  mesh = sharding.make_mesh(sharding.resolve_mesh(config.mesh, model_cfg, n_devices), devices)
   sharding.check_batch(config.batch_size, mesh)
   n_steps = total_steps(config)
   graphdef, target = sharding.abstract_state_with_shardings(creator(model_cfg, config, n_steps), mesh)

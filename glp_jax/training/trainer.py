@@ -65,7 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
     data.use_normalizer(input_lib.load_normalizer(workdir))
 
   # ---------------------------------------------------------------- mesh
-  config.mesh.update(sharding.resolve_mesh(config.mesh, flops.param_count(model_cfg)))
+  config.mesh.update(sharding.resolve_mesh(config.mesh, model_cfg, jax.device_count()))
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh)
   config_dict = config_lib.to_dict(config)
