@@ -4,6 +4,7 @@ to one process stops both at the same step."""
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -171,17 +172,24 @@ def test_sigkill_one_process_then_restart_matches(store, two_process_run, tmp_pa
   assert _summaries(out)[0]["params_checksum"] == two_process_run[1][0]["params_checksum"]
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step(store, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_one_process_stops_both_at_one_step(store, tmp_path, signum):
+  """SIGTERM (jax's preemption service) or Ctrl-C (shared every log_every steps): both processes save the same
+  step, and both report and exit with the signal the job got."""
   workdir = str(tmp_path / "term")
   proc = _launch(2, workdir, store, wait=False, debug_sleep_s=0.3)
   _wait_for_checkpoint(workdir, proc, 6)
   victim = next(pid for pid, i in _children(workdir).items() if i == 1)
-  os.kill(victim, signal.SIGTERM)                    # only process 1 is told
+  os.kill(victim, signum)                            # only process 1 is told
   out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-  saved = [int(line.split("saved step ")[1].split(",")[0]) for line in err.splitlines() if "saved step" in line]
-  assert len(saved) == 2 and saved[0] == saved[1], err[-3000:]   # both processes, the same step
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(saved[0])))
+  assert proc.returncode == 128 + signum, err[-3000:]
+  saved = [line.split("signal ")[1].split(": saved step ") for line in err.splitlines() if "saved step" in line]
+  assert len(saved) == 2 and saved[0] == saved[1], err[-3000:]   # both processes, the same step and signal
+  assert int(saved[0][0]) == signum, err[-3000:]
+  statuses = re.findall(r"exited with status (\d+)", err)
+  assert statuses and all(int(s) == 128 + signum for s in statuses), err[-3000:]
+  step = int(saved[0][1].split(",")[0])
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
 

@@ -145,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
                                   start_step=start_step, wall_offset=wall_offset,
                                   peak=metrics_lib.peak_flops(mesh.devices.flat))
   profiler = profile_lib.StepProfiler(config.get("profile"), workdir, enabled=is_main)
-  step, stopped = start_step, False
+  step, stopped = start_step, None
   batches = data.batches(start_step, total_steps, mesh)
   try:
     with runtime.StopRequest.for_this_job() as stop, sharding.activation_context(mesh):
@@ -171,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
                                                                  recorder.wall_time(), signature, model_cfg,
                                                                  identity))
         if stopped:
-          log.warning("signal %s: saved step %d, stopping", stop.signum, step)
+          log.warning("signal %d: saved step %d, stopping", stopped, step)
           break
       recorder.flush()
       if start_step == total_steps:   # resumed a finished run: report its final state again
@@ -199,8 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
              "compute_dtype": model_cfg.compute_dtype, **recorder.medians(),
              "params_checksum": state_lib.params_checksum(state_lib.pure(state)["model"]),
              "done": step == total_steps}
-  if stopped and not summary["done"]:   # signum is None where another process of the run got the signal
-    summary["stopped_by_signal"] = int(stop.signum or signal.SIGTERM)
+  if stopped and not summary["done"]:
+    summary["stopped_by_signal"] = int(stopped)
   if is_main and summary["done"]:
     files.write_json(os.path.join(workdir, "summary.json"), summary)
   if is_main and config.log.loss_curve:
@@ -233,9 +233,14 @@ def checkpoint_meta(step: int, config: ml_collections.ConfigDict, flops_per_exam
           "param_shapes": signature, "model": dataclasses.asdict(model_cfg), "identity": identity}
 
 
-def _agree_to_stop(stop: runtime.StopRequest, step: int, period: int) -> bool:
-  """Whether to checkpoint and stop now. One process: as soon as a signal came. Several: at the step jax's
-  preemption service names after a SIGTERM to any of them; a Ctrl-C is shared every `period` steps."""
+def _agree_to_stop(stop: runtime.StopRequest, step: int, period: int) -> int | None:
+  """The signal to checkpoint and stop on now, the same on every process, or None. One process: as soon as one
+  came. Several: SIGTERM at the step jax's preemption service names after a SIGTERM to any of them; a Ctrl-C is
+  shared, with its number, every `period` steps (so every process reports what the job got, and exits so)."""
   if not runtime.multiprocess():
-    return stop.requested
-  return runtime.preempted(step) or (every(step, max(period, 1)) and runtime.agree(stop.requested))
+    return stop.signum
+  if runtime.preempted(step):
+    return int(signal.SIGTERM)
+  if every(step, max(period, 1)):
+    return runtime.agree_max(stop.signum or 0) or None
+  return None

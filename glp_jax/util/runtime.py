@@ -102,14 +102,14 @@ def multiprocess() -> bool:
   return jax.process_count() > 1
 
 
-def agree(flag: bool) -> bool:
-  """True on every process when `flag` is true on any (one small all-gather; a single process skips it)."""
+def agree_max(value: int) -> int:
+  """The largest `value` over the processes, on every process (one small all-gather; one process skips it)."""
   import jax
   if jax.process_count() == 1:
-    return flag
+    return int(value)
   import numpy as np
   from jax.experimental import multihost_utils
-  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
 def sync(name: str) -> None:
