@@ -18,7 +18,7 @@ from absl import app, flags
 flags.DEFINE_bool("quick", False, "Small sizes (< 30 s).")
 flags.DEFINE_list("configs", ["tiny", "llama1b-d3"], "Presets to time (tiny/small take d_input=576).")
 flags.DEFINE_integer("tiny_batch", 256, "Rows per step for the CPU presets.")
-flags.DEFINE_integer("big_batch", 0, "Rows per step for reference presets (0: 8 quick, 32 full).")
+flags.DEFINE_integer("big_batch", 0, "Rows per step for reference presets (0: 4 quick, 32 full).")
 flags.DEFINE_string("compute_dtype", "float32", "float32 | bfloat16")
 FLAGS = flags.FLAGS
 

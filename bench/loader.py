@@ -20,7 +20,9 @@ import tempfile
 import time
 
 from absl import app, flags
-from glp_jax.data.writer import StoreWriter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # a checkout not installed
+from glp_jax.data.writer import StoreWriter  # noqa: E402
 
 flags.DEFINE_bool("quick", False, "Small sizes (< 30 s).")
 flags.DEFINE_string("dir", "", "Where to write the store (default: a temp dir on local disk, removed).")
@@ -149,5 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   app.run(main)

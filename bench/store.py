@@ -18,7 +18,9 @@ import tempfile
 import time
 
 from absl import app, flags
-from glp_jax.data.writer import StoreWriter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # a checkout not installed
+from glp_jax.data.writer import StoreWriter  # noqa: E402
 
 flags.DEFINE_bool("quick", False, "Small sizes (< 30 s).")
 FLAGS = flags.FLAGS
@@ -68,5 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   app.run(main)
