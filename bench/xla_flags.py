@@ -133,7 +133,11 @@ def main(argv):
   if FLAGS.quick and not FLAGS.sets:
     sets = dict(list(sets.items())[:1])   # ~7 s a process on 2 cores: one set beside the baseline keeps
                                           # --quick well under 30 s on a loaded machine
-  rows = [base] + [run_set(n, f, spec + ",0", FLAGS.timeout) for n, f in sets.items()]
+  rows = [base]
+  for name, xla_flags in sets.items():   # each set's raw figures as it ends: a run cut at a time limit keeps them
+    rows.append(run_set(name, xla_flags, spec + ",0", FLAGS.timeout))
+    print(json.dumps({"set": name, **{k: rows[-1].get(k) for k in ("examples_per_s", "step_s", "error")}}),
+          flush=True)
   compare(rows)
   for r in rows:
     if "error" in r:
