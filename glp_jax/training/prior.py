@@ -22,7 +22,7 @@ from glp_jax.util import files
 def checkpoint_step(workdir: str, step: int | None) -> tuple[int, dict]:
   """(step, checkpoint meta) of `step` or the latest checkpoint; names the steps present when it is missing."""
   directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  if not files.isdir(directory):   # a run on a bucket too
     raise FileNotFoundError(f"{workdir}: no checkpoints/ directory (not a glp-train run?)")
   ckpt = ckpt_lib.Checkpointer(directory, read_only=True)   # never touches a running trainer's saves
   try:
