@@ -79,7 +79,9 @@ def get_config(arg=None):
   c.store.write_queue = 4              # shard writes in flight (host memory ~(q+3) shards per layer); 0 = sync
   c.store.stats_threads = 0            # threads computing the float64 statistics; 0 = auto (CPUs / 4, 2..8)
 
-  # --- streaming to a running trainer (producer.py); buffer_rows = 0 turns it off ---
+  # --- streaming to a running trainer (glp_jax/data/streaming.py); buffer_rows = 0 turns it off. A trainer
+  # reads two loader windows ahead, so buffer_rows >= 2 x its data.window_blocks x data.block_rows (it refuses
+  # a smaller buffer): 131,072 rows with configs/train.py's defaults ---
   c.stream = ml_collections.ConfigDict()
   c.stream.buffer_rows = a.stream      # max committed rows ahead of the slowest consumer
   c.stream.warmup_rows = 65536         # rows whose statistics are committed before training may start
@@ -93,5 +95,5 @@ def get_config(arg=None):
     c.store.shard_rows = 4096          # small shards: commits every ~0.5 s, so a kill part-way is visible
     c.store.chunk_rows = 512
     c.stream.warmup_rows = 8192
-    c.stream.heldout_rows = 1024       # the runlocal trainer's data.heldout_rows
+    c.stream.heldout_rows = 1024       # = configs/train.py:runlocal's data.heldout_rows
   return c

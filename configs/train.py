@@ -44,7 +44,9 @@ def get_config(arg=None):
   c.data.block_rows = 64               # rows read contiguously per request (shuffle granularity)
   c.data.window_blocks = 1024          # blocks shuffled together in memory; with 64-row blocks a 4,096-row
                                        # batch holds ~640 documents (bench/mixing.py; 512 x 64 held ~60)
-  c.data.heldout_rows = 4096           # fixed rows at the end of the store, never trained on
+  c.data.heldout_rows = 4096           # held-out rows where a store has no held-out split (the last ones; a
+                                       # streaming store: the held-out rows waited for); glp-extract's stores
+                                       # hold documents out in their own split, and then this is unused
   c.data.prefetch = 2                  # batches prefetched by a background thread (0 = synchronous)
   c.data.workers = 0                   # >0: grain worker processes build batches (IPC-bound on small hosts)
   c.data.groups = 0                    # batch/window split into groups, processes own whole groups; 0 = auto

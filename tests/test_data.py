@@ -316,3 +316,30 @@ def test_heldout_documents_are_never_trained_on(workdir):
   assert set(h.doc_B.tolist()) == held_docs   # spread over all four documents
   raw = h.x_BxD[:, 0] * np.sqrt(ld.normalizer.var[0]) + ld.normalizer.mean[0]
   np.testing.assert_allclose(raw, h.doc_B, atol=1e-3)
+
+
+def test_streaming_refuses_a_producer_buffer_it_would_deadlock_on_and_a_stop_ends_a_wait(workdir):
+  """The producer stops buffer_rows past the window in use; a trainer reads two windows ahead: a smaller buffer
+  would leave both waiting, so it is refused before any work. A stop request ends a wait for rows at once."""
+  from glp_jax.util.errors import ConfigError
+  def producer_store(name, buffer_rows):
+    path = os.path.join(workdir, name)
+    st = StoreWriter.create(path, layers=[0], d=D, dtype="float32", shard_rows=256, chunk_rows=32,
+                            first_shard_rows=200, metadata={"model": "synthetic",
+                                                            "stream": {"buffer_rows": buffer_rows}})
+    for doc in range(6):
+      st.append({0: np.random.default_rng(doc).normal(size=(100, D)).astype(np.float32)}, doc, np.arange(100))
+    st.flush()
+    return path, st
+  kw = dict(streaming=True, heldout_rows=100, poll_s=0.01, wait_timeout_s=60)   # 2 x 8 blocks x 16 rows = 256
+  small, st1 = producer_store("small", 255)
+  with pytest.raises(ConfigError, match=r"stream.buffer_rows=255 rows ahead, but this trainer reads 256"):
+    loader(small, **kw)
+  enough, st2 = producer_store("enough", 256)
+  ld = loader(enough, **kw)
+  ld.interrupted = lambda: True
+  t0 = time.time()
+  with pytest.raises(data.WaitInterrupted, match="stopped while waiting"):
+    ld.raw_batch(100)   # rows far past the 600 committed
+  assert time.time() - t0 < 5
+  st1.close(), st2.close()

@@ -59,6 +59,8 @@ def test_bad_override_names_the_key_and_writes_nothing(tmp_path):
   w = str(tmp_path / "never")
   out = cli("glp-train", "--config=configs/train.py:runlocal", "--config.opt.learning_rate=1e-3", f"--workdir={w}")
   assert_short_error(out, 2, "opt.learning_rate", "opt.lr")
+  out = cli("glp-train", "--config=configs/trian.py", f"--workdir={w}")   # a mistyped config file is named
+  assert_short_error(out, 2, "no config file 'configs/trian.py'")
   assert not os.path.exists(w)
 
 

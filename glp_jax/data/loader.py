@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -306,9 +306,17 @@ class StaticLoader(Loader):
     return grain_io.BlockSource(self.path, self.blocks, self.block_rows)
 
 
+class WaitInterrupted(StoreError):
+  """A stop was asked for while waiting on rows the producer had not committed yet."""
+
+
 class StreamingLoader(Loader):
-  """A store still being written: one endless pass in store order, waiting for commits (module docstring)."""
+  """A store still being written: one endless pass in store order, waiting for commits (module docstring).
+
+  `interrupted` (a callable; the trainer of a single process points it at its stop request) ends a wait for rows
+  with WaitInterrupted, so a signal is answered at once instead of when the rows come."""
   stats_default = "first_shard"
+  interrupted: Callable[[], bool] = staticmethod(lambda: False)
 
   def __init__(self, path: str, *, consumer: str = "trainer", poll_s: float = 0.2,
                wait_timeout_s: float = 3600.0, **kw):
@@ -318,6 +326,16 @@ class StreamingLoader(Loader):
     super().__init__(path, **kw)
 
   def _setup(self, heldout_rows: int) -> None:
+    # The producer stops `buffer_rows` ahead of the start of the window in use, and this loader reads a whole
+    # window (and the next, prefetching) before it moves on: a smaller buffer leaves both waiting for good.
+    buffer = int((self.store.metadata.get("stream") or {}).get("buffer_rows") or 0)
+    ahead = 2 * -(-self.window_blocks // len(self.layers)) * self.block_rows
+    if buffer and buffer < ahead and not self.store.manifest.get("finished"):
+      raise ConfigError(f"{self.path}: its producer keeps at most stream.buffer_rows={buffer} rows ahead, but "
+                        f"this trainer reads {ahead} ahead (two windows: 2 x data.window_blocks="
+                        f"{self.window_blocks} x data.block_rows={self.block_rows}"
+                        f"{f' / {len(self.layers)} layers' if len(self.layers) > 1 else ''}): lower "
+                        "data.window_blocks or raise the producer's buffer")
     self.heldout_ids = np.arange(heldout_rows)
     self.rows_per_pass = self.steps_per_pass = float("inf")
     self.unused_rows = 0
@@ -350,6 +368,8 @@ class StreamingLoader(Loader):
     t0 = time.time()
     count = (lambda: self.store.heldout_num_rows) if heldout else (lambda: self.store.num_rows)
     while count() < need:
+      if self.interrupted():
+        raise WaitInterrupted(f"{self.path}: stopped while waiting for {need} committed rows (have {count()})")
       if self.store.manifest.get("finished"):
         if allow_finished and count() > 0:
           return

@@ -77,6 +77,10 @@ class Input:
       else:
         yield step, (x, loader_lib.to_global_array(np.asarray(b.layer_B, np.int32), vec, (self.batch_size,)))
 
+  def stop_waiting_on(self, stop) -> None:
+    """A streaming loader's waits for rows end when `stop` (a runtime.StopRequest) is requested."""
+    self.loader.interrupted = lambda: stop.requested
+
   def retire(self) -> None:
     """The run has trained its last step: a streaming producer stops waiting for it."""
     self.loader.retire()

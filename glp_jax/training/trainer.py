@@ -145,34 +145,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
                                   start_step=start_step, wall_offset=wall_offset,
                                   peak=metrics_lib.peak_flops(mesh.devices.flat))
   profiler = profile_lib.StepProfiler(config.get("profile"), workdir, enabled=is_main)
-  step, stopped = start_step, None
+  step, stopped, saved = start_step, None, start_step
+
+  def save(at: int) -> None:
+    nonlocal saved
+    recorder.flush()   # checked before saving: nothing non-finite is ever saved
+    ckpt.save(at, state_lib.pure(state), checkpoint_meta(at, config, flops_per_example, recorder.wall_time(),
+                                                         signature, model_cfg, identity))
+    saved = at
   batches = data.batches(start_step, total_steps, mesh)
   try:
     with runtime.StopRequest.for_this_job() as stop, sharding.activation_context(mesh):
-      for step0, inputs in batches:
-        profiler.before(step0)
-        with profiler.annotate(step0):
-          state, nonfinite, device_metrics = train_step(state, nonfinite, *inputs)
-        step = step0 + 1
-        profiler.after(step, state, lambda: train_step.lower(state, nonfinite, *inputs))
-        recorder.tick()   # the metrics held from an earlier step are ready now: fetching them costs no stall
-        if config.debug_sleep_s:
-          time.sleep(config.debug_sleep_s)
-        stopped = _agree_to_stop(stop, step, config.log_every)
-        eval_now = step == total_steps or every(step, config.eval_every)
-        save_now = step == total_steps or every(step, config.ckpt.every_steps) or stopped
-        if recorder.due(step) or eval_now or save_now:
-          recorder.push(step, device_metrics, line=recorder.due(step) or eval_now)
-        if eval_now:
-          recorder.add_eval(step, state_lib.evaluate(eval_step, state, evals))
-        if save_now:
-          recorder.flush()   # checked before saving: nothing non-finite is ever saved
-          ckpt.save(step, state_lib.pure(state), checkpoint_meta(step, config, flops_per_example,
-                                                                 recorder.wall_time(), signature, model_cfg,
-                                                                 identity))
-        if stopped:
-          log.warning("signal %d: saved step %d, stopping", stopped, step)
-          break
+      if not runtime.multiprocess():   # a single process answers a signal while it waits on a producer too
+        data.stop_waiting_on(stop)
+      try:
+        for step0, inputs in batches:
+          profiler.before(step0)
+          with profiler.annotate(step0):
+            state, nonfinite, device_metrics = train_step(state, nonfinite, *inputs)
+          step = step0 + 1
+          profiler.after(step, state, lambda: train_step.lower(state, nonfinite, *inputs))
+          recorder.tick()   # the metrics held from an earlier step are ready now: fetching them costs no stall
+          if config.debug_sleep_s:
+            time.sleep(config.debug_sleep_s)
+          stopped = _agree_to_stop(stop, step, config.log_every)
+          eval_now = step == total_steps or every(step, config.eval_every)
+          save_now = step == total_steps or every(step, config.ckpt.every_steps) or stopped
+          if recorder.due(step) or eval_now or save_now:
+            recorder.push(step, device_metrics, line=recorder.due(step) or eval_now)
+          if eval_now:
+            recorder.add_eval(step, state_lib.evaluate(eval_step, state, evals))
+          if save_now:
+            save(step)
+          if stopped:
+            log.warning("signal %d: saved step %d, stopping", stopped, step)
+            break
+      except loader_lib.WaitInterrupted:   # the signal came while the store had not committed the next rows
+        stopped = stop.signum
+        if saved != step:
+          save(step)
+        log.warning("signal %d while waiting for rows: saved step %d, stopping", stopped, step)
       recorder.flush()
       if start_step == total_steps:   # resumed a finished run: report its final state again
         recorder.add_eval(step, state_lib.evaluate(eval_step, state, evals))

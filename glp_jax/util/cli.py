@@ -103,6 +103,8 @@ def _check_config(argv: list[str]) -> None:
   if spec is None:
     return
   path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):   # absl's own message would not name the file
+    raise config_lib.ConfigError(f"--config={spec}: no config file {path!r} (see configs/ for the ones there are)")
   try:
     cfg = config_lib.load_file(path, arg or None)
   except config_lib.ConfigError as e:
