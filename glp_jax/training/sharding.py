@@ -46,10 +46,9 @@ def resolve_mesh(mesh_cfg: Any, model_cfg: Any, n_devices: int) -> dict[str, int
   """`mesh.fsdp = 0` (auto) shards parameters and optimizer state once the replicated train state (f32
   parameters + two AdamW moments) would pass 1 GiB per device (MaxText's default at small scale), and replicates
   smaller models (`fsdp = 1`: pure data parallel is fastest there). Sharded, fsdp is the largest divisor of the
-  devices (of those `mesh.data` leaves) that divides the model's widths D, M and F, so every kernel really is
-  split (6 devices on a 2048-wide model: fsdp 2, data 3; not an fsdp of 6 that divides nothing and silently
-  replicates); the rest goes to `data`. With `mesh.data` set, fsdp takes the devices it leaves. Explicit sizes
-  are kept; the result (explicit sizes) goes into config.json."""
+  device count that divides the model's widths D, M and F, so every kernel really is split (6 devices on a
+  2048-wide model: fsdp 2, data 3, not an fsdp of 6 that divides nothing), and the rest goes to `data`. With
+  `mesh.data` set, fsdp takes the devices it leaves. Explicit sizes are kept; the result goes into config.json."""
   data, fsdp = int(mesh_cfg.data), int(mesh_cfg.fsdp)
   if fsdp != 0:
     return {"data": data, "fsdp": fsdp}

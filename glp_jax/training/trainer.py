@@ -153,6 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
     ckpt.save(at, state_lib.pure(state), checkpoint_meta(at, config, flops_per_example, recorder.wall_time(),
                                                          signature, model_cfg, identity))
     saved = at
+
   batches = data.batches(start_step, total_steps, mesh)
   try:
     with runtime.StopRequest.for_this_job() as stop, sharding.activation_context(mesh):
