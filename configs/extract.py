@@ -2,7 +2,7 @@ r"""Extract residual-stream activations of a causal LM into an activation store.
 
 Run (embedded default: SmolLM2-135M-Instruct, layer 15 of 30, over Python's own documentation, ~300k rows):
   glp-extract --config=configs/extract.py --workdir=runs/extract
-A quick run (~10-30 s on 2 CPU cores; kill it and rerun the same line to resume):
+A quick run (~30-60 s on 2 CPU cores; kill it and rerun the same line to resume):
   glp-extract --config=configs/extract.py:runlocal --workdir=runs/extract_local
 Llama-3.2-1B, layer 7, over FineWeb on a connected GPU machine (the reference's setting):
   glp-extract --config=configs/extract.py:model=meta-llama/Llama-3.2-1B,layers=7,ctx=2048 \

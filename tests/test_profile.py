@@ -117,3 +117,27 @@ def test_a_profiler_that_fails_costs_the_profile_not_the_run(tmp_path, monkeypat
   assert json.load(open(tmp_path / "b" / "profile.json")) == out
   assert os.path.exists(tmp_path / "b" / "profile" / "step.hlo.txt")
   assert profile_lib.load_events(str(tmp_path / "b" / "profile"))   # the trace itself is kept
+
+
+def test_the_profiles_write_out_is_left_out_of_the_logged_step_time(tmp_path, monkeypatch):
+  """Stopping the trace and compiling the step again took seconds that the next metrics line counted as training
+  (one line's examples/s several times too low, pulling the run's medians); the step itself is still counted."""
+  import numpy as np
+  from glp_jax.training import metrics as metrics_lib
+  clock = [1000.0]
+  monkeypatch.setattr(metrics_lib.time, "time", lambda: clock[0])
+  writer = metrics_lib.MetricsWriter(str(tmp_path), total_steps=8, start_step=0, enabled=True)
+  rec = metrics_lib.Recorder(writer, log_every=2, total_steps=8, batch_size=10, flops_per_example=1, start_step=0)
+  for step in range(1, 9):
+    clock[0] += 0.5   # a step's time
+    if step == 3:
+      with rec.untimed():
+        clock[0] += 30.0   # the profile's write-out
+    if rec.due(step):
+      rec.push(step, {"loss": np.float32(1.0), "nonfinite": np.int32(0)})
+    rec.tick()
+  rec.flush()
+  writer.close()
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step_time"] for l in lines] == pytest.approx([0.5] * 4)
+  assert lines[-1]["wall_time"] == pytest.approx(34.0)   # the run's wall time keeps it

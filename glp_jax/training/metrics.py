@@ -4,6 +4,7 @@ a tqdm bar on interactive runs, and the `Recorder` that turns each step's device
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -134,6 +135,16 @@ class Recorder:
 
   def due(self, step: int) -> bool:
     return every(step, self.log_every) or step == self.total_steps
+
+  @contextlib.contextmanager
+  def untimed(self):
+    """Time spent inside is left out of the next line's step time and throughput (the profiler writing its
+    trace and compiling the step again: measuring, not training); wall_time still counts it."""
+    t = time.time()
+    try:
+      yield
+    finally:
+      self._line_time += time.time() - t
 
   def push(self, step: int, metrics: dict, line: bool = True) -> None:
     """Holds `step`'s device metrics, checked (and, with `line`, written) at the next `tick` or `flush`. A

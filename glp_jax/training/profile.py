@@ -159,13 +159,18 @@ class StepProfiler:
   def annotate(self, step0: int):
     return jax.profiler.StepTraceAnnotation("train", step_num=step0) if self.active else contextlib.nullcontext()
 
-  def after(self, step: int, outputs: Any, lower) -> dict | None:
+  def after(self, step: int, outputs: Any, lower, untimed=contextlib.nullcontext) -> dict | None:
     """Called after step `step` was dispatched: at the window's end waits for it, stops the trace and writes
-    profile.json (`lower()` returns the step's jax Lowered, compiled here once more for its HLO)."""
+    profile.json (`lower()` returns the step's jax Lowered, compiled here once more for its HLO). The write-out
+    runs inside `untimed()` (the trainer's: left out of the logged step time, as it is not training)."""
     if not self.active or step < self.start + self.steps:
       return None
-    jax.block_until_ready(outputs)
+    jax.block_until_ready(outputs)   # the step's own time, still counted
     self.active = False
+    with untimed():
+      return self._write_out(lower)
+
+  def _write_out(self, lower) -> dict:
     try:
       jax.profiler.stop_trace()
     except Exception as e:  # pylint: disable=broad-except

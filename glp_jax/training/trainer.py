@@ -165,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
           with profiler.annotate(step0):
             state, nonfinite, device_metrics = train_step(state, nonfinite, *inputs)
           step = step0 + 1
-          profiler.after(step, state, lambda: train_step.lower(state, nonfinite, *inputs))
+          profiler.after(step, state, lambda: train_step.lower(state, nonfinite, *inputs), recorder.untimed)
           recorder.tick()   # the metrics held from an earlier step are ready now: fetching them costs no stall
           if config.debug_sleep_s:
             time.sleep(config.debug_sleep_s)

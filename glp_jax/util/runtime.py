@@ -87,6 +87,13 @@ def init_distributed() -> None:
     kwargs.update(coordinator_address=env["GLP_COORDINATOR_ADDRESS"],
                   num_processes=int(env["GLP_NUM_PROCESSES"]), process_id=int(env["GLP_PROCESS_ID"]))
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Said before joining: when a process never joins, XLA's client aborts the others (a C++ check failure,
+  # "DEADLINE_EXCEEDED ... RegisterTask", exit 134) before Python can catch anything.
+  logging.getLogger(__name__).info(
+      "joining the jax.distributed job at %s as process %s of %s; waiting up to %d s for every process (an abort "
+      "with DEADLINE_EXCEEDED after that means one never joined: it failed to start, or the port is in use)",
+      kwargs.get("coordinator_address", "the coordinator jax finds"), kwargs.get("process_id", "?"),
+      kwargs.get("num_processes", "?"), kwargs["initialization_timeout"])
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # pylint: disable=broad-except  (gRPC / XLA runtime errors of many types)
