@@ -241,3 +241,22 @@ def test_a_store_extracted_to_a_bucket_is_uploaded_manifest_last_read_back_and_r
                        env=_env(env, devices=1), capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads(read_object(url, "runs/on_remote_store/summary.json"))["done"]
+
+
+@pytest.mark.torch
+def test_export_provenance_of_a_bucket_run_keeps_its_url_and_reads_its_evals(gcs):
+  """A run on a bucket: source_run and the command line keep the gs:// URL, its eval_*.json reach the card,
+  and one that records no checkpoint is judged by the objects' times."""
+  from glp_jax.interop import export as export_lib
+  from glp_jax.torch import card
+  run = f"gs://{BUCKET}/runs/exported"
+  files.write_json(f"{run}/eval_fd.json", {"fd": 7.5})
+  files.write_json(f"{run}/eval_probe.json", {"probe_auc_raw": 0.75, "ckpt_step": 6})
+  assert card.read_evals(run) == {"fd": {"fd": 7.5}, "probe": {"probe_auc_raw": 0.75, "ckpt_step": 6}}
+  assert export_lib.run_evals(run, 6, 6) == card.read_evals(run)   # no checkpoint 6 folder: nothing predates it
+  assert export_lib.provenance(run, 6, {}, {})["source_run"] == run
+  assert f"--workdir={run} " in export_lib.export_command(run, "out", 6, "float32")
+  time.sleep(1.1)   # object times have 1 s resolution
+  files.write_json(f"{run}/checkpoints/6/_CHECKPOINT_METADATA", {})
+  assert files.mtime(f"{run}/checkpoints/6") > files.mtime(f"{run}/eval_fd.json") > 0
+  assert set(export_lib.run_evals(run, 6, 6)) == {"probe"}   # eval_fd.json predates checkpoint 6

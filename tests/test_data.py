@@ -12,6 +12,7 @@ from glp_jax.data import loader as data
 from glp_jax.core.normalizer import Normalizer
 from glp_jax.data.store import ActivationStore, StoreError
 from glp_jax.data.writer import StoreWriter
+from glp_jax.data import streaming as streaming_lib
 from glp_jax.data.streaming import min_consumed, publish_consumed
 
 D = 4
@@ -219,6 +220,8 @@ def test_streaming_waits_for_producer_and_publishes_progress(workdir, layers):
   assert min_consumed(path) == (50, 2)
   ld.retire()
   assert min_consumed(path) == (50, 1) and json.load(open(os.path.join(path, "consumers", "t1.json")))["done"]
+  publish_consumed(path, "t2", 60, done=True)   # the last one done: nothing bounds the producer (it waited forever)
+  assert min_consumed(path) == (streaming_lib.NOBODY_WAITING, 0)
   np.testing.assert_array_equal(ids_of(loader(path, **kw), 40), got)   # same store, same batches
   with pytest.raises(StoreError, match="producer finished"):
     ld.raw_batch(200)
@@ -318,6 +321,40 @@ def test_heldout_documents_are_never_trained_on(workdir):
   np.testing.assert_allclose(raw, h.doc_B, atol=1e-3)
 
 
+@pytest.mark.parametrize("batch_size", [16, 96, 200])
+def test_streaming_steps_that_span_several_windows_run_beside_a_producer_at_its_bound(workdir, batch_size):
+  """A step's rows of a group's stream (batch_size / groups) may straddle several of its windows: the consumer
+  published the window of the step before and the check counted two windows, so a batch wider than half a window
+  left producer and trainer waiting for good (e.g. batch 96: 12 rows per group, windows of 16)."""
+  import ml_collections
+  from glp_jax.data.streaming import Producer
+  kw = dict(batch_size=batch_size, block_rows=8, window_blocks=16, groups=8, heldout_rows=20, prefetch=0)
+  group_rows, window_rows = batch_size // 8, 2 * 8
+  buffer = (1 + -(-(group_rows - 1) // window_rows)) * 16 * 8   # the windows one step reads ahead, store rows
+  path = os.path.join(workdir, f"s{batch_size}")
+  prod = Producer(ml_collections.ConfigDict({"buffer_rows": buffer, "warmup_rows": 64, "poll_seconds": 0.01}))
+  st = StoreWriter.create(path, layers=[0], d=D, dtype="float32", shard_rows=32, chunk_rows=16, first_shard_rows=64,
+                          metadata={"model": "synthetic", "stream": {"buffer_rows": buffer}})
+  prod.start(st)
+
+  def produce():
+    for doc in range(300):
+      prod.wait_for_room(st)
+      x = np.random.default_rng(doc).normal(size=(10, D)).astype(np.float32)
+      x[:, 0] = np.arange(10 * doc, 10 * doc + 10)
+      st.append({0: x}, doc, np.arange(10))
+    st.close()
+  writer = threading.Thread(target=produce, daemon=True)
+  writer.start()
+  ld = loader(path, streaming=True, poll_s=0.01, wait_timeout_s=30, **kw)
+  steps = (3000 - 20 - 2 * buffer) // batch_size
+  rows = ids_of(ld, steps)[:, 0]
+  assert len(np.unique(rows)) == len(rows) == steps * batch_size and rows.min() == 20   # no row twice, no wait
+  ld.retire()
+  writer.join(timeout=60)
+  assert not writer.is_alive()
+
+
 def test_streaming_refuses_a_producer_buffer_it_would_deadlock_on_and_a_stop_ends_a_wait(workdir):
   """The producer stops buffer_rows past the window in use; a trainer reads two windows ahead: a smaller buffer
   would leave both waiting, so it is refused before any work. A stop request ends a wait for rows at once."""
@@ -336,6 +373,11 @@ def test_streaming_refuses_a_producer_buffer_it_would_deadlock_on_and_a_stop_end
   with pytest.raises(ConfigError, match=r"stream.buffer_rows=255 rows ahead, but this trainer reads 256"):
     loader(small, **kw)
   enough, st2 = producer_store("enough", 256)
+  # A step of 128 rows per group spans 5 of its 32-row windows: 5 x 8 blocks x 16 rows ahead.
+  with pytest.raises(ConfigError, match=r"reads 640 ahead \(5 windows"):
+    loader(enough, batch_size=512, **kw)
+  with pytest.raises(ConfigError, match=r"data.workers=0"):
+    loader(enough, workers=2, **kw)
   ld = loader(enough, **kw)
   ld.interrupted = lambda: True
   t0 = time.time()

@@ -1,4 +1,5 @@
 """glp-eval end to end (--quick) on a tiny random Llama, a tiny store of its activations and a torch export."""
+import dataclasses
 import json
 import os
 
@@ -111,6 +112,36 @@ def test_export_is_evaluated_at_its_own_layer_reading_only_the_rows_it_compares(
                                               np.arange(100, 600)), 50, seed=3)
   eager = fd_lib.split_halves(x[100:600], 50, seed=3)
   assert all(np.array_equal(a, b) for a, b in zip(lazy, eager))
+
+
+def test_fd_of_a_streaming_run_compares_against_the_rows_it_held_out(setup, monkeypatch):
+  """A streaming run on a store without a held-out split holds out its FIRST rows and trains on the rest; fd
+  took the last rows (trained on) as its real set."""
+  import types
+  from glp_jax.evals import fd as fd_lib, runner
+  seen = {}
+  monkeypatch.setattr(fd_lib, "evaluate_fd", lambda prior, real, **k: seen.setdefault("rows", real.rows))
+  for streaming, want in ((True, np.arange(100)), (False, np.arange(500, 600))):
+    ctx = types.SimpleNamespace(opts=runner.Options(quick=True), store=f"{setup}/store", layer=1, prior=None,
+                                config={"data": {"streaming": streaming, "heldout_rows": 100}})
+    seen.clear()
+    runner.run_fd(ctx)
+    np.testing.assert_array_equal(seen["rows"], want)
+
+
+def test_a_multi_layer_prior_needs_its_layer_named(setup, tmp_path):
+  """It was measured at the store's first layer, silently (its provenance lists several layers)."""
+  import torch
+  from glp_jax.evals import runner
+  from glp_jax.torch import GLP, DenoiserConfig
+  from glp_jax.util.errors import ConfigError
+  glp = GLP(DenoiserConfig(d_input=32, d_model=32, d_mlp=64, n_layers=2, multi_layer_n_layers=2),
+            torch.zeros(2, 32), torch.ones(2, 32))
+  glp.save_pretrained(str(tmp_path / "multi"), provenance={"layer": [0, 1]})
+  opts = runner.Options(prior=str(tmp_path / "multi"), store=f"{setup}/store", quick=True)
+  with pytest.raises(ConfigError, match="multi-layer prior: say which LM layer"):
+    runner.Context(opts)
+  assert runner.Context(dataclasses.replace(opts, layer=1)).layer == 1
 
 
 def test_prior_as_a_hub_repo_id(setup, tmp_path, monkeypatch):

@@ -100,9 +100,26 @@ def test_euler_grid_matches_reference():
   np.testing.assert_allclose(s[i] * 1000, 474.2105263, rtol=1e-6)   # reference: timestep ~474.2
 
 
-def test_split_halves_needs_enough_rows():
-  with pytest.raises(ValueError, match="need 20 real rows"):
-    fd.split_halves(np.zeros((19, 2)), 10)
+def test_halves_take_whole_documents_so_the_floor_is_not_too_low():
+  """Rows split one by one put tokens of one document on both sides: with a per-document effect the floor came
+  out far below the FD between different documents (what the reference's train-vs-val floor measures)."""
+  rng = np.random.default_rng(6)
+  d, docs, per_doc = 4, 40, 100
+  doc_N = np.repeat(np.arange(docs), per_doc)
+  x = rng.standard_normal((docs, d))[doc_N] * 2 + rng.standard_normal((docs * per_doc, d))
+  a, b = fd.split_halves(x, 2000, seed=0, groups_N=doc_N)
+  assert len(a) == len(b) == 2000
+  side = lambda h: {int(doc_N[np.flatnonzero((x == r).all(1))[0]]) for r in h}   # noqa: E731
+  assert not side(a) & side(b) and len(side(a) | side(b)) == docs
+  by_doc = fd.fd_from_samples(a, b)
+  by_row = fd.fd_from_samples(*fd.split_halves(x, 2000, seed=0))
+  fresh = rng.standard_normal((docs, d))[doc_N] * 2 + rng.standard_normal((docs * per_doc, d))   # new documents
+  assert by_row < 0.2 * by_doc and 0.3 < by_doc / fd.fd_from_samples(fresh, x) < 3, (by_row, by_doc)
+  # Fewer rows than asked: both halves shrink to the smaller one; one document gives nothing to compare.
+  a, b = fd.split_halves(x[:250], 1000, seed=1, groups_N=doc_N[:250])   # documents of 100, 100, 50 rows
+  assert len(a) == len(b) in (100, 150) and len(a) < 1000
+  with pytest.raises(ValueError, match="1 document"):
+    fd.split_halves(x[:100], 10, groups_N=doc_N[:100])
 
 
 def test_too_few_samples_for_d_are_warned_and_recorded(caplog):

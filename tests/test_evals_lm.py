@@ -111,3 +111,40 @@ def test_last_token_activations_and_mlp_neurons(tiny_lm):
     handle.remove()
     np.testing.assert_allclose(x0[i], hs[1][0, -1].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(mlp[i], neurons.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_projections_draw_fresh_noise_at_every_call_from_one_seeded_stream():
+  """Steering projects once per generated token and delta LM once per batch; one seed per call gave every token
+  (every batch's k-th document) the same noise, a bias that does not average out (the reference: randn per call)."""
+  import torch
+  from glp_jax.evals import delta_lm, prior as prior_lib, steer
+  rng = np.random.default_rng(0)
+  prior = prior_lib.gaussian_prior(rng.standard_normal(6), rng.uniform(0.5, 2.0, 6))
+  x_BxSxD = torch.as_tensor(rng.standard_normal((1, 3, 6)), dtype=torch.float32)
+  mask_BxS = torch.ones(1, 3, dtype=torch.bool)
+
+  def steering(seed):   # the edit's projection, as the steering hook calls it
+    projection = steer._Projection(prior, seed)
+    return lambda: projection.sample_on_manifold(x_BxSxD[0], 0.5, 20)
+
+  def delta(seed):
+    edit = delta_lm.project_edit(prior, seed=seed)
+    return lambda: edit(x_BxSxD, mask_BxS)[0]
+  for make in (steering, delta):
+    f, g = make(5), make(5)
+    first, second = f(), f()
+    assert not torch.allclose(first, second)   # fresh noise for the same input
+    assert torch.equal(g(), first) and torch.equal(g(), second)   # the same seeded stream
+
+
+def test_steering_summary_averages_only_r_above_one(tiny_lm, monkeypatch):
+  """The scaling metric is the mean over |r| > 1 (reference); r = 1 was averaged in too."""
+  from glp_jax.evals import steer, tasks
+  model, tok = tiny_lm
+  pos, neg = tasks.sentiment_texts()
+  out, _ = steer.evaluate_steering(_stats_prior(model, tok, 1), model, tok, 1, pos[::80], neg[::80],
+                                   tasks.neutral_prompts()[:2], rs=(0.0, 1.0, 2.0, 3.0), max_new_tokens=3)
+  for mode in ("add", "glp"):
+    for m in ("concept", "nll"):
+      want = np.mean([out[f"steer_{mode}_r{r}_{m}"] for r in (2, 3)])
+      assert out[f"steer_{mode}_{m}"] == pytest.approx(want), (mode, m)

@@ -141,7 +141,12 @@ def test_reference_folder_import_then_export_is_identity(tmp_path, multi):
   assert ycfg["glp_kwargs"]["denoiser_config"] == dict(d_input=D, d_model=M, d_mlp=F, n_layers=L,
                                                        multi_layer_n_layers=multi or None)
   assert ycfg["glp_kwargs"]["tracedict_config"]["layers"] == (list(range(multi)) if multi else [7])
-  assert res["provenance"]["step"] == 0 and res["provenance"]["imported_from"]["layout"] == "reference"
+  # A reference folder records no training figures: unknown, not the import's step 0 and 0 examples.
+  prov = res["provenance"]
+  assert prov["imported_from"]["layout"] == "reference"
+  assert prov["step"] is prov["activations_seen"] is prov["flops"] is prov["eval_loss"] is None
+  card = (tmp_path / "out" / "README.md").read_text()
+  assert "| step | unknown |" in card and "| activations seen | unknown |" in card
   assert ycfg["model_name"] == res["provenance"]["lm"] == "meta-llama/Llama-3.2-1B"
   assert ycfg["learning_rate"] == 5e-5 and ycfg["batch_size"] == 8  # typed, not strings
   # The reference folder and our export give the same torch prior.
@@ -195,12 +200,31 @@ def test_export_uses_ema_and_records_provenance(tmp_path):
   prov = conf["provenance"]
   assert prov["source_run"] == os.path.abspath(run) and prov["step"] == 6 and prov["ema"] is True
   assert prov["activations_seen"] == 48 and prov["flops"] == 48000
-  assert (prov["eval_loss"], prov["eval_step"], prov["params_checksum"]) == (1.0, 6, "abc")
+  assert (prov["eval_loss"], prov["eval_step"]) == (1.0, 6)
+  # The checksum is of the EMA weights written, not summary.json's (of the raw weights).
+  ema_checksum = train_lib.params_checksum(nnx.to_pure_dict(nnx.state(load_prior(run)[0])))
+  assert prov["params_checksum"] == ema_checksum != "abc"
   assert conf["dtype"] == "bfloat16" and conf["sampler"]["num_steps"] == 20
   # An earlier step: its own checkpoint meta and the last eval at or before it.
   prov4 = export_lib.export(run, str(tmp_path / "out4"), step=4)["provenance"]
   assert (prov4["step"], prov4["activations_seen"], prov4["eval_loss"], prov4["eval_step"]) == (4, 32, 1.25, 4)
-  assert prov4["params_checksum"] is None
+  assert prov4["params_checksum"] == ema_checksum   # make_run saves the same weights at both steps
+
+
+def test_reexport_of_an_imported_export_keeps_the_source_figures(tmp_path):
+  """export -> glp-import -> export: the second export's step, examples, FLOPs and eval loss are the first's."""
+  run, run2 = str(tmp_path / "run"), str(tmp_path / "run2")
+  make_run(run)
+  first = export_lib.export(run, str(tmp_path / "out"))["provenance"]
+  import_ref.import_prior(str(tmp_path / "out"), run2, config=small_config())
+  again = export_lib.export(run2, str(tmp_path / "again"))["provenance"]
+  keys = ("step", "activations_seen", "flops", "eval_loss", "eval_loss_sem", "eval_step", "ema", "params_checksum")
+  assert {k: again[k] for k in keys} == {k: first[k] for k in keys}
+  assert (again["step"], again["activations_seen"], again["flops"], again["ema"]) == (6, 48, 48000, True)
+  assert again["source_run"] == os.path.abspath(run2) and again["imported_from"]["layout"] == "glp_jax"
+  card = (tmp_path / "again" / "README.md").read_text()
+  assert "| activations seen | 48 |" in card and "| step | 6 |" in card
+  assert "| training compute (FLOPs) | 4.8e+04 |" in card
   with pytest.raises(FileNotFoundError, match="step 5"):
     export_lib.export(run, str(tmp_path / "out5"), step=5)
 
@@ -307,9 +331,12 @@ def test_trained_run_export_parity_and_reimport_then_train(tmp_path):
   res = export_lib.export(run, str(tmp_path / "out"))
   prov = res["provenance"]
   assert (prov["step"], prov["activations_seen"], prov["ema"]) == (6, 384, True)
-  assert prov["eval_loss"] == summary["eval_loss"] and prov["params_checksum"] == summary["params_checksum"]
-  assert (prov["lm"], prov["layer"]) == ("tiny/lm", 3)
+  assert prov["eval_loss"] == summary["eval_loss"]
+  # The EMA weights are exported: their checksum, not summary.json's (of the raw weights).
   model, normalizer, _ = load_prior(run)
+  assert prov["params_checksum"] == train_lib.params_checksum(nnx.to_pure_dict(nnx.state(model)))
+  assert prov["params_checksum"] != summary["params_checksum"]
+  assert (prov["lm"], prov["layer"]) == ("tiny/lm", 3)
   glp = GLP.from_pretrained(tmp_path / "out")
   x = np.random.default_rng(1).standard_normal((32, D)).astype(np.float32)
   t = np.linspace(1, 1000, 32).astype(np.float32)

@@ -8,9 +8,13 @@ pytestmark = pytest.mark.torch
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  path = lm.save_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")), hidden=64, n_layers=4)
-  model, tok = lm.load_causal_lm(path, "float32", "cpu")
+def tiny_path(tmp_path_factory):
+  return lm.save_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")), hidden=64, n_layers=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+  model, tok = lm.load_causal_lm(tiny_path, "float32", "cpu")
   return model, tok
 
 
@@ -39,6 +43,12 @@ def test_capture_equals_output_hidden_states_bit_exactly(tiny):
   for layer in (0, 2):
     assert got[layer].dtype == torch.float32
     assert torch.equal(got[layer], ref[layer + 1]), layer
+  # The last decoder layer: HF's last entry is after the final norm, the capture before it.
+  with lm.ResidualCapture(model, [3]) as cap:
+    last = cap.run(input_ids=ids, attention_mask=mask)[3]
+  assert not torch.allclose(last, ref[4])
+  with torch.inference_mode():
+    assert torch.equal(model.model.norm(last), ref[4])
 
 
 def test_capture_stops_after_last_layer(tiny):
@@ -80,6 +90,19 @@ def test_edit_layer_output_replaces_the_residual_stream(tiny):
   assert not torch.allclose(got[2], base.hidden_states[3])  # later layers see the edit
   assert torch.equal(edited.hidden_states[1], base.hidden_states[1])  # earlier layers untouched
   assert not torch.allclose(edited.logits, base.logits)
+
+
+def test_output_hidden_states_records_the_edit_whether_or_not_the_model_ran_before(tiny_path, tiny):
+  """transformers installs its hidden-state recorder at a model's first forward: the edit runs first anyway."""
+  model, tok = tiny
+  ids, mask = _batch(tok)
+  fresh, _ = lm.load_causal_lm(tiny_path, "float32", "cpu")   # no forward yet
+  with torch.inference_mode():
+    base = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for m in (fresh, model):
+      with lm.edit_layer_output(m, 1, lambda h: 2.0 * h + 1.0):
+        hs = m(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+      assert torch.equal(hs[1], base[1]) and torch.equal(hs[2], 2.0 * base[2] + 1.0)
 
 
 def test_layer_errors(tiny):

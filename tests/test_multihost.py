@@ -232,6 +232,26 @@ def test_a_process_with_another_config_fails_every_process(store, tmp_path):
   assert not os.path.exists(os.path.join(workdir, "config.json"))
 
 
+def test_processes_that_opened_a_growing_store_at_different_sizes_fail_every_process(store, tmp_path):
+  """Each process opens the store itself: a static run on a store still being written could plan different
+  blocks and normalisers per process (rows repeated or skipped, silently). Process 1 here sees it 64 rows
+  earlier (as if it opened the store before the writer's last commit)."""
+  workdir = str(tmp_path / "growing")
+  argv = _train_argv(workdir, store)
+  earlier = ("import runpy, sys; from glp_jax.data import store as s; "
+             "s.ActivationStore.num_rows = property(lambda self: s.TRAIN.counts(self.manifest)[0] - 64); "
+             f"sys.argv = {['glp-train', *argv[3:]]!r}; runpy.run_module('glp_jax.training.cli', run_name='__main__')")
+  cmd = ("if [ \"$GLP_PROCESS_ID\" = 1 ]; then exec " + f"'{sys.executable}' -c \"{earlier}\"; fi; exec "
+         + " ".join(f"'{a}'" for a in argv))
+  out = subprocess.run(["bash", LAUNCHER, "2", "bash", "-c", cmd], cwd=ROOT, env=_env(GLP_INIT_TIMEOUT_S="60"),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  for p in (0, 1):
+    assert any(l.startswith(f"[p{p}] glp-train: error: process(es) [1] started with a different store") and
+               "changed while they opened it" in l for l in out.stderr.splitlines()), out.stderr[-3000:]
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
 def test_coordinator_port_in_use_fails_fast(store, tmp_path):
   import socket
   busy = socket.socket()

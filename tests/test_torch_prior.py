@@ -161,6 +161,27 @@ def test_normalizer_against_numpy():
     sub.normalize(torch.from_numpy(x[0]), 3)
 
 
+def test_normalizer_stats_stay_float32_under_dtype_casts(tmp_path):
+  mean, var = stats()
+  # Statistics given as tensors that .numpy() refuses (requiring grad here; on a GPU, a CUDA tensor).
+  norm = glp_torch.Normalizer(torch.from_numpy(mean).requires_grad_(), torch.from_numpy(var).requires_grad_())
+  x = torch.from_numpy(mean) + torch.randn(3, D)
+  want = norm.normalize(x)
+  for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()):
+    cast(norm)
+    assert norm.mean.dtype == norm.var.dtype == torch.float32
+    np.testing.assert_array_equal(norm.mean.numpy(), mean)
+    assert torch.equal(norm.normalize(x), want)
+  # Device moves still apply (the meta device stands in for a GPU), with a dtype cast in the same call.
+  moved = glp_torch.Normalizer(torch.from_numpy(mean), torch.from_numpy(var)).to("meta", torch.bfloat16)
+  assert moved.mean.device.type == "meta" and moved.mean.dtype == torch.float32
+  # Inside a GLP: its denoiser takes the dtype, its statistics do not.
+  glp = export(jax_model(), tmp_path)[0].to(torch.bfloat16)
+  assert glp.denoiser.model.in_proj.weight.dtype == torch.bfloat16
+  assert glp.normalizer.mean.dtype == glp.normalizer.var.dtype == torch.float32
+  np.testing.assert_array_equal(glp.normalizer.var.numpy(), var)
+
+
 def test_stacked_stats_of_some_lm_layers_spread_for_the_reference(tmp_path):
   """Stats for LM layers (1, 3) of a 5-layer prior: config.json keeps the stack, rep_statistics.pt is indexed
   by LM layer (identity rows elsewhere), and both layouts normalise alike."""

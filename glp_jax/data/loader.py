@@ -268,6 +268,9 @@ class StaticLoader(Loader):
     st, R = self.store, self.block_rows
     if st.num_rows == 0:
       raise StoreError(f"{self.path}: store is empty (no committed rows)")
+    if not st.manifest.get("finished"):
+      log.warning("%s: the store is still being written (or its writer never closed it): this run trains on the "
+                  "%d rows committed now; data.streaming=true follows a store as it grows", self.path, st.num_rows)
     if self.heldout_split:
       self.heldout_ids, held = np.arange(st.heldout_num_rows), np.zeros(0, np.int64)   # train on every row
     else:
@@ -326,16 +329,22 @@ class StreamingLoader(Loader):
     super().__init__(path, **kw)
 
   def _setup(self, heldout_rows: int) -> None:
-    # The producer stops `buffer_rows` ahead of the start of the window in use, and this loader reads a whole
-    # window (and the next, prefetching) before it moves on: a smaller buffer leaves both waiting for good.
+    if self.workers > 0:   # each worker would publish its own progress, out of order
+      raise ConfigError(f"{self.path}: a streaming store is read in the training process (data.workers=0)")
+    # The producer stops `buffer_rows` ahead of the published row: the start of the window holding the next
+    # step's first row. That step reads whole windows up to the one holding its last row: fewer rows ahead
+    # leave both sides waiting for good.
     buffer = int((self.store.metadata.get("stream") or {}).get("buffer_rows") or 0)
-    ahead = 2 * -(-self.window_blocks // len(self.layers)) * self.block_rows
+    windows = 1 + -(-(self.group_batch - 1) // (self.group_window * self.block_rows))
+    ahead = windows * -(-self.window_blocks // len(self.layers)) * self.block_rows
     if buffer and buffer < ahead and not self.store.manifest.get("finished"):
       raise ConfigError(f"{self.path}: its producer keeps at most stream.buffer_rows={buffer} rows ahead, but "
-                        f"this trainer reads {ahead} ahead (two windows: 2 x data.window_blocks="
+                        f"this trainer reads {ahead} ahead ({windows} windows of data.window_blocks="
                         f"{self.window_blocks} x data.block_rows={self.block_rows}"
-                        f"{f' / {len(self.layers)} layers' if len(self.layers) > 1 else ''}): lower "
-                        "data.window_blocks or raise the producer's buffer")
+                        f"{f' / {len(self.layers)} layers' if len(self.layers) > 1 else ''}, as one step spans "
+                        f"batch_size / groups = {self.group_batch} rows of a group's windows of "
+                        f"{self.group_window * self.block_rows}): raise data.window_blocks or the producer's "
+                        "buffer")
     self.heldout_ids = np.arange(heldout_rows)
     self.rows_per_pass = self.steps_per_pass = float("inf")
     self.unused_rows = 0
@@ -383,8 +392,9 @@ class StreamingLoader(Loader):
       self.store.refresh()
 
   def _after_batch(self, step: int) -> None:
-    """Publishes rows_consumed = the first store row still needed (start of the oldest window in use)."""
-    q = step * self.group_batch
+    """Publishes rows_consumed = the first store row still needed: the start of the window holding the next
+    step's first row (this step's rows are in memory)."""
+    q = (step + 1) * self.group_batch
     w = q // (self.group_window * self.block_rows)
     consumed = int(self._block(np.asarray([w * self.window_blocks]))[0, 1])
     if consumed <= self._published or self.process_index != 0:   # every process is at the same window

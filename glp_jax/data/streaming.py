@@ -49,13 +49,19 @@ def publish_consumed(store_path: str, name: str, rows_consumed: int, **extra: An
                    {"rows_consumed": int(rows_consumed), "updated": time.time(), **extra}, indent=None)
 
 
+NOBODY_WAITING = 2 ** 62   # min_consumed once every consumer is done: no bound on the producer
+
+
 def min_consumed(store_path: str) -> tuple[int, int]:
   """(min rows_consumed over active consumers, their number); (0, 0) before any consumer published. A consumer
-  that finished its run (`"done": true`, `StreamingLoader.retire`) holds nothing back any more."""
+  that finished its run (`"done": true`, `StreamingLoader.retire`) holds nothing back any more: when all have,
+  (NOBODY_WAITING, 0)."""
   # A file that cannot be read counts as 0 (atomic renames make a half-written one rare).
   found = [files.read_json(p) or {} for p in glob.glob(os.path.join(store_path, CONSUMERS, "*.json"))]
   values = [int(c.get("rows_consumed", 0)) for c in found if not c.get("done")]
-  return (min(values) if values else 0), len(values)
+  if not values:
+    return (NOBODY_WAITING if found else 0), 0
+  return min(values), len(values)
 
 
 # ---------------------------------------------------------------- the producer

@@ -42,12 +42,15 @@ def per_doc_loss(logits_BxSxV, input_ids_BxS, mask_BxS) -> np.ndarray:
 
 
 def project_edit(prior, start: float = 0.5, steps: int = 20, seed: int = 0) -> EditFn:
-  """Edit that replaces the masked positions with `prior.project` of themselves."""
+  """Edit that replaces the masked positions with `prior.project` of themselves. One seeded stream over all
+  calls: every batch gets fresh noise (with one seed per call, document k of every batch got the same noise, and
+  the documents' deltas were correlated, their SEM too small)."""
   import torch
+  rng = np.random.default_rng(seed)
 
   def edit(h_BxSxD, mask_BxS):
     sel = h_BxSxD[mask_BxS]
-    new = prior.project(sel.float().cpu().numpy(), start=start, steps=steps, seed=seed)
+    new = prior.project(sel.float().cpu().numpy(), start=start, steps=steps, rng=rng)
     out = h_BxSxD.clone()
     out[mask_BxS] = torch.as_tensor(new, dtype=h_BxSxD.dtype, device=h_BxSxD.device)
     return out

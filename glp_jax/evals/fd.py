@@ -6,8 +6,9 @@ routes to the trace of the matrix square root, tested against each other:
     not finite, real part taken (the clean-fid recipe the reference uses);
   - "eigh": tr((C_a C_b)^{1/2}) = sum_i sqrt(lambda_i(C_a^{1/2} C_b C_a^{1/2})), a symmetric PSD eigenproblem
     (no complex parts, no retries; eigenvalues clipped at 0 against round-off).
-The finite-sample floor is the FD between two disjoint halves of the real set; `evaluate_fd` compares the
-prior's samples and the second half against the same first half, so both numbers see equal sample counts.
+The finite-sample floor is the FD between two halves of the real set made of different documents (as the
+reference's train vs val sets); `evaluate_fd` compares the prior's samples and the second half against the same
+first half, so both numbers see equal sample counts.
 `fd_diag_gaussian` (closed form) is the FD of N(mean, diag(var)) from the normaliser alone: a prior that has
 learnt nothing but per-dimension moments, the anchor a trained prior should beat.
 """
@@ -78,16 +79,31 @@ def fd_from_samples(a_NxD: np.ndarray, b_MxD: np.ndarray, method: str = "eigh") 
   return frechet_distance(*gaussian_stats(a_NxD), *gaussian_stats(b_MxD), method=method)
 
 
-def split_halves(real_NxD: Any, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Two disjoint, randomly chosen halves of `n` rows each (needs 2n rows).
+def split_halves(real_NxD: Any, n: int, seed: int = 0, groups_N: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Two disjoint random sets of up to `n` rows each (equal sizes; fewer when a side holds fewer), made of whole
+  groups: `groups_N` labels each row with its document (default: every row its own).
 
-  `real_NxD` is an array or anything with `len()` that a sorted int index array selects rows of (e.g.
-  `StoreRows`), so only the 2n chosen rows are ever read.
+  The tokens of one document are alike: halves sharing documents are closer than two sets of different text, and
+  the floor would be too low (the reference's floor compares its train and val sets, different documents). The
+  groups, in a seeded random order, are cut where their rows reach half the total. `real_NxD` is an array or
+  anything with `len()` that a sorted int index array selects rows of (e.g. `StoreRows`), so only the chosen rows
+  are ever read.
   """
-  if 2 * n > len(real_NxD):
-    raise ValueError(f"need {2 * n} real rows for two halves of {n}, have {len(real_NxD)}")
-  perm = np.random.default_rng(seed).permutation(len(real_NxD))[:2 * n]
-  return real_NxD[np.sort(perm[:n])], real_NxD[np.sort(perm[n:])]
+  rng = np.random.default_rng(seed)
+  groups_N = np.arange(len(real_NxD)) if groups_N is None else np.asarray(groups_N)
+  labels, row_group = np.unique(groups_N, return_inverse=True)
+  order = rng.permutation(len(labels))
+  sizes = np.bincount(row_group, minlength=len(labels))[order]
+  cut = int(np.argmin(np.abs(np.cumsum(sizes) - sizes.sum() / 2))) + 1
+  side_A = np.zeros(len(labels), bool)
+  side_A[order[:cut]] = True
+  rows_A, rows_B = np.flatnonzero(side_A[row_group]), np.flatnonzero(~side_A[row_group])
+  n = min(int(n), len(rows_A), len(rows_B))
+  if n < 2:
+    raise ValueError(f"{len(real_NxD)} real rows in {len(labels)} document(s) give no two disjoint sets of "
+                     "documents to compare (more held-out documents are needed)")
+  return tuple(real_NxD[np.sort(rng.choice(rows, n, replace=False))] for rows in (rows_A, rows_B))
 
 
 class StoreRows:
@@ -105,6 +121,14 @@ class StoreRows:
   def __getitem__(self, idx: np.ndarray) -> np.ndarray:
     idx = np.asarray(idx, np.int64)
     return self.store.take(idx if self.rows is None else self.rows[idx], self.layer, heldout=self.heldout)
+
+  def documents(self) -> np.ndarray:
+    """[N] the document (an index into its split's docs table) of each row, from that table alone."""
+    table = self.store.heldout_docs() if self.heldout else self.store.docs()
+    rows = np.arange(len(self)) if self.rows is None else np.asarray(self.rows, np.int64)
+    if not len(table):
+      return rows
+    return np.searchsorted(table[:, 1], rows, side="right") - 1
 
 
 def sample_size_checks(n: int, requested: int, d: int, rows: int | None = None) -> dict[str, float]:
@@ -133,14 +157,16 @@ def evaluate_fd(prior: Any, real_NxD: Any, num_samples: int = 50_000, steps: int
                 seed: int = 42, method: str = "eigh", batch_size: int = 4096) -> dict[str, float]:
   """FD of the prior's Euler samples (raw space) vs real rows, beside the real-vs-real floor.
 
-  Uses n = min(num_samples, len(real) // 2) rows per side: half A is the reference set, FD(samples, A) is
+  Uses n = min(num_samples, rows of the smaller half) rows per side (`split_halves`: by document when
+  `real_NxD` knows its rows' documents, as `StoreRows` does): half A is the reference set, FD(samples, A) is
   `fd` and FD(half B, A) is `fd_floor`. `prior` is a `glp_jax.evals.prior.Prior`. A sample count too small
   for the width D is logged as a warning and recorded (`sample_size_checks`).
   """
-  n = min(int(num_samples), len(real_NxD) // 2)
-  checks = sample_size_checks(n, int(num_samples), np.shape(real_NxD)[-1], len(real_NxD))
+  groups = real_NxD.documents() if hasattr(real_NxD, "documents") else None
   ref_A, ref_B = (h if h.dtype in (np.float32, np.float64) else h.astype(np.float32)   # bf16 store rows
-                  for h in map(np.asarray, split_halves(real_NxD, n, seed)))
+                  for h in map(np.asarray, split_halves(real_NxD, num_samples, seed, groups)))
+  n = len(ref_A)
+  checks = sample_size_checks(n, int(num_samples), np.shape(real_NxD)[-1], len(real_NxD))
   t0 = time.time()
   samples = prior.sample_raw(n, steps=steps, seed=seed, batch_size=batch_size)
   sample_time = time.time() - t0

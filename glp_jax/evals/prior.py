@@ -73,12 +73,15 @@ class Prior:
     out = [np.asarray(self.integrate(noise[i:i + batch_size], steps, 0)) for i in bar]
     return self.denormalize(np.concatenate(out))
 
-  def project(self, x_BxD: np.ndarray, start: float = 0.5, steps: int = 20, seed: int = 0) -> np.ndarray:
-    """On-manifold projection of raw activations [B, D]: noise to grid[floor(start * steps)], Euler to 0."""
+  def project(self, x_BxD: np.ndarray, start: float = 0.5, steps: int = 20, seed: int = 0,
+              rng: np.random.Generator | None = None) -> np.ndarray:
+    """On-manifold projection of raw activations [B, D]: noise to grid[floor(start * steps)], Euler to 0. The
+    noise comes from `rng` when given (repeated calls then draw fresh noise, as the reference's randn per call),
+    else from `seed`."""
     first = grid.manifold_start_index(start, steps)
     sigma = grid.euler_grid(steps)[first]
     z = self.normalize(x_BxD)
-    eps = np.random.default_rng(seed).standard_normal(z.shape, dtype=np.float32)
+    eps = (rng if rng is not None else np.random.default_rng(seed)).standard_normal(z.shape, dtype=np.float32)
     z = (np.float32(1.0) - sigma) * z + sigma * eps
     return self.denormalize(np.asarray(self.integrate(z, steps, first)))
 

@@ -40,8 +40,8 @@ class Options:
   num_samples: int = _opt(50_000, "fd: samples per side (capped at half the held-out rows).")
   steps: int = _opt(1000, "fd: Euler steps.")
   fd_method: str = _opt("eigh", f"fd: matrix square-root route, one of {fd_lib.METHODS}.")
-  heldout_rows: int | None = _opt(None, "fd: held-out rows at the store's end, for stores without a held-out split "
-                                  "(default: run config).")
+  heldout_rows: int | None = _opt(None, "fd: held-out rows at the store's end (a streaming run's: its start), for "
+                                  "stores without a held-out split (default: run config).")
   num_docs: int = _opt(256, "delta_lm: held-out documents.")
   max_length: int = _opt(128, "delta_lm: tokens per document.")
   batch_size: int = _opt(8, "delta_lm: documents per forward.")
@@ -95,8 +95,12 @@ class Context:
     if not self.store and self.config and not imported:  # trained on the embedded default store (data.store="")
       from glp_jax.training.input import default_store
       self.store = default_store()
-    # The layer the prior was trained on: a run's config, else an export's provenance (a multi-layer export
-    # lists its layers there, and then needs --layer); the store alone would answer with its first layer.
+    # The layer the prior was trained on: a run's config, else an export's provenance. A multi-layer prior
+    # models several, and the store alone would answer with its first: it needs --layer.
+    multi = (_cfg(self.config, "model", "multi_layer_n_layers", default=0) if self.config
+             else isinstance(prov.get("layer"), list))
+    if multi and opts.layer is None:
+      raise ConfigError(f"{opts.prior} is a multi-layer prior: say which LM layer to evaluate (--layer)")
     hint = _cfg(self.config, "data", "layer") if self.config else prov.get("layer")
     hint = hint if isinstance(hint, int) else None
     info = prior_lib.lm_info_from_store(self.store, hint) if self.store else {}
@@ -133,11 +137,12 @@ def run_fd(ctx: Context) -> dict:
   st = store_lib.ActivationStore.open(ctx.store)
   if st.has_heldout_docs:   # the held-out documents: never trained on, never in the statistics
     real = fd_lib.StoreRows(st, ctx.layer, heldout=True)
-  else:                      # a v1 store: the loader's fallback rows
-    rows = st.heldout_rows()
-    if not len(rows):
-      n_held = opts.heldout_rows or _cfg(ctx.config, "data", "heldout_rows", default=4096)
-      rows = np.arange(max(0, st.num_rows - n_held), st.num_rows)
+  else:                      # a v1 store: the rows its loader held out (data/loader.py)
+    streaming = bool(_cfg(ctx.config, "data", "streaming", default=False))
+    rows = np.zeros(0, np.int64) if streaming else st.heldout_rows()
+    if not len(rows):   # a streaming run held out the first rows (it trains on those after them), else the last
+      n_held = min(opts.heldout_rows or _cfg(ctx.config, "data", "heldout_rows", default=4096), st.num_rows)
+      rows = np.arange(n_held) if streaming else np.arange(st.num_rows - n_held, st.num_rows)
     real = fd_lib.StoreRows(st, ctx.layer, heldout=False, rows=rows)
   n, steps = (1024, 100) if opts.quick else (opts.num_samples, opts.steps)
   return fd_lib.evaluate_fd(ctx.prior, real, num_samples=n, steps=steps, seed=opts.seed,

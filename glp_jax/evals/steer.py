@@ -52,15 +52,16 @@ def steer_edit(w_D: np.ndarray, alpha: float, prior=None, start: float = 0.5, st
 
 
 class _Projection:
-  """A numpy `Prior` (JAX run or torch export) behind `GLP.sample_on_manifold`'s signature, seeded."""
+  """A numpy `Prior` (JAX run or torch export) behind `GLP.sample_on_manifold`'s signature: one seeded stream,
+  fresh noise at every call (every generated token), as the reference's randn per call."""
 
   def __init__(self, prior, seed: int):
-    self.prior, self.seed = prior, seed
+    self.prior, self.rng = prior, np.random.default_rng(seed)
 
   def sample_on_manifold(self, x, start, steps, generator=None, layer_idx=None):
     import torch
-    del generator, layer_idx   # the Prior draws its noise from `seed`, and is already one layer's
-    return torch.as_tensor(self.prior.project(x.float().cpu().numpy(), start=start, steps=steps, seed=self.seed),
+    del generator, layer_idx   # the Prior draws its noise from `rng`, and is already one layer's
+    return torch.as_tensor(self.prior.project(x.float().cpu().numpy(), start=start, steps=steps, rng=self.rng),
                            device=x.device)
 
 
@@ -148,7 +149,7 @@ def evaluate_steering(prior, model, tokenizer, layer: int, pos_texts: Sequence[s
         out[key + "_judge_concept"], out[key + "_judge_fluency"] = (float(v) for v in scores.mean(0))
       rows.append({"mode": mode, "r": r, "concept": out[key + "_concept"], "nll": out[key + "_nll"],
                    "example": tokenizer.decode(conts[0])})
-  big = [r for r in rs if r >= 1.0] or [r for r in rs if r > 0] or list(rs)   # reference: |r| > 1
+  big = [r for r in rs if abs(r) > 1.0] or [r for r in rs if r > 0] or list(rs)   # reference: |r| > 1
   for mode in ("add", "glp"):   # the summaries the scaling collector reads
     out[f"steer_{mode}_concept"] = float(np.mean([out[f"steer_{mode}_r{r:g}_concept"] for r in big]))
     out[f"steer_{mode}_nll"] = float(np.mean([out[f"steer_{mode}_r{r:g}_nll"] for r in big]))

@@ -4,9 +4,10 @@ The folder (see `glp_jax/torch/io.py`) loads with `glp_jax.torch.GLP.from_pretra
 is installed, and with the reference's `load_glp` (config.yaml + rep_statistics.pt + final.safetensors).
 The EMA parameters are exported when the run kept them (`load_prior` returns them). config.json records the
 provenance: source run, step, activations seen, FLOPs, eval loss (from the checkpoint, metrics.jsonl and
-summary.json), the LM, layer, store and corpus (from the store manifest; the embedded default store when the
-run's `data.store` is ""), the run's eval_*.json numbers and the export command line; README.md (the model
-card, `glp_jax.torch.card`) shows them with the Hub metadata header.
+summary.json; for the checkpoint glp-import wrote, the source's), the checksum of the exported weights, the
+LM, layer, store and corpus (from the store manifest; the embedded default store when the run's `data.store`
+is ""), the run's eval_*.json numbers and the export command line; README.md (the model card,
+`glp_jax.torch.card`) shows them with the Hub metadata header.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import shlex
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 import glp_jax
 from glp_jax.core import model as model_lib
@@ -31,6 +33,8 @@ EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # What the prior models (carried over from the source of an imported export).
 IDENTITY_KEYS = ("lm", "layer", "store", "corpus", "lm_description", "lm_revision", "store_rows", "store_docs",
                  "store_dtype")
+# How the weights of an imported checkpoint were trained: the source's figures (None where it recorded none).
+TRAINING_KEYS = ("step", "activations_seen", "flops", "eval_loss", "eval_loss_sem", "eval_step", "ema")
 
 
 def denoiser_config(cfg: model_lib.ModelConfig) -> DenoiserConfig:
@@ -38,11 +42,14 @@ def denoiser_config(cfg: model_lib.ModelConfig) -> DenoiserConfig:
 
 
 def provenance(workdir: str, step: int, meta: dict, config: Any) -> dict:
-  """Where the prior comes from: run, step, activations seen, FLOPs, the eval loss at (or before) `step`."""
+  """Where the prior comes from: run, step, activations seen, FLOPs, the eval loss at (or before) `step`.
+
+  For the checkpoint glp-import wrote, the training figures are the source's (None where it recorded none).
+  """
   summary = files.read_json(os.path.join(workdir, "summary.json")) or {}
   evals = [r for r in files.iter_jsonl(os.path.join(workdir, "metrics.jsonl"))
            if r.get("eval_loss") is not None and int(r.get("step", -1)) <= step]
-  out = {"source_run": os.path.abspath(workdir), "step": int(step),
+  out = {"source_run": _location(workdir), "step": int(step),
          "activations_seen": meta.get("examples"), "flops": meta.get("flops"),
          "eval_loss": None, "eval_loss_sem": None, "eval_step": None,
          "ema": float(_get(config, "opt.ema_decay", 0.0) or 0.0) > 0,
@@ -54,11 +61,16 @@ def provenance(workdir: str, step: int, meta: dict, config: Any) -> dict:
     out.update(eval_loss=last["eval_loss"], eval_loss_sem=last.get("eval_loss_sem"), eval_step=int(last["step"]))
   elif summary.get("eval_loss") is not None and summary.get("steps") == step:
     out.update(eval_loss=summary["eval_loss"], eval_loss_sem=summary.get("eval_loss_sem"), eval_step=step)
-  if summary.get("steps") == step:
-    out["params_checksum"] = summary.get("params_checksum")
   if meta.get("imported_from"):
-    out["imported_from"] = meta["imported_from"]
+    # The imported checkpoint (step 0, no examples, no FLOPs here) holds weights trained elsewhere.
+    source = meta["imported_from"].get("source_provenance") or {}
+    out.update({key: source.get(key) for key in TRAINING_KEYS}, imported_from=meta["imported_from"])
   return out
+
+
+def _location(path: str) -> str:
+  """An absolute local path, or a bucket URL as it is (abspath would mangle gs://b into ./gs:/b)."""
+  return path if files.is_remote(path) else os.path.abspath(path)
 
 
 def _get(config: Any, dotted: str, default: Any = None) -> Any:
@@ -136,15 +148,14 @@ def run_evals(workdir: str, step: int, latest: int) -> dict:
   """
   from glp_jax.torch import card
   evals = card.read_evals(workdir)
-  ckpt = os.path.join(workdir, "checkpoints", str(step))
-  born = os.path.getmtime(ckpt) if os.path.exists(ckpt) else 0.0
+  born = files.mtime(os.path.join(workdir, "checkpoints", str(step)))
   for name in sorted(evals):
     at = evals[name].get("ckpt_step")
     if at is not None:
       why = None if int(at) == step else f"measured checkpoint {int(at)}"
     elif step != latest:
       why = f"records no checkpoint and {step} is not the latest ({latest})"
-    elif os.path.getmtime(os.path.join(workdir, f"eval_{name}.json")) < born:
+    elif files.mtime(os.path.join(workdir, f"eval_{name}.json")) < born:
       why = "records no checkpoint and predates it"
     else:
       why = None
@@ -156,7 +167,7 @@ def run_evals(workdir: str, step: int, latest: int) -> dict:
 
 def export_command(workdir: str, out: str, step: int, dtype: str) -> str:
   """The glp-export command line that reproduces an `export()` call (the step made explicit)."""
-  return shlex.join(["glp-export", f"--workdir={os.path.abspath(workdir)}", f"--out={os.path.abspath(out)}",
+  return shlex.join(["glp-export", f"--workdir={_location(workdir)}", f"--out={_location(out)}",
                      f"--step={step}", f"--dtype={dtype}"])
 
 
@@ -168,6 +179,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
   `license` (a Hub license id such as apache-2.0) is the prior's license in the card's metadata.
   """
   from glp_jax.training.prior import checkpoint_step, load_prior  # jax, orbax: imported only when exporting
+  from glp_jax.training.state import params_checksum
   latest, _ = checkpoint_step(workdir, None)
   step, meta = checkpoint_step(workdir, step)
   model, normalizer, config = load_prior(workdir, step)
@@ -193,7 +205,9 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
   stacked_layers = list(normalizer.layers) if mean.ndim == 2 and normalizer.layers is not None else None
   state_dict = model_lib.to_reference_state_dict(model)
   prov["params"] = int(sum(v.size for v in state_dict.values()))
+  # Of the weights written (the EMA ones when the run kept them; summary.json's is of the raw ones).
+  prov["params_checksum"] = params_checksum(nnx.to_pure_dict(nnx.state(model)))
   paths = torch_io.write_folder(out, state_dict, cfg, mean, var, layers=stacked_layers, dtype=dtype,
                                 tracedict=tracedict, provenance=prov, reference_extra=extra)
-  return {"out": os.path.abspath(out), "paths": paths, "provenance": prov, "dtype": dtype,
+  return {"out": _location(out), "paths": paths, "provenance": prov, "dtype": dtype,
           "architecture": cfg.to_dict()}

@@ -37,14 +37,16 @@ def replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
 def edit_output(module: nn.Module, edit_fn: EditFn) -> Iterator[None]:
   """Within the block, `module` outputs `edit_fn(hidden)` in place of its own hidden state.
 
-  Hooks run in registration order: a hook registered inside the block (e.g. a capture) sees the edited
-  output; one registered before it (such as transformers' own `output_hidden_states` recorder) does not.
+  The edit runs before every other forward hook on `module`, whenever that one was registered (a capture,
+  transformers' `output_hidden_states` recorder, installed at a model's first forward): they all see the
+  edited output, as the next module does. Edits nested on one module apply innermost first.
   """
   def hook(mod, args, output):
     del mod, args
     return replace_hidden(output, edit_fn(hidden_of(output)))
 
-  handle = module.register_forward_hook(hook)
+  # prepend: a fixed order, whether hooks were registered before or after this one
+  handle = module.register_forward_hook(hook, prepend=True)
   try:
     yield
   finally:

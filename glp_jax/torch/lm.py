@@ -9,8 +9,9 @@ Importable only with the torch extra installed; other modules import it lazily.
   take ~0.1 s instead of ~10-20 s.
 * `decoder_layers(model)`: the `ModuleList` of decoder blocks (Llama/Mistral/Qwen/Gemma, GPT-2, NeoX, OPT, ...).
 * `ResidualCapture`: forward hooks that record the output of chosen decoder layers (the residual stream after
-  block L, = `hidden_states[L + 1]` of `output_hidden_states=True`) and end the forward after the last one,
-  so no later layer and no LM head is computed.
+  block L, = `hidden_states[L + 1]` of `output_hidden_states=True`, except for the last decoder layer: HF's
+  last entry is after the model's final norm, the capture before it, as in the reference) and end the forward
+  after the last one, so no later layer and no LM head is computed.
 * `edit_layer_output(model, layer, edit_fn)`: replaces a layer's output with `edit_fn(hidden_BxSxD)` (used for
   delta-LM-loss and steering).
 """
@@ -259,9 +260,9 @@ def edit_layer_output(model: nn.Module, layer: int,
                       edit_fn: Callable[[torch.Tensor], torch.Tensor]):
   """Within the block, decoder layer `layer` outputs `edit_fn(hidden_BxSxD)` instead of its own output.
 
-  Later layers and the logits see the edit; so does a `ResidualCapture` entered inside this block. Note that
-  `output_hidden_states=True` records layer outputs with transformers' own hook (installed at the first
-  forward), which runs before this one: its entry for `layer` is the unedited stream.
+  Later layers, the logits and every other forward hook on the layer see the edit (`edit_output` runs first),
+  so `output_hidden_states=True` records the edited stream for `layer`, whether or not the model had run a
+  forward before the block (transformers installs its recorder hook at the first forward).
   """
   (layer,) = check_layers(model, [layer])
   with edit_output(decoder_layers(model)[layer], edit_fn):  # the tensor/tuple-safe hook of glp_jax.torch

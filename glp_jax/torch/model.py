@@ -168,25 +168,39 @@ class Denoiser(nn.Module):
     return v_BxD.to(latents.dtype).reshape(latents.shape)
 
 
+def _host_float32(x) -> np.ndarray:
+  """A tensor on any device (or an array) as a float32 NumPy array."""
+  return torch.as_tensor(x).detach().to("cpu", torch.float32).numpy()
+
+
 class Normalizer(nn.Module):
   """Per-dimension standardisation `(x - mean) / sqrt(var)` (no epsilon, as the reference).
 
   Statistics are [D] (single layer) or [K, D] stacked per LM layer; `layers` names the LM layer of each
   stacked row (None = 0..K-1, the reference layout) and `layer_idx` always holds LM layer numbers. They stay
-  float32 whatever the model dtype; outputs are float32.
+  float32 whatever the model dtype (also under `.to(torch.bfloat16)` or `.half()`); outputs are float32.
   """
 
   def __init__(self, mean: torch.Tensor, var: torch.Tensor, layers: list[int] | None = None):
     super().__init__()
     # The checks (shapes, finite, var > 0, layer names) and the layer -> row table are the core normaliser's.
-    core = CoreNormalizer(torch.as_tensor(mean, dtype=torch.float32).numpy(),
-                          torch.as_tensor(var, dtype=torch.float32).numpy(), layers)
+    core = CoreNormalizer(_host_float32(mean), _host_float32(var), layers)
     self.layers = list(core.layers) if core.stacked else None
     rows = core.row_of_layer if core.stacked else np.zeros(1)
     # Not persistent: the denoiser state dict stays exactly the reference `final.safetensors` content.
     self.register_buffer("mean", torch.from_numpy(core.mean), persistent=False)
     self.register_buffer("var", torch.from_numpy(core.var), persistent=False)
     self.register_buffer("row_of_layer", torch.from_numpy(rows.astype(np.int64)), persistent=False)
+
+  def _apply(self, fn, recurse=True):
+    # Under .to(bfloat16) / .half() the statistics follow the device but keep their float32 values: they are
+    # re-taken from the float32 originals, since casting them back would not undo the rounding.
+    stats = {name: self._buffers[name] for name in ("mean", "var")}
+    super()._apply(fn, recurse)
+    for name, old in stats.items():
+      if self._buffers[name].dtype != torch.float32:
+        self._buffers[name] = old.to(self._buffers[name].device)
+    return self
 
   @property
   def multi_layer(self) -> bool:

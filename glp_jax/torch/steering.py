@@ -89,7 +89,7 @@ def steering_edit(direction: Any, alpha: float, positions: Positions = None, pri
     mask = position_mask(positions, h.shape[:-1], h.device)
     if mask is None:
       return shift(h)
-    out = h.clone()  # never in place: other hooks (or output_hidden_states) may hold the original
+    out = h.clone()  # never in place: whatever else holds the layer's output keeps the original
     if bool(mask.any()):
       out[mask] = shift(h[mask])
     return out

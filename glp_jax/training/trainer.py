@@ -83,6 +83,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   # ---------------------------------------------------------------- resume (read only) or fresh init
   ckpt_dir = os.path.join(workdir, "checkpoints")
   identity = workdir_lib.identity(config_dict, data.loader.store)
+  # Each process opened the store itself: one still being written can differ (rows, statistics), and then the
+  # processes would permute different blocks and normalise differently (a streaming run's rows may differ).
+  seen = {k: v for k, v in identity["store"].items() if k != "num_rows" or not config.data.streaming}
+  runtime.check_same_everywhere("store", json.dumps(seen, sort_keys=True),
+                                "the store changed while they opened it (a store still being written is read "
+                                "with data.streaming=true)")
   recorded_config = files.read_json(os.path.join(workdir, "config.json"))
   start_step, meta, skipped = None, {}, []
   # The plan is fixed by the first start that trains, and checked against each checkpoint before restoring it.

@@ -95,6 +95,19 @@ def _make_parent(path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
+def mtime(path: str) -> float:
+  """When a file or folder was last modified (seconds since the epoch; 0.0 when absent). A folder on a bucket
+  is a key prefix with no time of its own: it takes the newest of the objects directly in it."""
+  if not is_remote(path):
+    return os.path.getmtime(path) if os.path.exists(path) else 0.0
+  p = epath.Path(path)
+  if not p.exists():
+    return 0.0
+  if p.is_dir():
+    return max((float(c.stat().mtime) for c in p.iterdir() if not c.is_dir()), default=0.0)
+  return float(p.stat().mtime)
+
+
 def listdir(path: str) -> list[str]:
   """The names in a folder, sorted ([] when it does not exist)."""
   if is_remote(path):

@@ -127,7 +127,8 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def check_same_everywhere(name: str, text: str) -> None:
+def check_same_everywhere(name: str, text: str,
+                          hint: str = "every process of a job must get the same command line") -> None:
   """Raises on every process when `text` (e.g. the resolved config) differs between processes."""
   import hashlib
   import jax
@@ -140,8 +141,7 @@ def check_same_everywhere(name: str, text: str) -> None:
   differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
   if differ:
     from glp_jax.util.errors import ConfigError
-    raise ConfigError(f"process(es) {differ} started with a different {name} than process 0: every process "
-                      "of a job must get the same command line")
+    raise ConfigError(f"process(es) {differ} started with a different {name} than process 0: {hint}")
 
 
 def versions() -> dict[str, str]:
