@@ -129,7 +129,7 @@ def test_fd_of_a_streaming_run_compares_against_the_rows_it_held_out(setup, monk
     np.testing.assert_array_equal(seen["rows"], want)
 
 
-def test_a_multi_layer_prior_needs_its_layer_named(setup, tmp_path):
+def test_a_multi_layer_prior_needs_its_layer_named_and_an_export_takes_no_step(setup, tmp_path):
   """It was measured at the store's first layer, silently (its provenance lists several layers)."""
   import torch
   from glp_jax.evals import runner
@@ -142,6 +142,9 @@ def test_a_multi_layer_prior_needs_its_layer_named(setup, tmp_path):
   with pytest.raises(ConfigError, match="multi-layer prior: say which LM layer"):
     runner.Context(opts)
   assert runner.Context(dataclasses.replace(opts, layer=1)).layer == 1
+  # An export holds one set of weights: a --step was ignored, and its results recorded as if measured there.
+  with pytest.raises(ConfigError, match="--step=3 picks a checkpoint of a glp_jax run dir"):
+    runner.Context(dataclasses.replace(opts, layer=1, step=3))
 
 
 def test_prior_as_a_hub_repo_id(setup, tmp_path, monkeypatch):

@@ -129,6 +129,12 @@ def test_sae_probes_csv_loader(tmp_path):
   assert got[0].texts == ("Hello, world", "Bye", "Hi") and got[0].labels.tolist() == [True, False, True]
   assert got[1].labels.tolist() == [True, False, True]                # 'spam' sorts after 'ham'
   assert len(tasks.load_sae_probes_csv(str(tmp_path / "7_str.csv"), max_rows=2)[0].texts) == 2
+  # A file sorted by label: max_rows samples across it (the first rows were all one class: an error).
+  (tmp_path / "sorted").mkdir()
+  (tmp_path / "sorted" / "s.csv").write_text("prompt,target\n" + "".join(f"t{i},{int(i >= 500)}\n" for i in range(1000)))
+  sample = tasks.load_sae_probes_csv(str(tmp_path / "sorted"), max_rows=100)[0]
+  assert len(sample.texts) == 100 and 30 < sample.labels.sum() < 70
+  assert sample.texts == tasks.load_sae_probes_csv(str(tmp_path / "sorted"), max_rows=100)[0].texts   # seeded
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "x.csv").write_text("text,label\na,0\n")
   with pytest.raises(KeyError, match="missing column"):
@@ -160,3 +166,16 @@ def test_small_classes_are_warned_recorded_and_unprobeable_tasks_skipped(caplog)
   assert "task 'ok'" not in caplog.text
   with pytest.raises(ValueError, match="no task has enough examples"):
     probe.evaluate_probe(p, {"none": (x, y_none)}, sigmas=(), n_bootstrap=10)
+
+
+@pytest.mark.torch
+def test_a_long_prompt_is_probed_at_its_own_last_token():
+  """Prompts past max_length were cut at the end, so the 'last token' read was token 128, not the prompt's."""
+  from glp_jax.evals import tasks
+  from glp_jax.torch import lm
+  tok = lm.load_tokenizer(lm.EMBEDDED)
+  text = " ".join(f"w{i}" for i in range(300)) + " final"
+  head, tail = tasks.encode(tok, text, 16), tasks.encode(tok, text, 16, keep_end=True)
+  assert len(head) == len(tail) == 16 and head[0] == tail[0] == tok.bos_token_id
+  assert tok.decode(tail[1:]).endswith("final") and not tok.decode(head[1:]).endswith("final")
+  assert tasks.encode(tok, "short text", 16) == tasks.encode(tok, "short text", 16, keep_end=True)

@@ -264,6 +264,10 @@ def load_prior(path: str, step: int | None = None, layer: int | None = None, dev
   if not torch_io.is_export_folder(path) and not os.path.exists(os.path.join(path, "config.yaml")):
     raise FileNotFoundError(f"{path!r} is neither a glp_jax run dir (config.json + checkpoints/) nor an "
                             "exported / reference prior folder")
+  if step is not None:   # it would evaluate the folder's one set of weights under another step's name
+    from glp_jax.util.errors import ConfigError
+    raise ConfigError(f"--step={step} picks a checkpoint of a glp_jax run dir; {path} is an exported prior "
+                      "(one set of weights): evaluate the run, or export that step (glp-export --step)")
   from glp_jax.torch.lm import resolve_device
   glp = GLP.from_pretrained(path, device=resolve_device(device))
   multi = bool(glp.cfg.multi_layer_n_layers)

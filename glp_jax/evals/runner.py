@@ -154,6 +154,9 @@ def _heldout_texts(ctx: Context, n: int) -> list[str]:
   from glp_jax.data import store as store_lib
   desc = store_lib.ActivationStore.open(ctx.store).metadata.get("corpus", {}) if ctx.store else {}
   held = desc.get("heldout", {})
+  if not desc.get("source"):
+    log.warning("delta_lm: %s records no corpus (not written by glp-extract): scoring held-out documents of the "
+                "embedded Python-docs corpus", ctx.store or "no store")
   corpus = corpus_lib.Corpus(desc.get("source", corpus_lib.EMBEDDED), text_field=desc.get("text_field", "text"),
                              txt_mode=desc.get("txt_mode", "file"), seed=held.get("seed", desc.get("seed", 0)),
                              heldout_fraction=held.get("fraction", 0.05), max_docs=n)

@@ -123,6 +123,7 @@ def load_sae_probes_csv(path: str, text_column: str = "prompt", label_column: st
   """SAE-Probes datasets: one CSV (or every *.csv in a folder) with a text and a binary label column.
 
   Labels may be 0/1, booleans or any two distinct strings (sorted; the second is the positive class).
+  `max_rows` > 0 keeps a seeded random sample of that many rows per file.
   """
   files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".csv")) \
       if os.path.isdir(path) else [path]
@@ -136,8 +137,8 @@ def load_sae_probes_csv(path: str, text_column: str = "prompt", label_column: st
       if missing:
         raise KeyError(f"{file}: missing column(s) {missing}; has {reader.fieldnames}")
       rows = [(r[text_column], r[label_column].strip()) for r in reader if r[text_column]]
-    if max_rows:
-      rows = rows[:max_rows]
+    if max_rows and len(rows) > max_rows:   # a seeded sample, not the first rows: a CSV may be sorted by label
+      rows = [rows[i] for i in np.sort(np.random.default_rng(0).choice(len(rows), max_rows, replace=False))]
     values = sorted({lab for _, lab in rows})
     if len(values) != 2:
       raise ValueError(f"{file}: label column {label_column!r} has {len(values)} distinct values, need 2")
@@ -147,14 +148,18 @@ def load_sae_probes_csv(path: str, text_column: str = "prompt", label_column: st
   return tasks
 
 
-def encode(tokenizer, text: str, max_length: int = 128) -> list[int]:
+def encode(tokenizer, text: str, max_length: int = 128, keep_end: bool = False) -> list[int]:
   """Token ids with a leading BOS, as the extractor feeds documents (BOS prepended when the tokenizer adds
-  none), truncated to `max_length` tokens in all."""
+  none), truncated to `max_length` tokens in all: the text's first tokens, or with `keep_end` its last ones
+  (what a last-token probe reads)."""
   bos = tokenizer.bos_token_id
-  ids = list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
-  if bos is not None and (not ids or ids[0] != bos):
-    ids = [bos] + ids[:max_length - 1]
-  return ids
+  # Cut by the tokenizer when the start is kept (one spare token: it may add a BOS of its own).
+  ids = list(tokenizer(text, truncation=not keep_end, max_length=None if keep_end else max_length + 1)["input_ids"])
+  if bos is not None and ids and ids[0] == bos:
+    ids = ids[1:]
+  room = max_length - (bos is not None)
+  ids = ids[len(ids) - room:] if keep_end and len(ids) > room else ids[:room]
+  return ([bos] if bos is not None else []) + ids
 
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False):
@@ -187,8 +192,9 @@ def _mlp_down_proj(model, layer: int):
 
 
 def last_token_activations(model, tokenizer, texts: Sequence[str], layer: int, batch_size: int = 32,
-                           max_length: int = 128, mlp_neurons: bool = False):
-  """The residual stream after decoder layer `layer` at each text's last token: [N, D] float32.
+                           max_length: int = 512, mlp_neurons: bool = False):
+  """The residual stream after decoder layer `layer` at each text's last token: [N, D] float32. A text longer
+  than `max_length` tokens keeps its end (the token read), after the BOS.
 
   With `mlp_neurons`, returns (residual [N, D], MLP neurons [N, F] or None): the input of that layer's MLP
   down-projection at the same token (the reference's "raw MLP neuron" baseline).
@@ -203,7 +209,8 @@ def last_token_activations(model, tokenizer, texts: Sequence[str], layer: int, b
   try:
     with lm.ResidualCapture(model, [layer]) as cap:
       for i in range(0, len(texts), batch_size):
-        ids, mask = pad([encode(tokenizer, t, max_length) for t in texts[i:i + batch_size]], pad_id(tokenizer))
+        ids, mask = pad([encode(tokenizer, t, max_length, keep_end=True) for t in texts[i:i + batch_size]],
+                         pad_id(tokenizer))
         seen.clear()
         h_BxSxD = cap.run(input_ids=ids.to(device), attention_mask=mask.to(device))[layer]
         rows, last = torch.arange(len(ids), device=device), (mask.sum(1) - 1).to(device)
