@@ -22,8 +22,8 @@ def opt_cfg(**kw):
 
 
 def numpy_cosine(step, total, warm_ratio, final):
-  """The reference's LambdaLR multiplier, written independently."""
-  warm = int(warm_ratio * total)
+  """The reference's LambdaLR multiplier, written independently (its warmup is not rounded to whole steps)."""
+  warm = warm_ratio * total
   if step < warm:
     return 0.01 + 0.99 * step / warm
   p = min(max((step - warm) / (total - warm), 0.0), 1.0)
@@ -61,7 +61,20 @@ def test_constant_and_wsd():
     optim.make_schedule(opt_cfg(schedule="linear"), 10)
 
 
-def test_weight_decay_skips_biases_and_layernorm():
+def test_a_warmup_shorter_than_one_step_still_starts_low():
+  """The warmup was rounded down to whole steps: runs under 100 steps had none (the first update at the full
+  rate); the reference's LambdaLR takes warmup_ratio * total as it is."""
+  for total in (40, 80, 160, 1234):
+    got = [factor("cosine", k, total, warmup_ratio=0.01) for k in range(total)]
+    np.testing.assert_allclose(got, [numpy_cosine(k, total, 0.01, 0.1) for k in range(total)], rtol=1e-5)
+    assert got[0] == pytest.approx(0.01)
+  assert factor("cosine", 1, 160, warmup_ratio=0.01) == pytest.approx(0.01 + 0.99 / 1.6, rel=1e-5)
+  assert factor("constant", 0, 40, warmup_ratio=0.01) == pytest.approx(0.01)
+  with pytest.raises(ConfigError, match="overlap"):
+    optim.make_schedule(opt_cfg(schedule="wsd", warmup_ratio=0.5, decay_ratio=0.6), 100)
+
+
+def test_weight_decay_decays_every_parameter_as_the_reference_or_skips_biases_and_layernorm():
   model = model_lib.Denoiser(model_lib.ModelConfig(d_input=8, d_model=16, d_mlp=32, n_layers=1), rngs=nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   mask = optim.decay_mask(params)
@@ -69,13 +82,15 @@ def test_weight_decay_skips_biases_and_layernorm():
           zip(jax.tree_util.tree_flatten_with_path(mask)[0], jax.tree.leaves(params))}
   assert all(m == (k.endswith("['kernel']")) for k, (m, _) in flat.items())
   # With zero gradients Adam's update is 0, so only decoupled decay moves the parameters: p <- p (1 - lr wd).
-  cfg = opt_cfg(schedule="constant", warmup_ratio=0.0, weight_decay=0.5, clip_norm=0.0)
-  tx = optim.make_tx(cfg, 10)
-  upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-  new = optax.apply_updates(params, upd)
-  for (path, p), q in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(new)):
-    factor = 1 - 1e-3 * 0.5 if jax.tree_util.keystr(path).endswith("['kernel']") else 1.0
-    np.testing.assert_allclose(np.asarray(q), np.asarray(p) * factor, rtol=1e-6, err_msg=str(path))
+  for decay_all in (True, False):
+    cfg = opt_cfg(schedule="constant", warmup_ratio=0.0, weight_decay=0.5, clip_norm=0.0, decay_all_params=decay_all)
+    tx = optim.make_tx(cfg, 10)
+    upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, upd)
+    for (path, p), q in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(new)):
+      decayed = decay_all or jax.tree_util.keystr(path).endswith("['kernel']")
+      np.testing.assert_allclose(np.asarray(q), np.asarray(p) * (1 - 1e-3 * 0.5 if decayed else 1.0), rtol=1e-6,
+                                 err_msg=str(path))
 
 
 def test_global_norm_clipping_golden():

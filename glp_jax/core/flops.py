@@ -3,7 +3,10 @@
 Two conventions: the reference's C = 6 N D (`six_n_flops`, N = all parameters), and the exact matmul count
 (`forward_flops_per_example`, multiply-add = 2 FLOPs, including the time/layer embedding MLPs, which run
 once per row). Elementwise work (LayerNorm, SiLU, products) is left out: it is < 1% of the matmuls at
-reference widths. Training = 3 x forward (forward + input and weight gradients).
+reference widths. Training = the conventional 3 x forward (forward + input and weight gradients), which also
+counts two input gradients the backward never computes (of `in_proj` from the data, of the embeddings' first
+layer from the sinusoid): 2 (D M + E M^2) per row with E embedding MLPs (2 with layer conditioning), 0.3-2%
+of a preset's count (more for tiny models).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def forward_flops_per_example(cfg: ModelConfig) -> int:
 
 
 def train_flops_per_example(cfg: ModelConfig) -> int:
-  """Training FLOPs per row: forward + backward (2x forward) = 3x forward."""
+  """Training FLOPs per row: forward + backward (2x forward) = 3x forward (see the module docstring)."""
   return 3 * forward_flops_per_example(cfg)
 
 
