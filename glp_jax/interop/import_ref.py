@@ -62,8 +62,9 @@ def run_config(config: ml_collections.ConfigDict, cfg: torch_io.DenoiserConfig,
 
 
 def import_prior(src: str, workdir: str, checkpoint: str | None = None,
-                 config: ml_collections.ConfigDict | None = None) -> dict:
-  """Reads `src` and writes the run `workdir` (which must not hold checkpoints yet); returns a summary."""
+                 config: ml_collections.ConfigDict | None = None, hub: dict | None = None) -> dict:
+  """Reads `src` and writes the run `workdir` (which must not hold checkpoints yet); returns a summary. `hub`
+  ({"repo_id", "revision"}) records where a Hub-cache folder `src` came from."""
   got = torch_io.read_folder(src, checkpoint)   # strict: names missing/unexpected/misshapen keys
   cfg, meta = got["config"], got["meta"]
   config, model_cfg = run_config(config if config is not None else default_config(), cfg, _tracedict(meta))
@@ -89,6 +90,8 @@ def import_prior(src: str, workdir: str, checkpoint: str | None = None,
             "architecture": cfg.to_dict(), "tracedict_config": _tracedict(meta),
             "model_name": meta.get("model_name") or (meta.get("provenance") or {}).get("lm"),
             "source_provenance": meta.get("provenance")}
+  if hub:   # the cache folder's path names a snapshot on this machine only
+    source["hub"] = dict(hub)
   os.makedirs(workdir, exist_ok=True)
   config_lib.write_config(config, workdir)
   save_normalizer(normalizer, workdir)
