@@ -72,8 +72,8 @@ def import_main(fv: flags.FlagValues) -> None:
   if not fv.src or not fv.workdir:
     raise ConfigError("--src and --workdir are required (see --help)")
   src = hub.resolve(fv.src, fv.revision, fv.checkpoint)   # a Hub repo id -> its folder in the Hub cache
-  hub = {"repo_id": fv.src, "revision": fv.revision} if src != fv.src else None
-  print(json.dumps(import_ref.import_prior(src, fv.workdir, fv.checkpoint, fv.config, hub=hub)), flush=True)
+  origin = {"repo_id": fv.src, "revision": fv.revision} if src != fv.src else None
+  print(json.dumps(import_ref.import_prior(src, fv.workdir, fv.checkpoint, fv.config, hub=origin)), flush=True)
 
 
 def run_export(argv: list[str] | None = None) -> None:
