@@ -119,6 +119,10 @@ def test_resume_of_finished_run_is_a_noop(reference, store, tmp_path):
   # Its figures are the training's, not this idle start's: the medians of its lines, its time so far.
   assert all(summary[k] == reference[1][k] for k in ("median_examples_per_s", "median_tflops_per_s", "median_mfu"))
   assert summary["wall_time"] <= reference[1]["wall_time"]
+  # A budget lowered below the step it reached (--allow_changes) trained nothing and said nothing.
+  from glp_jax.util.errors import ConfigError
+  with pytest.raises(ConfigError, match="is at step 30, past the 20 steps"):
+    train.train_and_evaluate(make_config(store, num_activations=20 * 64), workdir, allow_changes=True)
 
 
 def test_sigkill_then_sigterm_then_resume_is_bit_identical(reference, store, tmp_path):
@@ -211,6 +215,47 @@ def test_nan_at_a_non_logged_step_stops_before_the_next_checkpoint(store, tmp_pa
     train.train_and_evaluate(make_config(store, log_every=0, eval_every=0, **{"ckpt.every_steps": 10}), w)
   assert sorted(s for s in os.listdir(os.path.join(w, "checkpoints")) if s.isdigit()) == ["10"]
   assert not os.path.exists(os.path.join(w, "summary.json"))
+
+
+def test_a_stop_while_waiting_for_rows_checks_the_steps_before_saving(store, tmp_path, monkeypatch):
+  """A signal while the loader waits on a streaming store saves the last step: it saved without fetching the
+  non-finite counter, so a NaN since the last line reached the checkpoint."""
+  from glp_jax.data import loader as loader_lib
+  real = input_lib.Input.batches
+
+  def batches(self, *args):
+    for step, inputs in real(self, *args):
+      if step == 12:
+        inputs = (inputs[0].at[0, 0].set(jnp.nan),) + inputs[1:]
+      if step == 15:   # SIGTERM lands while the loader waits for rows
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise loader_lib.WaitInterrupted("a stop while waiting for rows")
+      yield step, inputs
+  monkeypatch.setattr(input_lib.Input, "batches", batches)
+  w = str(tmp_path / "waited")
+  with pytest.raises(NonFiniteLoss, match="up to step 15"):
+    train.train_and_evaluate(make_config(store, log_every=10, eval_every=0, **{"ckpt.every_steps": 10}), w)
+  assert sorted(s for s in os.listdir(os.path.join(w, "checkpoints")) if s.isdigit()) == ["10"]
+
+
+def test_evaluations_are_left_out_of_the_step_time_and_one_document_has_no_sem(store, tmp_path, monkeypatch):
+  """An eval's time landed in its line's step_time (its examples/s and MFU too low); wall_time keeps it. A
+  held-out set of one document reported a standard error of exactly 0."""
+  from glp_jax.training import metrics as metrics_lib
+  real_time, real_evaluate, offset = metrics_lib.time.time, train_lib.evaluate, [0.0]
+  monkeypatch.setattr(metrics_lib.time, "time", lambda: real_time() + offset[0])
+
+  def slow_evaluate(*args):
+    offset[0] += 100.0   # an evaluation that takes 100 s
+    return real_evaluate(*args)
+  monkeypatch.setattr(train_lib, "evaluate", slow_evaluate)
+  w = str(tmp_path / "timed")
+  train.train_and_evaluate(make_config(store, log_every=5, eval_every=10), w)
+  lines = read_jsonl(os.path.join(w, "metrics.jsonl"))
+  assert all(l["step_time"] < 10 for l in lines) and lines[-1]["wall_time"] > 300   # three evals of 100 s (20 a step)
+  one_doc = train_lib.EvalSet([()], np.array([0.0, 4.0, 0.0]))
+  got = train_lib.evaluate(lambda state: np.array([0.0, 8.0, 0.0]), None, one_doc)
+  assert got["eval_loss"] == 2.0 and got["eval_loss_sem"] is None and got["eval_docs"] == 1
 
 
 def test_multi_layer_store_trains_with_layer_conditioning(tmp_path):

@@ -148,3 +148,12 @@ def test_a_streaming_runs_store_may_grow_between_restarts():
     assert diffs(store(1024, 1.0, 0.5)) == ["store.num_rows"]
     assert diffs(store(2560, 1.1, 0.6)) == (["store.stats_hash"] if streaming else
                                             ["store.num_rows", "store.stats_hash"])
+
+
+def test_a_run_recorded_before_a_plan_field_existed_resumes_under_its_old_meaning():
+  """opt.decay_all_params came after runs had started (they decayed weight matrices only): their config.json
+  lacks it, and `None != False` refused every such restart."""
+  old = {"seed": 0, "opt": {"lr": 1e-3}}
+  assert workdir_lib.changes(old, {"seed": 0, "opt": {"lr": 1e-3, "decay_all_params": False}}, None, {}) == []
+  assert workdir_lib.changes(old, {"seed": 0, "opt": {"lr": 1e-3, "decay_all_params": True}}, None, {}) == [
+      ("opt.decay_all_params", False, True)]

@@ -36,7 +36,7 @@ def config_for(depth: int, d_input: int, batch: int, dtype: str):
           "flow": {"sigma_sampling": "discrete", "logit_normal_mean": 0.0, "logit_normal_std": 1.0},
           "opt": {"lr": 5e-5, "schedule": "cosine", "warmup_ratio": 0.01, "final_lr_factor": 0.1,
                   "decay_ratio": 0.2, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "clip_norm": 1.0,
-                  "ema_decay": 0.0},
+                  "decay_all_params": True, "ema_decay": 0.0},
           "mesh": {"data": -1, "fsdp": 1}}
   return ml_collections.ConfigDict(spec)
 

@@ -115,7 +115,9 @@ class Recorder:
   """Each logged step's device metrics -> checked lines. Metrics are fetched only for steps that write a line
   (every `log_every` steps, eval and checkpoint steps, the last step), one step late, so the host never waits
   for the device; the `nonfinite` count travelling with them covers the steps in between, so a NaN anywhere
-  stops the run at the next fetch, and a checkpoint is written only after its step's fetch (`flush`)."""
+  stops the run at the next fetch, and a checkpoint is written only after its step's fetch (`flush`). A line's
+  step_time (and its throughput) covers the steps, the input pipeline, metrics and checkpoint saves since the
+  last line; evaluations and the profiler's write-out run `untimed` (wall_time counts everything)."""
 
   def __init__(self, writer: MetricsWriter, *, log_every: int, total_steps: int, batch_size: int,
                flops_per_example: int, start_step: int, wall_offset: float = 0.0, peak: float | None = None):

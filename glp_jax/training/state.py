@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from typing import Any, Callable
 
 import jax
@@ -23,8 +24,13 @@ from glp_jax.core.normalizer import Normalizer
 from glp_jax.training import optim, sharding
 from glp_jax.util.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 PARTS = ("model", "opt", "ema")
-NOISE_STREAM = 1          # fold_in constant of the training noise stream (initialisation uses the bare seed)
+# fold_in constant of the training noise stream. Initialisation (`Rngs(params=seed)`) draws with the keys
+# fold_in(key(seed), i), so key 1 itself is also its second draw's; the noise uses only fold_in(that, step), keys
+# no init draw uses. (A new constant would change every run's noise, and resumed runs mid-way: kept.)
+NOISE_STREAM = 1
 EVAL_NOISE_SEED = 0x5EED  # the held-out noise is fixed across runs and seeds, so eval losses compare
 
 
@@ -81,7 +87,7 @@ def make_train_step(graphdef: Any, config: ml_collections.ConfigDict, n_steps: i
 
   Rows arrive in the store's dtype and are normalised on the device. The step number is the optimizer's own
   count, so the host passes no per-step scalar; the noise of step s is a pure function of (seed, s), drawn
-  from a stream of its own (never the initialisation's). `nonfinite` counts steps whose loss or gradient
+  from keys of its own (no initialisation draw uses them). `nonfinite` counts steps whose loss or gradient
   norm was not finite, so the host may fetch metrics only at log and checkpoint steps and still never save a
   non-finite state. The state's shardings are pinned on input and output; state and counter are donated.
   """
@@ -149,7 +155,11 @@ def eval_set(x_NxD: np.ndarray, group_N: np.ndarray, batch_size: int, mesh: jax.
   chunk = max((min(batch_size, n) // div) * div, div)
   chunks = [tuple(sharding.put_global(c[a:a + chunk], sharding.batch_sharding(mesh, c.ndim)) for c in columns)
             for a in range(0, n, chunk)]
-  return EvalSet(chunks, np.bincount(columns[3]).astype(np.float64))
+  count_G = np.bincount(columns[3]).astype(np.float64)
+  if (count_G > 0).sum() < 2:
+    log.warning("the %d held-out rows come from %d document: eval_loss has no standard error (more held-out "
+                "documents, or data.heldout_rows spanning several, give one)", n, int((count_G > 0).sum()))
+  return EvalSet(chunks, count_G)
 
 
 def evaluate(eval_step: Callable, state: nnx.State, evals: EvalSet) -> dict[str, float]:
@@ -161,7 +171,8 @@ def evaluate(eval_step: Callable, state: nnx.State, evals: EvalSet) -> dict[str,
   sums_G, count_G = sums_G[used], count_G[used]
   mean = float(sums_G.sum() / count_G.sum())
   g = len(sums_G)
-  sem = float(np.sqrt(g / max(g - 1, 1) * np.sum((sums_G - count_G * mean) ** 2)) / count_G.sum())
+  # One document gives no error estimate (its one residual is 0 by construction): None, not a perfect 0.
+  sem = float(np.sqrt(g / (g - 1) * np.sum((sums_G - count_G * mean) ** 2)) / count_G.sum()) if g > 1 else None
   return {"eval_loss": mean, "eval_loss_sem": sem, "eval_docs": float(g), "eval_rows": float(count_G.sum())}
 
 

@@ -32,6 +32,7 @@ from glp_jax.training import workdir as workdir_lib
 from glp_jax.training.metrics import every
 from glp_jax.util import config as config_lib
 from glp_jax.util import files, runtime
+from glp_jax.util.errors import ConfigError
 
 log = logging.getLogger("glp_jax")
 
@@ -107,6 +108,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
     reader.close()
   contract, diffs = plan.contract, plan.diffs
   fresh = start_step is None
+  # Each process restores its own shards: damage seen by some only would have them resume different steps.
+  runtime.check_same_everywhere("checkpoint step", str(start_step),
+                                "a checkpoint readable on some hosts only: set it aside and restart")
+  if not fresh and start_step > total_steps:
+    raise ConfigError(f"{workdir} is at step {start_step}, past the {total_steps} steps of "
+                      f"num_activations={config.num_activations:g}: raise the budget or use a new --workdir")
   if fresh:
     state = nnx.split(sharding.create_sharded(create, mesh))[1]   # born sharded
     start_step, wall_offset = 0, 0.0
@@ -180,8 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
           save_now = step == total_steps or every(step, config.ckpt.every_steps) or stopped
           if recorder.due(step) or eval_now or save_now:
             recorder.push(step, device_metrics, line=recorder.due(step) or eval_now)
-          if eval_now:
-            recorder.add_eval(step, state_lib.evaluate(eval_step, state, evals))
+          if eval_now:   # not training: left out of the logged step time (checkpoint saves stay in it)
+            with recorder.untimed():
+              recorder.add_eval(step, state_lib.evaluate(eval_step, state, evals))
           if save_now:
             save(step)
           if stopped:
@@ -189,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
             break
       except loader_lib.WaitInterrupted:   # the signal came while the store had not committed the next rows
         stopped = stop.signum
-        if saved != step:
+        if saved != step:   # its metrics checked first: a non-finite step since the last line is never saved
+          recorder.push(step, device_metrics, line=False)
           save(step)
         log.warning("signal %d while waiting for rows: saved step %d, stopping", stopped, step)
       recorder.flush()

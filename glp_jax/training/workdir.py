@@ -47,9 +47,14 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+# Plan fields added after runs were started, and what a config recorded without them trained with: such a run
+# resumes under that value (and is refused, by name, under another).
+ABSENT_MEANS = {"opt.decay_all_params": False}
+
+
 def plan_fields(config: dict) -> dict[str, Any]:
   """The PLAN_FIELDS of a config (as a plain dict), flattened to dotted keys."""
-  flat = _flat(config)
+  flat = {**ABSENT_MEANS, **_flat(config)}
   return {k: v for k, v in sorted(flat.items()) if any(k == f or k.startswith(f + ".") for f in PLAN_FIELDS)}
 
 
