@@ -121,6 +121,32 @@ def test_text_files_are_strict_utf8_and_jsonl_lines_well_formed(tmp_path):
     list(corpus_lib.file_documents(str(tmp_path / "d.jsonl")))
 
 
+def test_a_byte_order_mark_is_not_text_and_a_parquet_column_must_hold_text(tmp_path):
+  """A BOM broke a .jsonl file's first line and stayed in a .txt file's text (undeduplicated against its
+  BOM-less copy); a binary parquet column crashed with an AttributeError."""
+  (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "first doc"}\n{"text": "second"}\n')
+  (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfhello world")
+  (tmp_path / "c.txt").write_bytes(b"hello world")
+  c = corpus_lib.Corpus(str(tmp_path), heldout_fraction=0.0)
+  assert sorted(d.text for d in c.documents()) == ["first doc", "hello world", "second"]
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"text": pa.array([b"raw"], pa.binary())}), str(tmp_path / "d.parquet"))
+  with pytest.raises(corpus_lib.CorpusError, match=r"d.parquet: column 'text' holds binary, not text"):
+    list(corpus_lib.file_documents(str(tmp_path / "d.parquet")))
+
+
+def test_local_files_are_described_by_their_content(tmp_path):
+  """Local files are shuffled as a whole: an added file reorders every document, so a resumed extraction must
+  see that the corpus changed (python-packages had this guard, local files none)."""
+  (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20)))
+  first = corpus_lib.Corpus(str(tmp_path)).description()["content_hash"]
+  assert corpus_lib.Corpus(str(tmp_path)).description()["content_hash"] == first
+  (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one more"}) + "\n")
+  assert corpus_lib.Corpus(str(tmp_path)).description()["content_hash"] != first
+  assert "content_hash" not in corpus_lib.Corpus().description()   # the embedded corpus: Python's version
+
+
 def test_labelled_is_documents_with_the_split_up_to_max_docs():
   c = corpus_lib.Corpus(seed=1, heldout_fraction=0.3, max_docs=20)
   labelled = list(c.labelled())
@@ -140,7 +166,7 @@ from glp_jax.extraction import pypackages  # noqa: E402
 SOURCE = "python-packages:" + ",".join(PACKAGES)
 
 
-def test_python_packages_source(site):
+def test_python_packages_source(site, monkeypatch):
   a = corpus_lib.Corpus(SOURCE, seed=5, heldout_fraction=0.3)
   labelled = list(a.labelled())
   ids = [d.id for d, _ in labelled]
@@ -161,6 +187,10 @@ def test_python_packages_source(site):
   assert all(d.id.startswith("pypkg:glp-fake-beta==") for d in one.documents())
   with pytest.raises(corpus_lib.CorpusError, match="python-packages:glp-no-such.*not installed: glp-no-such"):
     list(corpus_lib.Corpus("python-packages:glp-no-such").documents())
+  # Code pieces keep their first line's indentation (a method's piece starts inside its class).
+  piece = "\n  def method(self):\n    return 1\n"
+  monkeypatch.setattr(pypackages, "collect", lambda names: ([("pypkg:x#1", piece)], {"content_hash": "h"}))
+  assert [d.text for d in corpus_lib.Corpus(SOURCE).documents()] == [piece.strip("\n")]
 
 
 def test_python_packages_reads_once(site, monkeypatch):

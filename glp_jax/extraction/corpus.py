@@ -140,9 +140,10 @@ def _files(source: str) -> list[str]:
 
 
 def _decode(path: str, raw: bytes, first_line: int = 1) -> str:
-  """Strict UTF-8, or a CorpusError naming the file and the line of the first bad byte."""
+  """Strict UTF-8, or a CorpusError naming the file and the line of the first bad byte. A file's byte-order
+  mark (Windows tools write one) is not text."""
   try:
-    return raw.decode("utf-8")
+    return raw.decode("utf-8-sig" if first_line == 1 else "utf-8")
   except UnicodeDecodeError as e:
     line = first_line + raw.count(b"\n", 0, e.start)
     raise CorpusError(f"{path}:{line}: not valid UTF-8 ({e.reason}, byte {e.object[e.start:e.end]!r})") from None
@@ -190,6 +191,10 @@ def file_documents(source: str, text_field: str = "text", txt_mode: str = "file"
       table = pq.read_table(path)
       if text_field not in table.column_names:
         raise CorpusError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
+      import pyarrow as pa  # pylint: disable=g-import-not-at-top
+      kind = table.schema.field(text_field).type
+      if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise CorpusError(f"{path}: column {text_field!r} holds {kind}, not text")
       for k, text in enumerate(table.column(text_field).to_pylist()):
         yield Document(f"{path}:{k}", text or "")
     else:
@@ -232,7 +237,9 @@ def is_heldout(doc_id: str, seed: int, fraction: float) -> bool:
   return int.from_bytes(h, "big") / 2.0**64 < fraction
 
 
-def _clean(docs: Iterable[Document]) -> Iterator[Document]:
+def _clean(docs: Iterable[Document], keep_indent: bool = False) -> Iterator[Document]:
+  """Documents stripped of surrounding whitespace (with `keep_indent`, of blank lines only: a code piece that
+  starts inside a class keeps its first line's indentation), without empty ones and repeats."""
   seen = set()
   for doc in docs:
     text = (doc.text or "").strip()
@@ -242,7 +249,7 @@ def _clean(docs: Iterable[Document]) -> Iterator[Document]:
     if key in seen:
       continue
     seen.add(key)
-    yield Document(doc.id, text)
+    yield Document(doc.id, doc.text.strip("\n") if keep_indent else text)
 
 
 class Corpus:
@@ -283,7 +290,7 @@ class Corpus:
     if self.streamed:
       return _clean(self._raw())
     if self._docs is None:
-      docs = list(_clean(self._raw()))
+      docs = list(_clean(self._raw(), keep_indent=self.packages is not None))
       random.Random(self.seed).shuffle(docs)
       self._docs = docs
     return iter(self._docs)
@@ -334,4 +341,11 @@ class Corpus:
       entry = self._packages_entry
       # The hash first: a resume against a changed environment names it first (store.check).
       d["python_packages"] = {"content_hash": entry["content_hash"], **entry}
+    elif self.source != EMBEDDED and not self.streamed:
+      # Local files are shuffled as a whole: one file added or edited reorders every document, and a resumed
+      # extraction would then store some twice and others never. The resume compares this hash.
+      h = hashlib.blake2b(digest_size=16)
+      for doc in self.documents():
+        h.update(_digest(doc.id) + _digest(doc.text))
+      d["content_hash"] = h.hexdigest()
     return d

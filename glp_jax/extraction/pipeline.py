@@ -104,17 +104,20 @@ class BatchRunner:
       offsets[i] = (r, len(pos[i]))
       r += len(pos[i])
     index_R = np.concatenate(flat + [np.zeros(0, np.int64)])
-    events = None
+    events = compute = None
     if self.cuda:
       events = {k: torch.cuda.Event(enable_timing=True)
                 for k in ("start", "forward", "selected", "copy_start", "copied")}
-      events["start"].record()
+      # The model's device's stream, named: a bare record() goes to the current device's (cuda:0 for a model
+      # on cuda:1), and the copy would then not wait for the selection.
+      compute = torch.cuda.current_stream(self.device)
+      events["start"].record(compute)
     t0 = time.perf_counter()
     acts = self.capture.run(input_ids=self._to_device(ids_BxS), attention_mask=self._to_device(mask_BxS))
     t1 = time.perf_counter()
     with torch.inference_mode():
       if self.cuda:
-        events["forward"].record()
+        events["forward"].record(compute)
       index = self._to_device(index_R)
       kept_LxRxD = torch.stack([acts[l].reshape(-1, self.d).index_select(0, index) for l in self.layers])
       kept_LxRxD = kept_LxRxD.to(self.store_dtype)
@@ -124,15 +127,15 @@ class BatchRunner:
       if not self.cuda:
         self.add_times(forward=t1 - t0, select=time.perf_counter() - t1)
         return HostBatch(self, kept_LxRxD, bad_LxR, offsets, None)
-      events["selected"].record()
+      events["selected"].record(compute)
       rows = torch.empty(kept_LxRxD.shape, dtype=kept_LxRxD.dtype, pin_memory=True)
       bad = torch.empty(bad_LxR.shape, dtype=torch.bool, pin_memory=True)
       self.copy_stream.wait_event(events["selected"])
       with torch.cuda.stream(self.copy_stream):
-        events["copy_start"].record()
+        events["copy_start"].record(self.copy_stream)
         rows.copy_(kept_LxRxD, non_blocking=True)
         bad.copy_(bad_LxR, non_blocking=True)
-        events["copied"].record()
+        events["copied"].record(self.copy_stream)
       # The device tensors are read by the copy stream: keep the allocator from reusing them before it ends.
       kept_LxRxD.record_stream(self.copy_stream)
       bad_LxR.record_stream(self.copy_stream)
