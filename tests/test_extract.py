@@ -342,3 +342,21 @@ def test_python_packages_corpus(tiny, workdir, site):
   with pytest.raises(store_lib.StoreError, match=r"corpus.python_packages.content_hash='[0-9a-f]+' but "
                                                  r"'[0-9a-f]+' was expected"):
     extract.extract(config, workdir)                                    # a changed environment: no resume
+
+
+def test_token_rule_names_what_it_keeps(monkeypatch):
+  """A tokenizer with a BOS it does not add (GPT-2) and prepend_bos off was described as defining no BOS; one
+  with no BOS at all (Qwen) keeps position 0, an attention sink: said when it happens."""
+  class Tok:
+    def __init__(self, bos, adds):
+      self.bos_token_id, self.adds = bos, adds
+
+    def __call__(self, text, add_special_tokens=True):
+      return {"input_ids": ([self.bos_token_id] if self.adds else []) + [7]}
+  assert extract.token_rule(Tok(1, True), False)["skip"] == 1
+  gpt2 = extract.token_rule(Tok(50256, False), False)
+  assert gpt2["skip"] == 0 and "prepend_bos is off and the tokenizer adds no BOS, id 50256" in gpt2["description"]
+  warned = []
+  monkeypatch.setattr(extract.logging, "warning", lambda msg, *a: warned.append(msg % a))
+  qwen = extract.token_rule(Tok(None, False), True)
+  assert qwen["skip"] == 0 and "defines no BOS" in qwen["description"] and "attention sink" in warned[0]

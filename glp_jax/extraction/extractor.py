@@ -64,8 +64,15 @@ def token_rule(tokenizer, prepend_bos: bool) -> dict:
   prepend = bool(prepend_bos and bos is not None and not adds_bos)
   skip = 1 if (adds_bos or prepend) else 0
   origin = "prepended by glp_jax" if prepend else "added by the tokenizer"
-  text = (f"every position except the leading BOS (id {bos}, {origin})" if skip
-          else "every position (the tokenizer defines no BOS)")
+  if skip:
+    text = f"every position except the leading BOS (id {bos}, {origin})"
+  elif bos is None:
+    text = "every position (the tokenizer defines no BOS)"
+    # Position 0 is the attention sink of most LMs whatever its token: its huge norm enters the statistics.
+    logging.warning("the tokenizer defines no BOS token: each document's first position (often an attention "
+                    "sink with a huge norm) is stored and enters the normaliser's statistics")
+  else:
+    text = f"every position (prepend_bos is off and the tokenizer adds no BOS, id {bos})"
   return {"bos_id": bos, "prepend": prepend, "skip": skip, "description": text}
 
 
