@@ -46,12 +46,13 @@ def get_config(arg=None):
   c.overrides.eval_every = 2000
   c.overrides.ckpt = ml_collections.ConfigDict(dict(every_steps=2000))
 
-  c.parallel = 1                        # local: runs at once; slurm: array tasks at once (0 = no limit)
+  c.parallel = 1                        # local runs at once (each on its own GPUs when there are several)
 
   # --- SLURM: one array task per run; one process per GPU, joined by jax.distributed ---
   c.slurm = ml_collections.ConfigDict()
   c.slurm.partition = ""
   c.slurm.account = ""
+  c.slurm.array_limit = 0               # array tasks at once (--array=...%N); 0 = no limit
   c.slurm.nodes = 1
   c.slurm.gpus_per_node = 8
   c.slurm.cpus_per_task = 8

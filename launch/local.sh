@@ -2,8 +2,8 @@
 # A sweep on this machine: every run is a glp-train subprocess; finished runs are skipped, interrupted ones resume.
 #   launch/local.sh                                   # the demo sweep (configs/sweep.py:runlocal) into runs/sweep
 #   launch/local.sh configs/sweep.py:runlocal runs/sweep --parallel=2
-# One process sees all local devices; on a multi-GPU host give each parallel run its own GPUs with
-# CUDA_VISIBLE_DEVICES instead, or run one at a time.
+# One run at a time sees every local device; with --parallel=N each run gets its own equal share of the GPUs
+# (CUDA_VISIBLE_DEVICES set per run; N must divide the GPU count), on CPU they share the host.
 set -euo pipefail
 CONFIG="${1:-configs/sweep.py:runlocal}"
 ROOT="${2:-runs/sweep}"

@@ -131,6 +131,41 @@ def test_fit_runs_reports_too_few_runs_instead_of_failing(tmp_path):
     fit_cli.fit_runs(root, str(tmp_path / "fit"), points="some", **kw)
 
 
+def test_best_loss_goes_with_the_activations_seen_at_the_best_eval(tmp_path, monkeypatch):
+  """--loss=best paired a run's best eval loss with its final D; an overfitting run's best comes earlier."""
+  root = str(tmp_path / "sweep")
+  scaling_fakes.write_sweep(root, sizes=(2e4, 6e4, 2e5), budgets=(2e6, 6e6, 2e7))
+  path = os.path.join(root, "n60000_b6000000", "metrics.jsonl")
+  with open(path) as f:
+    lines = [json.loads(l) for l in f]
+  lines[-1]["eval_loss"] = lines[-2]["eval_loss"] + 0.5        # the last eval is worse than the one before
+  with open(path, "w") as f:
+    f.writelines(json.dumps(l) + "\n" for l in lines)
+  rows = {r["run"]: r for r in collect.collect(root)}
+  r = rows["n60000_b6000000"]
+  assert (r["best_step"], r["best_examples"]) == (lines[-2]["step"], lines[-2]["examples"]) < (r["steps"], r["D"])
+  assert rows["n20000_b2000000"]["best_examples"] == rows["n20000_b2000000"]["D"]   # still falling at the end
+  seen = {}
+  monkeypatch.setattr(fit_cli.scaling_report, "analyze_chinchilla", lambda N, D, L, **kw: seen.update(D=D, L=L) or {
+      "params": {}, "ci": {}})
+  kw = dict(n_boot=0, seed=0, holdout=0, level=0.95, make_plots=False)
+  fit_cli.fit_runs(root, str(tmp_path / "fit"), loss="best", **kw)
+  done = [x for x in collect.collect(root) if x["done"]]
+  assert seen["D"].tolist() == [x["best_examples"] for x in done] and r["best_examples"] in seen["D"]
+  fit_cli.fit_runs(root, str(tmp_path / "fit"), loss="final", **kw)
+  assert seen["D"].tolist() == [x["D"] for x in done]
+
+
+def test_fit_runs_without_bootstrap_reports_point_estimates(fake_sweep, tmp_path):
+  result = fit_cli.fit_runs(fake_sweep[0], str(tmp_path / "fit"), n_boot=0, seed=0, holdout=1, level=0.95,
+                            loss="final")
+  for form in ("compute", "chinchilla"):
+    assert "error" not in result[form] and result[form]["alpha"]["ci"] is None, result[form]
+    assert np.isfinite(result[form]["alpha"]["value"]) and result[form]["report"]["holdout"]["within_band"] is None
+  assert result["metrics"]["probe.auc"]["vs_loss"]["slope"]["ci"] is None
+  assert os.path.getsize(tmp_path / "fit" / "loss_vs_compute.png") > 1000
+
+
 def test_wsd_runs_give_their_marked_cooldown_ends_and_constant_runs_none(tmp_path):
   root = str(tmp_path / "sweep")
   for i, n in enumerate((2e4, 2e5, 2e6)):

@@ -10,6 +10,7 @@ import pytest
 import scaling_fakes
 from glp_jax.scaling import fit as scaling
 from glp_jax.scaling import frontier
+from glp_jax.scaling import plots
 from glp_jax.scaling import report as scaling_report
 from glp_jax.scaling import uncertainty
 
@@ -139,6 +140,52 @@ def test_refusals():
     scaling.fit_compute(C, L[:-1])
 
 
+def test_too_few_distinct_design_points_are_refused_and_fail_their_resamples():
+  """Repeats of a design point (seeds) add no information on the law's shape: a fit counts distinct
+  points, and L(N, D) needs two sizes and two budgets (one budget left beta stuck at its start, CI [0.15,
+  0.15]; one size did the same to alpha)."""
+  rng = np.random.default_rng(0)
+  law = dict(E=0.4, A=30.0, B=400.0, alpha=0.3, beta=0.35)
+  noisy = lambda N, D: scaling.predict_chinchilla(law, N, D) * np.exp(rng.normal(0, 0.002, len(N)))
+  one_budget = np.geomspace(1e5, 1e7, 8), np.full(8, 1e8)
+  with pytest.raises(scaling.FitError, match="same D .one activation budget"):
+    scaling_report.analyze_chinchilla(*one_budget, noisy(*one_budget), n_boot=5, n_holdout=0)
+  one_size = np.full(8, 1e6), np.geomspace(1e7, 1e9, 8)
+  with pytest.raises(scaling.FitError, match="same N .one model size"):
+    scaling.fit_chinchilla(*one_size, noisy(*one_size))
+  N, D = np.array([1e5, 1e5, 1e6, 1e6, 1e5, 1e5, 1e6]), np.array([1e7, 1e8, 1e7, 1e8, 1e7, 1e8, 1e7])
+  with pytest.raises(scaling.FitError, match="4 distinct .N, D. points: need at least 6"):
+    scaling.fit_chinchilla(N, D, noisy(N, D))
+  C = np.repeat(np.logspace(15, 20, 3), 3)                 # 9 points, 3 distinct computes
+  with pytest.raises(scaling.FitError, match="3 distinct .C. points: need at least 4"):
+    scaling.fit_compute(C, scaling.predict_compute(TRUE_C, C))
+  # A resample of runs that draws fewer than 4 distinct computes is a failed resample, not a fit.
+  C, L = _compute_data(1, n=5)
+  C, L = np.repeat(C, 2), np.repeat(L, 2)
+  boot = uncertainty.bootstrap(scaling.fit_compute, dict(C=C, L=L), n=40, seed=0)
+  assert 0 < boot.n_failed < 40 and len(boot.samples) + boot.n_failed == 40
+
+
+def test_warm_refits_leave_a_zero_floor_when_the_resample_has_one():
+  """Bootstrap refits start at the full fit; with E ~ 0 there the gradient in log E is ~0, so a warm start
+  alone kept every resample at E ~ 0 (the committed study: alpha's CI 0.051-0.070 warm, 0.053-0.26 from the
+  start grid). Refits also try a coarse grid and reach the floor the full start grid finds."""
+  C = np.logspace(15, 20, 12)
+  pure = scaling.fit_compute(C, 435.1 * C ** -0.169)       # no floor in the data: E on its lower bound
+  assert pure.params["E"] < 1e-6
+  L = scaling.predict_compute(TRUE_C, C) * np.exp(np.random.default_rng(0).normal(0, 0.002, len(C)))
+  cold = scaling.fit_compute(C, L)
+  warm = scaling.fit_compute(C, L, init=scaling.warm_starts(pure))
+  assert warm.objective <= cold.objective + 1e-9
+  assert warm.params["E"] == pytest.approx(cold.params["E"], rel=1e-4) and warm.params["E"] > 0.4
+  # Same for L(N, D): a resample with a clear floor, refitted from a fit without one.
+  N, D = (x.ravel() for x in np.meshgrid(np.geomspace(1e5, 1e7, 5), np.geomspace(1e7, 1e9, 3)))
+  pure = scaling.fit_chinchilla(N, D, 30.0 * N ** -0.3 + 400.0 * D ** -0.35)
+  L = scaling.predict_chinchilla(dict(E=0.4, A=30.0, B=400.0, alpha=0.3, beta=0.35), N, D)
+  warm = scaling.fit_chinchilla(N, D, L, init=scaling.warm_starts(pure))
+  assert pure.params["E"] < 1e-6 and warm.params["E"] == pytest.approx(0.4, rel=0.02)
+
+
 def test_compute_optimal_allocation_minimises_the_law_on_the_isoflop_line():
   for c in (1e20, 1e23):
     n_opt, d_opt = scaling.compute_optimal(TRUE_NDL, c)
@@ -228,6 +275,49 @@ def test_report_compute_uses_the_frontier_of_grouped_curves():
   assert np.all(np.diff(front) > 0) and np.all(np.diff(rep["frontier"]["L"]) < 0)
   assert rep["n_fit_points"] == len(front) < len(C)
   assert rep["holdout"]["C"] == [C.max()]
+
+
+def test_holdout_takes_every_run_at_the_held_out_design_point():
+  """Seeds 0 and 1 of every grid point: holding out one run kept its twin in training, so the 'prediction'
+  of the held-out loss was a look-up."""
+  rng = np.random.default_rng(1)
+  N, D = (x.ravel() for x in np.meshgrid(np.geomspace(1e5, 1e7, 4), np.geomspace(1e7, 1e9, 3)))
+  N, D = np.tile(N, 2), np.tile(D, 2)
+  L = scaling.predict_chinchilla(dict(E=0.4, A=30.0, B=400.0, alpha=0.3, beta=0.35), N, D)
+  L = L * np.exp(rng.normal(0, 0.003, len(N)))
+  train, held = uncertainty.holdout_split(6 * N * D, None, 1, design=np.stack([N, D], 1))
+  assert held.sum() == 2 and not np.any(train & (N == 1e7) & (D == 1e9)) and np.all(N[held] == 1e7)
+  rep = scaling_report.analyze_chinchilla(N, D, L, n_boot=10, seed=0)
+  assert rep["holdout"]["n_runs_held_out"] == 2 and rep["holdout"]["C"] == [6e16, 6e16]
+  # L(C) over grouped runs: two seeds of the largest run share their final compute and leave together.
+  C = np.concatenate([np.geomspace(1e15, 1e19, 7), [1e19]])
+  L = scaling.predict_compute(TRUE_C, C) * np.exp(rng.normal(0, 0.003, len(C)))
+  train, held = uncertainty.holdout_split(C, np.arange(8), 1)
+  assert held.tolist() == [False] * 6 + [True, True]
+  rep = scaling_report.analyze_compute(C, L, np.arange(8), use_frontier=False, n_boot=10, seed=0)
+  assert rep["holdout"]["n_runs_held_out"] == 2 and rep["holdout"]["C"] == [1e19, 1e19]
+  with pytest.raises(scaling.FitError, match="of 7 distinct design points"):
+    uncertainty.holdout_split(C, np.arange(8), 7)
+
+
+def test_zero_bootstrap_resamples_give_point_estimates_and_null_intervals(tmp_path):
+  C, L = _compute_data(3)
+  full = scaling_report.analyze_compute(C, L, use_frontier=False, n_boot=5, seed=0, n_holdout=1)
+  rep = scaling_report.analyze_compute(C, L, use_frontier=False, n_boot=0, seed=0, n_holdout=1)
+  assert rep["params"] == full["params"] and rep["ci"] == dict.fromkeys(full["params"])
+  assert rep["band"]["conf_lo"] is None and rep["band"]["pred_hi"] is None and len(rep["band"]["C"]) == 64
+  assert rep["holdout"]["within_band"] is None and rep["holdout"]["pred_lo"] is None
+  assert rep["holdout"]["params"] == full["holdout"]["params"]
+  N, D, L2 = _chinchilla_data(4, n=20)
+  chin = scaling_report.analyze_chinchilla(N, D, L2, n_boot=0, n_holdout=0)
+  assert chin["ci"]["a"] is None and chin["optimal"]["N_opt_lo"] is None and len(chin["optimal"]["N_opt"]) == 32
+  metric = scaling_report.analyze_metric(C, scaling.predict_metric_power(dict(a=1.0, b=8.0, c=0.1), C),
+                                         kind="power", n_boot=0)
+  assert metric["ci"] == {"a": None, "b": None, "c": None}
+  json.dumps([rep, chin, metric])
+  assert plots.loss_vs_compute([("points", C, L)], rep, str(tmp_path / "c"))      # the law without bands
+  with pytest.raises(scaling.FitError, match=">= 0"):
+    uncertainty.bootstrap(scaling.fit_compute, dict(C=C, L=L), n=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -155,7 +155,11 @@ def test_slurm_script_dry_run_text():
   c = sweep_config()
   c.store = "/data/l07"
   runs = sweep.expand(c, "/shared/sw")
-  assert f"#SBATCH --array=0-{len(runs) - 1}%3" in script
+  # --parallel is for local runs: the array runs as many tasks as SLURM allows unless slurm.array_limit caps it.
+  assert f"#SBATCH --array=0-{len(runs) - 1}\n" in script
+  capped = _cli("--config=configs/sweep.py", "--root=/shared/sw", "--emit=slurm", "--dry_run",
+                "--config.slurm.array_limit=3")
+  assert f"#SBATCH --array=0-{len(runs) - 1}%3\n" in capped
   assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --ntasks-per-node=8" in script
   assert "export JAX_COORDINATOR_ADDRESS=" in script and "GLP_DISTRIBUTED=1" in script
   assert script.rstrip().endswith('srun --kill-on-bad-exit=1 glp-train "${ARGS[@]}"')
@@ -204,6 +208,33 @@ def test_dry_run_reports_done_and_partial_runs(tmp_path):
   assert f"{len(runs)} runs, 1 done, {len(runs) - 1} to run" in out
   slurm = _cli("--config=configs/sweep.py:runlocal", f"--root={tmp_path}", "--emit=slurm", "--dry_run")
   assert runs[0].name not in slurm and runs[1].name in slurm   # finished runs are not launched again
+
+
+def test_a_run_recorded_with_other_settings_is_a_conflict_not_reused(tmp_path, capsys):
+  """Rerunning a sweep into the same root with another batch size or store reused its done runs silently."""
+  c = sweep_config("runlocal")
+  c.store = "/old/store"
+  runs = sweep.expand(c, str(tmp_path))
+  for r in runs[:2]:
+    _finish(r, 1.0)
+    files.write_json(os.path.join(r.workdir, "config.json"),
+                     {"batch_size": 256, "log_every": 10, "data": {"store": "/old/store"}})
+  assert [r.status() for r in runs[:3]] == ["done", "done", "new"]
+  c.overrides.batch_size, c.overrides.log_every, c.store = 1024, 99, "/new/store"
+  runs = sweep.expand(c, str(tmp_path))
+  assert [r.status() for r in runs[:3]] == ["conflict", "conflict", "new"]
+  # The fields that decide what is trained (log_every does not) and the store, each with both values.
+  assert runs[0].conflicts() == ["batch_size: the run has 256, the sweep sets 1024",
+                                 "data.store: the run has '/old/store', the sweep sets '/new/store'"]
+  results = sweep.run_local(runs[:2])
+  assert results == {r.name: 1 for r in runs[:2]}
+  err = capsys.readouterr().err
+  assert f"conflict: {runs[0].workdir} was run with other settings (batch_size" in err and "another --root" in err
+  out = _cli("--config=configs/sweep.py:runlocal", f"--root={tmp_path}", "--emit=slurm", "--dry_run",
+             "--config.overrides.batch_size=1024", "--config.store=/new/store")
+  assert runs[0].name not in out and runs[2].name in out and "2 in conflict" in out
+  c.overrides.batch_size, c.store = 256, "/old/store"   # the settings they ran with: done again
+  assert [r.status() for r in sweep.expand(c, str(tmp_path))[:2]] == ["done", "done"]
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +335,10 @@ def test_parallel_runs_get_their_own_gpus(tmp_path):
   smi.chmod(0o755)
   slots = sweep.device_slots(3, {"PATH": f"{bindir}:{os.environ['PATH']}"})
   assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1", "2,3", "4,5"]
+  # MIG: each GPU's instances are listed indented under it; they are not GPUs of their own.
+  smi.write_text("#!/bin/sh\nfor i in 0 1; do echo \"GPU $i: NVIDIA A100 (UUID: GPU-$i)\"; for m in 0 1; do "
+                 "echo \"  MIG 3g.40gb     Device  $m: (UUID: MIG-$i$m)\"; done; done\n")
+  assert sweep.visible_gpus({"PATH": f"{bindir}:{os.environ['PATH']}"}) == ["0", "1"]
   assert all("CUDA_VISIBLE_DEVICES" not in s for s in sweep.device_slots(2, {"PATH": "/nonexistent"}))
 
 
@@ -330,3 +365,12 @@ def test_emitted_launchers_go_on_past_a_failed_run_and_stop_on_a_failed_scontrol
   slurm = subprocess.run(["bash", "-c", sweep.slurm_script(c, runs, str(tmp_path / "sw"))], env=env,
                          capture_output=True, text=True)
   assert slurm.returncode == 3 and not calls.exists()
+  # SLURM >= 22.05: srun does not inherit sbatch's --cpus-per-task; both launchers pass it on.
+  (bindir / "scontrol").write_text("#!/bin/bash\necho node1\n")
+  (bindir / "srun").write_text(f"#!/bin/bash\necho \"srun cpus=$SRUN_CPUS_PER_TASK\" >> {calls}\n")
+  env["SLURM_CPUS_PER_TASK"] = "8"
+  for script in (sweep.slurm_script(c, runs, str(tmp_path / "sw")),
+                 open(os.path.join(ROOT, "launch", "slurm_train.sbatch")).read()):
+    out = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+  assert calls.read_text().splitlines() == ["srun cpus=8"] * 2

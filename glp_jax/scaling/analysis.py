@@ -1,9 +1,10 @@
 """The analyses behind `glp-fit`: collect a sweep's runs (or read a table), fit L(C) over the compute frontier
 of the finished runs' annealed evals (`frontier`: end-of-schedule and marked cooldown ends; `points="all"`
-takes every eval, C = 6*N*activations seen), L(N, D) over every finished run's final (or best) eval loss, and
-each downstream metric vs loss (linear) and vs compute (f = a - b*C^-c), with bootstrap CIs (runs resampled, or
-residuals for the L(C) frontier, plus each eval loss's SEM for the loss laws), bands, a held-out check and plots. A fit that cannot be made
-(too few runs) is reported in fit.json, not fatal. fit.json: {form: {param: {"value", "ci"}, ...,
+takes every eval, C = 6*N*activations seen), L(N, D) over every finished run's final eval loss (or its best,
+at the activations seen by then), and each downstream metric vs loss (linear) and vs compute
+(f = a - b*C^-c), with bootstrap CIs (runs resampled, or residuals for the L(C) frontier, plus each eval
+loss's SEM for the loss laws), bands, a held-out check and plots. A fit that cannot be made (too few runs) is
+reported in fit.json, not fatal. fit.json: {form: {param: {"value", "ci"}, ...,
 "report": {...}}, "compute_points": which points formed the L(C) frontier and why, "warnings": [...]}.
 """
 from __future__ import annotations
@@ -63,12 +64,13 @@ def fit_runs(root: str, out: str, *, n_boot: int, seed: int, holdout: int, level
   if points == "all":
     result["warnings"].append(frontier.ALL_WARNING)
 
-  # L(N, D): one point per finished run.
+  # L(N, D): one point per finished run; the best eval's loss goes with the activations seen by then.
   N, D = collect.column(done, "N"), collect.column(done, "D")
+  D_loss = collect.column(done, "best_examples") if loss == "best" else D
   y = collect.column(done, f"{loss}_eval_loss")
   y_sem = collect.column(done, f"{loss}_eval_loss_sem")
-  ok = np.isfinite(y)
-  result["chinchilla"] = _try(scaling_report.analyze_chinchilla, N[ok], D[ok], y[ok], loss_sem=y_sem[ok],
+  ok = np.isfinite(y) & np.isfinite(D_loss)
+  result["chinchilla"] = _try(scaling_report.analyze_chinchilla, N[ok], D_loss[ok], y[ok], loss_sem=y_sem[ok],
                               n_holdout=holdout, **kw)
 
   # Downstream metrics vs loss and vs compute.

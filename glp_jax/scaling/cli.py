@@ -31,19 +31,21 @@ flags.DEFINE_string("root", None, "Sweep folder: every run's workdir is <root>/<
 flags.DEFINE_bool("dry_run", False, "Print what would run (or the launcher text) and exit.", flag_values=SWEEP_FLAGS)
 flags.DEFINE_enum("emit", "local", ["local", "slurm", "tpu"], "Run here, or write a launcher.",
                   flag_values=SWEEP_FLAGS)
-flags.DEFINE_integer("parallel", None, "Override config.parallel.", flag_values=SWEEP_FLAGS)
+flags.DEFINE_integer("parallel", None, "Runs at once here (overrides config.parallel; a SLURM array's limit is "
+                     "config.slurm.array_limit).", flag_values=SWEEP_FLAGS)
 
 FIT_FLAGS = cli.flag_values()
 flags.DEFINE_string("runs", None, "Sweep root: every run directory below it is collected.", flag_values=FIT_FLAGS)
 flags.DEFINE_string("table", None, "A CSV of points to fit instead of runs.", flag_values=FIT_FLAGS)
 flags.DEFINE_enum("form", "chinchilla", ["chinchilla", "compute"], "Law for --table.", flag_values=FIT_FLAGS)
 flags.DEFINE_string("out", None, "Output folder (default: <runs>/fit or the table's folder).", flag_values=FIT_FLAGS)
-flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap resamples (runs, or frontier residuals; each loss + N(0, sem^2)).",
-                     flag_values=FIT_FLAGS)
+flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap resamples (runs, or frontier residuals; each loss + N(0, sem^2)); "
+                     "0: point estimates, null intervals.", flag_values=FIT_FLAGS)
 flags.DEFINE_integer("seed", 0, "Bootstrap seed.", flag_values=FIT_FLAGS)
 flags.DEFINE_integer("holdout", 1, "Largest-compute runs held out for the prediction check.", flag_values=FIT_FLAGS)
 flags.DEFINE_float("level", 0.95, "Confidence level of intervals and bands.", flag_values=FIT_FLAGS)
-flags.DEFINE_enum("loss", "final", ["final", "best"], "Per-run loss for the Chinchilla fit.", flag_values=FIT_FLAGS)
+flags.DEFINE_enum("loss", "final", ["final", "best"], "Per-run loss for the Chinchilla fit (best: the lowest eval, at "
+                  "the activations seen by then).", flag_values=FIT_FLAGS)
 flags.DEFINE_enum("points", "annealed", ["annealed", "all"],
                   "L(C) candidates: each run's end-of-schedule eval and evals marked annealed, or every eval "
                   "point (intermediate cosine evals are not annealed and bias the exponent).", flag_values=FIT_FLAGS)
@@ -90,8 +92,12 @@ def sweep_main(fv: flags.FlagValues) -> None:
 def _launch(fv: flags.FlagValues, config, runs: list[sweep.Run], root: str) -> None:
   """Runs `runs` here, prints them (--dry_run) or writes their launcher (--emit)."""
   emit = fv.emit
-  pending = [r for r in runs if not r.finished]
-  print(f"[glp-sweep] {len(runs)} runs, {len(runs) - len(pending)} done, {len(pending)} to run", flush=True)
+  clash = [r for r in runs if r.status() == "conflict"]
+  pending = [r for r in runs if not r.finished and r not in clash]
+  print(f"[glp-sweep] {len(runs)} runs, {len(runs) - len(pending) - len(clash)} done, {len(pending)} to run, "
+        f"{len(clash)} in conflict", flush=True)
+  if emit != "local" or fv.dry_run:   # a local sweep reports them as it skips them (run_local)
+    sweep.report_conflicts(clash)
   if emit in ("slurm", "tpu"):
     if not pending:
       return

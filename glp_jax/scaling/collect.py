@@ -2,7 +2,8 @@
 
 One row per run directory (any folder under the root holding a config.json, metrics.jsonl or summary.json).
 Columns: run, workdir, done, N (params), D (activations seen), C (training FLOPs as the trainer counts them),
-C_6ND, steps, final and best eval loss with their SEM, final_train_loss, wall_time, the sweep axes read from
+C_6ND, steps, final and best eval loss with their SEM, best_step and best_examples (activations seen at the
+best eval), final_train_loss, wall_time, the sweep axes read from
 the config (preset, width_mult, mlp_mult, n_layers, lr, schedule, seed, budget, batch_size) and every numeric
 scalar of every `eval_<name>.json` as `<name>.<key>` (nested keys joined with '.'). Rows are sorted by run name.
 The table is a list of dicts; CSV always, parquet too when pyarrow is importable.
@@ -22,7 +23,8 @@ from glp_jax.scaling import sweep
 from glp_jax.util import files
 
 CORE_COLUMNS = ("run", "workdir", "done", "N", "D", "C", "C_6ND", "steps", "final_eval_loss",
-                "final_eval_loss_sem", "best_eval_loss", "best_eval_loss_sem", "best_step", "final_train_loss",
+                "final_eval_loss_sem", "best_eval_loss", "best_eval_loss_sem", "best_step", "best_examples",
+                "final_train_loss",
                 "wall_time", "preset", "width_mult", "mlp_mult", "n_layers", "lr", "schedule", "seed",
                 "budget", "batch_size")
 _RUN_FILES = ("summary.json", "metrics.jsonl", "config.json")
@@ -116,10 +118,10 @@ def load_run(workdir: str, root: str | None = None) -> dict:
   if len(curve["step"]):
     i = int(np.argmin(curve["eval_loss"]))
     row.update(best_eval_loss=float(curve["eval_loss"][i]), best_eval_loss_sem=float(curve["eval_loss_sem"][i]),
-               best_step=float(curve["step"][i]))
+               best_step=float(curve["step"][i]), best_examples=float(curve["examples"][i]))
   else:
     row.update(best_eval_loss=row["final_eval_loss"], best_eval_loss_sem=row["final_eval_loss_sem"],
-               best_step=row["steps"])
+               best_step=row["steps"], best_examples=row["D"])
   row.update(eval_metrics(workdir))
   return row
 

@@ -25,6 +25,11 @@ def save(fig, out_base: str) -> list[str]:
   return paths
 
 
+def _band(report: Mapping) -> dict[str, np.ndarray]:
+  """A report's band as arrays; after 0 bootstrap resamples only the grid (its bands are None)."""
+  return {k: np.asarray(v) for k, v in report["band"].items() if v is not None}
+
+
 def loss_vs_compute(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], report: Mapping | None,
                     out_base: str, title: str = "GLP loss vs compute",
                     points: tuple[np.ndarray, np.ndarray, str] | None = None) -> list[str]:
@@ -39,11 +44,12 @@ def loss_vs_compute(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], report
   if points is not None and len(points[0]):
     ax.plot(points[0], points[1], "o", mfc="none", mec="k", ms=4, label=f"candidates ({points[2]})", zorder=4)
   if report and "band" in report:
-    b = {k: np.asarray(v) for k, v in report["band"].items()}
-    ax.fill_between(b["C"], b["pred_lo"], b["pred_hi"], color="tab:red", alpha=0.12,
-                    label=f"{report['level']:.0%} prediction band")
-    ax.fill_between(b["C"], b["conf_lo"], b["conf_hi"], color="tab:red", alpha=0.3,
-                    label=f"{report['level']:.0%} confidence band")
+    b = _band(report)
+    if "pred_lo" in b:
+      ax.fill_between(b["C"], b["pred_lo"], b["pred_hi"], color="tab:red", alpha=0.12,
+                      label=f"{report['level']:.0%} prediction band")
+      ax.fill_between(b["C"], b["conf_lo"], b["conf_hi"], color="tab:red", alpha=0.3,
+                      label=f"{report['level']:.0%} confidence band")
     p = report["params"]
     ax.plot(b["C"], scaling.predict_compute(p, b["C"]), "r-", lw=1.5,
             label=f"L = {p['E']:.3g} + {p['A']:.3g}·C^-{p['alpha']:.3f}")
@@ -109,9 +115,10 @@ def metric_vs(x: np.ndarray, y: np.ndarray, report: Mapping | None, out_base: st
   fig, ax = plt.subplots(figsize=(5.2, 4.0))
   ax.plot(x, y, "ko", ms=4, label="runs")
   if report and "band" in report:
-    b = {k: np.asarray(v) for k, v in report["band"].items()}
-    ax.fill_between(b["x"], b["pred_lo"], b["pred_hi"], color="tab:blue", alpha=0.12, label="prediction band")
-    ax.fill_between(b["x"], b["conf_lo"], b["conf_hi"], color="tab:blue", alpha=0.3, label="confidence band")
+    b = _band(report)
+    if "pred_lo" in b:
+      ax.fill_between(b["x"], b["pred_lo"], b["pred_hi"], color="tab:blue", alpha=0.12, label="prediction band")
+      ax.fill_between(b["x"], b["conf_lo"], b["conf_hi"], color="tab:blue", alpha=0.3, label="confidence band")
     p = report["params"]
     fit_y = (scaling.predict_linear(p, b["x"]) if report["form"] == "linear"
              else scaling.predict_metric_power(p, b["x"]))
@@ -136,8 +143,9 @@ def utility_panel(loss: np.ndarray, metrics: Sequence[tuple[str, np.ndarray, Map
     ok = np.isfinite(loss) & np.isfinite(y)
     ax.plot(loss[ok], y[ok], "ko", ms=3)
     if report and "band" in report:
-      b = {k: np.asarray(v) for k, v in report["band"].items()}
-      ax.fill_between(b["x"], b["conf_lo"], b["conf_hi"], color="tab:blue", alpha=0.25)
+      b = _band(report)
+      if "conf_lo" in b:
+        ax.fill_between(b["x"], b["conf_lo"], b["conf_hi"], color="tab:blue", alpha=0.25)
       ax.plot(b["x"], scaling.predict_linear(report["params"], b["x"]), "b-", lw=1)
       if "pearson_r" in report:
         name = f"{name}  (r={report['pearson_r']:.2f})"

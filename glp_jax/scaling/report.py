@@ -24,8 +24,14 @@ FRONTIER_SOURCES = ("residuals", "eval_loss_sem")
 
 # Reports: fit + bootstrap + bands + held-out check as one JSON-able dict (what glp-fit writes).
 # ---------------------------------------------------------------------------------------------------------
-def _ci_dict(boot: Bootstrap, level: float) -> dict[str, list[float]]:
-  return {k: list(v) for k, v in boot.ci(level).items()}
+def _ci_dict(boot: Bootstrap, level: float, params) -> dict[str, list[float] | None]:
+  """Every parameter's interval; None for all of them after 0 resamples (point estimates only)."""
+  ci = boot.ci(level)
+  return {k: list(ci[k]) if k in ci else None for k in params}
+
+
+def _lists(band: dict) -> dict[str, list[float] | None]:
+  return {k: None if v is None else v.tolist() for k, v in band.items()}
 
 
 def _loss_noise(L: np.ndarray, loss_sem) -> tuple[dict | None, dict]:
@@ -68,10 +74,10 @@ def analyze_compute(C, L, groups=None, *, loss_sem=None, use_frontier: bool = Tr
                     seed: int = 0, n_holdout: int = 1, level: float = 0.95, n_grid: int = 64) -> dict:
   """L(C) = E + A*C^-alpha on the frontier of the given points (e.g. every run's annealed evals).
 
-  `groups` names each point's run: the held-out check drops the `n_holdout` runs with the most compute,
-  refits, and predicts their final (largest-compute) loss; without the frontier the bootstrap resamples
-  runs. `loss_sem` (one per point) also perturbs each resample's losses by N(0, sem^2), so noisy evals
-  widen the CIs.
+  `groups` names each point's run: the held-out check drops the runs at the `n_holdout` largest final
+  computes (another seed of the same run with it), refits, and predicts their final (largest-compute) loss;
+  without the frontier the bootstrap resamples runs. `loss_sem` (one per point) also perturbs each
+  resample's losses by N(0, sem^2), so noisy evals widen the CIs.
   """
   C, L = np.asarray(C, np.float64), np.asarray(L, np.float64)
   sem = None if loss_sem is None else np.asarray(loss_sem, np.float64).reshape(-1)
@@ -80,10 +86,10 @@ def analyze_compute(C, L, groups=None, *, loss_sem=None, use_frontier: bool = Tr
   band = bands(lambda p: predict_compute(p, grid), boot, fit.residuals, level=level, seed=seed,
                n_params=len(COMPUTE_PARAMS))
   out = dict(form="compute", law="L = E + A*C^-alpha", n_points=int(len(C)), n_fit_points=fit.n_points,
-             params=fit.params, ci=_ci_dict(boot, level), level=level, residual_std=fit.residual_std,
+             params=fit.params, ci=_ci_dict(boot, level, fit.params), level=level, residual_std=fit.residual_std,
              at_bounds=list(fit.at_bounds), bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, **sources),
              frontier=dict(C=C[front].tolist(), L=L[front].tolist()),
-             band=dict(C=grid.tolist(), **{k: v.tolist() for k, v in band.items()}))
+             band=dict(C=grid.tolist(), **_lists(band)))
   out["holdout"] = _holdout(
       dict(C=C, L=L), C, groups, n_holdout, lambda x, g, s: _fit_boot_compute(x["C"], x["L"], g, s, use_frontier,
                                                                               n_boot, seed)[:2],
@@ -92,8 +98,9 @@ def analyze_compute(C, L, groups=None, *, loss_sem=None, use_frontier: bool = Tr
 
 
 def _holdout(cols: dict, C, groups, n_holdout: int, fit_boot, predict_fn, *, loss_sem, seed: int, level: float,
-             n_params: int) -> dict:
-  """Refits without the `n_holdout` largest-compute runs and predicts each one's largest-compute point.
+             n_params: int, design=None) -> dict:
+  """Refits without the runs at the `n_holdout` largest-compute design points (`holdout_split`: a seed's
+  twin leaves with it) and predicts each one's largest-compute point.
 
   `fit_boot(columns, groups, sem) -> (fit, bootstrap)` is the full fit's own procedure, so the prediction
   band of the refit has the same sources as the full fit's CIs, and `within_band` says whether the law fitted
@@ -103,7 +110,7 @@ def _holdout(cols: dict, C, groups, n_holdout: int, fit_boot, predict_fn, *, los
     return dict(skipped="n_holdout = 0")
   labels = np.arange(len(C)) if groups is None else np.asarray(groups)
   try:
-    train, held = holdout_split(C, labels, n_holdout)
+    train, held = holdout_split(C, labels, n_holdout, design)
     fit, boot = fit_boot({k: v[train] for k, v in cols.items()}, labels[train],
                          None if loss_sem is None else loss_sem[train])
   except FitError as e:
@@ -113,14 +120,15 @@ def _holdout(cols: dict, C, groups, n_holdout: int, fit_boot, predict_fn, *, los
     idx = np.flatnonzero(labels == g)
     last[idx[np.argmax(C[idx])]] = True
   at = {k: v[last] for k, v in cols.items()}
-  band = bands(lambda p: predict_fn(p, at), boot, fit.residuals, level=level, seed=seed, n_params=n_params)
+  band = _lists(bands(lambda p: predict_fn(p, at), boot, fit.residuals, level=level, seed=seed, n_params=n_params))
   observed = cols["L"][last]
   out = holdout_errors(observed, predict_fn(fit.params, at))
-  inside = (observed >= band["pred_lo"]) & (observed <= band["pred_hi"])
-  out.update(n_holdout=n_holdout, C=C[last].tolist(), params=fit.params, level=level,
-             **{k: band[k].tolist() for k in ("pred_lo", "pred_hi", "conf_lo", "conf_hi")},
-             within_band=bool(np.all(inside)), bootstrap=dict(n=len(boot.samples) + boot.n_failed,
-                                                              n_failed=boot.n_failed, seed=seed))
+  inside = None if band["pred_lo"] is None else bool(np.all((observed >= band["pred_lo"]) &
+                                                            (observed <= band["pred_hi"])))
+  out.update(n_holdout=n_holdout, n_runs_held_out=int(len(np.unique(labels[held]))), C=C[last].tolist(),
+             params=fit.params, level=level, **{k: band[k] for k in ("pred_lo", "pred_hi", "conf_lo", "conf_hi")},
+             within_band=inside, bootstrap=dict(n=len(boot.samples) + boot.n_failed, n_failed=boot.n_failed,
+                                                seed=seed))
   return out
 
 
@@ -141,17 +149,19 @@ def analyze_chinchilla(N, D, L, *, loss_sem=None, n_boot: int = 1000, seed: int 
   C = 6.0 * N * D
   grid = np.logspace(np.log10(C.min()), np.log10(C.max()) + 1.0, n_grid)
   q = 50 * (1 - level)
-  n_opt_BxG = np.stack([compute_optimal(p, grid)[0] for p in boot.param_dicts()])
   n_opt, d_opt = compute_optimal(fit.params, grid)
-  with np.errstate(invalid="ignore"):   # inf allocations of degenerate resamples (see compute_optimal)
-    n_opt_lo, n_opt_hi = np.percentile(n_opt_BxG, [q, 100 - q], axis=0)
+  n_opt_lo = n_opt_hi = None
+  if len(boot.samples):
+    n_opt_BxG = np.stack([compute_optimal(p, grid)[0] for p in boot.param_dicts()])
+    with np.errstate(invalid="ignore"):   # inf allocations of degenerate resamples (see compute_optimal)
+      n_opt_lo, n_opt_hi = np.percentile(n_opt_BxG, [q, 100 - q], axis=0)
   params = dict(fit.params, **derived(fit.params))
   out = dict(form="chinchilla", law="L = E + A*N^-alpha + B*D^-beta", n_points=int(len(L)),
-             n_fit_points=fit.n_points, params=params, ci=_ci_dict(boot, level), level=level,
+             n_fit_points=fit.n_points, params=params, ci=_ci_dict(boot, level, params), level=level,
              residual_std=fit.residual_std, at_bounds=list(fit.at_bounds),
              bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, **sources),
              optimal=dict(C=grid.tolist(), N_opt=n_opt.tolist(), D_opt=d_opt.tolist(),
-                          N_opt_lo=n_opt_lo.tolist(), N_opt_hi=n_opt_hi.tolist()))
+                          **_lists(dict(N_opt_lo=n_opt_lo, N_opt_hi=n_opt_hi))))
   sem = None if loss_sem is None else np.asarray(loss_sem, np.float64).reshape(-1)
 
   def fit_boot(x, _, s):
@@ -161,7 +171,7 @@ def analyze_chinchilla(N, D, L, *, loss_sem=None, n_boot: int = 1000, seed: int 
 
   out["holdout"] = _holdout(dict(N=N, D=D, L=L), C, None, n_holdout, fit_boot,
                             lambda p, x: predict_chinchilla(p, x["N"], x["D"]), loss_sem=sem, seed=seed,
-                            level=level, n_params=len(CHINCHILLA_PARAMS))
+                            level=level, n_params=len(CHINCHILLA_PARAMS), design=np.stack([N, D], 1))
   return out
 
 
@@ -185,7 +195,7 @@ def analyze_metric(x, y, *, kind: str = "linear", n_boot: int = 1000, seed: int 
                n_params=len(fit.params))
   # Pearson r of the metric with loss (linear) or log compute (power): how tightly loss/compute predict it.
   r = float(np.corrcoef(x if kind == "linear" else np.log(x), y)[0, 1])
-  return dict(form=fit.form, n_points=int(len(x)), params=fit.params, ci=_ci_dict(boot, level), level=level,
+  return dict(form=fit.form, n_points=int(len(x)), params=fit.params, ci=_ci_dict(boot, level, fit.params), level=level,
               residual_std=fit.residual_std, pearson_r=r,
               bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, sources=list(CI_SOURCES[:1])),
-              band=dict(x=grid.tolist(), **{k: v.tolist() for k, v in band.items()}))
+              band=dict(x=grid.tolist(), **_lists(band)))

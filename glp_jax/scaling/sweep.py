@@ -2,7 +2,9 @@
 (`run_local`, `parallel` at a time) or written out as a SLURM array / TPU-VM launcher.
 
 A run whose summary.json says done is skipped; an interrupted one is simply started again (glp-train
-resumes from its last checkpoint). Launchers hold environment set-up and the glp-train command only.
+resumes from its last checkpoint). A run whose recorded config.json disagrees with what the sweep sets now
+(another batch size, store, ...) is a conflict: neither reused nor run, but reported. Launchers hold
+environment set-up and the glp-train command only.
 
 Learning rate per size: with `lr_search` set, every size first runs each of those lrs at the smallest budget
 under <root>/lr_search (not grid points: collect skips that folder), and the grid runs each size at the lr
@@ -38,9 +40,25 @@ class Run:
   args: tuple[str, ...]   # glp-train arguments
   size: str = ""
   lr: float = 0.0
+  overrides: tuple[tuple[str, Any], ...] = ()   # (train-config key, value) pairs behind args
+
+  def conflicts(self) -> list[str]:
+    """How the run's recorded config.json differs from the overrides, in the fields that decide what is
+    trained (the trainer's plan fields) and the store; [] for a run not started."""
+    recorded = files.read_json(os.path.join(self.workdir, "config.json"))
+    if recorded is None:
+      return []
+    plan = workdir_lib.plan_fields(recorded)
+    if "store" in recorded.get("data", {}):
+      plan["data.store"] = recorded["data"]["store"]
+    return [f"{k}: the run has {plan[k]!r}, the sweep sets {v!r}" for k, v in self.overrides
+            if k in plan and _plain(plan[k]) != _plain(v, k)]
 
   def status(self) -> str:
-    """done | diverged (stopped on a non-finite loss: not started again) | partial (resumes) | new."""
+    """conflict (run with other settings: not reused, not run) | done | diverged (stopped on a non-finite loss:
+    not started again) | partial (resumes) | new."""
+    if self.conflicts():
+      return "conflict"
     if (files.read_json(os.path.join(self.workdir, "summary.json")) or {}).get("done"):
       return "done"
     if files.exists(os.path.join(self.workdir, workdir_lib.DIVERGED_FILE)):
@@ -53,6 +71,23 @@ class Run:
   def finished(self) -> bool:
     """Nothing left to run: done, or diverged (a rerun of the same config would diverge again)."""
     return self.status() in ("done", "diverged")
+
+
+def _plain(v: Any, key: str = "") -> Any:
+  """A config value as config.json records it: tuples are lists, a local store path is absolute (glp-train
+  resolves it so)."""
+  if key == "data.store" and v and "://" not in v:
+    return os.path.abspath(v)
+  return list(v) if isinstance(v, tuple) else v
+
+
+def report_conflicts(runs: list[Run]) -> list[Run]:
+  """Prints each run in conflict with the sweep's settings (to stderr) and returns them."""
+  out = [r for r in runs if r.status() == "conflict"]
+  for r in out:
+    print(f"[glp-sweep] conflict: {r.workdir} was run with other settings ({'; '.join(r.conflicts())}); not "
+          "reused and not run: move it away, or sweep into another --root", file=sys.stderr, flush=True)
+  return out
 
 
 def _num(x: float) -> str:
@@ -107,9 +142,10 @@ def choose_lrs(runs: list[Run], sizes) -> dict:
   "at_edge": [sizes whose best lr is the lowest or highest tried: the ladder may not bracket the optimum]}."""
   search: dict[str, list] = {s: [] for s in sizes}
   for r in runs:
+    status = r.status()   # a conflict (run with other settings) has no loss here
     summary = files.read_json(os.path.join(r.workdir, "summary.json")) or {}
-    loss = summary.get("eval_loss") if summary.get("done") else None
-    search[r.size].append(dict(lr=r.lr, loss=loss, status=r.status() if loss is None else "done"))
+    loss = summary.get("eval_loss") if status == "done" else None
+    search[r.size].append(dict(lr=r.lr, loss=loss, status=status if loss is None else "done"))
   lrs = {}
   for size, rows in search.items():
     done = [x for x in rows if x["loss"] is not None]
@@ -174,7 +210,7 @@ def expand(config: ml_collections.ConfigDict, root: str, train_config: str | Non
     over.update(size_overrides(size))
     over.update({"num_activations": float(budget), "opt.lr": float(lr), "seed": int(seed)})
     args = (f"--config={spec}", f"--workdir={workdir}", *(f"--config.{k}={_value(v)}" for k, v in over.items()))
-    runs.append(Run(name, workdir, args, size, float(lr)))
+    runs.append(Run(name, workdir, args, size, float(lr), tuple(over.items())))
   return runs
 
 
@@ -184,14 +220,15 @@ def command(run: Run, python: str = sys.executable) -> list[str]:
 
 
 def visible_gpus(env: dict) -> list[str]:
-  """The GPUs runs may use: CUDA_VISIBLE_DEVICES when set, else those `nvidia-smi -L` lists ([] on CPU)."""
+  """The GPUs runs may use: CUDA_VISIBLE_DEVICES when set, else the indices of the `GPU <i>:` lines of
+  `nvidia-smi -L` ([] on CPU; its indented MIG lines are parts of a GPU, not GPUs)."""
   if env.get("CUDA_VISIBLE_DEVICES") is not None:
     return [g for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
   try:
     out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, env=env)
   except (OSError, subprocess.TimeoutExpired):
     return []
-  return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+  return re.findall(r"^GPU (\d+):", out.stdout, flags=re.MULTILINE)
 
 
 def device_slots(parallel: int, env: dict) -> list[dict]:
@@ -221,8 +258,10 @@ def _log_path(workdir: str) -> str:
 
 def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, poll_s: float = 0.2) -> dict:
   """Runs every run not done, `parallel` at a time, each on its own devices (`device_slots`); each logs to
-  <workdir>/train.log (a run folder on a bucket: a local log, uploaded when the run ends). Returns name -> rc."""
-  todo = [r for r in runs if not r.finished]
+  <workdir>/train.log (a run folder on a bucket: a local log, uploaded when the run ends). Returns name -> rc
+  (1 for a diverged run and for a conflict, which is reported and not run)."""
+  clash = report_conflicts(runs)
+  todo = [r for r in runs if not r.finished and r not in clash]
   results = {r.name: 0 if r.status() == "done" else 1 for r in runs if r not in todo}
   free = device_slots(parallel, dict(os.environ if env is None else env))
   active: list[tuple[Run, subprocess.Popen, Any, dict]] = []
@@ -251,10 +290,11 @@ def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, po
 # Launchers: environment + the same entry point, nothing else.
 # ---------------------------------------------------------------------------------------------------------
 def slurm_script(config: ml_collections.ConfigDict, runs: list[Run], root: str) -> str:
-  """A SLURM array script: task i runs run i with one process per GPU (srun), joined by jax.distributed."""
+  """A SLURM array script: task i runs run i with one process per GPU (srun), joined by jax.distributed; at
+  most `slurm.array_limit` tasks at once (0: no limit; `parallel` is for local runs only)."""
   s = config.slurm
   n_tasks = s.nodes * s.gpus_per_node
-  limit = f"%{config.parallel}" if config.parallel else ""
+  limit = f"%{s.array_limit}" if s.array_limit else ""
   # SLURM writes job output to a file system: a sweep on a bucket gets it in the submit folder.
   output = "slurm-%A_%a.out" if files.is_remote(root) else os.path.join(root, "slurm-%A_%a.out")
   head = ["#!/bin/bash", "#SBATCH --job-name=glp-sweep", f"#SBATCH --array=0-{len(runs) - 1}{limit}",
@@ -274,6 +314,8 @@ def slurm_script(config: ml_collections.ConfigDict, runs: list[Run], root: str) 
            "COORDINATOR_HOST=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)\"",
            "export JAX_COORDINATOR_ADDRESS=\"$COORDINATOR_HOST:$((20000 + SLURM_JOB_ID % 10000))\"",
            "export GLP_DISTRIBUTED=1",
+           "# SLURM >= 22.05: srun no longer inherits --cpus-per-task from sbatch; pass it on.",
+           "if [[ -n \"${SLURM_CPUS_PER_TASK:-}\" ]]; then export SRUN_CPUS_PER_TASK=\"$SLURM_CPUS_PER_TASK\"; fi",
            "srun --kill-on-bad-exit=1 glp-train \"${ARGS[@]}\""]
   return "\n".join(head + [""] + [b for b in body if b]) + "\n"
 

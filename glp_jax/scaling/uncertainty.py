@@ -3,7 +3,8 @@
 `bootstrap` resamples runs (groups of points) with replacement and can perturb each point by N(0, sem^2);
 `residual_bootstrap` is the fixed-design alternative for an L(C) frontier; `bands` turns the bootstrap's parameter
 sets into a confidence band (the mean law) and a wider prediction band (a new run's loss); `holdout_split` /
-`holdout_errors` hold out the largest-compute runs and score their prediction. Pure numpy, no I/O.
+`holdout_errors` hold out the runs at the largest-compute design points and score their prediction. A bootstrap of
+0 resamples is empty: its intervals and bands are None (point estimates only). Pure numpy, no I/O.
 """
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from glp_jax.scaling.fit import Fit, FitError, canonical_order
 @dataclasses.dataclass(frozen=True)
 class Bootstrap:
   """Parameter samples (one row per successful resample) and how many resamples could not be fitted."""
-  names: tuple[str, ...]
+  names: tuple[str, ...]       # () when no resample was drawn
   samples: np.ndarray          # [n_ok, n_params]
   n_failed: int
 
   def ci(self, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile intervals ({} without samples)."""
+    if not len(self.samples):
+      return {}
     q = 50 * (1 - level)
     lo, hi = np.percentile(self.samples, [q, 100 - q], axis=0)
     return {k: (float(l), float(h)) for k, l, h in zip(self.names, lo, hi)}
@@ -41,9 +45,11 @@ def bootstrap(fit_fn: Callable[..., Fit], columns: Mapping[str, np.ndarray], *, 
   resample also adds N(0, sd^2) to that column's points (a parametric bootstrap of the measurement error,
   which resampling runs alone does not see when there are few runs). The noise comes from its own stream,
   so the resampled runs are the same with and without it. Resamples that cannot be fitted (too few
-  distinct points, a loss pushed below 0) are counted in `n_failed`; `derived(params) -> dict` adds
-  derived quantities (e.g. allocation exponents) to every sample.
+  distinct design points, a loss pushed below 0: `fit_fn` raises FitError) are counted in `n_failed`;
+  `derived(params) -> dict` adds derived quantities (e.g. allocation exponents) to every sample. `n = 0` gives
+  an empty Bootstrap.
   """
+  _check_n(n)
   cols = {k: np.asarray(v, np.float64).reshape(-1) for k, v in columns.items()}
   sds = {k: np.asarray(v, np.float64).reshape(-1) for k, v in (noise or {}).items()}
   for k, sd in sds.items():
@@ -79,9 +85,18 @@ def bootstrap(fit_fn: Callable[..., Fit], columns: Mapping[str, np.ndarray], *, 
       p.update(derived(p))
     names = names or tuple(p)
     rows.append([p[k] for k in names])
-  if not rows:
+  return _result(names, rows, failed)
+
+
+def _check_n(n: int) -> None:
+  if n < 0:
+    raise FitError(f"the number of bootstrap resamples must be >= 0, got {n}")
+
+
+def _result(names, rows: list, failed: int) -> Bootstrap:
+  if failed and not rows:
     raise FitError(f"no bootstrap resample could be fitted ({failed} failed)")
-  return Bootstrap(names, np.asarray(rows), failed)
+  return Bootstrap(names or (), np.asarray(rows, np.float64) if rows else np.zeros((0, 0)), failed)
 
 
 def residual_bootstrap(fit_fn: Callable[..., Fit], columns: Mapping[str, np.ndarray], fitted_L, *,
@@ -93,6 +108,7 @@ def residual_bootstrap(fit_fn: Callable[..., Fit], columns: Mapping[str, np.ndar
   This is the bootstrap of an L(C) frontier: its compute values are the sweep's design, not a sample, and
   resampling runs instead leaves most resamples with too few distinct frontier points to fit at all.
   """
+  _check_n(n)
   cols = {k: np.asarray(v, np.float64).reshape(-1) for k, v in columns.items()}
   fitted = np.asarray(fitted_L, np.float64).reshape(-1)
   r = np.log(cols["L"]) - np.log(fitted)
@@ -111,9 +127,7 @@ def residual_bootstrap(fit_fn: Callable[..., Fit], columns: Mapping[str, np.ndar
       continue
     names = names or tuple(fit.params)
     rows.append([fit.params[k] for k in names])
-  if not rows:
-    raise FitError(f"no bootstrap resample could be fitted ({failed} failed)")
-  return Bootstrap(names, np.asarray(rows), failed)
+  return _result(names, rows, failed)
 
 
 def bands(predict_fn: Callable[[Mapping[str, float]], np.ndarray], boot: Bootstrap, residuals,
@@ -122,8 +136,10 @@ def bands(predict_fn: Callable[[Mapping[str, float]], np.ndarray], boot: Bootstr
 
   `predict_fn(params) -> [G]` predicts on a grid. The prediction band adds residuals drawn from the full
   fit's residuals (inflated by sqrt(n / (n - p)) for the fitted parameters), multiplicatively for log-space
-  fits. Returns dict(median, conf_lo, conf_hi, pred_lo, pred_hi), each [G].
+  fits. Returns dict(median, conf_lo, conf_hi, pred_lo, pred_hi), each [G], or each None without samples.
   """
+  if not len(boot.samples):
+    return dict.fromkeys(("median", "conf_lo", "conf_hi", "pred_lo", "pred_hi"))
   preds_BxG = np.stack([predict_fn(p) for p in boot.param_dicts()])
   r = np.asarray(residuals, np.float64)
   p = n_params if n_params is not None else len(boot.names)
@@ -137,16 +153,23 @@ def bands(predict_fn: Callable[[Mapping[str, float]], np.ndarray], boot: Bootstr
   return dict(median=med, conf_lo=c_lo, conf_hi=c_hi, pred_lo=p_lo, pred_hi=p_hi)
 
 
-def holdout_split(compute, groups=None, n_holdout: int = 1) -> tuple[np.ndarray, np.ndarray]:
-  """Boolean masks (train, held_out): the `n_holdout` runs with the largest compute are held out."""
+def holdout_split(compute, groups=None, n_holdout: int = 1, design=None) -> tuple[np.ndarray, np.ndarray]:
+  """Boolean masks (train, held_out): every run at the `n_holdout` largest-compute design points is held out.
+
+  A run's design point is `design` (one row per point, e.g. [N, D]; default: the compute) at its
+  largest-compute point, so a run repeated with another seed leaves training with its twin: a twin left in
+  training would make the held-out prediction a look-up."""
   c = np.asarray(compute, np.float64)
   labels = np.arange(len(c)) if groups is None else np.asarray(groups)
-  uniq = np.unique(labels)
-  if n_holdout < 1 or n_holdout >= len(uniq):
-    raise FitError(f"cannot hold out {n_holdout} of {len(uniq)} runs")
-  run_c = np.array([c[labels == g].max() for g in uniq])
-  held = set(uniq[np.lexsort((np.arange(len(uniq)), -run_c))[:n_holdout]].tolist())
-  mask = np.array([g in held for g in labels.tolist()])
+  keys = c[:, None] if design is None else np.asarray(design, np.float64).reshape(len(c), -1)
+  uniq, inverse = np.unique(labels, return_inverse=True)
+  last = [np.flatnonzero(inverse == g)[np.argmax(c[inverse == g])] for g in range(len(uniq))]
+  run_key = [(c[i], *keys[i]) for i in last]
+  points = sorted(set(run_key), reverse=True)     # distinct design points, largest compute first
+  if n_holdout < 1 or n_holdout >= len(points):
+    raise FitError(f"cannot hold out {n_holdout} of {len(points)} distinct design points")
+  held = set(points[:n_holdout])
+  mask = np.array([k in held for k in run_key])[inverse]
   return ~mask, mask
 
 
