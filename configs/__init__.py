@@ -28,5 +28,5 @@ def extract(**kwargs):
 
 
 def sweep(**kwargs):
-  """configs/sweep.py: arg `runlocal`; the rest override fields."""
+  """configs/sweep.py: args `runlocal`, `study`; the rest override fields."""
   return _build("sweep", kwargs)

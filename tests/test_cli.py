@@ -40,3 +40,30 @@ def test_print_config_resolves_args_and_overrides():
                         "--print_config"], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert '"lr": 0.01' in out.stdout and '"batch_size": 256' in out.stdout
+
+
+def test_help_lists_the_fields_the_config_builds_with_their_whole_comments(tmp_path):
+  """Fields were read off the file's lines: a variant's fields appeared beside the defaults (glp-sweep listed
+  the runlocal sizes and a study-only field that --config.<field> then refused), lines without an inline comment
+  were missing (lr_search), and a comment continued on the next line was cut."""
+  from glp_jax.util import cli
+  cfg = tmp_path / "c.py"
+  cfg.write_text('''import ml_collections
+ARGS = {}
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  # what the grid trains
+  c.sizes = ("a", "b")
+  c.lr = 1e-3                # the peak rate, which a long
+                             # comment continues here
+  c.sub = ml_collections.ConfigDict()
+  c.sub.x = 1                # x
+  if arg == "small":
+    c.sizes = ("s",)         # small sizes
+    c.only_small = 2         # a field of the variant
+  return c
+''')
+  assert cli.config_fields(str(cfg)) == [("sizes", "('a', 'b')", "what the grid trains"),
+                                         ("lr", "0.001", "the peak rate, which a long comment continues here"),
+                                         ("sub.x", "1", "x")]
+  assert ("only_small", "2", "a field of the variant") in cli.config_fields(str(cfg), "small")

@@ -103,3 +103,14 @@ def test_a_run_records_its_store_as_an_absolute_path(tmp_path, monkeypatch):
   assert trainer.resolve(cfg).data.store == str(tmp_path / "runs" / "extract" / "store")
   cfg.data.store = "gs://bucket/store"
   assert trainer.resolve(cfg).data.store == "gs://bucket/store"
+
+
+def test_dry_run_of_a_preset_without_a_width_reads_it_from_the_store(tmp_path):
+  """--dry_run read no store, so a width-less preset failed 'needs the activation width (from the store ...)'
+  with a store given."""
+  from train_fakes import D, write_store
+  from glp_jax.training import state as state_lib
+  store = write_store(str(tmp_path / "store"))
+  cfg = config_lib.load_file(os.path.join(ROOT, "configs", "train.py"), "model=tiny")
+  cfg.data.store = store
+  assert state_lib.dry_run(cfg)["model"]["d_input"] == D

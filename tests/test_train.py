@@ -118,7 +118,7 @@ def test_resume_of_finished_run_is_a_noop(reference, store, tmp_path):
   assert summary["eval_loss"] == pytest.approx(reference[1]["eval_loss"], rel=1e-6)
   # Its figures are the training's, not this idle start's: the medians of its lines, its time so far.
   assert all(summary[k] == reference[1][k] for k in ("median_examples_per_s", "median_tflops_per_s", "median_mfu"))
-  assert summary["wall_time"] <= reference[1]["wall_time"]
+  assert summary["wall_time"] == pytest.approx(reference[1]["wall_time"], rel=1e-12)   # not the idle start's
   # A budget lowered below the step it reached (--allow_changes) trained nothing and said nothing.
   from glp_jax.util.errors import ConfigError
   with pytest.raises(ConfigError, match="is at step 30, past the 20 steps"):

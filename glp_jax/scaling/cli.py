@@ -26,7 +26,7 @@ from glp_jax.util import config as config_lib
 from glp_jax.util.errors import ConfigError, GlpError
 
 SWEEP_FLAGS = cli.flag_values()
-cli.define_config(SWEEP_FLAGS, "Sweep config (configs/sweep.py[:runlocal]).", "configs/sweep.py")
+cli.define_config(SWEEP_FLAGS, "Sweep config (configs/sweep.py[:runlocal|:study]).", "configs/sweep.py")
 flags.DEFINE_string("root", None, "Sweep folder: every run's workdir is <root>/<run name>.", flag_values=SWEEP_FLAGS)
 flags.DEFINE_bool("dry_run", False, "Print what would run (or the launcher text) and exit.", flag_values=SWEEP_FLAGS)
 flags.DEFINE_enum("emit", "local", ["local", "slurm", "tpu"], "Run here, or write a launcher.",

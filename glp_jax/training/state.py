@@ -182,7 +182,12 @@ def compile_step(config: ml_collections.ConfigDict, devices=None):
   """AOT-compiles the train step from an abstract state (no store, no allocation) on `devices` (default: all
   attached; bench/roofline.py passes a GPU topology's devices to compile for a card the host lacks).
   Returns (compiled, mesh, model config)."""
-  model_cfg = model_lib.model_config(config.model, None)
+  d_input = None
+  store = config.get("data", {}).get("store", "")
+  if store and not config.model.get("d_input"):   # the store's width, from its manifest (no rows read)
+    from glp_jax.data.store import ActivationStore
+    d_input = ActivationStore.open(store).d
+  model_cfg = model_lib.model_config(config.model, d_input)
   n_devices = len(devices) if devices is not None else jax.device_count()
   mesh = sharding.make_mesh(sharding.resolve_mesh(config.mesh, model_cfg, n_devices), devices)
   sharding.check_batch(config.batch_size, mesh)
@@ -202,7 +207,8 @@ def compile_step(config: ml_collections.ConfigDict, devices=None):
 
 
 def dry_run(config: ml_collections.ConfigDict) -> dict:
-  """Abstract build + AOT compile of the train step on the current devices; no store, no allocation."""
+  """Abstract build + AOT compile of the train step on the current devices; no rows read (a preset without a
+  width takes it from `data.store`'s manifest), no allocation."""
   compiled, mesh, model_cfg = compile_step(config)
   n_steps = total_steps(config)
   mem = compiled.memory_analysis()

@@ -158,12 +158,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
                                   start_step=start_step, wall_offset=wall_offset,
                                   peak=metrics_lib.peak_flops(mesh.devices.flat))
   profiler = profile_lib.StepProfiler(config.get("profile"), workdir, enabled=is_main)
-  step, stopped, saved = start_step, None, start_step
+  step, stopped, saved, saved_wall = start_step, None, start_step, wall_offset
 
   def save(at: int) -> None:
-    nonlocal saved
+    nonlocal saved, saved_wall
     recorder.flush()   # checked before saving: nothing non-finite is ever saved
-    ckpt.save(at, state_lib.pure(state), checkpoint_meta(at, config, flops_per_example, recorder.wall_time(),
+    saved_wall = recorder.wall_time()
+    ckpt.save(at, state_lib.pure(state), checkpoint_meta(at, config, flops_per_example, saved_wall,
                                                          signature, model_cfg, identity))
     saved = at
 
@@ -222,8 +223,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
              "flops_per_example": flops_per_example, "examples": step * config.batch_size, "steps": step,
              "final_train_loss": recorder.last_loss, "eval_loss": recorder.last_eval.get("eval_loss"),
              "eval_loss_sem": recorder.last_eval.get("eval_loss_sem"), "eval_docs": recorder.last_eval.get("eval_docs"),
-             # a finished run started again trains nothing: its time stays what the training took
-             "wall_time": wall_offset if start_step == total_steps else recorder.wall_time(),
+             # the time its last checkpoint records: a finished run started again (which trains nothing)
+             # reports the same
+             "wall_time": saved_wall if saved == step else recorder.wall_time(),
              "compute_dtype": model_cfg.compute_dtype, **recorder.medians(),
              "params_checksum": state_lib.params_checksum(state_lib.pure(state)["model"]),
              "done": step == total_steps}

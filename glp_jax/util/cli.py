@@ -32,7 +32,7 @@ from glp_jax.util import config as config_lib
 USAGE_ERRORS: tuple[type[BaseException], ...] = (config_lib.ConfigError, app.UsageError, flags.Error)
 RUNTIME_ERRORS: tuple[type[BaseException], ...] = (OSError, config_lib.GlpError)
 _CONFIG_ARG = re.compile(r"^--config=(?P<path>[^:]+)(?P<arg>:.*)?$")
-_FIELD = re.compile(r"^\s*c\.(?P<key>[\w.]+)\s*=\s*(?P<value>.+?)\s*#\s*(?P<comment>.*)$")
+_ASSIGN = re.compile(r"^\s*c\.(?P<key>[\w.]+)\s*=\s*(?P<value>.+?)\s*(?:#\s*(?P<comment>.*))?$")
 _NOISY_LOGGERS = ("jax._src.xla_bridge", "absl", "orbax", "jax._src.distributed")
 
 
@@ -65,22 +65,63 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
   return out
 
 
-def config_fields(path: str) -> list[tuple[str, str, str]]:
-  """(key, default as written, comment) of every commented `c.<key> = ...` line of a config file."""
+def config_fields(path: str, arg: str | None = None) -> list[tuple[str, str, str]]:
+  """(key, value, comment) of every field of the config `path` builds (with its `arg`), in its order: the
+  value as built, the comment of the field's first assignment in the file (on its line, with the comment lines
+  that continue it, or else the comment lines just above)."""
   try:
+    cfg = config_lib.load_file(path, arg or None)
     with open(path) as f:
-      return [(m["key"], m["value"], m["comment"]) for m in map(_FIELD.match, f) if m]
-  except OSError:
+      comments = _field_comments(f.read().splitlines())
+  except Exception:  # pylint: disable=broad-except  # a broken config lists no fields; running it says why
     return []
+  fields = _flat(cfg.to_dict())
+  order = {k: i for i, k in enumerate(comments)}   # as the file assigns them
+  return [(k, _short(fields[k]), comments.get(k, "")) for k in sorted(fields, key=lambda k: order.get(k, 1e9))]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+  return out
+
+
+def _short(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _field_comments(lines: list[str]) -> dict[str, str]:
+  out: dict[str, str] = {}
+  for i, line in enumerate(lines):
+    m = _ASSIGN.match(line)
+    if not m or m["key"] in out:
+      continue
+    parts = []
+    if m["comment"] is not None:   # on the line, then the comment lines aligned under it
+      column = line.index("#", m.end("value"))
+      parts.append(m["comment"])
+      for nxt in lines[i + 1:]:
+        if not (nxt.strip().startswith("#") and nxt.index("#") == column):
+          break
+        parts.append(nxt.strip()[1:].strip())
+    else:   # the comment lines just above (not a section's "# --- ... ---" heading)
+      for prev in reversed(lines[:i]):
+        if not prev.strip().startswith("#") or "---" in prev:
+          break
+        parts.insert(0, prev.strip()[1:].strip())
+    out[m["key"]] = " ".join(p for p in parts if p)
+  return out
 
 
 def _config_help(argv: list[str], help_file: str | None) -> str:
   spec = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
   if spec is None and help_file is None:
     return ""
-  path = spec.split(":")[0] if spec is not None else config_lib.packaged_config(help_file)
-  lines = [f"\nconfig fields of {path} (override with --config.<field>=<value>):"]
-  lines += [f"  {k:<28} {v:<14} {c}" for k, v, c in config_fields(path)]
+  path, _, arg = spec.partition(":") if spec is not None else (config_lib.packaged_config(help_file), "", "")
+  lines = [f"\nconfig fields of {path}{':' + arg if arg else ''} (override with --config.<field>=<value>):"]
+  lines += [f"  {k:<28} {v:<14} {c}" for k, v, c in config_fields(path, arg)]
   doc = _module_doc(path)
   if doc:
     lines += ["", doc]
