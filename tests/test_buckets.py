@@ -190,7 +190,7 @@ def test_a_sweep_on_a_bucket_runs_skips_finished_runs_and_is_collected(gcs, stor
   assert [r["run"] for r in collect.read_table(written[0])] == [r["run"] for r in rows]
 
   # A TPU launcher for the runs still to do: the script lands in the current folder, the runs in the bucket.
-  tpu = subprocess.run([*args[:4], "--config.budgets=(1024,2048,4096)", f"--root={root}", "--emit=tpu"],
+  tpu = subprocess.run([*args[:4], "--config.budgets=(1024,2048,4096)", args[5], f"--root={root}", "--emit=tpu"],
                        cwd=str(tmp_path), env=_env(env, devices=1), capture_output=True, text=True, timeout=300)
   assert tpu.returncode == 0 and "3 runs, 2 done, 1 to run" in tpu.stdout, tpu.stderr[-3000:]
   script = (tmp_path / "sweep_tpu.sh").read_text()
