@@ -199,17 +199,27 @@ def test_non_finite_loss_stops_and_saves_nothing(store, tmp_path):
   assert sweep.Run("nan", w, ()).status() == "diverged"
 
 
-def test_nan_at_a_non_logged_step_stops_before_the_next_checkpoint(store, tmp_path, monkeypatch):
-  """Metrics are fetched only at checkpoint steps here, yet a NaN at step 13 must stop the run before step
-  20's checkpoint: the step's non-finite counter travels with the next fetched metrics."""
+def _nan_at_step_12(monkeypatch, wait_interrupted_at=None):
+  """The 13th step's batch holds a NaN; with `wait_interrupted_at`, a SIGTERM lands there while the loader
+  waits for rows (a streaming store that has not committed them)."""
+  from glp_jax.data import loader as loader_lib
   real = input_lib.Input.batches
 
   def batches(self, *args):
     for step, inputs in real(self, *args):
-      if step == 12:   # the 13th step sees a NaN row
+      if step == 12:
         inputs = (inputs[0].at[0, 0].set(jnp.nan),) + inputs[1:]
+      if step == wait_interrupted_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise loader_lib.WaitInterrupted("a stop while waiting for rows")
       yield step, inputs
   monkeypatch.setattr(input_lib.Input, "batches", batches)
+
+
+def test_nan_at_a_non_logged_step_stops_before_the_next_checkpoint(store, tmp_path, monkeypatch):
+  """Metrics are fetched only at checkpoint steps here, yet a NaN at step 13 must stop the run before step
+  20's checkpoint: the step's non-finite counter travels with the next fetched metrics."""
+  _nan_at_step_12(monkeypatch)
   w = str(tmp_path / "nan13")
   with pytest.raises(NonFiniteLoss, match="up to step 20"):
     train.train_and_evaluate(make_config(store, log_every=0, eval_every=0, **{"ckpt.every_steps": 10}), w)
@@ -220,18 +230,7 @@ def test_nan_at_a_non_logged_step_stops_before_the_next_checkpoint(store, tmp_pa
 def test_a_stop_while_waiting_for_rows_checks_the_steps_before_saving(store, tmp_path, monkeypatch):
   """A signal while the loader waits on a streaming store saves the last step: it saved without fetching the
   non-finite counter, so a NaN since the last line reached the checkpoint."""
-  from glp_jax.data import loader as loader_lib
-  real = input_lib.Input.batches
-
-  def batches(self, *args):
-    for step, inputs in real(self, *args):
-      if step == 12:
-        inputs = (inputs[0].at[0, 0].set(jnp.nan),) + inputs[1:]
-      if step == 15:   # SIGTERM lands while the loader waits for rows
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise loader_lib.WaitInterrupted("a stop while waiting for rows")
-      yield step, inputs
-  monkeypatch.setattr(input_lib.Input, "batches", batches)
+  _nan_at_step_12(monkeypatch, wait_interrupted_at=15)
   w = str(tmp_path / "waited")
   with pytest.raises(NonFiniteLoss, match="up to step 15"):
     train.train_and_evaluate(make_config(store, log_every=10, eval_every=0, **{"ckpt.every_steps": 10}), w)
