@@ -118,7 +118,8 @@ def test_glp_import_from_a_hub_repo_id(tmp_path, monkeypatch):
   source = json.loads(open(tmp_path / "imported" / "imported_from.json").read())
   assert source["layout"] == "glp_jax" and source["model_name"] == DEFAULT_LM
   assert "models--org--glp-d16" in source["src"]
-  assert source["hub"] == {"repo_id": "org/glp-d16", "revision": None}   # where the cache folder came from
+  assert source["hub"] == {"repo_id": "org/glp-d16", "revision": None,   # where the cache folder came from
+                           "commit": os.path.basename(os.path.normpath(source["src"]))}
   # Re-exporting the imported run keeps the identity of the original (it trained on nothing here).
   prov = export_lib.export(str(tmp_path / "imported"), str(tmp_path / "again"))["provenance"]
   assert (prov["lm"], prov["layer"], prov["corpus"]) == (DEFAULT_LM, 3, DEFAULT_CORPUS)

@@ -136,3 +136,22 @@ def test_python_api_and_cli_extract_alike(tmp_path, monkeypatch):
   assert glp_jax.extract(config, str(tmp_path / "w")) == {"num_rows": 7}
   assert seen["producer"].buffer_rows == 8192 and seen["producer"].heldout_rows == 1024
   assert json.load(open(tmp_path / "w" / "summary.json")) == {"num_rows": 7}
+
+
+def test_a_consumer_that_comes_after_every_other_finished_bounds_the_producer_again(tmp_path):
+  """All consumers done: the producer may run free, but a later consumer (a sweep's next run on the same
+  growing store) must bound it again (the 'nobody waiting' mark was kept as if rows had been consumed)."""
+  import types
+  from glp_jax.data.streaming import publish_consumed
+  store = types.SimpleNamespace(path=str(tmp_path), num_rows=5000, heldout_num_rows=0)
+  producer = producer_lib.Producer(_stream_cfg(buffer_rows=1000, warmup_rows=100))
+  publish_consumed(str(tmp_path), "first", 4000, done=True)
+  producer.wait_for_room(store)   # returns: nobody is waiting
+  publish_consumed(str(tmp_path), "second", 0)
+  waiter = threading.Thread(target=producer.wait_for_room, args=(store,), daemon=True)
+  waiter.start()
+  time.sleep(0.3)
+  assert waiter.is_alive() and producer.waiting   # 5000 rows committed, 1000 allowed past row 0
+  publish_consumed(str(tmp_path), "second", 4500)
+  waiter.join(timeout=10)
+  assert not waiter.is_alive()

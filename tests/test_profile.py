@@ -124,8 +124,9 @@ def test_the_profiles_write_out_is_left_out_of_the_logged_step_time(tmp_path, mo
   (one line's examples/s several times too low, pulling the run's medians); the step itself is still counted."""
   import numpy as np
   from glp_jax.training import metrics as metrics_lib
+  import types
   clock = [1000.0]
-  monkeypatch.setattr(metrics_lib.time, "time", lambda: clock[0])
+  monkeypatch.setattr(metrics_lib, "time", types.SimpleNamespace(time=lambda: clock[0]))   # the recorder's clock
   writer = metrics_lib.MetricsWriter(str(tmp_path), total_steps=8, start_step=0, enabled=True)
   rec = metrics_lib.Recorder(writer, log_every=2, total_steps=8, batch_size=10, flops_per_example=1, start_step=0)
   for step in range(1, 9):

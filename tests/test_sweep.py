@@ -215,11 +215,26 @@ def test_a_run_recorded_with_other_settings_is_a_conflict_not_reused(tmp_path, c
   c = sweep_config("runlocal")
   c.store = "/old/store"
   runs = sweep.expand(c, str(tmp_path))
-  for r in runs[:2]:
+  for r in runs[:2]:   # config.json as glp-train records it (nested; 'auto' resolved): what the run trained
     _finish(r, 1.0)
-    files.write_json(os.path.join(r.workdir, "config.json"),
-                     {"batch_size": 256, "log_every": 10, "data": {"store": "/old/store"}})
+    recorded = {}
+    for key, value in r.plan:
+      *parents, leaf = key.split(".")
+      node = recorded
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = list(value) if isinstance(value, tuple) else value
+    recorded["model"]["compute_dtype"], recorded["data"]["groups"], recorded["log_every"] = "float32", 8, 10
+    files.write_json(os.path.join(r.workdir, "config.json"), recorded)
   assert [r.status() for r in runs[:3]] == ["done", "done", "new"]
+  # A run from before the train config's default changed (its config.json lacks the field: the old meaning).
+  path = os.path.join(runs[0].workdir, "config.json")
+  old_run = files.read_json(path)
+  del old_run["opt"]["decay_all_params"]
+  files.write_json(path, old_run)
+  assert runs[0].conflicts() == ["opt.decay_all_params: the run has False, the sweep sets True"]
+  old_run["opt"]["decay_all_params"] = True
+  files.write_json(path, old_run)
   c.overrides.batch_size, c.overrides.log_every, c.store = 1024, 99, "/new/store"
   runs = sweep.expand(c, str(tmp_path))
   assert [r.status() for r in runs[:3]] == ["conflict", "conflict", "new"]

@@ -240,9 +240,11 @@ def test_a_stop_while_waiting_for_rows_checks_the_steps_before_saving(store, tmp
 def test_evaluations_are_left_out_of_the_step_time_and_one_document_has_no_sem(store, tmp_path, monkeypatch):
   """An eval's time landed in its line's step_time (its examples/s and MFU too low); wall_time keeps it. A
   held-out set of one document reported a standard error of exactly 0."""
+  import time as time_lib
+  import types
   from glp_jax.training import metrics as metrics_lib
-  real_time, real_evaluate, offset = metrics_lib.time.time, train_lib.evaluate, [0.0]
-  monkeypatch.setattr(metrics_lib.time, "time", lambda: real_time() + offset[0])
+  real_evaluate, offset = train_lib.evaluate, [0.0]
+  monkeypatch.setattr(metrics_lib, "time", types.SimpleNamespace(time=lambda: time_lib.time() + offset[0]))
 
   def slow_evaluate(*args):
     offset[0] += 100.0   # an evaluation that takes 100 s

@@ -243,14 +243,7 @@ class Loader:
       if len(sel):
         x[sel] = self._read_rows(rows[sel], l)
     layer_B = layers if self.multi_layer else None
-    return Batch(self.normalizer.normalize(x, layer_B), layer_B, self._doc_of_rows(rows))
-
-  def _doc_of_rows(self, rows: np.ndarray) -> np.ndarray:
-    """The store doc id of each of the (sorted) held-out `rows`, from the docs table of their split."""
-    table = self.store.heldout_docs() if self.heldout_split else self.store.docs()
-    if not len(table):
-      return np.zeros(len(rows), np.int64)
-    return table[np.searchsorted(table[:, 1], rows, side="right") - 1, 0]
+    return Batch(self.normalizer.normalize(x, layer_B), layer_B, self.store.doc_ids(rows, self.heldout_split))
 
   def _read_rows(self, rows: np.ndarray, layer: int) -> np.ndarray:
     """Held-out rows at sorted indices, one read per contiguous run (v1 held-out documents may be scattered)."""
@@ -274,13 +267,9 @@ class StaticLoader(Loader):
     if self.heldout_split:
       self.heldout_ids, held = np.arange(st.heldout_num_rows), np.zeros(0, np.int64)   # train on every row
     else:
-      held = st.heldout_rows()
-      if len(held) == 0:
-        if heldout_rows >= st.num_rows:
-          raise StoreError(f"{self.path}: heldout_rows={heldout_rows} leaves no training rows "
-                           f"({st.num_rows} rows)")
-        held = np.arange(st.num_rows - heldout_rows, st.num_rows)
-      self.heldout_ids = held
+      if not len(st.heldout_rows()) and heldout_rows >= st.num_rows:
+        raise StoreError(f"{self.path}: heldout_rows={heldout_rows} leaves no training rows ({st.num_rows} rows)")
+      self.heldout_ids = held = v1_heldout_rows(st, heldout_rows, streaming=False)
     starts = np.concatenate([np.arange(a, b - R + 1, R) for a, b in _segments(st.num_rows, held)] + [[]])
     per_layer = len(starts)
     blocks = np.stack([np.repeat(self.layers, per_layer), np.tile(starts, len(self.layers))], 1)
@@ -345,7 +334,7 @@ class StreamingLoader(Loader):
                         f"batch_size / groups = {self.group_batch} rows of a group's windows of "
                         f"{self.group_window * self.block_rows}): raise data.window_blocks or the producer's "
                         "buffer")
-    self.heldout_ids = np.arange(heldout_rows)
+    self.heldout_ids = v1_heldout_rows(self.store, heldout_rows, streaming=True)
     self.rows_per_pass = self.steps_per_pass = float("inf")
     self.unused_rows = 0
     # v1: the held-out rows are the first `heldout_rows` of the store and training starts after them.
@@ -406,6 +395,16 @@ class StreamingLoader(Loader):
     """Marks this consumer done, so a producer still extracting (for longer runs) no longer waits on it."""
     if self.process_index == 0:
       publish_consumed(self.path, self.consumer, max(self._published, 0), done=True)
+
+
+def v1_heldout_rows(store: ActivationStore, heldout_rows: int, streaming: bool) -> np.ndarray:
+  """The training-split rows a loader holds out of a store without held-out documents (see the module
+  docstring): a streaming run's first `heldout_rows` (it trains on the rows after them); else the rows of the
+  manifest's heldout_doc_ids, or the last `heldout_rows`."""
+  if streaming:
+    return np.arange(heldout_rows)
+  held = store.heldout_rows()
+  return held if len(held) else np.arange(max(store.num_rows - heldout_rows, 0), store.num_rows)
 
 
 def from_config(cfg, *, batch_size: int, seed: int, all_layers: bool = False, **kw) -> Loader:

@@ -288,6 +288,13 @@ class ActivationStore:
     """Token positions of held-out rows [start, stop)."""
     return self._positions(self._split(HELDOUT), start, stop)
 
+  def doc_ids(self, rows: np.ndarray, heldout: bool = False) -> np.ndarray:
+    """The doc id of each of the sorted `rows` of a split, from its docs table (a split without one: each row
+    its own)."""
+    table = self.heldout_docs() if heldout else self.docs()
+    rows = np.asarray(rows, np.int64)
+    return table[np.searchsorted(table[:, 1], rows, side="right") - 1, 0] if len(table) else rows.copy()
+
   def heldout_rows(self) -> np.ndarray:
     """Training-split row indices of the documents listed in metadata['heldout_doc_ids'] (sorted): the v1
     way of holding documents out (v2 stores written by glp-extract keep them in the held-out split)."""

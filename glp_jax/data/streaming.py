@@ -107,7 +107,10 @@ class Producer:
     announced = t0 - self._last_announce < 30  # log at most every 30 s: waits are frequent when streaming
     self.waiting = True
     while True:
-      self._consumed = max(self._consumed, min_consumed(store.path)[0])
+      low = min_consumed(store.path)[0]
+      if low == NOBODY_WAITING:   # every consumer is done: no bound now (not kept: a later consumer bounds again)
+        break
+      self._consumed = max(self._consumed, low)
       if not self._full(store):
         break
       if not announced:

@@ -123,12 +123,8 @@ class StoreRows:
     return self.store.take(idx if self.rows is None else self.rows[idx], self.layer, heldout=self.heldout)
 
   def documents(self) -> np.ndarray:
-    """[N] the document (an index into its split's docs table) of each row, from that table alone."""
-    table = self.store.heldout_docs() if self.heldout else self.store.docs()
-    rows = np.arange(len(self)) if self.rows is None else np.asarray(self.rows, np.int64)
-    if not len(table):
-      return rows
-    return np.searchsorted(table[:, 1], rows, side="right") - 1
+    """[N] the document of each row (its doc id), from its split's docs table alone."""
+    return self.store.doc_ids(np.arange(len(self)) if self.rows is None else self.rows, self.heldout)
 
 
 def sample_size_checks(n: int, requested: int, d: int, rows: int | None = None) -> dict[str, float]:

@@ -25,6 +25,7 @@ import numpy as np
 from glp_jax.core import grid
 from glp_jax.core.normalizer import Normalizer
 from glp_jax.util import files
+from glp_jax.util.errors import ConfigError
 
 # integrate(z_BxD normalised, num_steps, first_index) -> z_BxD at sigma 0.
 IntegrateFn = Callable[[np.ndarray, int, int], Any]
@@ -253,7 +254,7 @@ def load_prior(path: str, step: int | None = None, layer: int | None = None, dev
     model, normalizer, config = load_run(path, step=step)
     multi = bool(model.cfg.multi_layer_n_layers)
     if multi and layer is None:
-      raise ValueError(f"{path} holds a multi-layer prior: say which LM layer to evaluate (--layer)")
+      raise ConfigError(f"{path} holds a multi-layer prior: say which LM layer to evaluate (--layer)")
     if multi:
       normalizer = normalizer.select(layer)
     mean, var = _moments(normalizer)
@@ -265,14 +266,13 @@ def load_prior(path: str, step: int | None = None, layer: int | None = None, dev
     raise FileNotFoundError(f"{path!r} is neither a glp_jax run dir (config.json + checkpoints/) nor an "
                             "exported / reference prior folder")
   if step is not None:   # it would evaluate the folder's one set of weights under another step's name
-    from glp_jax.util.errors import ConfigError
     raise ConfigError(f"--step={step} picks a checkpoint of a glp_jax run dir; {path} is an exported prior "
                       "(one set of weights): evaluate the run, or export that step (glp-export --step)")
   from glp_jax.torch.lm import resolve_device
   glp = GLP.from_pretrained(path, device=resolve_device(device))
   multi = bool(glp.cfg.multi_layer_n_layers)
   if multi and layer is None:
-    raise ValueError(f"{path} holds a multi-layer prior: say which LM layer to evaluate (--layer)")
+    raise ConfigError(f"{path} holds a multi-layer prior: say which LM layer to evaluate (--layer)")
   info = {"source": "export", "path": os.path.abspath(path)}
   info.update({k: v for k, v in export_provenance(path).items() if k in ("lm", "layer", "store")})
   return from_torch_glp(glp, info, layer if multi else None)

@@ -95,18 +95,14 @@ class Context:
     if not self.store and self.config and not imported:  # trained on the embedded default store (data.store="")
       from glp_jax.training.input import default_store
       self.store = default_store()
-    # The layer the prior was trained on: a run's config, else an export's provenance. A multi-layer prior
-    # models several, and the store alone would answer with its first: it needs --layer.
-    multi = (_cfg(self.config, "model", "multi_layer_n_layers", default=0) if self.config
-             else isinstance(prov.get("layer"), list))
-    if multi and opts.layer is None:
-      raise ConfigError(f"{opts.prior} is a multi-layer prior: say which LM layer to evaluate (--layer)")
+    # The layer the prior was trained on: a run's config, else an export's provenance (the store alone would
+    # answer with its first). A multi-layer prior models several: load_prior refuses one without --layer.
     hint = _cfg(self.config, "data", "layer") if self.config else prov.get("layer")
     hint = hint if isinstance(hint, int) else None
     info = prior_lib.lm_info_from_store(self.store, hint) if self.store else {}
     self.lm_name = opts.lm or info.get("lm") or prov.get("lm")
     self.layer = opts.layer if opts.layer is not None else info.get("layer", prov.get("layer"))
-    self.prior = prior_lib.load_prior(self.path, opts.step, self.layer, opts.device)
+    self.prior = prior_lib.load_prior(self.path, opts.step, opts.layer, opts.device)
     if self.store:   # a prior of another width would fail only after minutes of sampling
       from glp_jax.data.store import ActivationStore
       st = ActivationStore.open(self.store)
@@ -137,12 +133,10 @@ def run_fd(ctx: Context) -> dict:
   st = store_lib.ActivationStore.open(ctx.store)
   if st.has_heldout_docs:   # the held-out documents: never trained on, never in the statistics
     real = fd_lib.StoreRows(st, ctx.layer, heldout=True)
-  else:                      # a v1 store: the rows its loader held out (data/loader.py)
-    streaming = bool(_cfg(ctx.config, "data", "streaming", default=False))
-    rows = np.zeros(0, np.int64) if streaming else st.heldout_rows()
-    if not len(rows):   # a streaming run held out the first rows (it trains on those after them), else the last
-      n_held = min(opts.heldout_rows or _cfg(ctx.config, "data", "heldout_rows", default=4096), st.num_rows)
-      rows = np.arange(n_held) if streaming else np.arange(st.num_rows - n_held, st.num_rows)
+  else:                      # a v1 store: the rows its run's loader held out
+    from glp_jax.data.loader import v1_heldout_rows
+    n_held = min(opts.heldout_rows or _cfg(ctx.config, "data", "heldout_rows", default=4096), st.num_rows)
+    rows = v1_heldout_rows(st, n_held, streaming=bool(_cfg(ctx.config, "data", "streaming", default=False)))
     real = fd_lib.StoreRows(st, ctx.layer, heldout=False, rows=rows)
   n, steps = (1024, 100) if opts.quick else (opts.num_samples, opts.steps)
   return fd_lib.evaluate_fd(ctx.prior, real, num_samples=n, steps=steps, seed=opts.seed,

@@ -13,6 +13,7 @@ glp-export and glp-train (continuing from step 0) accept.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 
 from absl import flags
@@ -72,7 +73,9 @@ def import_main(fv: flags.FlagValues) -> None:
   if not fv.src or not fv.workdir:
     raise ConfigError("--src and --workdir are required (see --help)")
   src = hub.resolve(fv.src, fv.revision, fv.checkpoint)   # a Hub repo id -> its folder in the Hub cache
-  origin = {"repo_id": fv.src, "revision": fv.revision} if src != fv.src else None
+  # The cache folder is a snapshot named by the commit it holds (the requested revision may be a moving branch).
+  origin = ({"repo_id": fv.src, "revision": fv.revision, "commit": os.path.basename(os.path.normpath(src))}
+            if hub.is_repo_id(fv.src) else None)
   print(json.dumps(import_ref.import_prior(src, fv.workdir, fv.checkpoint, fv.config, hub=origin)), flush=True)
 
 

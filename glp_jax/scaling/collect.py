@@ -41,7 +41,8 @@ def eval_curve(workdir: str) -> dict[str, np.ndarray]:
   """The held-out loss along training: arrays step, examples, flops, eval_loss, eval_loss_sem."""
   rows = [r for r in read_metrics(workdir) if is_number(r.get("eval_loss"))]
   keys = ("step", "examples", "flops", "eval_loss", "eval_loss_sem")
-  return {k: np.array([float(r.get(k, np.nan)) for r in rows], np.float64) for k in keys}
+  # A field may be null (no SEM from one held-out document): nan, as when absent.
+  return {k: np.array([float(r[k]) if is_number(r.get(k)) else np.nan for r in rows], np.float64) for k in keys}
 
 
 def find_runs(root: str) -> list[str]:

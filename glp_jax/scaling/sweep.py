@@ -27,6 +27,7 @@ from typing import Any
 import ml_collections
 
 from glp_jax.training import workdir as workdir_lib
+from glp_jax.util import config as config_lib
 from glp_jax.util import files
 from glp_jax.util.errors import ConfigError
 
@@ -40,19 +41,18 @@ class Run:
   args: tuple[str, ...]   # glp-train arguments
   size: str = ""
   lr: float = 0.0
-  overrides: tuple[tuple[str, Any], ...] = ()   # (train-config key, value) pairs behind args
+  plan: tuple[tuple[str, Any], ...] = ()   # what the run trains: the train config's plan fields and store
 
   def conflicts(self) -> list[str]:
-    """How the run's recorded config.json differs from the overrides, in the fields that decide what is
-    trained (the trainer's plan fields) and the store; [] for a run not started."""
+    """How the run's recorded config.json differs from what the sweep would train now, in the fields that
+    decide it (the trainer's plan fields, incl. a changed default of the train config) and the store; [] for a
+    run not started."""
     recorded = files.read_json(os.path.join(self.workdir, "config.json"))
     if recorded is None:
       return []
-    plan = workdir_lib.plan_fields(recorded)
-    if "store" in recorded.get("data", {}):
-      plan["data.store"] = recorded["data"]["store"]
-    return [f"{k}: the run has {plan[k]!r}, the sweep sets {v!r}" for k, v in self.overrides
-            if k in plan and _plain(plan[k]) != _plain(v, k)]
+    have = {**workdir_lib.plan_fields(recorded), "data.store": recorded.get("data", {}).get("store")}
+    return [f"{k}: the run has {have.get(k)!r}, the sweep sets {v!r}" for k, v in self.plan
+            if _RESOLVED.get(k, object()) != v and _plain(have.get(k)) != _plain(v, k)]
 
   def status(self) -> str:
     """conflict (run with other settings: not reused, not run) | done | diverged (stopped on a non-finite loss:
@@ -71,6 +71,10 @@ class Run:
   def finished(self) -> bool:
     """Nothing left to run: done, or diverged (a rerun of the same config would diverge again)."""
     return self.status() in ("done", "diverged")
+
+
+# Fields glp-train resolves when it starts ('auto' choices, for the devices it gets): a run records the result.
+_RESOLVED = {"model.compute_dtype": "auto", "data.groups": 0}
 
 
 def _plain(v: Any, key: str = "") -> Any:
@@ -191,6 +195,7 @@ def expand(config: ml_collections.ConfigDict, root: str, train_config: str | Non
   `lrs` ({size: lr}, an lr search's choice) replaces config.lrs and the width rule."""
   train_config = train_config or config.train_config
   spec = f"{train_config}:{config.train_arg}" if config.train_arg else train_config
+  base = config_lib.load_file(config_lib.packaged_config(train_config), config.train_arg or None)
   fixed = flatten(config.overrides)
   runs, seen = [], set()
   missing = sorted(set(config.sizes) - set(lrs or config.sizes))
@@ -210,7 +215,9 @@ def expand(config: ml_collections.ConfigDict, root: str, train_config: str | Non
     over.update(size_overrides(size))
     over.update({"num_activations": float(budget), "opt.lr": float(lr), "seed": int(seed)})
     args = (f"--config={spec}", f"--workdir={workdir}", *(f"--config.{k}={_value(v)}" for k, v in over.items()))
-    runs.append(Run(name, workdir, args, size, float(lr), tuple(over.items())))
+    trained = config_lib.to_dict(config_lib.override(base, over))
+    plan = {**workdir_lib.plan_fields(trained), "data.store": trained["data"]["store"]}
+    runs.append(Run(name, workdir, args, size, float(lr), tuple(plan.items())))
   return runs
 
 

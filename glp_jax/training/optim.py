@@ -32,11 +32,12 @@ def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
   lr, final = float(opt_cfg.lr), float(opt_cfg.final_lr_factor)
   n_warm = float(opt_cfg.warmup_ratio) * total_steps
   # The decay's count 0 is the last stable update, so its n_decay updates end at `final` on the run's last one.
-  n_decay = max(int(opt_cfg.get("decay_ratio", 0.2) * total_steps), 1)
+  decay_ratio = float(opt_cfg.get("decay_ratio", 0.2))
+  n_decay = max(int(decay_ratio * total_steps), 1)
   decay_start = total_steps - n_decay - 1
-  if opt_cfg.schedule == "wsd" and opt_cfg.warmup_ratio + opt_cfg.get("decay_ratio", 0.2) > 1:
-    raise ConfigError(f"config.opt.warmup_ratio ({opt_cfg.warmup_ratio}) + decay_ratio "
-                      f"({opt_cfg.decay_ratio}) exceed 1: the warmup and the decay would overlap")
+  if opt_cfg.schedule == "wsd" and opt_cfg.warmup_ratio + decay_ratio > 1:
+    raise ConfigError(f"config.opt.warmup_ratio ({opt_cfg.warmup_ratio}) + decay_ratio ({decay_ratio}) exceed "
+                      "1: the warmup and the decay would overlap")
 
   def schedule(count):
     k = jnp.asarray(count, jnp.float32)
