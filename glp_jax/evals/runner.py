@@ -126,7 +126,6 @@ class Context:
 
 def run_fd(ctx: Context) -> dict:
   opts = ctx.opts
-  import numpy as np
   from glp_jax.data import store as store_lib
   if not ctx.store:
     raise ConfigError("fd needs real activations: pass --store")
