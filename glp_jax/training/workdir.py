@@ -18,6 +18,7 @@ from typing import Any
 
 import filelock
 
+from glp_jax.util import config as config_lib
 from glp_jax.util import files
 from glp_jax.util.errors import ConfigError, GlpError
 
@@ -37,16 +38,6 @@ class WorkdirBusy(GlpError):
   """Another trainer holds the workdir."""
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 # Plan fields added after runs were started, and what a config recorded without them trained with: such a run
 # resumes under that value (and is refused, by name, under another).
 ABSENT_MEANS = {"opt.decay_all_params": False}
@@ -54,7 +45,7 @@ ABSENT_MEANS = {"opt.decay_all_params": False}
 
 def plan_fields(config: dict) -> dict[str, Any]:
   """The PLAN_FIELDS of a config (as a plain dict), flattened to dotted keys."""
-  flat = {**ABSENT_MEANS, **_flat(config)}
+  flat = {**ABSENT_MEANS, **config_lib.flat_values(config)}
   return {k: v for k, v in sorted(flat.items()) if any(k == f or k.startswith(f + ".") for f in PLAN_FIELDS)}
 
 

@@ -75,16 +75,9 @@ def config_fields(path: str, arg: str | None = None) -> list[tuple[str, str, str
       comments = _field_comments(f.read().splitlines())
   except Exception:  # pylint: disable=broad-except  # a broken config lists no fields; running it says why
     return []
-  fields = _flat(cfg.to_dict())
+  fields = config_lib.flat_values(cfg.to_dict())
   order = {k: i for i, k in enumerate(comments)}   # as the file assigns them
   return [(k, _short(fields[k]), comments.get(k, "")) for k in sorted(fields, key=lambda k: order.get(k, 1e9))]
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-  return out
 
 
 def _short(value) -> str:

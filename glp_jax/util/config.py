@@ -79,6 +79,17 @@ def flatten_keys(cfg: ml_collections.ConfigDict | dict, prefix: str = "") -> set
   return out
 
 
+def flat_values(tree: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+  """{'opt.lr': value, ...}: every leaf of a nested config, in its order."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flat_values(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def override(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """Sets dotted keys in place (`{"opt.lr": 3e-4}`), as `--config.opt.lr=3e-4` would; returns `cfg`."""
   unknown = sorted(set(overrides) - flatten_keys(cfg))
