@@ -45,7 +45,7 @@ def get_config(arg=None):
 
   # --- the text ---
   c.corpus = ml_collections.ConfigDict()
-  c.corpus.source = "embedded"         # embedded | file/folder path(s) joined by ';' | hf:NAME[:CONFIG[:SPLIT]]
+  c.corpus.source = "embedded"         # embedded | file/folder path(s) joined by ';' | hf:NAME[:CONFIG[:SPLIT]][@REV]
                                        # | python-packages[:NAME,NAME] (installed distributions' sources)
   c.corpus.text_field = "text"         # jsonl field / parquet column holding the text
   c.corpus.txt_mode = "file"           # .txt files: file = one document per file | blank_line

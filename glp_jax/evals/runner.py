@@ -150,7 +150,10 @@ def _heldout_texts(ctx: Context, n: int) -> list[str]:
   if not desc.get("source"):
     log.warning("delta_lm: %s records no corpus (not written by glp-extract): scoring held-out documents of the "
                 "embedded Python-docs corpus", ctx.store or "no store")
-  corpus = corpus_lib.Corpus(desc.get("source", corpus_lib.EMBEDDED), text_field=desc.get("text_field", "text"),
+  source = desc.get("source", corpus_lib.EMBEDDED)
+  if desc.get("revision"):   # an hf: store: its texts at the commit it was extracted from, not today's main
+    source += "@" + desc["revision"]
+  corpus = corpus_lib.Corpus(source, text_field=desc.get("text_field", "text"),
                              txt_mode=desc.get("txt_mode", "file"), seed=held.get("seed", desc.get("seed", 0)),
                              heldout_fraction=held.get("fraction", 0.05), max_docs=n)
   return [d.text for d in corpus.heldout()]

@@ -12,8 +12,11 @@ Sources (`config.corpus.source`):
 * `"python-packages"` or `"python-packages:NAME,NAME"`: the sources and docs of the installed distributions
   (all, or the named ones), cut into pieces by `pypackages.package_documents`; `description()` records
   `pypackages.describe`'s packages, versions, skip counts and content hash (one pass reads both).
-* `"hf:NAME[:CONFIG[:SPLIT]]"`: an HF dataset, streamed (the `hf` extra: `datasets`; a reachable hub, or NAME a
-  local folder of data files, which `datasets` reads offline through the same path).
+* `"hf:NAME[:CONFIG[:SPLIT]][@REVISION]"`: an HF dataset, streamed (the `hf` extra: `datasets`; a reachable hub,
+  or NAME a local folder of data files, which `datasets` reads offline through the same path). REVISION (branch,
+  tag or commit; default main) is resolved once to the commit that is streamed and recorded as `corpus.revision`
+  (source recorded without `@REVISION`; a local folder records `content_hash` instead). A store therefore says
+  which commit it holds: a resume refused on `corpus.revision` (the branch moved) continues with `hf:NAME@<sha>`.
 
 Text files are decoded as strict UTF-8; an undecodable file or a malformed .jsonl line raises `CorpusError`
 naming the file and line. Every document has a stable id (`path`, `path:line`, `path:row`, `pydoc:...`,
@@ -201,21 +204,76 @@ def file_documents(source: str, text_field: str = "text", txt_mode: str = "file"
       raise CorpusError(f"{path}: unsupported file type (expected .txt, .jsonl or .parquet)")
 
 
-def hf_documents(spec: str, text_field: str = "text") -> Iterator[Document]:
-  """`hf:NAME[:CONFIG[:SPLIT]]` (a hub dataset, or a local folder of data files that `datasets` reads), streamed:
-  `load_dataset(..., streaming=True)` returns an IterableDataset, so the first document arrives after the
-  first data file's first records, without downloading the dataset."""
+def _datasets(spec: str):
   try:
     import datasets  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise CorpusError(f"corpus {spec!r} needs the `datasets` package (pip install 'glp_jax[hf]') and a reachable "
                       "hub; or download it and pass a folder of jsonl/parquet files") from None
-  name, config, split = (spec[3:].split(":") + [None, None])[:3]
+  return datasets
+
+
+def _hf_spec(spec: str) -> tuple[str, str | None, str, str | None]:
+  """-> (name, config, split, revision). Hub names hold no '@' and git refs no ':': the first '@' starts REVISION."""
+  body, at, revision = spec[3:].partition("@")
+  name, config, split = (body.split(":") + [None, None])[:3]
+  if at and not revision:
+    raise CorpusError(f"corpus {spec!r}: empty revision after '@'")
+  if at and os.path.isdir(name):
+    raise CorpusError(f"corpus {spec!r}: {name!r} is a local folder, which has no revision; drop '@{revision}'")
+  return name, config or None, split or "train", revision or None
+
+
+def _folder_hash(folder: str) -> str:
+  """blake2b of a folder's files: relative paths, sizes and bytes in sorted order (hidden entries, such as a
+  cloned repo's .git, skipped: `datasets` does not read them)."""
+  rels = []
+  for root, dirs, names in os.walk(folder):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    rels += [os.path.relpath(os.path.join(root, n), folder) for n in names if not n.startswith(".")]
+  h = hashlib.blake2b(digest_size=16)
+  for rel in sorted(r.replace(os.sep, "/") for r in rels):
+    path = os.path.join(folder, rel)
+    h.update(f"{rel}\0{os.path.getsize(path)}\0".encode("utf-8"))   # sizes keep file boundaries unambiguous
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return h.hexdigest()
+
+
+def resolve_hf(spec: str) -> dict:
+  """What an `hf:` source reads, pinned: `{"revision": sha}` (the hub commit its revision names now) or, for a
+  local folder, `{"content_hash": ...}`. A CorpusError when the hub cannot say: the store must record it."""
+  name, _, _, revision = _hf_spec(spec)
+  if os.path.isdir(name):
+    return {"content_hash": _folder_hash(name)}
+  _datasets(spec)   # what streams it (and brings huggingface_hub): missing, say so first
+  revision = revision or "main"
+  try:   # offline, unreachable, unknown repo or revision, bad id: the classes differ between hub versions
+    from huggingface_hub import HfApi  # pylint: disable=g-import-not-at-top  (a dependency of datasets)
+    sha = HfApi().dataset_info(name, revision=revision).sha
+    if not sha:
+      raise ValueError("the hub names no commit")
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorpusError(f"corpus {spec!r}: {name!r} is no local folder and revision {revision!r} cannot be resolved "
+                      f"on the hub ({type(e).__name__}: {e}); the store records the commit it reads, so this needs "
+                      "the hub (HF_HUB_OFFLINE unset) or a local folder of the data files") from e
+  return {"revision": sha}
+
+
+def hf_documents(spec: str, text_field: str = "text", revision: str | None = None) -> Iterator[Document]:
+  """`hf:NAME[:CONFIG[:SPLIT]][@REVISION]`, streamed at `revision` (a resolved commit; default REVISION):
+  `load_dataset(..., streaming=True)` returns an IterableDataset, so the first document arrives after the first
+  data file's first records, without downloading the dataset."""
+  datasets = _datasets(spec)
+  name, config, split, spec_revision = _hf_spec(spec)
+  revision = revision or spec_revision
   try:
-    ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    ds = datasets.load_dataset(name, config, split=split, streaming=True,
+                               **({"revision": revision} if revision else {}))
   except (OSError, ValueError) as e:   # unreachable hub, unknown dataset/config/split (datasets' own errors)
     raise CorpusError(f"corpus {spec!r}: cannot stream dataset {name!r} (config {config!r}, split "
-                      f"{split or 'train'!r}): {e}") from e
+                      f"{split!r}): {e}") from e
   for k, record in enumerate(ds):
     if text_field not in record:
       raise CorpusError(f"corpus {spec!r}: record {k} has no field {text_field!r} (fields: {sorted(record)}); "
@@ -264,6 +322,8 @@ class Corpus:
     self.packages: tuple[str, ...] | None = None   # python-packages: the named ones, () = all installed
     if name == PYPACKAGES:
       self.packages = tuple(p.strip() for p in names.split(",") if p.strip())
+    if self.streamed:
+      self._hf_name = _hf_spec(source)[0]   # a malformed spec fails here, before any model is loaded
     self._docs: list[Document] | None = None
     self._packages_entry: dict | None = None
 
@@ -275,8 +335,9 @@ class Corpus:
   def _raw(self) -> Iterator[Document]:
     if self.source == EMBEDDED:
       return embedded_documents()
-    if self.streamed:
-      return hf_documents(self.source, self.text_field)
+    if self.streamed:   # a local folder is read as is: its hash is only for the manifest
+      revision = None if os.path.isdir(self._hf_name) else self.hf_pin["revision"]
+      return hf_documents(self.source, self.text_field, revision)
     if self.packages is not None:
       try:
         items, self._packages_entry = pypackages.collect(self.packages or None)
@@ -325,17 +386,25 @@ class Corpus:
     them when the extraction stopped early), for evaluations that need text."""
     return self._split(True)
 
+  @functools.cached_property
+  def hf_pin(self) -> dict:
+    """`resolve_hf(source)`, once: the documents streamed and the manifest name the same commit."""
+    return resolve_hf(self.source)
+
   def description(self) -> dict:
     """What the manifest records: enough to rebuild the same documents and split (for python-packages also
     the distributions, versions, skip counts and content hash; reading them is a full pass, done once)."""
-    d = {"source": self.source, "text_field": self.text_field, "txt_mode": self.txt_mode,
-         "seed": self.seed, "order": "hub order" if self.streamed else "seeded shuffle of deduplicated docs",
-         "max_docs": self.max_docs,
+    # Without `@REVISION`: `hf:x` read at commit S and `hf:x@S` describe the same store, and resume it.
+    d = {"source": self.source.partition("@")[0] if self.streamed else self.source,
+         "text_field": self.text_field, "txt_mode": self.txt_mode, "seed": self.seed,
+         "order": "hub order" if self.streamed else "seeded shuffle of deduplicated docs", "max_docs": self.max_docs,
          "heldout": {"rule": "blake2b(f'{seed}:{doc_id}', 8 bytes) / 2**64 < fraction",
                      "seed": self.seed, "fraction": self.heldout_fraction}}
     if self.source == EMBEDDED:
       d["description"] = (f"Python {sys.version.split()[0]} documentation: pydoc_data.topics + standard-library "
                           f"docstrings, pieces <= {EMBEDDED_MAX_CHARS} chars")
+    if self.streamed:
+      d.update(self.hf_pin)
     if self.packages is not None:
       self.documents()   # the pass that reads the documents also describes them
       entry = self._packages_entry

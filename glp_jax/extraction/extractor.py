@@ -236,6 +236,8 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
     logging.info("resuming %s: downloading it to %s", target, path)   # e.g. on a new VM
     files.copy_tree(target, path)
   corpus = corpus_lib.Corpus.from_config(config.corpus)
+  if corpus.streamed:
+    _ = corpus.hf_pin   # the commit (or folder hash) the manifest records: fails before the model loads
   try:
     model, tokenizer = loaded or lm.load_causal_lm(config.model.name, config.model.dtype, config.model.device)
   except (OSError, ValueError) as e:

@@ -64,6 +64,8 @@ def _corpus(corpus: Any) -> str:
   if not isinstance(corpus, Mapping):
     return _fmt(corpus)
   text = corpus.get("description") or corpus.get("source") or "unknown"
+  if corpus.get("revision"):   # an hf: dataset: the commit its rows were read from
+    text += f" at commit {corpus['revision']}"
   held = corpus.get("heldout") or {}
   if held.get("fraction") is not None:
     text += f" (held-out fraction {held['fraction']:g}, seed {held.get('seed', '?')})"
