@@ -15,7 +15,8 @@
 #         K = GLP_DEVICES_PER_PROCESS, else the inherited device count M / N (must divide), else 1;
 #         JAX_PLATFORMS=cpu unless already set.
 #   CPU mode is used when nvidia-smi lists no GPU, when CUDA_VISIBLE_DEVICES is set but empty, or when
-#   JAX_PLATFORMS is set and names no GPU platform (cuda/gpu/rocm).
+#   JAX_PLATFORMS is set and names no GPU platform (cuda/gpu/rocm). JAX_PLATFORMS naming a GPU platform when no
+#   GPU is found that way (no nvidia-smi on PATH, e.g. ROCm) is an error: nothing would split the GPUs.
 #
 # Launcher settings (env):
 #   GLP_COORDINATOR_PORT      coordinator port (default: a free port picked on localhost)
@@ -95,6 +96,14 @@ elif command -v nvidia-smi >/dev/null 2>&1; then
       for ((g = 0; g < G; g++)); do GPU_IDS+=("$g"); done
     fi
   fi
+fi
+
+PLATFORMS="${JAX_PLATFORMS:-}"
+if [[ "$MODE" == cpu && "${PLATFORMS,,}" =~ (cuda|gpu|rocm) ]]; then
+  # CPU mode would pass JAX_PLATFORMS on unchanged, and every child would then take every GPU of the machine.
+  die2 "JAX_PLATFORMS=$JAX_PLATFORMS asks for GPUs, but none were found to split between the processes" \
+    "(nvidia-smi missing from PATH or listing none, or CUDA_VISIBLE_DEVICES empty): put nvidia-smi on PATH," \
+    "or set JAX_PLATFORMS=cpu"
 fi
 
 if [[ "$MODE" == gpu ]]; then

@@ -5,6 +5,10 @@
 # --root=gs://... --emit=tpu` writes these lines per run.
 #   TPU_NAME=glp-v5e-32 ZONE=us-west4-a launch/tpu_vm.sh --config=configs/train.py:model=llama1b-d12 \
 #       --config.data.store=gs://glp/stores/llama1b_l07 --workdir=gs://glp/runs/d12
+# The run lasts only as long as this ssh session: a dropped connection or a closed terminal ends glp-train on every
+# worker (it resumes from its last checkpoint when started again). Start it where it outlives your login, e.g.
+#   tmux new -s glp 'TPU_NAME=... ZONE=... launch/tpu_vm.sh --config=... --workdir=...'
+#   TPU_NAME=... ZONE=... nohup launch/tpu_vm.sh --config=... --workdir=... > tpu_train.log 2>&1 &
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 SETUP="${SETUP:-cd ~/glp_jax && source .venv/bin/activate}"

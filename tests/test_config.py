@@ -114,3 +114,14 @@ def test_dry_run_of_a_preset_without_a_width_reads_it_from_the_store(tmp_path):
   cfg = config_lib.load_file(os.path.join(ROOT, "configs", "train.py"), "model=tiny")
   cfg.data.store = store
   assert state_lib.dry_run(cfg)["model"]["d_input"] == D
+
+
+def test_a_resumed_run_resolves_auto_groups_to_what_it_recorded():
+  """data.groups fixes the row order: a resume with groups=auto keeps the recorded value where this process count
+  divides it (auto alone would pick the value for today's process count and the restart would be refused)."""
+  from glp_jax.training import trainer
+  cfg = config_lib.load_file(os.path.join(ROOT, "configs", "train.py"), "runlocal")
+  assert cfg.data.groups == 0
+  auto = trainer.resolve(cfg).data.groups
+  assert trainer.resolve(cfg, {"data": {"groups": 2 * auto}}).data.groups == 2 * auto
+  assert trainer.resolve(cfg, None).data.groups == auto

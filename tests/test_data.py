@@ -258,6 +258,21 @@ def test_bad_inputs_give_clear_errors(workdir):
     loader(other).batch(0)
 
 
+def test_a_resumed_run_keeps_its_recorded_groups():
+  """groups fixes the row order: auto keeps a resumed run's recorded value wherever the process count divides
+  it, and leaves a count that does not (and explicit values) to the plan check, which refuses the change."""
+  resolve = data.resolve_groups
+  started = resolve(0, 4096, 64, 2)
+  assert started == 8 and resolve(0, 4096, 64, 4, recorded=started) == 8
+  assert resolve(0, 4096, 64, 16) == 16 and resolve(0, 4096, 64, 8) == 8
+  assert resolve(0, 4096, 64, 8, recorded=16) == 16        # started on 16 processes, resumed on 8
+  assert resolve(0, 4096, 64, 16, recorded=8) == 16        # 16 cannot read whole groups of 8
+  assert resolve(0, 2048, 64, 4, recorded=4096) == 8       # a recorded value that no longer fits the batch
+  assert resolve(32, 4096, 64, 8, recorded=16) == 32       # explicit: kept as given
+  with pytest.raises(ValueError, match="multiple of the process count 16"):
+    resolve(8, 4096, 64, 16)
+
+
 def test_grain_source_and_global_array(workdir):
   import grain
   import jax

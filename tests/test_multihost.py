@@ -203,7 +203,8 @@ def test_slurm_script_runs_under_a_local_srun(store, tmp_path):
       "#!/bin/bash\n# srun stand-in: SLURM_NTASKS tasks on this machine, as one job\n"
       "while [[ \"$1\" == --* ]]; do shift; done\n"
       f"exec bash {LAUNCHER} \"$SLURM_NTASKS\" bash -c "
-      "'export SLURM_PROCID=$GLP_PROCESS_ID SLURM_LOCALID=$GLP_PROCESS_ID SLURM_NODEID=0; exec \"$@\"' _ \"$@\"\n")
+      "'export SLURM_PROCID=$GLP_PROCESS_ID SLURM_LOCALID=$GLP_PROCESS_ID SLURM_NODEID=0 "
+      "SLURM_STEP_NUM_TASKS=$SLURM_NTASKS; exec \"$@\"' _ \"$@\"\n")
   for f in ("scontrol", "srun"):
     (bindir / f).chmod(0o755)
   workdir = str(tmp_path / "slurm_run")

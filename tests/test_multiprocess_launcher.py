@@ -1,6 +1,7 @@
 """launch/multiprocess.sh for real: N processes on this machine as one jax.distributed job (CPU, gloo)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,3 +231,14 @@ def test_bad_arguments(args):
 def test_bad_settings(env):
   r = _launch(["3", "true"], timeout=30, **env)
   assert r.returncode == 2 and "error:" in r.stderr and not r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("extra", [{}, {"CUDA_VISIBLE_DEVICES": ""}], ids=["no_nvidia_smi", "no_visible_gpu"])
+def test_gpu_platform_without_gpus_to_split_is_refused(tmp_path, extra):
+  """JAX_PLATFORMS=cuda but no GPU found to split (no nvidia-smi on PATH, or none visible): CPU mode would hand
+  every child JAX_PLATFORMS=cuda and each would take every GPU, so the launcher stops before starting any."""
+  env = {**_env(JAX_PLATFORMS="cuda", GLP_COORDINATOR_PORT="23457", **extra), "PATH": str(tmp_path)}  # empty dir
+  r = subprocess.run([shutil.which("bash"), str(SCRIPT), "2", "true"], env=env, capture_output=True, text=True,
+                     timeout=30)
+  assert r.returncode == 2 and not r.stdout, r.stderr
+  assert "JAX_PLATFORMS=cuda asks for GPUs, but none were found" in r.stderr

@@ -1,4 +1,5 @@
 """glp-sweep: grid expansion, launcher text (SLURM / TPU, dry runs), and a real tiny local sweep end to end."""
+import collections
 import importlib.util
 import json
 import os
@@ -6,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -208,6 +210,39 @@ def test_dry_run_reports_done_and_partial_runs(tmp_path):
   assert f"{len(runs)} runs, 1 done, {len(runs) - 1} to run" in out
   slurm = _cli("--config=configs/sweep.py:runlocal", f"--root={tmp_path}", "--emit=slurm", "--dry_run")
   assert runs[0].name not in slurm and runs[1].name in slurm   # finished runs are not launched again
+
+
+def test_a_command_reads_each_runs_status_files_once(tmp_path, monkeypatch, capsys):
+  """A command asks a run's status to plan, report and launch; on a bucket each read is a round trip. Each
+  file is read once per command, again only after the command trained the run, and afresh by the next."""
+  from glp_jax.scaling import cli  # pylint: disable=g-import-not-at-top
+  c = sweep_config("runlocal")
+  runs = sweep.expand(c, str(tmp_path))
+  _finish(runs[0], 1.0)
+  os.makedirs(os.path.join(runs[1].workdir, "checkpoints"))
+  files.write_json(os.path.join(runs[2].workdir, "diverged.json"), {})
+  files.write_json(os.path.join(runs[3].workdir, "config.json"), {"batch_size": 1024})   # another plan
+  reads = collections.Counter()
+  for name in ("read_json", "exists"):
+    real = getattr(files, name)
+    monkeypatch.setattr(files, name, lambda path, *a, real=real, **kw: reads.update([path]) or real(path, *a, **kw))
+  states = ["done", "partial", "diverged", "conflict"] + ["new"] * (len(runs) - 4)
+  cli.sweep_main(types.SimpleNamespace(config=c, root=str(tmp_path), emit="local", dry_run=True, parallel=None))
+  lines = [l.split() for l in capsys.readouterr().out.splitlines() if not l.startswith("[")]
+  assert [l[0] for l in lines] == states and [l[1] for l in lines] == [f"{r.name}:" for r in runs]
+  assert all(reads[os.path.join(r.workdir, "config.json")] == 1 for r in runs) and set(reads.values()) == {1}
+  # Running them: the fake glp-train writes a done summary. Each file is read once during run_local too.
+  monkeypatch.setattr(sweep, "command", lambda r: [sys.executable, "-c", "import json, sys; json.dump("
+                      "{'done': True}, open(sys.argv[1], 'w'))", os.path.join(r.workdir, "summary.json")])
+  reads.clear()
+  assert sweep.run_local(runs, poll_s=0.01) == {r.name: int(s in ("diverged", "conflict")) for r, s in
+                                                zip(runs, states)}
+  assert set(reads.values()) == {1}
+  assert [r.status() for r in runs] == ["done", "done", "diverged", "conflict"] + ["done"] * (len(runs) - 4)
+  os.remove(os.path.join(runs[4].workdir, "summary.json"))   # read afresh outside a command: new again
+  with sweep.read_once():   # a command that trains a run and then looks at it (as the lr search does)
+    assert runs[4].status() == "new" and sweep.run_local(runs[4:5], poll_s=0.01) == {runs[4].name: 0}
+    assert runs[4].status() == "done"
 
 
 def test_a_run_recorded_with_other_settings_is_a_conflict_not_reused(tmp_path, capsys):

@@ -157,3 +157,14 @@ def test_a_run_recorded_before_a_plan_field_existed_resumes_under_its_old_meanin
   assert workdir_lib.changes(old, {"seed": 0, "opt": {"lr": 1e-3, "decay_all_params": False}}, None, {}) == []
   assert workdir_lib.changes(old, {"seed": 0, "opt": {"lr": 1e-3, "decay_all_params": True}}, None, {}) == [
       ("opt.decay_all_params", False, True)]
+
+
+def test_a_groups_change_is_refused_with_the_process_counts_that_fit():
+  """A run started with data.groups=8 on 16 processes: the refusal says which counts resume it, and that
+  --allow_changes would reorder the rows mid-pass instead of offering it as the way on."""
+  with pytest.raises(config_lib.ConfigError) as e:
+    workdir_lib.refuse("runs/x", [("data.groups", 8, 16)])
+  assert "data.groups=8, not 16" in str(e.value) and "process count that divides 8" in str(e.value)
+  assert "--allow_changes would change the row order mid-pass" in str(e.value)
+  with pytest.raises(config_lib.ConfigError, match="pass --allow_changes to continue"):
+    workdir_lib.refuse("runs/x", [("batch_size", 64, 128)])

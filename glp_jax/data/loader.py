@@ -51,10 +51,15 @@ class Batch:
   doc_B: np.ndarray | None = None   # held-out rows: the document (store doc id) of each row
 
 
-def resolve_groups(groups: int, batch_size: int, window_blocks: int, process_count: int) -> int:
+def resolve_groups(groups: int, batch_size: int, window_blocks: int, process_count: int,
+                   recorded: int = 0) -> int:
   """`groups = 0` (auto): the smallest multiple of the process count, at least 8, that divides the batch and
   the window; an explicit value is checked. Processes own whole groups, so the global batch of a step is the
-  same for any process count that divides `groups`."""
+  same for any process count that divides `groups`, and only for those: `groups` fixes the row order, a plan
+  field. `recorded` (a resumed run's config.json value): auto keeps it when it still fits (the process count
+  divides it), so a run started on 16 processes (groups=16) resumes on 8; else the restart's plan check refuses."""
+  if groups == 0 and recorded and not (recorded % process_count or batch_size % recorded or window_blocks % recorded):
+    groups = recorded
   if groups == 0:
     fits = [g for g in range(process_count * -(-8 // process_count), batch_size + 1, process_count)
             if batch_size % g == 0 and window_blocks % g == 0]

@@ -52,6 +52,7 @@ flags.DEFINE_enum("points", "annealed", ["annealed", "all"],
 flags.DEFINE_bool("plots", True, "Write PNG + PDF plots.", flag_values=FIT_FLAGS)
 
 
+@sweep.read_once()   # a command reads each run's files once (a bucket read is a round trip)
 def sweep_main(fv: flags.FlagValues) -> None:
   config = fv.config
   if config is None or not fv.root:

@@ -14,7 +14,10 @@ search first, and once it is done the same glp-sweep call emits the grid.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import itertools
 import os
 import re
@@ -47,7 +50,7 @@ class Run:
     """How the run's recorded config.json differs from what the sweep would train now, in the fields that
     decide it (the trainer's plan fields, incl. a changed default of the train config) and the store; [] for a
     run not started."""
-    recorded = files.read_json(os.path.join(self.workdir, "config.json"))
+    recorded = _files(self.workdir).config
     if recorded is None:
       return []
     have = {**workdir_lib.plan_fields(recorded), "data.store": recorded.get("data", {}).get("store")}
@@ -59,11 +62,12 @@ class Run:
     not started again) | partial (resumes) | new."""
     if self.conflicts():
       return "conflict"
-    if (files.read_json(os.path.join(self.workdir, "summary.json")) or {}).get("done"):
+    f = _files(self.workdir)
+    if f.summary.get("done"):
       return "done"
-    if files.exists(os.path.join(self.workdir, workdir_lib.DIVERGED_FILE)):
+    if f.diverged:
       return "diverged"
-    if any(files.exists(os.path.join(self.workdir, p)) for p in ("checkpoints", "metrics.jsonl")):
+    if f.started:
       return "partial"
     return "new"
 
@@ -71,6 +75,52 @@ class Run:
   def finished(self) -> bool:
     """Nothing left to run: done, or diverged (a rerun of the same config would diverge again)."""
     return self.status() in ("done", "diverged")
+
+
+@dataclasses.dataclass
+class _RunFiles:
+  """The files behind a run's status, each read when first needed (a done run never looks for checkpoints)."""
+  workdir: str
+
+  @functools.cached_property
+  def config(self) -> dict | None:
+    return files.read_json(os.path.join(self.workdir, "config.json"))
+
+  @functools.cached_property
+  def summary(self) -> dict:
+    return files.read_json(os.path.join(self.workdir, "summary.json")) or {}
+
+  @functools.cached_property
+  def diverged(self) -> bool:
+    return files.exists(os.path.join(self.workdir, workdir_lib.DIVERGED_FILE))
+
+  @functools.cached_property
+  def started(self) -> bool:
+    return any(files.exists(os.path.join(self.workdir, p)) for p in ("checkpoints", "metrics.jsonl"))
+
+
+# workdir -> _RunFiles while a read_once scope is open; None outside one (every status call reads).
+_READ: contextvars.ContextVar[dict[str, _RunFiles] | None] = contextvars.ContextVar("sweep_read", default=None)
+
+
+@contextlib.contextmanager
+def read_once():
+  """A scope (one glp-sweep command; also a decorator) in which each run's files are read once: a command asks
+  a run's status to plan, to report and to launch, and on a bucket every read is a round trip. Nested scopes
+  share the outermost; run_local forgets what it read of a run once it has trained it. Outside, every call reads."""
+  if _READ.get() is not None:
+    yield
+    return
+  token = _READ.set({})
+  try:
+    yield
+  finally:
+    _READ.reset(token)
+
+
+def _files(workdir: str) -> _RunFiles:
+  scope = _READ.get()
+  return _RunFiles(workdir) if scope is None else scope.setdefault(workdir, _RunFiles(workdir))
 
 
 # Fields glp-train resolves when it starts ('auto' choices, for the devices it gets): a run records the result.
@@ -85,6 +135,7 @@ def _plain(v: Any, key: str = "") -> Any:
   return list(v) if isinstance(v, tuple) else v
 
 
+@read_once()
 def report_conflicts(runs: list[Run]) -> list[Run]:
   """Prints each run in conflict with the sweep's settings (to stderr) and returns them."""
   out = [r for r in runs if r.status() == "conflict"]
@@ -140,6 +191,7 @@ def search_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return c
 
 
+@read_once()
 def choose_lrs(runs: list[Run], sizes) -> dict:
   """Each size's lr: the finished search run with the lowest final eval loss (a run that failed, e.g.
   diverged, simply loses). Returns {"lrs": {size: lr}, "search": {size: [{lr, loss, status}...]},
@@ -147,8 +199,7 @@ def choose_lrs(runs: list[Run], sizes) -> dict:
   search: dict[str, list] = {s: [] for s in sizes}
   for r in runs:
     status = r.status()   # a conflict (run with other settings) has no loss here
-    summary = files.read_json(os.path.join(r.workdir, "summary.json")) or {}
-    loss = summary.get("eval_loss") if status == "done" else None
+    loss = _files(r.workdir).summary.get("eval_loss") if status == "done" else None
     search[r.size].append(dict(lr=r.lr, loss=loss, status=status if loss is None else "done"))
   lrs = {}
   for size, rows in search.items():
@@ -263,6 +314,7 @@ def _log_path(workdir: str) -> str:
   return os.path.join(folder, "train.log")
 
 
+@read_once()
 def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, poll_s: float = 0.2) -> dict:
   """Runs every run not done, `parallel` at a time, each on its own devices (`device_slots`); each logs to
   <workdir>/train.log (a run folder on a bucket: a local log, uploaded when the run ends). Returns name -> rc
@@ -277,7 +329,9 @@ def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, po
       r, slot = todo.pop(0), free.pop(0)
       log = open(_log_path(r.workdir), "a")
       print(f"[glp-sweep] start {r.name} ({r.status()})", flush=True)
-      active.append((r, subprocess.Popen(command(r), stdout=log, stderr=subprocess.STDOUT, env=slot), log, slot))
+      # One process per run, never a jax.distributed job, even in a salloc / sbatch shell (SLURM_* inherited).
+      proc = subprocess.Popen(command(r), stdout=log, stderr=subprocess.STDOUT, env=dict(slot, GLP_DISTRIBUTED="0"))
+      active.append((r, proc, log, slot))
     time.sleep(poll_s)
     for item in list(active):
       r, proc, log, slot = item
@@ -285,6 +339,7 @@ def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, po
         log.close()
         if files.is_remote(r.workdir):
           files.atomic_write(os.path.join(r.workdir, "train.log"), files.read_bytes(log.name))
+        (_READ.get() or {}).pop(r.workdir, None)   # it trained: a later status() in this command reads it anew
         active.remove(item)
         free.append(slot)
         results[r.name] = proc.returncode
@@ -307,7 +362,7 @@ def slurm_script(config: ml_collections.ConfigDict, runs: list[Run], root: str) 
   head = ["#!/bin/bash", "#SBATCH --job-name=glp-sweep", f"#SBATCH --array=0-{len(runs) - 1}{limit}",
           f"#SBATCH --nodes={s.nodes}", f"#SBATCH --ntasks-per-node={s.gpus_per_node}",
           f"#SBATCH --gpus-per-node={s.gpus_per_node}", f"#SBATCH --cpus-per-task={s.cpus_per_task}",
-          f"#SBATCH --time={s.time}", f"#SBATCH --output={output}"]
+          f"#SBATCH --time={s.time}", "#SBATCH --signal=TERM@300", f"#SBATCH --output={output}"]
   head += [f"#SBATCH --partition={s.partition}"] * bool(s.partition)
   head += [f"#SBATCH --account={s.account}"] * bool(s.account)
   body = [f"# {len(runs)} runs of glp-sweep; {n_tasks} processes (one per GPU) per run. Written by glp-sweep.",

@@ -47,7 +47,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   runtime.init_distributed()
   runtime.use_compile_cache(config.get("compile_cache", "auto"))
   is_main = jax.process_index() == 0
-  config = resolve(config)
+  recorded_config = files.read_json(os.path.join(workdir, "config.json"))   # None on a first start
+  config = resolve(config, recorded_config)
   total_steps = state_lib.total_steps(config)
   lock = workdir_lib.Lock(workdir)
   if is_main:
@@ -90,7 +91,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   runtime.check_same_everywhere("store", json.dumps(seen, sort_keys=True),
                                 "the store changed while they opened it (a store still being written is read "
                                 "with data.streaming=true)")
-  recorded_config = files.read_json(os.path.join(workdir, "config.json"))
   start_step, meta, skipped = None, {}, []
   # The plan is fixed by the first start that trains, and checked against each checkpoint before restoring it.
   plan = workdir_lib.PlanCheck(workdir, recorded_config, config_dict, identity, allow_changes)
@@ -241,16 +241,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   return summary
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def resolve(config: ml_collections.ConfigDict, recorded: dict | None = None) -> ml_collections.ConfigDict:
   """The config as this run uses it: 'auto' choices made for these devices and processes (recorded in
-  config.json; the mesh is resolved once the model's size is known)."""
+  config.json; the mesh is resolved once the model's size is known). `recorded`: a resumed run's config.json,
+  whose data.groups an auto value keeps where this process count divides it (groups fix the row order)."""
   config = ml_collections.ConfigDict(config.to_dict())
   store = config.data.store
   if store and "://" not in store:   # recorded absolute: glp-eval and glp-export find it from any folder
     config.data.store = os.path.abspath(store)
   config.model.compute_dtype = model_lib.resolve_compute_dtype(config.model.get("compute_dtype", "auto"))
   config.data.groups = loader_lib.resolve_groups(config.data.get("groups", 0), config.batch_size,
-                                                 config.data.window_blocks, jax.process_count())
+                                                 config.data.window_blocks, jax.process_count(),
+                                                 recorded=((recorded or {}).get("data") or {}).get("groups") or 0)
   return config
 
 

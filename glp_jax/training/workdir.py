@@ -83,8 +83,15 @@ def changes(recorded_config: dict | None, config: dict, recorded_identity: dict 
 def refuse(workdir: str, diffs: list[tuple[str, Any, Any]]) -> None:
   field, old, new = diffs[0]
   more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:4])})" if len(diffs) > 1 else ""
+  groups = next((d[1] for d in diffs if d[0] == "data.groups"), None)
+  if groups is not None:   # most often not asked for: auto picked another value for another process count
+    hint = (f"data.groups fixes the row order and each process reads whole groups, so this run resumes only on a "
+            f"process count that divides {groups}; use a new --workdir (--allow_changes would change the row "
+            "order mid-pass: rows of this pass seen twice or not at all)")
+  else:
+    hint = "use a new --workdir, or pass --allow_changes to continue under the new values"
   raise ConfigError(f"{workdir} was started with {field}={old!r}, not {new!r}{more}: a resumed run must keep its "
-                    "plan; use a new --workdir, or pass --allow_changes to continue under the new values")
+                    f"plan; {hint}")
 
 
 class PlanCheck:

@@ -8,7 +8,7 @@ import os
 import signal
 from typing import Any
 
-_MULTIPROCESS_ENV = ("GLP_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
+_MULTIPROCESS_ENV = ("GLP_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
                      "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 INIT_TIMEOUT_S = 120   # a process that never joins (a port in use, a crashed peer) fails the job, not hangs it
 COMPILE_CACHE_MAX_BYTES = 8 << 30   # the XLA compilation cache's bound: least recently used programs go first
@@ -62,14 +62,20 @@ def use_compile_cache(setting: str) -> str | None:
 
 
 def _wants_distributed() -> bool:
-  """True when the launcher set up several processes (SLURM, TPU VM slice or an explicit coordinator)."""
-  if os.environ.get("GLP_DISTRIBUTED", "").lower() in ("0", "false"):
+  """True when the launcher set up several processes: a SLURM step of several tasks, a TPU VM slice, or an
+  explicit coordinator. `GLP_DISTRIBUTED=0` forces one process (the sweep's local runs set it, so a sweep started
+  inside a SLURM allocation does not try to join it); `GLP_DISTRIBUTED=1` forces a join.
+
+  SLURM is judged on the srun step's variables, not SLURM_NTASKS: that one is also set in a `salloc -n8` shell
+  and in an sbatch batch script, where one plain process runs and no peer would ever join it."""
+  flag = os.environ.get("GLP_DISTRIBUTED", "").lower()
+  if flag in ("0", "false"):
     return False
-  if os.environ.get("GLP_DISTRIBUTED", "").lower() in ("1", "true"):
+  if flag in ("1", "true"):
     return True
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+  if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1) > 1:
     return True
-  return any(os.environ.get(k) for k in _MULTIPROCESS_ENV if k != "SLURM_NTASKS")
+  return any(os.environ.get(k) for k in _MULTIPROCESS_ENV)
 
 
 def init_distributed() -> None:
@@ -84,8 +90,11 @@ def init_distributed() -> None:
   env = os.environ
   kwargs: dict[str, Any] = {"initialization_timeout": int(env.get("GLP_INIT_TIMEOUT_S", INIT_TIMEOUT_S))}
   if env.get("GLP_COORDINATOR_ADDRESS"):
+    # Everything is given: jax's cluster detection would still run, and under SLURM it pins each process to the
+    # one GPU of its SLURM_LOCALID, although launch/multiprocess.sh already gave it its share.
     kwargs.update(coordinator_address=env["GLP_COORDINATOR_ADDRESS"],
-                  num_processes=int(env["GLP_NUM_PROCESSES"]), process_id=int(env["GLP_PROCESS_ID"]))
+                  num_processes=int(env["GLP_NUM_PROCESSES"]), process_id=int(env["GLP_PROCESS_ID"]),
+                  cluster_detection_method="deactivate")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   # Said before joining: when a process never joins, XLA's client aborts the others (a C++ check failure,
   # "DEADLINE_EXCEEDED ... RegisterTask", exit 134) before Python can catch anything.
