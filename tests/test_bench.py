@@ -1,5 +1,6 @@
-"""The benches' own logic, without running them: bench/moment_dtype.py's verdict on the bf16 first moment,
-bench/xla_flags.py's flag sets."""
+"""The benches' own logic, without running them whole: bench/moment_dtype.py's verdict on the bf16 first moment,
+bench/xla_flags.py's flag sets, bench/extract.py's sizes and dtype, bench/train_step.py's failed torch setups."""
+import json
 import os
 import sys
 
@@ -20,6 +21,8 @@ def _import_bench(name: str):
 
 moment_dtype = _import_bench("moment_dtype")
 xla_flags = _import_bench("xla_flags")
+extract = _import_bench("extract")
+train_step = _import_bench("train_step")
 
 
 def test_moment_dtype_verdict_uses_the_seed_gap_and_falls_back_to_the_sem():
@@ -62,3 +65,50 @@ def test_an_xla_flag_this_xla_does_not_know_fails_its_set_only(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   row = xla_flags.run_set("bogus", "--xla_no_such_flag_glp=1", "2,16,8,1,1,0", timeout=120)
   assert row["set"] == "bogus" and "xla_no_such_flag_glp" in row["error"], row
+
+
+def test_extract_sizes_bf16_full_size_on_cuda_and_f32_quick_on_cpu():
+  """bench/extract.py: dtype auto is bfloat16 on CUDA (what bench/gpu_check.sh's card runs get, at full size with
+  torch's own threads) and float32 on CPU, where torch emulates bf16 GEMMs; --quick is a short, shallow forward,
+  3 runs and one torch thread; a flag given wins over every default."""
+  card = extract.settings(quick=False, cuda=True, shape="smollm2-135m", layer=15, ctx=512)
+  assert card == {"layer": 15, "ctx": 512, "rows": 250_000, "runs": 5, "dtype": "bfloat16", "torch_threads": 0}
+  assert extract.settings(quick=False, cuda=True, shape="llama-3.2-1b")["layer"] == 7
+  assert extract.settings(quick=False, cuda=False, shape="embedded") == {
+      "layer": 15, "ctx": 256, "rows": 20_000, "runs": 3, "dtype": "float32", "torch_threads": 0}
+  quick = extract.settings(quick=True, cuda=False, shape="embedded")
+  assert quick == {"layer": 3, "ctx": 64, "rows": 1000, "runs": 3, "dtype": "float32", "torch_threads": 1}
+  given = extract.settings(quick=True, cuda=False, shape="embedded", layer=0, ctx=128, rows=50, runs=2,
+                           dtype="bfloat16", torch_threads=0)
+  assert given == {"layer": 0, "ctx": 128, "rows": 50, "runs": 2, "dtype": "bfloat16", "torch_threads": 0}
+
+
+def test_a_failed_torch_child_reports_its_stderr_tail():
+  """A torch setup's child that fails (here for real: a setup it does not know) gives {'error': its stderr's
+  last lines} instead of raising in the parent."""
+  out = train_step.run_torch_worker("2,16,8,1,torch_nonesuch,1,float32")
+  assert set(out) == {"error"} and "unknown torch setup 'torch_nonesuch'" in out["error"], out
+
+
+def test_one_failed_torch_setup_keeps_the_jax_figures(monkeypatch):
+  """One torch setup failing (say inductor's Triton in the GPU image) costs its own row only: it reports its
+  error and a null ratio, the other setup its ratio, and the JAX step is still timed (for real, tiny)."""
+  eager = {"step_s": 0.01, "examples_per_s": 800.0, "first_step_s": 0.1, "loss": 2.0, "dtype": "float32"}
+  specs = []
+
+  def fake_worker(spec):
+    specs.append(spec)
+    if ",torch_compile," in spec:
+      return {"error": "torch._inductor.exc.InductorError: RuntimeError: Triton failed"}
+    return dict(eager)
+  monkeypatch.setattr(train_step, "run_torch_worker", fake_worker)
+  monkeypatch.setattr(train_step, "device_peak", lambda: (1e12, "test peak"))
+  rows, peak, _ = train_step.measure([2], d_input=16, batch=8, steps=2, torch_setups=["torch_eager", "torch_compile"],
+                                     torch_threads=1, torch_dtype="float32", jax_dtype="float32")
+  assert specs == ["2,16,8,2,torch_eager,1,float32", "2,16,8,2,torch_compile,1,float32"]
+  (row,) = json.loads(json.dumps(rows))   # what the bench prints
+  assert row["jax"]["examples_per_s"] > 0 and row["jax"]["warmup_steps"] == 3 and 0 < row["jax"]["mfu"]
+  assert row["torch_compile"] == {"error": "torch._inductor.exc.InductorError: RuntimeError: Triton failed"}
+  assert row["jax_over_torch_compile"] is None
+  assert row["jax_over_torch_eager"] == pytest.approx(row["jax"]["examples_per_s"] / 800.0)
+  assert row["torch_eager"]["mfu"] == pytest.approx(800.0 * row["train_flops_per_example"] / peak)

@@ -83,6 +83,11 @@ def test_the_default_parts_and_no_tokenizer_copy(tmp_path):
   assert ran == ["extract_smollm2", "profile_d6", "profile_d6_mu_bf16", "train_e2e", "train_step_d3_d12",
                  "train_step_d6"]
   assert "--tokenizer" not in results["extract_smollm2"]["result"]["args"]
+  # On the card the benches' own defaults give the issues' settings (bf16 from dtype 'auto' on CUDA, the full
+  # sizes; tests/test_bench.py pins those defaults): no --quick, no dtype or size that would override them.
+  assert results["extract_smollm2"]["result"]["args"] == ("bench/extract.py --shape=smollm2-135m --layer=15 "
+                                                          "--ctx=512 --device=cuda")
+  assert results["train_step_d6"]["result"]["args"] == "bench/train_step.py --depths=6 --batch=4096 --steps=20"
   for name in ("profile_d6", "profile_d6_mu_bf16"):   # each profile's HLO and trace, one file each
     with tarfile.open(out / f"{name}.tar.gz") as tar:
       assert {f"{name}/step.hlo.txt", f"{name}/trace/t.xplane.pb"} <= set(tar.getnames())

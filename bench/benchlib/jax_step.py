@@ -64,10 +64,10 @@ def build_jax_step(config):
   return step, (state, nonfinite, x), mesh
 
 
-def time_jax(config, steps: int, blocks: int = 1) -> dict:
-  """The step's wall time: the median over `blocks` timed runs of `steps` steps each (the first step, compile
-  included, is `first_step_s`; `block_spread` the blocks' (max - min) / median). `loss` is after
-  1 + blocks * steps steps."""
+def time_jax(config, steps: int, blocks: int = 1, warmup: int = 3) -> dict:
+  """The step's wall time: the median over `blocks` timed runs of `steps` steps each, after the first step
+  (compile included: `first_step_s`) and `warmup` more untimed steps, as bench/train_step.py's PyTorch steps get
+  (`block_spread` is the blocks' (max - min) / median). `loss` is after 1 + warmup + blocks * steps steps."""
   import jax
   import numpy as np
   from glp_jax.training import sharding
@@ -77,6 +77,9 @@ def time_jax(config, steps: int, blocks: int = 1) -> dict:
     state, nonfinite, m = step(state, nonfinite, x)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
+    for _ in range(warmup):   # allocator and thread pools settle over the first steps (torch gets the same)
+      state, nonfinite, m = step(state, nonfinite, x)
+    jax.block_until_ready((state, m))
     times = []
     for _ in range(blocks):
       t = time.perf_counter()
@@ -86,7 +89,7 @@ def time_jax(config, steps: int, blocks: int = 1) -> dict:
       times.append((time.perf_counter() - t) / steps)
   dt = float(np.median(times))
   out = {"step_s": dt, "examples_per_s": config.batch_size / dt, "first_step_s": compile_s,
-         "loss": float(m["loss"])}
+         "warmup_steps": warmup, "loss": float(m["loss"])}
   if blocks > 1:   # the timing's own noise: a difference between setups below it means nothing
     out["block_spread"] = (max(times) - min(times)) / dt
   return out
