@@ -39,7 +39,9 @@ def get_config(arg=None):
   # --- the LM ---
   c.model = ml_collections.ConfigDict()
   c.model.name = EMBEDDED_MODEL if a.model == "embedded" else a.model  # HF name or local folder
-  c.model.dtype = "bfloat16"           # forward dtype: bfloat16 (3x faster than float32 on this CPU) | float32
+  c.model.dtype = "auto"               # forward dtype: auto (bfloat16 on GPU and on CPUs with native bf16, e.g.
+                                       # AVX512-BF16 / AMX; float32 on others, which emulate it ~35x slower)
+                                       # | bfloat16 | float32; the store records the resolved one
   c.model.device = "auto"              # auto = cuda if visible, else cpu
   c.layers = parse_layers(a.layers)    # decoder layers whose outputs are stored (residual stream after block)
 

@@ -39,7 +39,7 @@ PIPELINES = {
                   # Between --quick and the full sizes: ~1 min per run on 2 cores. FD: 4,096 samples a side (7 per
                   # dimension), 50 Euler steps; delta LM: 32 held-out documents; steering: 4 prompts.
                   evals=("--num_samples=4096", "--steps=50", "--num_docs=32", "--max_length=128",
-                         "--lm_dtype=bfloat16", "--num_prompts=4", "--rs=0,0.5,1", "--max_new_tokens=12",
+                         "--lm_dtype=auto", "--num_prompts=4", "--rs=0,0.5,1", "--max_new_tokens=12",
                          "--n_per_task=200", "--top_k=128"),
                   fit=("--n_bootstrap=1000", "--holdout=1")),
 }

@@ -161,3 +161,18 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     lm.load_causal_lm(str(tmp_path / "nope"), "float32", "cpu")
   with pytest.raises(ValueError, match="unknown dtype"):
     lm.torch_dtype("int8")
+
+
+def test_auto_forward_dtype_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):
+  """An AVX2-only CPU emulates bf16 GEMMs (~35x slower than float32 there): 'auto' is float32 on it, bfloat16 on a
+  GPU or a CPU with AVX512-BF16 / AMX; explicit names pass through and unknown ones fail before any load."""
+  import torch
+  for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+    monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+  assert lm.resolve_dtype("auto", "cpu") == "float32"
+  assert lm.resolve_dtype("auto", "cuda:1") == "bfloat16"
+  assert lm.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+  monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+  assert lm.resolve_dtype("auto", "cpu") == "bfloat16"
+  with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+    lm.resolve_dtype("fp8")

@@ -33,7 +33,8 @@ class Options:
   store: str | None = _opt(None, "Activation store (default: the run config's data.store).")
   lm: str | None = _opt(None, "LM name/folder (default: the store's model).")
   layer: int | None = _opt(None, "LM layer the prior models (default: the store's layer).")
-  lm_dtype: str = _opt("float32", "LM forward dtype: float32 | bfloat16 (--quick uses bfloat16).")
+  lm_dtype: str = _opt("float32", "LM forward dtype: float32 | bfloat16 | auto (--quick uses auto: "
+                        "lm.resolve_dtype).")
   device: str = _opt("auto", "Device of the LM and of an exported (torch) prior: auto | cpu | cuda.")
   quick: bool = _opt(False, "Smoke-test sizes (seconds to minutes on CPU).")
   seed: int = _opt(42, "Seed for samples, noise and splits.")
@@ -119,7 +120,7 @@ class Context:
       from glp_jax.torch import lm
       if not self.lm_name or self.layer is None:
         raise ConfigError("cannot tell which LM/layer this prior models: pass --store or --lm and --layer")
-      dtype = "bfloat16" if opts.quick else opts.lm_dtype   # bf16: ~3x faster on CPU, as the extractor
+      dtype = "auto" if opts.quick else opts.lm_dtype   # auto: bf16 where this CPU has native bf16 (~3x faster)
       self._lm = lm.load_causal_lm(self.lm_name, dtype=dtype, device=opts.device)
     return self._lm
 

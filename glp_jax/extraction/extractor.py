@@ -180,7 +180,7 @@ def staging_path(url: str) -> str:
 
 
 def _metadata(config, model_info: dict, tokenizer, rule: dict, corpus: corpus_lib.Corpus,
-              batching: dict) -> dict:
+              batching: dict, forward_dtype: str) -> dict:
   """Manifest metadata; every key must match when a store is resumed."""
   return {
       "model": model_info["name_or_path"], "model_description": model_info["name"],
@@ -193,7 +193,7 @@ def _metadata(config, model_info: dict, tokenizer, rule: dict, corpus: corpus_li
                           "seed": int(config.seed)},
       # The resolved batching (auto = 0 in the config): batches, hence numerics, are a function of these.
       "window_docs": batching["window_docs"], "batch_tokens": batching["batch_tokens"],
-      "max_batch_docs": batching["max_batch_docs"], "forward_dtype": config.model.dtype,
+      "max_batch_docs": batching["max_batch_docs"], "forward_dtype": forward_dtype,
       "stream": {"buffer_rows": int(config.stream.buffer_rows), "warmup_rows": int(config.stream.warmup_rows)},
       "doc_id": ("index of the document in the corpus order, training and held-out documents together "
                  "(corpus.Corpus.documents()); held-out documents (corpus.is_heldout) are in the heldout/ split"),
@@ -236,10 +236,14 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
     logging.info("resuming %s: downloading it to %s", target, path)   # e.g. on a new VM
     files.copy_tree(target, path)
   corpus = corpus_lib.Corpus.from_config(config.corpus)
+  try:   # recorded: a resume must match it
+    forward_dtype = lm.resolve_dtype(config.model.dtype, config.model.device)
+  except ValueError as e:
+    raise ExtractError(f"config.model.dtype: {e}") from None
   if corpus.streamed:
     _ = corpus.hf_pin   # the commit (or folder hash) the manifest records: fails before the model loads
   try:
-    model, tokenizer = loaded or lm.load_causal_lm(config.model.name, config.model.dtype, config.model.device)
+    model, tokenizer = loaded or lm.load_causal_lm(config.model.name, forward_dtype, config.model.device)
   except (OSError, ValueError) as e:
     raise ExtractError(f"config.model.name: {e}") from e
   try:
@@ -255,7 +259,7 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
     # on a GPU let the tokenizer use its threads; on a CPU they would slow the forward. Set it to override.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if runner.cuda else "false")
     batching = pipeline.resolve_batching(config, runner, stored, len(tokenizer))
-    meta = _metadata(config, info, tokenizer, rule, corpus, batching)
+    meta = _metadata(config, info, tokenizer, rule, corpus, batching, forward_dtype)
     # Streaming keeps the synchronous writer: the producer's bound is on committed rows.
     queue_depth = 0 if producer is not None else int(config.store.write_queue)
     kw = dict(write_queue=queue_depth, stats_threads=stats_threads(config))
