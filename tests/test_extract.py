@@ -186,6 +186,22 @@ def test_bad_inputs(tiny, workdir, tmp_path):
   assert not os.path.exists(tmp_path / "w2" / "store")
 
 
+@pytest.mark.torch
+def test_a_local_model_changed_in_place_is_a_different_model(tmp_path):
+  """A local model folder has no hub commit: the manifest records a hash of its files, so new weights saved over
+  the same folder (a fine-tune, say) are refused on resume by `model_revision`, and the old ones resume."""
+  folder, workdir = str(tmp_path / "lm"), str(tmp_path / "w")
+  lm.save_tiny_llama(folder, hidden=32, n_layers=4, seed=0)
+  extract.extract(_config(folder, max_rows=20, layers=(1,)), workdir)
+  recorded = layout.read_manifest(os.path.join(workdir, "store"))["metadata"]["model_revision"]
+  assert recorded.startswith("local:") and len(recorded) == len("local:") + 32, recorded
+  lm.save_tiny_llama(folder, hidden=32, n_layers=4, seed=1)
+  with pytest.raises(store_lib.StoreError, match="model_revision"):
+    extract.extract(_config(folder, max_rows=40, layers=(1,)), workdir)
+  lm.save_tiny_llama(folder, hidden=32, n_layers=4, seed=0)   # the same bytes again: the same model
+  assert extract.extract(_config(folder, max_rows=40, layers=(1,)), workdir)["num_rows"] >= 40
+
+
 def _poison(model, tok, config, doc_index):
   """Hooks that make layer 3's output NaN at kept row 2 of document `doc_index` (its batch row is found by its
   token ids), so the NaN comes out of the model, batched, and the device-side check must catch it."""

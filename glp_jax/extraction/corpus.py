@@ -42,6 +42,7 @@ import sysconfig
 from typing import Iterable, Iterator
 
 from glp_jax.extraction import pypackages
+from glp_jax.util import files
 from glp_jax.util.errors import GlpError
 
 EMBEDDED = "embedded"
@@ -224,29 +225,12 @@ def _hf_spec(spec: str) -> tuple[str, str | None, str, str | None]:
   return name, config or None, split or "train", revision or None
 
 
-def _folder_hash(folder: str) -> str:
-  """blake2b of a folder's files: relative paths, sizes and bytes in sorted order (hidden entries, such as a
-  cloned repo's .git, skipped: `datasets` does not read them)."""
-  rels = []
-  for root, dirs, names in os.walk(folder):
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
-    rels += [os.path.relpath(os.path.join(root, n), folder) for n in names if not n.startswith(".")]
-  h = hashlib.blake2b(digest_size=16)
-  for rel in sorted(r.replace(os.sep, "/") for r in rels):
-    path = os.path.join(folder, rel)
-    h.update(f"{rel}\0{os.path.getsize(path)}\0".encode("utf-8"))   # sizes keep file boundaries unambiguous
-    with open(path, "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        h.update(block)
-  return h.hexdigest()
-
-
 def resolve_hf(spec: str) -> dict:
   """What an `hf:` source reads, pinned: `{"revision": sha}` (the hub commit its revision names now) or, for a
   local folder, `{"content_hash": ...}`. A CorpusError when the hub cannot say: the store must record it."""
   name, _, _, revision = _hf_spec(spec)
   if os.path.isdir(name):
-    return {"content_hash": _folder_hash(name)}
+    return {"content_hash": files.folder_hash(name)}   # datasets reads subfolders too
   _datasets(spec)   # what streams it (and brings huggingface_hub): missing, say so first
   revision = revision or "main"
   try:   # offline, unreachable, unknown repo or revision, bad id: the classes differ between hub versions

