@@ -51,7 +51,7 @@ def loader(path, **kw):
               process_index=0, process_count=1, prefetch=0)
   args.update(kw)
   if args.pop("streaming", False):
-    return data.StreamingLoader(path, **args)
+    return streaming_lib.StreamingLoader(path, **args)
   return data.StaticLoader(path, **args)
 
 
@@ -396,7 +396,7 @@ def test_streaming_refuses_a_producer_buffer_it_would_deadlock_on_and_a_stop_end
   ld = loader(enough, **kw)
   ld.interrupted = lambda: True
   t0 = time.time()
-  with pytest.raises(data.WaitInterrupted, match="stopped while waiting"):
+  with pytest.raises(streaming_lib.WaitInterrupted, match="stopped while waiting"):
     ld.raw_batch(100)   # rows far past the 600 committed
   assert time.time() - t0 < 5
   st1.close(), st2.close()

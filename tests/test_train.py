@@ -202,7 +202,7 @@ def test_non_finite_loss_stops_and_saves_nothing(store, tmp_path):
 def _nan_at_step_12(monkeypatch, wait_interrupted_at=None):
   """The 13th step's batch holds a NaN; with `wait_interrupted_at`, a SIGTERM lands there while the loader
   waits for rows (a streaming store that has not committed them)."""
-  from glp_jax.data import loader as loader_lib
+  from glp_jax.data import streaming
   real = input_lib.Input.batches
 
   def batches(self, *args):
@@ -211,7 +211,7 @@ def _nan_at_step_12(monkeypatch, wait_interrupted_at=None):
         inputs = (inputs[0].at[0, 0].set(jnp.nan),) + inputs[1:]
       if step == wait_interrupted_at:
         os.kill(os.getpid(), signal.SIGTERM)
-        raise loader_lib.WaitInterrupted("a stop while waiting for rows")
+        raise streaming.WaitInterrupted("a stop while waiting for rows")
       yield step, inputs
   monkeypatch.setattr(input_lib.Input, "batches", batches)
 

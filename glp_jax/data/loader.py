@@ -18,11 +18,12 @@ v2), so every training row is trained on and the held-out set is that split (str
 Two loaders share that plan (`Loader`, the base):
   - `StaticLoader`, a finished store; a segment's remainder of < block_rows rows and the last blocks beyond
     a multiple of `groups` are not used (`unused_rows`).
-  - `StreamingLoader`, a store still being written: windows of `window_blocks` consecutive blocks in store
-    order (block-permuted and dealt to groups inside the window), a single endless pass. It waits (polling the manifest) until the store commits the rows a step
-    needs, and publishes its progress to `<store>/consumers/<name>.json` (streaming.py), so a producer can
-    bound its buffer. Statistics: the store's 'first_shard' entry once complete (a fixed warm-up prefix, so
-    a resumed run normalises identically).
+  - `StreamingLoader` (streaming.py, with the rest of that protocol), a store still being written: windows
+    of `window_blocks` consecutive blocks in store order (block-permuted and dealt to groups inside the
+    window), a single endless pass. It waits (polling the manifest) until the store commits the rows a step
+    needs, and publishes its progress to `<store>/consumers/<name>.json`, so a producer can bound its
+    buffer. Statistics: the store's 'first_shard' entry once complete (a fixed warm-up prefix, so a resumed
+    run normalises identically).
 """
 from __future__ import annotations
 
@@ -30,14 +31,12 @@ import collections
 import dataclasses
 import logging
 import threading
-import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from glp_jax.core.normalizer import Normalizer
 from glp_jax.data.store import ActivationStore, StoreError
-from glp_jax.data.streaming import publish_consumed
 from glp_jax.util import threads
 from glp_jax.util.errors import ConfigError
 
@@ -303,105 +302,6 @@ class StaticLoader(Loader):
     return grain_io.BlockSource(self.path, self.blocks, self.block_rows)
 
 
-class WaitInterrupted(StoreError):
-  """A stop was asked for while waiting on rows the producer had not committed yet."""
-
-
-class StreamingLoader(Loader):
-  """A store still being written: one endless pass in store order, waiting for commits (module docstring).
-
-  `interrupted` (a callable; the trainer of a single process points it at its stop request) ends a wait for rows
-  with WaitInterrupted, so a signal is answered at once instead of when the rows come."""
-  stats_default = "first_shard"
-  interrupted: Callable[[], bool] = staticmethod(lambda: False)
-
-  def __init__(self, path: str, *, consumer: str = "trainer", poll_s: float = 0.2,
-               wait_timeout_s: float = 3600.0, **kw):
-    self.consumer, self.poll_s, self.wait_timeout_s = consumer, poll_s, wait_timeout_s
-    self._published = -1
-    self._stats = kw.get("stats") or self.stats_default
-    super().__init__(path, **kw)
-
-  def _setup(self, heldout_rows: int) -> None:
-    if self.workers > 0:   # each worker would publish its own progress, out of order
-      raise ConfigError(f"{self.path}: a streaming store is read in the training process (data.workers=0)")
-    # The producer stops `buffer_rows` ahead of the published row: the start of the window holding the next
-    # step's first row. That step reads whole windows up to the one holding its last row: fewer rows ahead
-    # leave both sides waiting for good.
-    buffer = int((self.store.metadata.get("stream") or {}).get("buffer_rows") or 0)
-    windows = 1 + -(-(self.group_batch - 1) // (self.group_window * self.block_rows))
-    ahead = windows * -(-self.window_blocks // len(self.layers)) * self.block_rows
-    if buffer and buffer < ahead and not self.store.manifest.get("finished"):
-      raise ConfigError(f"{self.path}: its producer keeps at most stream.buffer_rows={buffer} rows ahead, but "
-                        f"this trainer reads {ahead} ahead ({windows} windows of data.window_blocks="
-                        f"{self.window_blocks} x data.block_rows={self.block_rows}"
-                        f"{f' / {len(self.layers)} layers' if len(self.layers) > 1 else ''}, as one step spans "
-                        f"batch_size / groups = {self.group_batch} rows of a group's windows of "
-                        f"{self.group_window * self.block_rows}): raise data.window_blocks or the producer's "
-                        "buffer")
-    self.heldout_ids = v1_heldout_rows(self.store, heldout_rows, streaming=True)
-    self.rows_per_pass = self.steps_per_pass = float("inf")
-    self.unused_rows = 0
-    # v1: the held-out rows are the first `heldout_rows` of the store and training starts after them.
-    self._train_start = 0 if self.heldout_split else heldout_rows
-    first_n = self.store.manifest["first_shard_rows"]
-    need = max(self._train_start, first_n if self._stats == "first_shard" else 1)
-    self._wait_rows(need, allow_finished=True)
-    if self.heldout_split:
-      self._wait_rows(heldout_rows, allow_finished=True, heldout=True)
-      self.heldout_ids = np.arange(min(heldout_rows, self.store.heldout_num_rows))
-
-  def _block(self, i: np.ndarray) -> np.ndarray:
-    """Streaming block index -> (layer, first row): row-blocks in store order, layers interleaved."""
-    k = len(self.layers)
-    return np.stack([np.asarray(self.layers)[i % k], self._train_start + (i // k) * self.block_rows], 1)
-
-  def _window_blocks(self, p: int, g: int, w: int) -> np.ndarray:
-    tau = np.random.default_rng([self.seed, 2, w]).permutation(self.window_blocks)
-    return self._block(w * self.window_blocks + tau[g::self.groups])
-
-  def _locate(self, q: int) -> tuple[int, int]:
-    return 0, q
-
-  def _ensure_rows(self, need: int) -> None:
-    self._wait_rows(need)
-
-  def _wait_rows(self, need: int, allow_finished: bool = False, heldout: bool = False) -> None:
-    """Blocks until the store has committed `need` rows of its training (or held-out) split."""
-    t0 = time.time()
-    count = (lambda: self.store.heldout_num_rows) if heldout else (lambda: self.store.num_rows)
-    while count() < need:
-      if self.interrupted():
-        raise WaitInterrupted(f"{self.path}: stopped while waiting for {need} committed rows (have {count()})")
-      if self.store.manifest.get("finished"):
-        if allow_finished and count() > 0:
-          return
-        raise StoreError(f"{self.path}: the producer finished at {count()} rows; {need} are needed")
-      if time.time() - t0 > self.wait_timeout_s:
-        what = "held-out rows (a streaming producer bounds its lead only after stream.heldout_rows of them: " \
-            "set that >= data.heldout_rows)" if heldout else "rows"
-        raise StoreError(f"{self.path}: waited {self.wait_timeout_s:.0f} s for {need} committed {what} "
-                         f"(have {count()})")
-      time.sleep(self.poll_s)
-      self.store.refresh()
-
-  def _after_batch(self, step: int) -> None:
-    """Publishes rows_consumed = the first store row still needed: the start of the window holding the next
-    step's first row (this step's rows are in memory)."""
-    q = (step + 1) * self.group_batch
-    w = q // (self.group_window * self.block_rows)
-    consumed = int(self._block(np.asarray([w * self.window_blocks]))[0, 1])
-    if consumed <= self._published or self.process_index != 0:   # every process is at the same window
-      return
-    publish_consumed(self.path, self.consumer, consumed, step=int(step))
-    self._published = consumed
-
-  def retire(self) -> None:
-    """Marks this consumer done, so a producer still extracting (for longer runs) no longer waits on it."""
-    if self.process_index == 0:
-      publish_consumed(self.path, self.consumer, max(self._published, 0), done=True)
-
-
 def v1_heldout_rows(store: ActivationStore, heldout_rows: int, streaming: bool) -> np.ndarray:
   """The training-split rows a loader holds out of a store without held-out documents (see the module
   docstring): a streaming run's first `heldout_rows` (it trains on the rows after them); else the rows of the
@@ -422,6 +322,7 @@ def from_config(cfg, *, batch_size: int, seed: int, all_layers: bool = False, **
               layer=layer, prefetch=cfg.prefetch, workers=cfg.get("workers", 0), groups=cfg.get("groups", 0),
               stats=cfg.get("stats", ""))
   if cfg.get("streaming", False):
+    from glp_jax.data.streaming import StreamingLoader   # it builds on Loader: imported here, not at the top
     return StreamingLoader(cfg.store, batch_size=batch_size, seed=seed, consumer=cfg.get("consumer", "trainer"),
                            **{**args, **kw})
   return StaticLoader(cfg.store, batch_size=batch_size, seed=seed, **{**args, **kw})

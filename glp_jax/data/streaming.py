@@ -8,16 +8,17 @@ devices or hosts sharing a file system):
   `num_rows >= first_shard_rows` and then normalises with it for the whole run (a resumed trainer too).
 * Evaluation rows: a trainer also waits for its `data.heldout_rows` held-out rows, so the producer applies
   its bound only once `stream.heldout_rows` of them are committed (set it >= the trainers' data.heldout_rows).
-* Consumers (loader.py) publish `<store>/consumers/<name>.json` = {"rows_consumed": n}: rows below n are no
-  longer needed. The producer keeps `num_rows - min(rows_consumed) <= buffer_rows` (it may overshoot by at
-  most one shard plus one document, the commit granularity); before any consumer has published, its
+* Consumers (`StreamingLoader`) publish `<store>/consumers/<name>.json` = {"rows_consumed": n}: rows below n
+  are no longer needed. The producer keeps `num_rows - min(rows_consumed) <= buffer_rows` (it may overshoot
+  by at most one shard plus one document, the commit granularity); before any consumer has published, its
   `rows_consumed` counts as 0. Warm-up rows are produced regardless of consumers. A trainer that has trained
   its last step writes `"done": true` there and holds the producer back no longer (other runs may read on).
 * When the producer ends, `store.close()` commits `"finished": true` (every other commit writes false), so a
   waiting trainer stops waiting.
 * Multi-layer stores hold one array per layer over the same rows; the loader interleaves the layers' blocks
   and attaches each row's layer index (loader.py), so the producer needs nothing per layer.
-This module owns both sides of the protocol: the consumer files (`publish_consumed`, `min_consumed`) and the
+This module owns both sides of the protocol: the consumer files (`publish_consumed`, `min_consumed`), the
+`StreamingLoader` that trains from such a store (the loader plan of loader.py, waiting for commits), and the
 `Producer` that throttles an extraction by them.
 """
 from __future__ import annotations
@@ -25,10 +26,12 @@ from __future__ import annotations
 import glob
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 from absl import logging
 
+from glp_jax.data import loader
 from glp_jax.data import store as store_lib
 from glp_jax.util import files
 from glp_jax.util.errors import ConfigError
@@ -62,6 +65,106 @@ def min_consumed(store_path: str) -> tuple[int, int]:
   if not values:
     return (NOBODY_WAITING if found else 0), 0
   return min(values), len(values)
+
+
+# ---------------------------------------------------------------- the consumer
+class WaitInterrupted(store_lib.StoreError):
+  """A stop was asked for while waiting on rows the producer had not committed yet."""
+
+
+class StreamingLoader(loader.Loader):
+  """A store still being written: one endless pass in store order, waiting for commits (loader.py's docstring; this module's for the protocol).
+
+  `interrupted` (a callable; the trainer of a single process points it at its stop request) ends a wait for rows
+  with WaitInterrupted, so a signal is answered at once instead of when the rows come."""
+  stats_default = "first_shard"
+  interrupted: Callable[[], bool] = staticmethod(lambda: False)
+
+  def __init__(self, path: str, *, consumer: str = "trainer", poll_s: float = 0.2,
+               wait_timeout_s: float = 3600.0, **kw):
+    self.consumer, self.poll_s, self.wait_timeout_s = consumer, poll_s, wait_timeout_s
+    self._published = -1
+    self._stats = kw.get("stats") or self.stats_default
+    super().__init__(path, **kw)
+
+  def _setup(self, heldout_rows: int) -> None:
+    if self.workers > 0:   # each worker would publish its own progress, out of order
+      raise ConfigError(f"{self.path}: a streaming store is read in the training process (data.workers=0)")
+    # The producer stops `buffer_rows` ahead of the published row: the start of the window holding the next
+    # step's first row. That step reads whole windows up to the one holding its last row: fewer rows ahead
+    # leave both sides waiting for good.
+    buffer = int((self.store.metadata.get("stream") or {}).get("buffer_rows") or 0)
+    windows = 1 + -(-(self.group_batch - 1) // (self.group_window * self.block_rows))
+    ahead = windows * -(-self.window_blocks // len(self.layers)) * self.block_rows
+    if buffer and buffer < ahead and not self.store.manifest.get("finished"):
+      raise ConfigError(f"{self.path}: its producer keeps at most stream.buffer_rows={buffer} rows ahead, but "
+                        f"this trainer reads {ahead} ahead ({windows} windows of data.window_blocks="
+                        f"{self.window_blocks} x data.block_rows={self.block_rows}"
+                        f"{f' / {len(self.layers)} layers' if len(self.layers) > 1 else ''}, as one step spans "
+                        f"batch_size / groups = {self.group_batch} rows of a group's windows of "
+                        f"{self.group_window * self.block_rows}): raise data.window_blocks or the producer's "
+                        "buffer")
+    self.heldout_ids = loader.v1_heldout_rows(self.store, heldout_rows, streaming=True)
+    self.rows_per_pass = self.steps_per_pass = float("inf")
+    self.unused_rows = 0
+    # v1: the held-out rows are the first `heldout_rows` of the store and training starts after them.
+    self._train_start = 0 if self.heldout_split else heldout_rows
+    first_n = self.store.manifest["first_shard_rows"]
+    need = max(self._train_start, first_n if self._stats == "first_shard" else 1)
+    self._wait_rows(need, allow_finished=True)
+    if self.heldout_split:
+      self._wait_rows(heldout_rows, allow_finished=True, heldout=True)
+      self.heldout_ids = np.arange(min(heldout_rows, self.store.heldout_num_rows))
+
+  def _block(self, i: np.ndarray) -> np.ndarray:
+    """Streaming block index -> (layer, first row): row-blocks in store order, layers interleaved."""
+    k = len(self.layers)
+    return np.stack([np.asarray(self.layers)[i % k], self._train_start + (i // k) * self.block_rows], 1)
+
+  def _window_blocks(self, p: int, g: int, w: int) -> np.ndarray:
+    tau = np.random.default_rng([self.seed, 2, w]).permutation(self.window_blocks)
+    return self._block(w * self.window_blocks + tau[g::self.groups])
+
+  def _locate(self, q: int) -> tuple[int, int]:
+    return 0, q
+
+  def _ensure_rows(self, need: int) -> None:
+    self._wait_rows(need)
+
+  def _wait_rows(self, need: int, allow_finished: bool = False, heldout: bool = False) -> None:
+    """Blocks until the store has committed `need` rows of its training (or held-out) split."""
+    t0 = time.time()
+    count = (lambda: self.store.heldout_num_rows) if heldout else (lambda: self.store.num_rows)
+    while count() < need:
+      if self.interrupted():
+        raise WaitInterrupted(f"{self.path}: stopped while waiting for {need} committed rows (have {count()})")
+      if self.store.manifest.get("finished"):
+        if allow_finished and count() > 0:
+          return
+        raise store_lib.StoreError(f"{self.path}: the producer finished at {count()} rows; {need} are needed")
+      if time.time() - t0 > self.wait_timeout_s:
+        what = "held-out rows (a streaming producer bounds its lead only after stream.heldout_rows of them: " \
+            "set that >= data.heldout_rows)" if heldout else "rows"
+        raise store_lib.StoreError(f"{self.path}: waited {self.wait_timeout_s:.0f} s for {need} committed {what} "
+                         f"(have {count()})")
+      time.sleep(self.poll_s)
+      self.store.refresh()
+
+  def _after_batch(self, step: int) -> None:
+    """Publishes rows_consumed = the first store row still needed: the start of the window holding the next
+    step's first row (this step's rows are in memory)."""
+    q = (step + 1) * self.group_batch
+    w = q // (self.group_window * self.block_rows)
+    consumed = int(self._block(np.asarray([w * self.window_blocks]))[0, 1])
+    if consumed <= self._published or self.process_index != 0:   # every process is at the same window
+      return
+    publish_consumed(self.path, self.consumer, consumed, step=int(step))
+    self._published = consumed
+
+  def retire(self) -> None:
+    """Marks this consumer done, so a producer still extracting (for longer runs) no longer waits on it."""
+    if self.process_index == 0:
+      publish_consumed(self.path, self.consumer, max(self._published, 0), done=True)
 
 
 # ---------------------------------------------------------------- the producer

@@ -22,6 +22,7 @@ from flax import nnx
 from glp_jax.core import flops
 from glp_jax.core import model as model_lib
 from glp_jax.data import loader as loader_lib
+from glp_jax.data import streaming
 from glp_jax.training import checkpoint as ckpt_lib
 from glp_jax.training import input as input_lib
 from glp_jax.training import metrics as metrics_lib
@@ -196,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
           if stopped:
             log.warning("signal %d: saved step %d, stopping", stopped, step)
             break
-      except loader_lib.WaitInterrupted:   # the signal came while the store had not committed the next rows
+      except streaming.WaitInterrupted:   # the signal came while the store had not committed the next rows
         stopped = stop.signum
         if saved != step:   # its metrics checked first: a non-finite step since the last line is never saved
           recorder.push(step, device_metrics, line=False)
