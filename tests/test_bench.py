@@ -70,7 +70,7 @@ def test_an_xla_flag_this_xla_does_not_know_fails_its_set_only(monkeypatch):
 def test_extract_sizes_bf16_full_size_on_cuda_and_the_extractors_dtype_on_cpu():
   """bench/extract.py: dtype auto is bfloat16 on CUDA (what bench/gpu_check.sh's card runs get, at full size with
   torch's own threads) and on a CPU whatever the extractor's own auto picks there (float32 where torch emulates
-  bf16 GEMMs); --quick is a short, shallow forward, 3 runs and one torch thread; a flag given wins over every
+  bf16 GEMMs); --quick is a short, shallow forward, 5 runs and one torch thread; a flag given wins over every
   default."""
   from glp_jax.torch import lm
   cpu_dtype = lm.resolve_dtype("auto", "cpu")
@@ -80,7 +80,7 @@ def test_extract_sizes_bf16_full_size_on_cuda_and_the_extractors_dtype_on_cpu():
   assert extract.settings(quick=False, cuda=False, shape="embedded") == {
       "layer": 15, "ctx": 256, "rows": 20_000, "runs": 3, "dtype": cpu_dtype, "torch_threads": 0}
   quick = extract.settings(quick=True, cuda=False, shape="embedded")
-  assert quick == {"layer": 3, "ctx": 64, "rows": 1000, "runs": 3, "dtype": cpu_dtype, "torch_threads": 1}
+  assert quick == {"layer": 3, "ctx": 64, "rows": 1000, "runs": 5, "dtype": cpu_dtype, "torch_threads": 1}
   given = extract.settings(quick=True, cuda=False, shape="embedded", layer=0, ctx=128, rows=50, runs=2,
                            dtype="bfloat16", torch_threads=0)
   assert given == {"layer": 0, "ctx": 128, "rows": 50, "runs": 2, "dtype": "bfloat16", "torch_threads": 0}

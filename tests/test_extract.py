@@ -202,9 +202,10 @@ def test_a_local_model_changed_in_place_is_a_different_model(tmp_path):
   assert extract.extract(_config(folder, max_rows=40, layers=(1,)), workdir)["num_rows"] >= 40
 
 
-def _poison(model, tok, config, doc_index):
-  """Hooks that make layer 3's output NaN at kept row 2 of document `doc_index` (its batch row is found by its
-  token ids), so the NaN comes out of the model, batched, and the device-side check must catch it."""
+def _poison(model, tok, config, doc_index, value=float("nan")):
+  """Hooks that make layer 3's output `value` (NaN, an inf) at kept row 2 of document `doc_index` (its batch row
+  is found by its token ids), so the value comes out of the model, batched, and the device-side check must catch
+  it."""
   from glp_jax.extraction import corpus as corpus_lib
   from glp_jax.torch.hooks import hidden_of
   doc = list(corpus_lib.Corpus.from_config(config.corpus).labelled())[doc_index][0]
@@ -218,7 +219,7 @@ def _poison(model, tok, config, doc_index):
     n = len(target)
     for r in range(seen["ids"].shape[0]):
       if seen["mask"][r].sum() == n and (seen["ids"][r, :n] == target).all():
-        hidden_of(output)[r, 3, 5] = float("nan")   # position 3 = kept row 2 (BOS dropped)
+        hidden_of(output)[r, 3, 5] = value   # position 3 = kept row 2 (BOS dropped)
   return [model.register_forward_pre_hook(inputs, with_kwargs=True),
           lm.decoder_layers(model)[3].register_forward_hook(poison)]
 
@@ -234,8 +235,8 @@ def test_non_finite_rows_fail_and_an_empty_store_is_removed(tiny, workdir):
   assert not os.path.exists(os.path.join(workdir, "store"))   # it committed nothing: no store is left
   for h in hooks:
     h.remove()
-  # A later window (~3000 rows in: the pipelined writer has committed by then, every 4 x 4 shards of 128).
-  hooks = _poison(model, tok, config, 10 * config.window_docs)
+  # A later window (~3000 rows in: the pipelined writer has committed by then, every 4 x 4 shards of 128), -inf.
+  hooks = _poison(model, tok, config, 10 * config.window_docs, float("-inf"))
   with pytest.raises(store_lib.StoreError, match=rf"doc {10 * config.window_docs}: layer 3 has non-finite"):
     extract.extract(config, workdir, loaded=(model, tok))
   st = store_lib.ActivationStore.open(os.path.join(workdir, "store"))   # committed rows are kept

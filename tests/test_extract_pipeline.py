@@ -90,9 +90,11 @@ def test_progress_counts_rows_toward_max_rows_and_the_summary_has_stages(tiny, w
   assert (bar.unit, bar.total, bar.n) == ("row", 700, 700) and "100%" in text.getvalue()
   assert summary["num_rows"] >= 700
   stages = summary["stages"]
-  assert set(stages) >= {"tokenize", "forward", "select", "copy", "host_wait", "append", "stats", "write",
-                         "commit"}
+  assert set(stages) >= {"head", "tail", "drain", "tokenize", "forward", "select", "copy", "host_wait", "append",
+                         "stats", "write", "commit"}
   assert stages["forward"] > 0 and stages["append"] > 0 and summary["loop_seconds"] > 0
+  # the drain (last rows on the host -> closed) is part of the tail (last window submitted -> closed)
+  assert 0 < stages["drain"] <= stages["tail"] and stages["head"] + stages["tail"] < summary["loop_seconds"]
   config.max_rows = 1500                      # a resumed run's bar starts at the committed rows
   extract.extract(config, workdir)
   assert bars[1].total == 1500 and bars[1].n == 1500

@@ -300,6 +300,7 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
       host.close()
       store.close()
       timings["tail"] = time.time() - t_last if "head" in timings else 0.0
+      timings["drain"] = time.time() - host.t_rows if host.t_rows else 0.0
     except BaseException as raised:  # pylint: disable=broad-except
       if host is not None:
         host.close(wait=False)   # stop the host thread before reporting
@@ -350,6 +351,8 @@ def _stages(timings: dict, device: dict, host_wait: float, writer: dict) -> dict
       "head": timings.get("head", 0.0),           # loop start -> first window ready (its tokenising)
       "tail": timings.get("tail", 0.0),           # last window submitted -> store closed (device drain,
                                                   # the last window's host work, the final commit)
+      "drain": timings.get("drain", 0.0),         # last batch's rows on the host -> store closed: the host
+                                                  # work no later forward hides (loop - head - drain: steady)
       "tokenize": timings["tokenize"],            # planner thread
       "forward": device["forward"], "select": device["select"], "copy": device["copy"],
       "host_wait": host_wait,                     # device loop blocked on the host stage (host-bound time)

@@ -121,7 +121,9 @@ class BatchRunner:
       index = self._to_device(index_R)
       kept_LxRxD = torch.stack([acts[l].reshape(-1, self.d).index_select(0, index) for l in self.layers])
       kept_LxRxD = kept_LxRxD.to(self.store_dtype)
-      bad_LxR = ~torch.isfinite(kept_LxRxD).all(dim=-1)
+      # NaN exactly where a row holds a NaN or an inf (x * 0 is 0 for finite x, NaN else; no overflow):
+      # ~isfinite(x).all(-1) gives the same flags but ran 8x slower on a CPU (0.84 vs 0.10 ms, 500 x 576 bf16)
+      bad_LxR = (kept_LxRxD * 0).sum(dim=-1).isnan()
       del acts
       self.capture.outputs = {}   # the full [B, S, D] states: free them before the next forward
       if not self.cuda:
@@ -210,6 +212,7 @@ class HostStage:
   def __init__(self, store, start_doc: int, producer, bar, threaded: bool, depth: int = 2):
     self.store, self.start_doc, self.producer, self.bar = store, start_doc, producer, bar
     self.n_tokens, self.waited = 0, 0.0
+    self.t_rows = 0.0   # time.time() the latest batch's rows reached the host: after the last, only drain is left
     self.error: BaseException | None = None
     self.t0 = time.time()
     self._empty = {l: np.zeros((0, store.d), layout.DTYPES[store.dtype]) for l in store.layers}
@@ -269,6 +272,7 @@ class HostStage:
       if k in where:
         hb, a, n = where[k]
         rows_LxRxD, bad_LxR = hb.result()
+        self.t_rows = time.time()
         rows = {l: rows_LxRxD[j, a:a + n] for j, l in enumerate(layers)}
         bad = {l: bad_LxR[j, a:a + n] for j, l in enumerate(layers)}
       if self.producer is not None:  # per document: a window may hold more rows than the buffer
