@@ -73,7 +73,8 @@ class WaitInterrupted(store_lib.StoreError):
 
 
 class StreamingLoader(loader.Loader):
-  """A store still being written: one endless pass in store order, waiting for commits (loader.py's docstring; this module's for the protocol).
+  """A store still being written: one endless pass in store order, waiting for commits (the plan: loader.py's
+  docstring; the protocol: this module's).
 
   `interrupted` (a callable; the trainer of a single process points it at its stop request) ends a wait for rows
   with WaitInterrupted, so a signal is answered at once instead of when the rows come."""
@@ -145,8 +146,8 @@ class StreamingLoader(loader.Loader):
       if time.time() - t0 > self.wait_timeout_s:
         what = "held-out rows (a streaming producer bounds its lead only after stream.heldout_rows of them: " \
             "set that >= data.heldout_rows)" if heldout else "rows"
-        raise store_lib.StoreError(f"{self.path}: waited {self.wait_timeout_s:.0f} s for {need} committed {what} "
-                         f"(have {count()})")
+        raise store_lib.StoreError(f"{self.path}: waited {self.wait_timeout_s:.0f} s for {need} committed "
+                                   f"{what} (have {count()})")
       time.sleep(self.poll_s)
       self.store.refresh()
 
