@@ -63,7 +63,9 @@ gpu-prep: .whl/.fetched .whl/smollm2-tokenizer/tokenizer.json
 # bench/gpu_check.sh rehearsed on this CPU before a scarce device call: every check at --quick size, in the image's
 # stack (Python 3.12 + requirements/image.txt, ~6 GB the first time) and the way it runs there (glp_jax not
 # installed: the checkout and .whl/'s wheels on PYTHONPATH). Results in gpu_check_out/rehearsal/.
-PYTHON312 ?= python3.12
+# The first Python 3.12 that runs: a pyenv shim `python3.12` refuses to when 3.12 is not pyenv's selected version.
+PYTHON312 ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
+  $(shell $(p) -c 'print("$(p)")' 2>/dev/null)) python3.12)
 IMAGE_VENV ?= .venv-image
 gpu-rehearsal: gpu-prep
 	test -x $(IMAGE_VENV)/bin/python || $(PYTHON312) -m venv $(IMAGE_VENV)
