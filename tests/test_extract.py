@@ -195,6 +195,9 @@ def test_a_local_model_changed_in_place_is_a_different_model(tmp_path):
   extract.extract(_config(folder, max_rows=20, layers=(1,)), workdir)
   recorded = layout.read_manifest(os.path.join(workdir, "store"))["metadata"]["model_revision"]
   assert recorded.startswith("local:") and len(recorded) == len("local:") + 32, recorded
+  with open(os.path.join(folder, "optimizer.pt"), "wb") as f:   # a trainer checkpoint's extras are not the model
+    f.write(os.urandom(1024))
+  assert lm.model_info(lm.load_causal_lm(folder)[0], folder)["revision"] == recorded
   lm.save_tiny_llama(folder, hidden=32, n_layers=4, seed=1)
   with pytest.raises(store_lib.StoreError, match="model_revision"):
     extract.extract(_config(folder, max_rows=40, layers=(1,)), workdir)

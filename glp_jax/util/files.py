@@ -14,6 +14,7 @@ one) and durable once it returns, so no rename or fsync is needed; object stores
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import io
 import json
@@ -248,14 +249,18 @@ def file_digests(*roots: str) -> dict[str, str]:
   return out
 
 
-def folder_hash(folder: str, recursive: bool = True) -> str:
-  """blake2b of a local folder's files (its top level only unless `recursive`): relative paths, sizes and bytes
-  in sorted order, hidden entries (a cloned repo's .git) skipped. What a store records for data or a model that
-  has no hub commit; it reads every byte once (~1 GB/s)."""
+def folder_hash(folder: str, recursive: bool = True, include: tuple[str, ...] = ()) -> str:
+  """blake2b of a local folder's files (its top level only unless `recursive`; only names matching one of the
+  fnmatch patterns `include`, when given): relative paths, sizes and bytes in sorted order, hidden entries (a
+  cloned repo's .git) skipped. What a store records for data or a model that has no hub commit; it reads every
+  byte once (~1 GB/s)."""
   rels = []
   for root, dirs, names in os.walk(folder):
     dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
-    rels += [os.path.relpath(os.path.join(root, n), folder) for n in names if not n.startswith(".")]
+    names = [n for n in names if not n.startswith(".")]
+    if include:
+      names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in include)]
+    rels += [os.path.relpath(os.path.join(root, n), folder) for n in names]
   h = hashlib.blake2b(digest_size=16)
   for rel in sorted(r.replace(os.sep, "/") for r in rels):
     path = os.path.join(folder, rel)
