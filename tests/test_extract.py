@@ -205,6 +205,32 @@ def test_a_local_model_changed_in_place_is_a_different_model(tmp_path):
   assert extract.extract(_config(folder, max_rows=40, layers=(1,)), workdir)["num_rows"] >= 40
 
 
+def test_a_folder_hash_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+  """folder_hash reads a folder's bytes once: later calls with the same paths, sizes, mtimes and inodes answer
+  from the cache folder's memo; a file rewritten (new mtime) is read again; files modified in the last
+  RACY_SECONDS are not remembered."""
+  from glp_jax.util import files
+  monkeypatch.setenv("GLP_JAX_CACHE", str(tmp_path / "cache"))
+  memo_path = str(tmp_path / "cache" / files.FOLDER_HASHES)
+  folder = tmp_path / "model"
+  folder.mkdir()
+  (folder / "model.safetensors").write_bytes(b"x" * 100)
+  (folder / "config.json").write_text("{}")
+  fresh = files.folder_hash(str(folder))
+  assert not os.path.exists(memo_path)                     # just written: racy, not remembered
+  old = time.time() - 60
+  for p in folder.iterdir():
+    os.utime(p, (old, old))
+  assert files.folder_hash(str(folder)) == fresh           # the bytes decide the hash, not the stat
+  (key,) = files.read_json(memo_path)
+  files.write_json(memo_path, {key: "remembered"})
+  assert files.folder_hash(str(folder)) == "remembered"    # answered from the memo, nothing read
+  (folder / "model.safetensors").write_bytes(b"y" * 100)   # same size, new bytes, new mtime
+  os.utime(folder / "model.safetensors", (old + 1, old + 1))
+  changed = files.folder_hash(str(folder))
+  assert changed not in (fresh, "remembered") and len(files.read_json(memo_path)) == 2
+
+
 def _poison(model, tok, config, doc_index, value=float("nan")):
   """Hooks that make layer 3's output `value` (NaN, an inf) at kept row 2 of document `doc_index` (its batch row
   is found by its token ids), so the value comes out of the model, batched, and the device-side check must catch

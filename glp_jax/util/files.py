@@ -20,11 +20,13 @@ import io
 import json
 import os
 import shutil
+import time
 from typing import Any, Iterator
 
 from etils import epath
 
 from glp_jax.util.errors import ConfigError
+from glp_jax.util.runtime import cache_dir
 
 REMOTE_SCHEMES = ("gs://", "s3://")
 
@@ -249,11 +251,20 @@ def file_digests(*roots: str) -> dict[str, str]:
   return out
 
 
+FOLDER_HASHES = "folder_hashes.json"   # in runtime.cache_dir(): a folder's stat signature -> its content hash
+FOLDER_HASHES_KEPT = 256
+RACY_SECONDS = 2.0   # a file modified this recently may change again within its mtime tick: not remembered
+
+
 def folder_hash(folder: str, recursive: bool = True, include: tuple[str, ...] = ()) -> str:
   """blake2b of a local folder's files (its top level only unless `recursive`; only names matching one of the
   fnmatch patterns `include`, when given): relative paths, sizes and bytes in sorted order, hidden entries (a
-  cloned repo's .git) skipped. What a store records for data or a model that has no hub commit; it reads every
-  byte once (~1 GB/s)."""
+  cloned repo's .git) skipped. What a store records for data or a model that has no hub commit.
+
+  Reading every byte (~1 GB/s) at each extraction start would re-read a multi-GB model folder, so the hash is
+  remembered under the files' paths, sizes, mtimes and inodes, as git's index does (`FOLDER_HASHES` in the
+  cache folder): a file rewritten in place gets a new mtime and is read again. Files modified in the last
+  `RACY_SECONDS` are not remembered."""
   rels = []
   for root, dirs, names in os.walk(folder):
     dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
@@ -261,11 +272,27 @@ def folder_hash(folder: str, recursive: bool = True, include: tuple[str, ...] = 
     if include:
       names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in include)]
     rels += [os.path.relpath(os.path.join(root, n), folder) for n in names]
+  rels = sorted(r.replace(os.sep, "/") for r in rels)
+  stats = [os.stat(os.path.join(folder, rel)) for rel in rels]
+  signature = json.dumps([os.path.abspath(folder), [(r, st.st_size, st.st_mtime_ns, st.st_ino)
+                                                    for r, st in zip(rels, stats)]])
+  key = hashlib.blake2b(signature.encode("utf-8"), digest_size=16).hexdigest()
+  memo_path = os.path.join(cache_dir(), FOLDER_HASHES)
+  memo = read_json(memo_path, {})
+  if isinstance(memo, dict) and isinstance(memo.get(key), str):
+    return memo[key]
   h = hashlib.blake2b(digest_size=16)
-  for rel in sorted(r.replace(os.sep, "/") for r in rels):
-    path = os.path.join(folder, rel)
-    h.update(f"{rel}\0{os.path.getsize(path)}\0".encode("utf-8"))   # sizes keep file boundaries unambiguous
-    with open(path, "rb") as f:
+  for rel, st in zip(rels, stats):
+    h.update(f"{rel}\0{st.st_size}\0".encode("utf-8"))   # sizes keep file boundaries unambiguous
+    with open(os.path.join(folder, rel), "rb") as f:
       for block in iter(lambda: f.read(1 << 20), b""):
         h.update(block)
-  return h.hexdigest()
+  digest = h.hexdigest()
+  if all(time.time() - st.st_mtime > RACY_SECONDS for st in stats):
+    memo = {k: v for k, v in (memo if isinstance(memo, dict) else {}).items() if k != key}
+    memo[key] = digest   # newest last; the oldest are dropped past FOLDER_HASHES_KEPT
+    try:   # a lost race with another process only loses an entry; a read-only cache only the saving
+      write_json(memo_path, dict(list(memo.items())[-FOLDER_HASHES_KEPT:]), indent=None)
+    except OSError:
+      pass
+  return digest
