@@ -279,7 +279,8 @@ def folder_hash(folder: str, recursive: bool = True, include: tuple[str, ...] = 
   key = hashlib.blake2b(signature.encode("utf-8"), digest_size=16).hexdigest()
   memo_path = os.path.join(cache_dir(), FOLDER_HASHES)
   memo = read_json(memo_path, {})
-  if isinstance(memo, dict) and isinstance(memo.get(key), str):
+  memo = memo if isinstance(memo, dict) else {}   # a damaged memo is only a cold start
+  if isinstance(memo.get(key), str):
     return memo[key]
   h = hashlib.blake2b(digest_size=16)
   for rel, st in zip(rels, stats):
@@ -289,7 +290,7 @@ def folder_hash(folder: str, recursive: bool = True, include: tuple[str, ...] = 
         h.update(block)
   digest = h.hexdigest()
   if all(time.time() - st.st_mtime > RACY_SECONDS for st in stats):
-    memo = {k: v for k, v in (memo if isinstance(memo, dict) else {}).items() if k != key}
+    memo.pop(key, None)
     memo[key] = digest   # newest last; the oldest are dropped past FOLDER_HASHES_KEPT
     try:   # a lost race with another process only loses an entry; a read-only cache only the saving
       write_json(memo_path, dict(list(memo.items())[-FOLDER_HASHES_KEPT:]), indent=None)
