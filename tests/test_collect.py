@@ -48,6 +48,21 @@ def test_collect_builds_one_row_per_run(fake_sweep):
   assert collect.metric_columns(rows) == ["probe.auc", "probe.detail.auc_t05"]   # probe.n is constant
 
 
+def test_an_eval_of_an_earlier_checkpoint_is_not_fitted_against_the_final_compute(tmp_path, caplog):
+  """An eval_*.json taken while the run trained (ckpt_step 10 of 7812) stayed in the folder and went into the
+  table beside the final loss and compute."""
+  run = tmp_path / "r"
+  run.mkdir()
+  (run / "summary.json").write_text(json.dumps({"done": True, "steps": 7812, "examples": 2e6, "params": 1e4}))
+  (run / "eval_fd.json").write_text(json.dumps({"fd": 123.0, "ckpt_step": 10}))
+  (run / "eval_probe.json").write_text(json.dumps({"auc": 0.7, "ckpt_step": 7812}))
+  (run / "eval_steer.json").write_text(json.dumps({"r": 2.0}))   # from before glp-eval recorded its checkpoint
+  with caplog.at_level("WARNING", logger="glp_jax"):
+    row = collect.load_run(str(run), str(tmp_path))
+  assert "fd.fd" not in row and row["probe.auc"] == 0.7 and row["steer.r"] == 2.0
+  assert "eval_fd.json measured checkpoint 10, not the run's last (7812)" in caplog.text
+
+
 def test_table_round_trips_through_csv_and_parquet(fake_sweep, tmp_path):
   rows = collect.collect(fake_sweep[0])
   paths = collect.write_table(rows, str(tmp_path / "runs.csv"))

@@ -153,6 +153,9 @@ def test_normalizer_numpy_jnp_stacked_and_errors():
   np.testing.assert_allclose(np.asarray(n.normalize(jnp.asarray(x), jnp.asarray(layer_B))), want)
   np.testing.assert_allclose(n.denormalize(want, layer_B), x)
   np.testing.assert_allclose(n.select(5).normalize(x[1:]), want[1:])
+  for held_not in (4, 6, -1):   # between, past and before the held layers: never another layer's statistics
+    with pytest.raises(ValueError, match="not one of its layers"):
+      n.select(held_not)
   with pytest.raises(ValueError, match="need layer_B"):
     n.normalize(x)
   with pytest.raises(ValueError, match="variance is zero"):

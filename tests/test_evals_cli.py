@@ -184,6 +184,24 @@ def test_imported_run_is_not_taken_for_a_default_store_run(setup, tmp_path, monk
   assert ctx.store is None and ctx.lm_name is None
 
 
+def test_a_downloaded_export_whose_recorded_store_is_elsewhere_evaluates_with_the_lm(setup, tmp_path, caplog):
+  """An export records its machine's store path; on another machine Context raised StoreError before any
+  eval, though probe / steer / delta_lm need only --lm and --layer. A store passed explicitly must exist."""
+  from glp_jax.evals import runner
+  from glp_jax.torch import GLP
+  from glp_jax.util.errors import ConfigError
+  GLP.from_pretrained(f"{setup}/export").save_pretrained(
+      str(tmp_path / "copied"), provenance={"lm": f"{setup}/lm", "layer": 1, "store": "/elsewhere/extract/store"})
+  with caplog.at_level("WARNING", logger="glp_jax"):
+    ctx = runner.Context(runner.Options(prior=str(tmp_path / "copied"), quick=True))
+  assert ctx.store is None and ctx.lm_name == f"{setup}/lm" and ctx.layer == 1
+  assert "/elsewhere/extract/store is not reachable here" in caplog.text
+  with pytest.raises(ConfigError, match="fd needs real activations: pass --store"):
+    runner.run_fd(ctx)
+  with pytest.raises(Exception, match="/elsewhere/extract/store"):
+    runner.Context(runner.Options(prior=str(tmp_path / "copied"), store="/elsewhere/extract/store"))
+
+
 def test_fewer_steering_prompts_than_asked_are_warned_and_recorded(tmp_path, monkeypatch, caplog):
   from glp_jax.evals import runner, steer
   seen = {}

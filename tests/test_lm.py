@@ -176,3 +176,20 @@ def test_auto_forward_dtype_is_bf16_only_where_bf16_matmuls_are_native(monkeypat
   assert lm.resolve_dtype("auto", "cpu") == "bfloat16"
   with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
     lm.resolve_dtype("fp8")
+
+
+def test_a_hub_model_records_the_commit_it_was_loaded_at(tmp_path, monkeypatch):
+  """transformers 5 keeps no `_commit_hash` on the config: every hub model was recorded as revision "local",
+  so a resume after its repo moved mixed two models' activations in one store."""
+  from huggingface_hub import constants
+  from hub_fakes import put_in_hub_cache
+  cache = str(tmp_path / "hub")
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  for seed, commit in ((0, "a" * 40), (1, "b" * 40)):   # main moves to new weights
+    lm.save_tiny_llama(str(tmp_path / f"lm{seed}"), hidden=32, n_layers=2, seed=seed)
+    put_in_hub_cache(str(tmp_path / f"lm{seed}"), cache, "acme/tiny", commit=commit)
+    model, _ = lm.load_causal_lm("acme/tiny", dtype="float32")
+    assert lm.model_info(model, "acme/tiny")["revision"] == commit
+  with pytest.raises(ValueError, match="cannot tell which commit of hub model 'acme/absent'"):
+    lm.model_info(model, "acme/absent")

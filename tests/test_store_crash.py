@@ -1,6 +1,7 @@
 """Crash safety of the store writer: a writer killed with SIGKILL at chosen or random points, synchronous or
 pipelined (several shard writes in flight), leaves a correct committed prefix, and resuming gives the store an
 uninterrupted run writes."""
+import contextlib
 import json
 import os
 import re
@@ -65,3 +66,37 @@ def test_sigkill_with_several_shard_writes_in_flight(workdir):
   assert_same_store(ref, crashed)
   a, b = (json.load(open(os.path.join(p, "manifest.json"))) for p in (ref, crashed))
   assert a["stats_state"] == b["stats_state"] and a["commits"] != b["commits"]
+
+
+def test_a_failed_commit_tried_again_keeps_the_first_shard_statistics_right(workdir, monkeypatch):
+  """A manifest write that fails (a full disk) and close() committing again after it: the statistics state had
+  advanced in memory, so the first shard's statistics were frozen over 16 rows instead of 20, for good."""
+  from glp_jax.data import writer as writer_lib
+  x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+
+  def write(path, fail_at=0):
+    real, calls = writer_lib.files.atomic_write, []
+
+    def flaky(target, data, **kw):
+      calls.append(target)
+      if len(calls) == fail_at:
+        raise OSError(28, "No space left on device")
+      return real(target, data, **kw)
+    monkeypatch.setattr(writer_lib.files, "atomic_write", flaky)
+    st = writer_lib.StoreWriter.create(path, layers=[0], d=4, dtype="float32", shard_rows=16, chunk_rows=4,
+                                       first_shard_rows=20)
+    with pytest.raises(OSError) if fail_at else contextlib.nullcontext():
+      with st:   # close() commits again after the failure
+        for i in range(0, 64, 8):
+          st.append({0: x[i:i + 8]}, i, np.arange(8))
+    monkeypatch.setattr(writer_lib.files, "atomic_write", real)
+    return ActivationStore.open(path)
+  # Writes: 1 the created manifest, 2 the commit at row 16, 3 the one at row 32 (past the first 20 rows).
+  failed, clean = write(os.path.join(workdir, "failed"), fail_at=3), write(os.path.join(workdir, "clean"))
+  first = failed.stats(0, "first_shard")
+  assert first["count"] == 20
+  np.testing.assert_allclose(first["mean"], x[:20].astype(np.float64).mean(0), rtol=1e-6)
+  n = failed.num_rows   # close() committed what had been appended before the failure
+  np.testing.assert_allclose(failed.stats(0)["mean"], x[:n].astype(np.float64).mean(0), rtol=1e-6)
+  want = clean.stats(0, "first_shard")
+  assert all(np.array_equal(want[k], first[k]) for k in want) and want.keys() == first.keys()

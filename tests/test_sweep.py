@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from glp_jax.scaling import collect
+from glp_jax.scaling import launchers
 from glp_jax.scaling import sweep
 from glp_jax.data.writer import StoreWriter
 from glp_jax.util import files
@@ -87,7 +88,7 @@ def test_slurm_script_dry_run_text():
     check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert check.returncode == 0, check.stderr
   assert "#SBATCH --output=/shared/sw/slurm-%A_%a.out" in script
-  on_bucket = sweep.slurm_script(c, sweep.expand(c, "gs://b/sw"), "gs://b/sw")   # SLURM writes logs locally
+  on_bucket = launchers.slurm_script(c, sweep.expand(c, "gs://b/sw"), "gs://b/sw")   # SLURM writes logs locally
   assert "#SBATCH --output=slurm-%A_%a.out" in on_bucket and "--workdir=gs://b/sw/" in on_bucket
 
 
@@ -293,18 +294,18 @@ def test_emitted_launchers_go_on_past_a_failed_run_and_stop_on_a_failed_scontrol
     (bindir / name).chmod(0o755)
   env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "0", "SLURM_JOB_ID": "7",
          "SLURM_JOB_NODELIST": "node1"}
-  tpu = subprocess.run(["bash", "-c", sweep.tpu_script(c, runs)], env=env, capture_output=True, text=True)
+  tpu = subprocess.run(["bash", "-c", launchers.tpu_script(c, runs)], env=env, capture_output=True, text=True)
   assert tpu.returncode == 1 and calls.read_text().split() == ["gcloud"] * len(runs)
   assert f"run {runs[0].name} failed" in tpu.stderr
   calls.unlink()
-  slurm = subprocess.run(["bash", "-c", sweep.slurm_script(c, runs, str(tmp_path / "sw"))], env=env,
+  slurm = subprocess.run(["bash", "-c", launchers.slurm_script(c, runs, str(tmp_path / "sw"))], env=env,
                          capture_output=True, text=True)
   assert slurm.returncode == 3 and not calls.exists()
   # SLURM >= 22.05: srun does not inherit sbatch's --cpus-per-task; both launchers pass it on.
   (bindir / "scontrol").write_text("#!/bin/bash\necho node1\n")
   (bindir / "srun").write_text(f"#!/bin/bash\necho \"srun cpus=$SRUN_CPUS_PER_TASK\" >> {calls}\n")
   env["SLURM_CPUS_PER_TASK"] = "8"
-  for script in (sweep.slurm_script(c, runs, str(tmp_path / "sw")),
+  for script in (launchers.slurm_script(c, runs, str(tmp_path / "sw")),
                  open(os.path.join(ROOT, "launch", "slurm_train.sbatch")).read()):
     out = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

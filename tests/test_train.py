@@ -199,6 +199,19 @@ def test_non_finite_loss_stops_and_saves_nothing(store, tmp_path):
   assert sweep.Run("nan", w, ()).status() == "diverged"
 
 
+def test_a_failed_run_leaves_neither_its_lock_nor_its_normaliser_to_the_retry(store, tmp_path):
+  """A notebook keeps a failed call's frames alive (sys.last_traceback), and with them the workdir lock: its
+  retry was refused as "in use by another glp-train". And a start that saved nothing left a normalizer.npz
+  that the retry used, though its config may name another store or layer."""
+  w = str(tmp_path / "retry")
+  with pytest.raises(NonFiniteLoss) as failed:   # `failed` holds the traceback, as a notebook would
+    train.train_and_evaluate(make_config(store, **{"opt.lr": 1e30, "opt.clip_norm": 0.0}), w)
+  right = input_lib.load_normalizer(w)
+  input_lib.save_normalizer(Normalizer(right.mean + 100.0, right.var), w)   # as if from another store
+  assert train.train_and_evaluate(make_config(store), w)["done"] and failed.value is not None
+  np.testing.assert_array_equal(input_lib.load_normalizer(w).mean, right.mean)
+
+
 def _nan_at_step_12(monkeypatch, wait_interrupted_at=None):
   """The 13th step's batch holds a NaN; with `wait_interrupted_at`, a SIGTERM lands there while the loader
   waits for rows (a streaming store that has not committed them)."""

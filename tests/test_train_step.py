@@ -127,3 +127,18 @@ def test_eval_sem_is_clustered_by_document():
   assert out["eval_docs"] == 12 and out["eval_rows"] == 600
   naive = np.repeat(doc_loss_G, n_rows).std(ddof=1) / np.sqrt(600)   # rows treated as independent
   assert out["eval_loss_sem"] > 5 * naive
+
+
+def test_every_held_out_document_meets_the_whole_sigma_grid():
+  """Held-out rows come document by document; the sigma grid ran in row order, so each document met a narrow
+  band of noise levels and the SEM measured the loss's dependence on sigma (about 3.5x too wide)."""
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8)))
+  n_docs, rows = 16, 64
+  group_N = np.repeat(np.arange(n_docs), rows)
+  evals = train_lib.eval_set(np.zeros((n_docs * rows, 4), np.float32), group_N, 256, mesh)
+  sigma_N = np.concatenate([np.asarray(c[2]) for c in evals.chunks])
+  want = np.ceil((np.arange(len(sigma_N)) + 0.5) / len(sigma_N) * 1000) / 1000
+  np.testing.assert_array_equal(np.sort(sigma_N), want.astype(np.float32))   # the same grid, dealt out
+  for g in range(n_docs):
+    s = np.sort(sigma_N[group_N == g])
+    assert s[0] < 0.05 and s[-1] > 0.95 and np.diff(s).max() < 0.05   # each document spans the whole range

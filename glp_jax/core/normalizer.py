@@ -90,7 +90,10 @@ class Normalizer:
     """The [D] normaliser of one LM layer of a stacked normaliser."""
     if not self.stacked:
       return self
-    k = int(self.row_of_layer[layer])
+    # -1 marks a layer the prior does not hold, and row_of_layer[-1] would wrap: name the held layers instead.
+    k = int(self.row_of_layer[layer]) if 0 <= layer < len(self.row_of_layer) else -1
+    if k < 0:
+      raise ValueError(f"Normalizer: LM layer {layer} is not one of its layers {self.layers}")
     return Normalizer(self.mean[k], self.var[k])
 
   @classmethod

@@ -105,6 +105,14 @@ class CommitStats:
             "all": {str(l): _dump(self.acc[l]) for l in self.layers},
             "first": {str(l): _dump(self.acc_first[l]) for l in self.layers}}
 
+  def snapshot(self) -> tuple:
+    """What `restore` needs to undo an `update` whose commit failed (the moments are immutable tuples)."""
+    return self.full_end, self.first_frozen, dict(self.acc), dict(self.acc_first)
+
+  def restore(self, snap: tuple) -> None:
+    self.full_end, self.first_frozen, acc, acc_first = snap
+    self.acc, self.acc_first = dict(acc), dict(acc_first)
+
   def update(self, rows: Callable[[int, int, int], np.ndarray], new: int, previous: dict,
              block_moments: Callable[[int, int, int], Moments] | None = None) -> dict:
     """Statistics over rows [0, new), given `rows(layer, a, b)` for any range at or after `full_end`, and the

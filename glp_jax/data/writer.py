@@ -307,20 +307,28 @@ class StoreWriter(ActivationStore):
       ends[split] = mine[-1].end if mine else split.committed_rows
       split.append_tables(mine)
     t0 = time.perf_counter()
-    stats = self.stats_state.update(self.train.rows, ends[self.train], m["stats"], self.moments.get)
-    self.moments.drop_below(self.stats_state.full_end)
-    self.timings["stats_commit"] += time.perf_counter() - t0
-    held_ids = [doc.doc_id for doc in docs if doc.split is self.heldout]
-    m["num_rows"] = int(ends[self.train])
-    m["num_docs"] = int(m["num_docs"] + len(docs) - len(held_ids))
-    m["heldout"] = {"num_rows": int(ends[self.heldout]), "num_docs": int(m["heldout"]["num_docs"] + len(held_ids)),
-                    "doc_ids": m["heldout"]["doc_ids"] + held_ids}
-    m["commits"] = int(m["commits"] + 1)
-    m["updated"] = time.time()
-    m["finished"] = bool(finished)   # set by close(): a streaming reader stops waiting for more rows
-    m["stats"] = stats
-    m["stats_state"] = self.stats_state.state()
-    files.atomic_write(os.path.join(self.path, MANIFEST), json.dumps(m), durable=True)
+    # A commit that fails (a full disk) and is tried again (close() after the error) must start from the
+    # committed state: update() has advanced it, and a first shard frozen in memory only would be kept wrong.
+    before = self.stats_state.snapshot()
+    try:
+      stats = self.stats_state.update(self.train.rows, ends[self.train], m["stats"], self.moments.get)
+      self.timings["stats_commit"] += time.perf_counter() - t0
+      held_ids = [doc.doc_id for doc in docs if doc.split is self.heldout]
+      m["num_rows"] = int(ends[self.train])
+      m["num_docs"] = int(m["num_docs"] + len(docs) - len(held_ids))
+      m["heldout"] = {"num_rows": int(ends[self.heldout]),
+                      "num_docs": int(m["heldout"]["num_docs"] + len(held_ids)),
+                      "doc_ids": m["heldout"]["doc_ids"] + held_ids}
+      m["commits"] = int(m["commits"] + 1)
+      m["updated"] = time.time()
+      m["finished"] = bool(finished)   # set by close(): a streaming reader stops waiting for more rows
+      m["stats"] = stats
+      m["stats_state"] = self.stats_state.state()
+      files.atomic_write(os.path.join(self.path, MANIFEST), json.dumps(m), durable=True)
+    except BaseException:
+      self.stats_state.restore(before)
+      raise
+    self.moments.drop_below(self.stats_state.full_end)   # merged into the committed state: not needed again
     self.manifest = m
     self.train.committed()
     self.heldout.committed()

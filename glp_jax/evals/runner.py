@@ -96,6 +96,12 @@ class Context:
     if not self.store and self.config and not imported:  # trained on the embedded default store (data.store="")
       from glp_jax.training.input import default_store
       self.store = default_store()
+    if self.store and not opts.store and not files.exists(os.path.join(self.store, "manifest.json")):
+      # A recorded path from the machine that trained or exported it (a downloaded or copied prior): probe,
+      # steer and delta_lm need only the LM (--lm, --layer); fd says it needs --store.
+      log.warning("the prior's recorded store %s is not reachable here: evaluating without it (pass --store "
+                  "for fd, --lm and --layer if they are not recorded)", self.store)
+      self.store = None
     # The layer the prior was trained on: a run's config, else an export's provenance (the store alone would
     # answer with its first). A multi-layer prior models several: load_prior refuses one without --layer.
     hint = _cfg(self.config, "data", "layer") if self.config else prov.get("layer")

