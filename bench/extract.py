@@ -301,6 +301,8 @@ def main(argv):
       "torch_threads": torch.get_num_threads(),
       "rows": median_run["num_rows"], "docs": n_docs, "tokens": median_run["tokens_this_run"],
       "batching": batching,
+      # Windows per run: with few, window-over-window overlap is short and the one-off start and drain weigh.
+      "windows": -(-n_docs // int(batching["window_docs"])),
       "runs": runs, "bare_forward_tok_s": round(statistics.median(bare), 1),
       "extract_tok_s": round(statistics.median(ext_tok_s), 1),
       "overhead": round(1 - statistics.median(ext_tok_s) / statistics.median(bare), 4),

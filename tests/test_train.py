@@ -299,23 +299,27 @@ def test_multi_layer_model_needs_a_multi_layer_store(store, tmp_path):
 
 
 def test_run_keeps_its_own_normalizer(reference, store, tmp_path):
-  """A workdir that already has normalizer.npz (a resumed run, or a prior from glp-import trained further on
-  another store) trains and evaluates in that space, not in the store's."""
-  workdir = str(tmp_path / "seeded")
-  os.makedirs(workdir)
+  """A workdir with a checkpoint and a normalizer.npz (a resumed run, or a prior from glp-import trained further
+  on another store) trains and evaluates in that space, not in the store's; one without a checkpoint trained
+  nothing, and its file is written anew from the store."""
   _, store_norm, _ = load_prior(reference[0])
   shifted = Normalizer(store_norm.mean + np.sqrt(store_norm.var), store_norm.var * 4.0)
-  input_lib.save_normalizer(shifted, workdir)
-  short = {"num_activations": 64 * 10, "eval_every": 0}
-  seeded = train.train_and_evaluate(make_config(store, **short), workdir)
-  plain = train.train_and_evaluate(make_config(store, **short), str(tmp_path / "plain"))
-  kept = input_lib.load_normalizer(workdir)
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(reference[0], resumed)
+  input_lib.save_normalizer(shifted, resumed)
+  again = train.train_and_evaluate(make_config(store), resumed)   # finished: it reports its final state again
+  kept = input_lib.load_normalizer(resumed)
   np.testing.assert_array_equal(kept.mean, shifted.mean)
   np.testing.assert_array_equal(kept.var, shifted.var)
-  np.testing.assert_array_equal(input_lib.load_normalizer(str(tmp_path / "plain")).mean, store_norm.mean)
-  assert seeded["params_checksum"] != plain["params_checksum"]   # the inputs really were normalised differently
+  assert again["params_checksum"] == reference[1]["params_checksum"]
+  assert abs(again["eval_loss"] - reference[1]["eval_loss"]) > 1e-3   # evaluated in the kept space
+  unsaved = str(tmp_path / "unsaved")
+  os.makedirs(unsaved)
+  input_lib.save_normalizer(shifted, unsaved)
+  train.train_and_evaluate(make_config(store, num_activations=64 * 10, eval_every=0), unsaved)
+  np.testing.assert_array_equal(input_lib.load_normalizer(unsaved).mean, store_norm.mean)
   bad = str(tmp_path / "bad")
-  os.makedirs(bad)
+  shutil.copytree(reference[0], bad)
   input_lib.save_normalizer(Normalizer(np.zeros(D + 1), np.ones(D + 1)), bad)
   with pytest.raises(config_lib.ConfigError, match="normalizer.npz"):
     train.train_and_evaluate(make_config(store), bad)

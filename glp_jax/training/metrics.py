@@ -93,7 +93,8 @@ class MetricsWriter:
 # first name contained in it wins, so a name comes before any name it contains ("L40S", "L40", "L4").
 # Unknown devices (CPUs among them) give no MFU rather than a guess.
 PEAK_BF16_FLOPS = (
-    ("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+    ("H100", 989e12),
     ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("B200", 2250e12),
     ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
     ("TPU v4", 275e12),
