@@ -142,3 +142,22 @@ def test_every_held_out_document_meets_the_whole_sigma_grid():
   for g in range(n_docs):
     s = np.sort(sigma_N[group_N == g])
     assert s[0] < 0.05 and s[-1] > 0.95 and np.diff(s).max() < 0.05   # each document spans the whole range
+
+
+def test_the_eval_set_is_the_same_on_any_mesh(store):
+  """A held-out set whose size the batch shards do not divide was cut to a multiple of them: a run resumed on
+  another device count (or a sweep run on another machine) evaluated other rows on another sigma grid."""
+  config = make_config(store)
+  model_cfg = model_lib.ModelConfig(d_input=D, d_model=8, d_mlp=16, n_layers=1)
+  rng = np.random.default_rng(6)
+  x_NxD, group_N = rng.normal(size=(203, D)).astype(np.float32), np.repeat(np.arange(7), 29)
+  results = []
+  for n in (8, 3, 1):
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=n)), devices=jax.devices()[:n])
+    graphdef, state = nnx.split(sharding.create_sharded(train_lib.creator(model_cfg, config, 30), mesh))
+    evals = train_lib.eval_set(x_NxD, group_N, 64, mesh)
+    results.append(train_lib.evaluate(train_lib.make_eval_step(graphdef, len(evals.count_G)), state, evals))
+  for got in results:
+    assert got["eval_rows"] == 203 and got["eval_docs"] == 7
+    assert got["eval_loss"] == pytest.approx(results[-1]["eval_loss"], rel=1e-5)
+    assert got["eval_loss_sem"] == pytest.approx(results[-1]["eval_loss_sem"], rel=1e-4)

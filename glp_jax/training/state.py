@@ -141,13 +141,12 @@ class EvalSet:
 def eval_set(x_NxD: np.ndarray, group_N: np.ndarray, batch_size: int, mesh: jax.sharding.Mesh,
              layer_N: np.ndarray | None = None) -> EvalSet:
   """Fixed eval chunks (x, eps, sigma, group[, layer]) as global arrays: the same rows, noise and sigma grid
-  in every run. sigma runs evenly over the reference's 1000-level grid; `group_N` (0..G-1) names each row's
-  document, for a standard error clustered by document."""
-  div = sharding.batch_divisor(mesh)
-  n = (len(x_NxD) // div) * div
+  in every run, on any mesh. sigma runs evenly over the reference's 1000-level grid; `group_N` (0..G-1) names
+  each row's document, for a standard error clustered by document."""
+  n = len(x_NxD)
   if n == 0:
-    raise ConfigError(f"the held-out split has {len(x_NxD)} rows, fewer than the {div} batch shards")
-  x_NxD = np.asarray(x_NxD[:n], np.float32)
+    raise ConfigError("the held-out split has no rows to evaluate on")
+  x_NxD = np.asarray(x_NxD, np.float32)
   eps_NxD = np.random.default_rng(EVAL_NOISE_SEED).standard_normal(x_NxD.shape, dtype=np.float32)
   # The grid is dealt out by a stride near n/phi that is coprime to n (a permutation): each document's run
   # of rows meets the whole range of sigma. In row order each document met a narrow band of it, and the
@@ -155,13 +154,18 @@ def eval_set(x_NxD: np.ndarray, group_N: np.ndarray, batch_size: int, mesh: jax.
   stride = next(k for k in itertools.count(max(round(n / 1.618033988749895), 1)) if math.gcd(k, n) == 1)
   sigma_N = (np.ceil((np.arange(n) * stride % n + 0.5) / n * flow.NUM_TRAIN_TIMESTEPS)
              / flow.NUM_TRAIN_TIMESTEPS).astype(np.float32)
-  columns = [x_NxD, eps_NxD, sigma_N, np.asarray(group_N[:n], np.int32)]
-  if layer_N is not None:
-    columns.append(np.asarray(layer_N[:n], np.int32))
-  chunk = max((min(batch_size, n) // div) * div, div)
+  group_N = np.asarray(group_N, np.int32)
+  count_G = np.bincount(group_N, minlength=int(group_N.max()) + 2).astype(np.float64)
+  # Padded to a multiple of the batch shards with rows of a group of no rows (the last, left out by
+  # `evaluate`): truncated to one, the rows, and with n the whole sigma grid, changed with the device count.
+  div = sharding.batch_divisor(mesh)
+  pad = -n % div
+  columns = [x_NxD, eps_NxD, sigma_N, group_N] + ([np.asarray(layer_N, np.int32)] if layer_N is not None else [])
+  fill = [0.0, 0.0, 1.0, len(count_G) - 1] + ([columns[-1][0]] if layer_N is not None else [])
+  columns = [np.concatenate([c, np.full((pad,) + c.shape[1:], f, c.dtype)]) for c, f in zip(columns, fill)]
+  chunk = max((min(batch_size, n + pad) // div) * div, div)
   chunks = [tuple(sharding.put_global(c[a:a + chunk], sharding.batch_sharding(mesh, c.ndim)) for c in columns)
-            for a in range(0, n, chunk)]
-  count_G = np.bincount(columns[3]).astype(np.float64)
+            for a in range(0, n + pad, chunk)]
   if (count_G > 0).sum() < 2:
     log.warning("the %d held-out rows come from %d document: eval_loss has no standard error (more held-out "
                 "documents, or data.heldout_rows spanning several, give one)", n, int((count_G > 0).sum()))
