@@ -181,6 +181,10 @@ def test_bad_inputs_fail_before_training(reference, store, tmp_path):
     train.train_and_evaluate(make_config(str(tmp_path / "nowhere")), w)
   with pytest.raises(config_lib.ConfigError, match="is fixed at d_input=2048"):
     train.train_and_evaluate(make_config(store, **{"model.preset": "llama1b-d3"}), w)
+  # The step reads the flow settings only when traced: a bad one was a ValueError after the workdir was written.
+  with pytest.raises(config_lib.ConfigError, match="sigma_sampling must be one of"):
+    train.train_and_evaluate(make_config(store, **{"flow.sigma_sampling": "logitnormal"}), w)
+  assert not os.path.exists(w)   # every refusal came before the workdir was claimed
   other = str(tmp_path / "other")
   shutil.copytree(reference[0], other)
   with pytest.raises(config_lib.ConfigError, match="different model shape"):

@@ -53,7 +53,11 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
 
 def creator(model_cfg: model_lib.ModelConfig, config: ml_collections.ConfigDict,
             n_steps: int) -> Callable[[], tuple]:
-  """A function that builds (model, optimizer[, ema_model]) from the seed; traced by `create_sharded`."""
+  """A function that builds (model, optimizer[, ema_model]) from the seed; traced by `create_sharded`. Checks
+  the flow settings too: the step reads them only when it is traced, after the workdir was claimed."""
+  if config.flow.sigma_sampling not in flow.SIGMA_MODES:
+    raise ConfigError(f"config.flow.sigma_sampling must be one of {flow.SIGMA_MODES}, got "
+                      f"{config.flow.sigma_sampling!r}")
   tx = optim.make_tx(config.opt, n_steps)
   keep_ema = config.opt.ema_decay > 0
 
