@@ -79,6 +79,15 @@ def test_table_round_trips_through_csv_and_parquet(fake_sweep, tmp_path):
   np.testing.assert_array_equal(table["N"], collect.column(rows, "N"))
 
 
+def test_a_table_row_shorter_than_its_header_reads_as_missing_cells(tmp_path):
+  """A hand-written --table row without its optional last cell crashed glp-fit with a traceback
+  (AttributeError: 'NoneType' object has no attribute 'strip')."""
+  (tmp_path / "t.csv").write_text("C,loss,loss_sem\n1e10,2.5,0.01\n2e10,2.4\n")
+  rows = collect.read_table(str(tmp_path / "t.csv"))
+  assert rows[0] == {"C": 1e10, "loss": 2.5, "loss_sem": 0.01}
+  assert rows[1]["loss"] == 2.4 and math.isnan(rows[1]["loss_sem"])
+
+
 def test_metrics_reader_survives_resume_duplicates_and_a_torn_line(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for step, loss in ((10, 1.0), (20, 0.9), (20, 0.8), (30, 0.7)):
