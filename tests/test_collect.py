@@ -257,6 +257,15 @@ def test_glp_fit_table_forms(tmp_path):
   assert rep["bootstrap"]["sources"] == ["runs", "eval_loss_sem"]
 
 
+def test_glp_fit_table_with_too_few_points_is_a_one_line_error(tmp_path):
+  """The refusal (FitError) left glp-fit --table as a traceback, not the one-line error of a bad input."""
+  (tmp_path / "c.csv").write_text("C,loss\n1e10,2.5\n2e10,2.4\n4e10,2.3\n")
+  out = subprocess.run([tool("glp-fit"), f"--table={tmp_path / 'c.csv'}", "--form=compute"], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert out.stderr.strip() == f"glp-fit: error: {tmp_path / 'c.csv'}: refusing to fit 3 parameters to 3 points: need at least 5"
+
+
 def test_glp_fit_runs_cli(fake_sweep, tmp_path):
   head = _glp_fit(f"--runs={fake_sweep[0]}", f"--out={tmp_path}", "--n_bootstrap=5", "--noplots", "--loss=best")
   assert set(head) == {"compute", "chinchilla"} and "ci" in head["chinchilla"]["beta"]
