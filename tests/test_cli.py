@@ -67,3 +67,21 @@ def get_config(arg=None):
                                          ("lr", "0.001", "the peak rate, which a long comment continues here"),
                                          ("sub.x", "1", "x")]
   assert ("only_small", "2", "a field of the variant") in cli.config_fields(str(cfg), "small")
+
+
+def test_run_takes_config_overrides_from_the_argv_it_is_given(monkeypatch, capsys):
+  """ml_collections reads which --config.x overrides exist from sys.argv, so `run_train(argv)` (any tool's entry
+  point called from Python) refused an override in `argv`: "Unknown command line flag 'config.opt.lr'"."""
+  import json
+  import os
+  import sys
+  from glp_jax.util import cli
+  monkeypatch.setattr(sys, "argv", ["python"])
+  fv = cli.flag_values()
+  cli.define_config(fv, "A config.", "configs/train.py")
+  config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "train.py")
+  with pytest.raises(SystemExit) as e:
+    cli.run(lambda _: None, fv, "doc", ["glp-x", f"--config={config}:runlocal", "--config.opt.lr=0.01", "--print_config"])
+  out = capsys.readouterr()
+  assert e.value.code == 0, out.err
+  assert json.loads(out.out)["opt"]["lr"] == 0.01 and sys.argv == ["python"]

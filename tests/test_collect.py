@@ -79,6 +79,15 @@ def test_table_round_trips_through_csv_and_parquet(fake_sweep, tmp_path):
   np.testing.assert_array_equal(table["N"], collect.column(rows, "N"))
 
 
+def test_a_table_row_shorter_than_its_header_reads_as_missing_cells(tmp_path):
+  """A hand-written --table row without its optional last cell crashed glp-fit with a traceback
+  (AttributeError: 'NoneType' object has no attribute 'strip')."""
+  (tmp_path / "t.csv").write_text("C,loss,loss_sem\n1e10,2.5,0.01\n2e10,2.4\n")
+  rows = collect.read_table(str(tmp_path / "t.csv"))
+  assert rows[0] == {"C": 1e10, "loss": 2.5, "loss_sem": 0.01}
+  assert rows[1]["loss"] == 2.4 and math.isnan(rows[1]["loss_sem"])
+
+
 def test_metrics_reader_survives_resume_duplicates_and_a_torn_line(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for step, loss in ((10, 1.0), (20, 0.9), (20, 0.8), (30, 0.7)):
@@ -246,6 +255,15 @@ def test_glp_fit_table_forms(tmp_path):
   rep = fit_cli.fit_table(str(tmp_path / "c_sem.csv"), "compute", str(tmp_path / "sfit"), n_boot=5, seed=0,
                           holdout=1, level=0.95, make_plots=False)["compute"]["report"]
   assert rep["bootstrap"]["sources"] == ["runs", "eval_loss_sem"]
+
+
+def test_glp_fit_table_with_too_few_points_is_a_one_line_error(tmp_path):
+  """The refusal (FitError) left glp-fit --table as a traceback, not the one-line error of a bad input."""
+  (tmp_path / "c.csv").write_text("C,loss\n1e10,2.5\n2e10,2.4\n4e10,2.3\n")
+  out = subprocess.run([tool("glp-fit"), f"--table={tmp_path / 'c.csv'}", "--form=compute"], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert out.stderr.strip() == f"glp-fit: error: {tmp_path / 'c.csv'}: refusing to fit 3 parameters to 3 points: need at least 5"
 
 
 def test_glp_fit_runs_cli(fake_sweep, tmp_path):

@@ -125,3 +125,14 @@ def test_a_resumed_run_resolves_auto_groups_to_what_it_recorded():
   auto = trainer.resolve(cfg).data.groups
   assert trainer.resolve(cfg, {"data": {"groups": 2 * auto}}).data.groups == 2 * auto
   assert trainer.resolve(cfg, None).data.groups == auto
+
+
+def test_only_a_configs_path_falls_back_on_the_packaged_config(tmp_path, monkeypatch):
+  """Any missing path whose file name matched a packaged config ran that one: a mistyped
+  `--config=/exp/mine/train.py` silently trained with the packaged configs/train.py."""
+  monkeypatch.chdir(tmp_path)   # no configs/ here: the README's paths resolve to the package's copies
+  shipped = config_lib.packaged_config("configs/train.py")
+  assert shipped != "configs/train.py" and os.path.isfile(shipped)
+  assert config_lib.packaged_config("./configs/train.py") == shipped
+  for path in ("/exp/mine/train.py", "mine/train.py", "train.py", "/exp/configs/train.py"):
+    assert config_lib.packaged_config(path) == path

@@ -57,6 +57,19 @@ def test_expand_is_a_deterministic_grid():
     sweep.expand(c, "/r")
 
 
+def test_a_runs_plan_does_not_depend_on_the_other_sizes_of_the_grid():
+  """expand() overrode one train config in place for every run, so a field one size set (a custom mlp_mult, a
+  custom width) stayed in the plan of the next size, whose command leaves it at the default: the run the
+  sweep itself trained was then reported as a conflict and never reused."""
+  c = sweep_config("runlocal")
+  c.sizes, c.budgets = ("w0.5_l2_m4", "w0.25_l2", "tiny"), (10240,)
+  mixed = {r.name: r.plan for r in sweep.expand(c, "/r")}
+  for size in c.sizes:
+    c.sizes = (size,)
+    (alone,) = sweep.expand(c, "/r")
+    assert mixed[alone.name] == alone.plan, size
+
+
 def _finish(run, loss):
   os.makedirs(run.workdir, exist_ok=True)
   with open(os.path.join(run.workdir, "summary.json"), "w") as f:

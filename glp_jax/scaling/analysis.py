@@ -135,10 +135,13 @@ def fit_table(path: str, form: str, out: str, *, n_boot: int, seed: int, holdout
   kw = dict(n_boot=n_boot, seed=seed, level=level, n_holdout=holdout)
   if "loss_sem" in rows[0]:
     kw["loss_sem"] = collect.column(rows, "loss_sem")
-  if form == "chinchilla":
-    report = scaling_report.analyze_chinchilla(cols["n"], cols["d"], cols["loss"], **kw)
-  else:
-    report = scaling_report.analyze_compute(cols["c"], cols["loss"], use_frontier=False, **kw)
+  try:
+    if form == "chinchilla":
+      report = scaling_report.analyze_chinchilla(cols["n"], cols["d"], cols["loss"], **kw)
+    else:
+      report = scaling_report.analyze_compute(cols["c"], cols["loss"], use_frontier=False, **kw)
+  except scaling.FitError as e:   # the table's one form cannot be fitted: a one-line error, not a traceback
+    raise ConfigError(f"{path}: {e}") from None
   result = {"table": path, form: summarise(report)}
   if make_plots and form == "compute":
     result["plots"] = plots.loss_vs_compute([("points", cols["c"], cols["loss"])], report,

@@ -208,7 +208,7 @@ def write_table(rows: list[dict], path: str) -> list[str]:
 
 
 def read_table(path: str) -> list[dict]:
-  """A CSV table (ours or any with a header row) as dicts; numbers parsed, empty cells NaN."""
+  """A CSV table (ours or any with a header row) as dicts; numbers parsed, empty or missing cells NaN."""
   def parse(v: str):
     if v == "":
       return math.nan
@@ -220,4 +220,6 @@ def read_table(path: str) -> list[dict]:
       return v
 
   text = io.StringIO(files.read_bytes(path).decode(), newline="")
-  return [{k.strip(): parse(v.strip()) for k, v in r.items() if k is not None} for r in csv.DictReader(text)]
+  # A row shorter than the header (an optional loss_sem left off) has None in its missing cells: empty, NaN.
+  return [{k.strip(): parse((v or "").strip()) for k, v in r.items() if k is not None}
+          for r in csv.DictReader(text)]

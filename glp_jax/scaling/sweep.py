@@ -265,7 +265,9 @@ def expand(config: ml_collections.ConfigDict, root: str, train_config: str | Non
     over.update(size_overrides(size))
     over.update({"num_activations": float(budget), "opt.lr": float(lr), "seed": int(seed)})
     args = (f"--config={spec}", f"--workdir={workdir}", *(f"--config.{k}={_value(v)}" for k, v in over.items()))
-    trained = config_lib.to_dict(config_lib.override(base, over))
+    # A copy per run: `override` sets in place, and a field one size sets (a custom size's mlp_mult) would
+    # otherwise stay in the plan of the next size, whose command leaves it at the train config's default.
+    trained = config_lib.to_dict(config_lib.override(base.copy_and_resolve_references(), over))
     plan = {**workdir_lib.plan_fields(trained), "data.store": trained["data"]["store"]}
     runs.append(Run(name, workdir, args, size, float(lr), tuple(plan.items())))
   return runs

@@ -180,6 +180,18 @@ def report(prog: str, e: BaseException) -> int:
   return 2 if isinstance(e, USAGE_ERRORS) else 1
 
 
+def _parse(fv: flags.FlagValues, argv: list[str]) -> list[str]:
+  """`fv(argv)`, with `argv` as sys.argv meanwhile: ml_collections' config flag reads which `--config.x=v`
+  overrides there are from sys.argv, not from the list being parsed, so `run_train(argv)` from Python refused
+  the overrides in `argv` (and took their names from the caller's own command line)."""
+  saved = sys.argv
+  sys.argv = list(argv)
+  try:
+    return fv(argv)
+  finally:
+    sys.argv = saved
+
+
 def run(main: Callable[..., object], fv: flags.FlagValues, doc: str, argv: list[str] | None = None, *,
         positional: bool = False, prog: str | None = None) -> None:
   """Parses `argv` (default sys.argv) into `fv` and runs `main(fv)` (`main(fv, args)` with the positional
@@ -193,7 +205,7 @@ def run(main: Callable[..., object], fv: flags.FlagValues, doc: str, argv: list[
   debug = "--debug" in argv or bool(os.environ.get("GLP_DEBUG"))
   try:
     _check_config(argv)
-    args = fv(argv)[1:]
+    args = _parse(fv, argv)[1:]
     if args and not positional:
       raise app.UsageError(f"unexpected arguments {args} (see --help)")
   except Exception as e:  # pylint: disable=broad-except  (absl wraps override errors in several types)

@@ -100,9 +100,11 @@ def override(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_co
 
 
 def packaged_config(path: str) -> str:
-  """`path` when it exists; else the copy of `configs/<name>.py` shipped in the package (`glp_jax.configs`),
-  so the README's `--config=configs/train.py:...` works after a plain `pip install`, from any folder."""
-  if os.path.exists(path):
+  """`path` when it exists; else, for a `configs/<name>.py` path, the copy shipped in the package
+  (`glp_jax.configs`), so the README's `--config=configs/train.py:...` works after a plain `pip install`, from
+  any folder. Any other missing path stays as given (reported by its name): a mistyped `/exp/mine/train.py`
+  must not run the packaged train.py."""
+  if os.path.exists(path) or os.path.normpath(os.path.dirname(path)) != "configs":
     return path
   shipped = importlib.resources.files("glp_jax.configs") / os.path.basename(path)
   return str(shipped) if shipped.is_file() else path   # a missing file is then reported by its given name
