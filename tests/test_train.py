@@ -184,6 +184,11 @@ def test_bad_inputs_fail_before_training(reference, store, tmp_path):
   # The step reads the flow settings only when traced: a bad one was a ValueError after the workdir was written.
   with pytest.raises(config_lib.ConfigError, match="sigma_sampling must be one of"):
     train.train_and_evaluate(make_config(store, **{"flow.sigma_sampling": "logitnormal"}), w)
+  # Settings that were bent silently (keep=0 kept one; an EMA at decay 1; a warmup longer than the run).
+  for bad, match in (({"ckpt.keep": 0}, "keep >= 1"), ({"opt.ema_decay": 1.0}, "ema_decay must be in"),
+                     ({"opt.warmup_ratio": 1.5}, "warmup_ratio must be in")):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      train.train_and_evaluate(make_config(store, **bad), w)
   assert not os.path.exists(w)   # every refusal came before the workdir was claimed
   other = str(tmp_path / "other")
   shutil.copytree(reference[0], other)

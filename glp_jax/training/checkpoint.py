@@ -55,6 +55,13 @@ def set_aside(directory: str, step: int) -> str:
   return aside
 
 
+def check_options(ckpt_cfg: Any) -> None:
+  """Refuses retention settings orbax would bend silently (keep=0 kept one; a negative period went through)."""
+  if int(ckpt_cfg.keep) < 1 or int(ckpt_cfg.keep_every) < 0 or int(ckpt_cfg.every_steps) < 0:
+    raise ConfigError(f"config.ckpt needs keep >= 1, keep_every >= 0 and every_steps >= 0 (0 = off), got "
+                      f"keep={ckpt_cfg.keep}, keep_every={ckpt_cfg.keep_every}, every_steps={ckpt_cfg.every_steps}")
+
+
 class Checkpointer:
   """Async orbax CheckpointManager over `<workdir>/checkpoints`, keeping the last N plus every K-th step.
 

@@ -29,6 +29,8 @@ def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
   (a cooldown that ends annealed)."""
   if opt_cfg.schedule not in SCHEDULES:
     raise ConfigError(f"config.opt.schedule must be one of {SCHEDULES}, got {opt_cfg.schedule!r}")
+  if not 0 <= opt_cfg.warmup_ratio <= 1:   # past 1 the rate never reaches its peak
+    raise ConfigError(f"config.opt.warmup_ratio must be in [0, 1], got {opt_cfg.warmup_ratio}")
   lr, final = float(opt_cfg.lr), float(opt_cfg.final_lr_factor)
   n_warm = float(opt_cfg.warmup_ratio) * total_steps
   # The decay's count 0 is the last stable update, so its n_decay updates end at `final` on the run's last one.

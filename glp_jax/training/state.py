@@ -58,6 +58,8 @@ def creator(model_cfg: model_lib.ModelConfig, config: ml_collections.ConfigDict,
   if config.flow.sigma_sampling not in flow.SIGMA_MODES:
     raise ConfigError(f"config.flow.sigma_sampling must be one of {flow.SIGMA_MODES}, got "
                       f"{config.flow.sigma_sampling!r}")
+  if not 0 <= config.opt.ema_decay < 1:   # at 1 the EMA would follow its warm-up decay for the whole run
+    raise ConfigError(f"config.opt.ema_decay must be in [0, 1) (0 = no EMA), got {config.opt.ema_decay}")
   tx = optim.make_tx(config.opt, n_steps)
   keep_ema = config.opt.ema_decay > 0
 

@@ -63,6 +63,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_changes: bool,
     lock.check_free()
     workdir_lib.check_writable(workdir)
   metrics_lib.check_logging(config.log)
+  ckpt_lib.check_options(config.ckpt)
 
   # ---------------------------------------------------------------- input + model shape
   data = input_lib.Input(config)
