@@ -102,6 +102,9 @@ def test_first_document_arrives_before_the_dataset_is_read(hub, monkeypatch):
 def test_hf_errors_name_the_source(folder, monkeypatch):
   with pytest.raises(corpus_lib.CorpusError, match=r"record 0 has no field 'body' \(fields: \['n', 'text'\]\)"):
     list(corpus_lib.Corpus("hf:" + folder, text_field="body").documents())
+  # A field that holds no text (a chat dataset's messages, a number): a CorpusError, not an AttributeError.
+  with pytest.raises(corpus_lib.CorpusError, match=r"record 0 field 'n' holds int, not text; set corpus.text_field"):
+    list(corpus_lib.Corpus("hf:" + folder, text_field="n").documents())
   with pytest.raises(corpus_lib.CorpusError, match=r"cannot stream dataset .* split 'nosuch'"):
     list(corpus_lib.Corpus(f"hf:{folder}::nosuch").documents())
   # Neither a folder nor a hub id: says so before reading anything.

@@ -406,3 +406,18 @@ def test_token_rule_names_what_it_keeps(monkeypatch):
   monkeypatch.setattr(extract.logging, "warning", lambda msg, *a: warned.append(msg % a))
   qwen = extract.token_rule(Tok(None, False), True)
   assert qwen["skip"] == 0 and "defines no BOS" in qwen["description"] and "attention sink" in warned[0]
+
+
+@pytest.mark.torch
+def test_documents_keep_their_first_tokens_whatever_the_tokenizer_config(tmp_path):
+  """A tokenizer saved with `truncation_side: left` made extraction store each long document's last tokens; the
+  reference (and the held-out texts' evaluations) keep its first ones."""
+  tok = lm.load_tokenizer(lm.EMBEDDED)
+  tok.save_pretrained(str(tmp_path))
+  cfg_path = tmp_path / "tokenizer_config.json"
+  cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "truncation_side": "left"}))
+  loaded = lm.load_tokenizer(str(tmp_path))
+  rule = extract.token_rule(loaded, True)
+  text = " ".join(f"w{i}" for i in range(200))
+  full = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+  assert extract.encode(loaded, [text], 16, rule)[0].tolist() == full[:16]

@@ -6,13 +6,18 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
+import tensorstore as ts
 
+from glp_jax.data import layout
 from glp_jax.data.store import ActivationStore
-from store_fakes import assert_committed_prefix_correct, assert_same_store, run_child
+from glp_jax.data.writer import StoreWriter
+from store_fakes import LAYERS, REPO, assert_committed_prefix_correct, assert_same_store, run_child
 
 
 @pytest.mark.parametrize("queue", [0, 4])
@@ -100,3 +105,29 @@ def test_a_failed_commit_tried_again_keeps_the_first_shard_statistics_right(work
   np.testing.assert_allclose(failed.stats(0)["mean"], x[:n].astype(np.float64).mean(0), rtol=1e-6)
   want = clean.stats(0, "first_shard")
   assert all(np.array_equal(want[k], first[k]) for k in want) and want.keys() == first.keys()
+
+
+def test_sigkill_between_two_layers_shrinks_resumes_to_a_closed_store(workdir):
+  """close() shrinks each layer's array to num_rows; a writer killed after the first layer's resize left the
+  other layer longer, and a resume took the shortest shape for all of them, so it never shrank the rest."""
+  child = (f"import os, signal, sys; sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+           "from store_fakes import new_store, write_docs, is_held\n"
+           "from glp_jax.data import shards\n"
+           "real = shards.SplitWriter._resize\n"
+           "def resize(self, rows):\n"
+           "  if rows == self.committed_rows and self.split.name == 'train':   # close(): kill after one layer\n"
+           "    self.store.array(self.store.layers[0]).resize(exclusive_max=[rows, None],\n"
+           "                                                  resize_metadata_only=True).result()\n"
+           "    os.kill(os.getpid(), signal.SIGKILL)\n"
+           "  return real(self, rows)\n"
+           "shards.SplitWriter._resize = resize\n"
+           "with new_store(sys.argv[1]) as st:\n"
+           "  write_docs(st, range(60), is_held)\n")
+  path = os.path.join(workdir, "s")
+  p = subprocess.run([sys.executable, "-c", child, path], env=dict(os.environ, PYTHONPATH=REPO))
+  assert p.returncode == -signal.SIGKILL, p.stderr
+  shape = lambda l: ts.open(layout.layer_spec(path, l), open=True).result().shape[0]
+  n = ActivationStore.open(path).num_rows
+  assert [shape(l) for l in LAYERS] != [n, n]   # the kill left the layers' shapes different
+  StoreWriter.open_for_append(path).close()
+  assert [shape(l) for l in LAYERS] == [n, n]

@@ -172,9 +172,11 @@ class SplitWriter:
     self.capacity = rows
 
   def shrink(self) -> None:
-    """Sets the arrays' shape to the committed row count (a closed store)."""
-    if self.capacity != self.committed_rows:
-      self._resize(self.committed_rows)
+    """Sets the arrays' shape to the committed row count (a closed store). Each layer's shape is checked: a
+    writer killed between two layers' resizes leaves them different, and `capacity` is only their minimum."""
+    rows = self.committed_rows
+    if any(self.store.array(l, self.split).shape[0] != rows for l in self.store.layers):
+      self._resize(rows)
 
   # ---------------------------------------------------------------- side tables
   def append_tables(self, docs) -> None:

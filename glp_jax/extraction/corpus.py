@@ -262,7 +262,11 @@ def hf_documents(spec: str, text_field: str = "text", revision: str | None = Non
     if text_field not in record:
       raise CorpusError(f"corpus {spec!r}: record {k} has no field {text_field!r} (fields: {sorted(record)}); "
                         "set corpus.text_field")
-    yield Document(f"hf:{k}", record[text_field] or "")
+    text = record[text_field]
+    if text is not None and not isinstance(text, str):   # e.g. a chat dataset's list of messages
+      raise CorpusError(f"corpus {spec!r}: record {k} field {text_field!r} holds {type(text).__name__}, not text; "
+                        "set corpus.text_field")
+    yield Document(f"hf:{k}", text or "")
 
 
 # --- the pipeline: clean, dedupe, order, split ---

@@ -142,8 +142,12 @@ def model_source(name_or_path: str) -> str:
 
 
 def load_tokenizer(name_or_path: str):
+  """The model's tokenizer, truncating on the right whatever its config says: extraction and the evaluations
+  keep each document's first tokens, as the reference does (a `truncation_side: left` would keep its last)."""
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-  return AutoTokenizer.from_pretrained(model_source(name_or_path))
+  tok = AutoTokenizer.from_pretrained(model_source(name_or_path))
+  tok.truncation_side = "right"
+  return tok
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "auto", device: str = "cpu"):
