@@ -187,6 +187,16 @@ def test_bad_inputs(tiny, workdir, tmp_path):
 
 
 @pytest.mark.torch
+def test_a_resume_may_change_the_streaming_bound(tiny, workdir):
+  """A streaming trainer refusing a too small producer buffer says to raise it: the resume with a larger one
+  was refused as a different store ("refusing to mix"), though the bound does not change the rows."""
+  extract.extract(_config(tiny, max_rows=20, **{"stream.buffer_rows": 1024, "stream.warmup_rows": 256}), workdir)
+  extract.extract(_config(tiny, max_rows=40, **{"stream.buffer_rows": 4096, "stream.warmup_rows": 256}), workdir)
+  st = store_lib.ActivationStore.open(os.path.join(workdir, "store"))
+  assert st.num_rows >= 40 and st.metadata["stream"]["buffer_rows"] == 4096   # what the trainer reads
+
+
+@pytest.mark.torch
 def test_a_local_model_changed_in_place_is_a_different_model(tmp_path):
   """A local model folder has no hub commit: the manifest records a hash of its files, so new weights saved over
   the same folder (a fine-tune, say) are refused on resume by `model_revision`, and the old ones resume."""

@@ -163,6 +163,15 @@ class StoreWriter(ActivationStore):
       raise
     return self
 
+  def update_metadata(self, **fields) -> None:
+    """Replaces metadata fields that do not describe the rows (the streaming bound), durably and at once: a
+    trainer reads them from the manifest, maybe before the next commit."""
+    if all(self.manifest["metadata"].get(k) == v for k, v in fields.items()):
+      return
+    m = dict(self.manifest, metadata={**self.manifest["metadata"], **fields}, updated=time.time())
+    files.atomic_write(os.path.join(self.path, MANIFEST), json.dumps(m), durable=True)
+    self.manifest = m
+
   # ---------------------------------------------------------------- appending
   @property
   def total(self) -> int:

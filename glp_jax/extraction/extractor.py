@@ -270,8 +270,12 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
           first_shard_rows=(config.stream.warmup_rows if config.stream.buffer_rows else
                             config.store.first_shard_rows), metadata=meta, **kw)
     else:
-      store = StoreWriter.open_for_append(path, expect=dict(meta, layers=layers, d=info["d"],
+      # The streaming bound says nothing of the rows: a resume may change it (the trainer's refusal of a too
+      # small buffer says to raise it), and the manifest then records the new one for the trainer to read.
+      rows_meta = {k: v for k, v in meta.items() if k != "stream"}
+      store = StoreWriter.open_for_append(path, expect=dict(rows_meta, layers=layers, d=info["d"],
                                                             dtype=config.store.dtype), **kw)
+      store.update_metadata(stream=meta["stream"])
     config_lib.write_config(config, workdir)   # only now: a store that refused this config keeps the old one
     # Documents are appended once each, in order, so the committed ones are exactly those below this index.
     start_doc, start_rows = store.num_docs + store.heldout_num_docs, store.num_rows
