@@ -2,8 +2,10 @@
 import os
 
 import jax
+import pytest
 
 from glp_jax.util import runtime
+from glp_jax.util.errors import ConfigError
 
 
 def test_eight_fake_devices():
@@ -61,6 +63,18 @@ def test_given_coordinator_turns_off_cluster_detection(monkeypatch):
   assert calls[0]["cluster_detection_method"] == "deactivate"
   given = (calls[0]["coordinator_address"], calls[0]["num_processes"], calls[0]["process_id"])
   assert given == ("localhost:1234", 2, 1)
+  # A coordinator without the process count was a KeyError traceback in every process.
+  monkeypatch.delenv("GLP_NUM_PROCESSES")
+  with pytest.raises(ConfigError, match="GLP_NUM_PROCESSES and GLP_PROCESS_ID must be too"):
+    runtime.init_distributed()
+  assert len(calls) == 1
+
+
+def test_glp_debug_0_is_off(monkeypatch):
+  from glp_jax.util import cli
+  for value, on in (("0", False), ("false", False), ("", False), ("1", True), ("yes", True)):
+    monkeypatch.setenv("GLP_DEBUG", value)
+    assert cli.flag_values()["debug"].value is on, value
 
 
 def test_log_environment_fields():

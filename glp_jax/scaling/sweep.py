@@ -19,6 +19,7 @@ import contextvars
 import dataclasses
 import functools
 import itertools
+import math
 import os
 import re
 import subprocess
@@ -199,6 +200,7 @@ def choose_lrs(runs: list[Run], sizes) -> dict:
   for r in runs:
     status = r.status()   # a conflict (run with other settings) has no loss here
     loss = _files(r.workdir).summary.get("eval_loss") if status == "done" else None
+    loss = loss if loss is not None and math.isfinite(loss) else None   # NaN never compares lower: it could win
     search[r.size].append(dict(lr=r.lr, loss=loss, status=status if loss is None else "done"))
   lrs = {}
   for size, rows in search.items():

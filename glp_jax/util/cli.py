@@ -36,10 +36,15 @@ _ASSIGN = re.compile(r"^\s*c\.(?P<key>[\w.]+)\s*=\s*(?P<value>.+?)\s*(?:#\s*(?P<
 _NOISY_LOGGERS = ("jax._src.xla_bridge", "absl", "orbax", "jax._src.distributed")
 
 
+def _debug_env() -> bool:
+  """GLP_DEBUG set to anything but empty / 0 / false (GLP_DEBUG=0 turned debugging on)."""
+  return os.environ.get("GLP_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
 def flag_values() -> flags.FlagValues:
   """A tool's own flag registry, holding the flags every tool shares."""
   fv = flags.FlagValues()
-  flags.DEFINE_bool("debug", bool(os.environ.get("GLP_DEBUG")), "Show tracebacks of expected errors.",
+  flags.DEFINE_bool("debug", _debug_env(), "Show tracebacks of expected errors.",
                     flag_values=fv)
   flags.DEFINE_bool("verbose", False, "Show library logging (backends, orbax) as well.", flag_values=fv)
   return fv
@@ -202,7 +207,7 @@ def run(main: Callable[..., object], fv: flags.FlagValues, doc: str, argv: list[
     print(doc.strip() + "\n\nflags:\n" + fv.get_help(include_special_flags=False)
           + _config_help(argv, _HELP_CONFIG.get(id(fv))))
     sys.exit(0)
-  debug = "--debug" in argv or bool(os.environ.get("GLP_DEBUG"))
+  debug = "--debug" in argv or _debug_env()
   try:
     _check_config(argv)
     args = _parse(fv, argv)[1:]

@@ -8,6 +8,8 @@ import os
 import signal
 from typing import Any
 
+from glp_jax.util.errors import ConfigError
+
 _MULTIPROCESS_ENV = ("GLP_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
                      "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 INIT_TIMEOUT_S = 120   # a process that never joins (a port in use, a crashed peer) fails the job, not hangs it
@@ -88,6 +90,10 @@ def init_distributed() -> None:
   if not _wants_distributed() or jax.distributed.is_initialized():
     return
   env = os.environ
+  given = [k for k in ("GLP_NUM_PROCESSES", "GLP_PROCESS_ID") if env.get(k)]
+  if env.get("GLP_COORDINATOR_ADDRESS") and len(given) < 2:   # else a KeyError traceback in every process
+    raise ConfigError("GLP_COORDINATOR_ADDRESS is set, so GLP_NUM_PROCESSES and GLP_PROCESS_ID must be too "
+                      f"(set: {given or 'neither'}); launch/multiprocess.sh sets all three")
   kwargs: dict[str, Any] = {"initialization_timeout": int(env.get("GLP_INIT_TIMEOUT_S", INIT_TIMEOUT_S))}
   if env.get("GLP_COORDINATOR_ADDRESS"):
     # Everything is given: jax's cluster detection would still run, and under SLURM it pins each process to the
