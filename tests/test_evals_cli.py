@@ -224,3 +224,54 @@ def test_python_api_evaluate_all_returns_every_result(monkeypatch):
   got = {"fd": {"fd": 1.0}, "probe": {"probe_auc_raw": 0.5}}
   monkeypatch.setattr(runner, "evaluate_all", lambda names, opts: dict(got))
   assert glp_jax.evaluate("all", "runs/x") == got and glp_jax.evaluate("fd", "runs/x") == got["fd"]
+
+
+def test_an_imported_run_is_evaluated_at_its_source_layer(tmp_path):
+  """A run glp-import wrote from an export whose layer is in its provenance only (no tracedict_config) has
+  data.layer = -1: it was evaluated at the store's first layer, the export itself at its own."""
+  import torch
+  from glp_jax.evals import runner
+  from glp_jax.interop import import_ref
+  from glp_jax.torch import GLP, DenoiserConfig
+  _two_layer_store(str(tmp_path / "store01"))
+  torch.manual_seed(0)
+  GLP(DenoiserConfig(d_input=8, d_model=16, d_mlp=32, n_layers=1)).save_pretrained(
+      str(tmp_path / "export"), provenance={"layer": 1, "lm": "lm"})
+  cfg = import_ref.default_config()
+  cfg.batch_size, cfg.num_activations = 8, 80
+  import_ref.import_prior(str(tmp_path / "export"), str(tmp_path / "run"), config=cfg)
+  for prior in ("export", "run"):
+    ctx = runner.Context(runner.Options(prior=str(tmp_path / prior), store=str(tmp_path / "store01")))
+    assert (ctx.layer, ctx.lm_name) == (1, "lm"), prior
+
+
+def _two_layer_store(path: str) -> None:
+  """A small store of LM layers 0 and 1 (D = 8) of an LM named "lm"."""
+  rng = np.random.default_rng(0)
+  st = StoreWriter.create(path, layers=[0, 1], d=8, dtype="float32", metadata={"model": "lm"})
+  for i in range(2):
+    st.append({l: rng.standard_normal((20, 8)).astype(np.float32) for l in (0, 1)}, doc_id=i,
+              positions=np.arange(1, 21))
+  st.close()
+
+
+def test_a_reference_folder_is_evaluated_at_the_layer_its_config_yaml_names(tmp_path):
+  """A reference prior names its LM layer only in config.yaml's tracedict_config (and so does an export re-saved
+  from it): both were evaluated at the store's first layer."""
+  import torch
+  from glp_jax.evals import runner
+  from glp_jax.torch import GLP, DenoiserConfig, io as torch_io
+  _two_layer_store(str(tmp_path / "store01"))
+  torch.manual_seed(0)
+  glp = GLP(DenoiserConfig(d_input=8, d_model=16, d_mlp=32, n_layers=1))
+  ref = str(tmp_path / "ref")
+  torch_io.write_folder(ref, glp.denoiser.state_dict(), glp.cfg, glp.normalizer.mean, glp.normalizer.var,
+                        tracedict={"layer_prefix": "model.layers", "layers": [1], "retain": "output"},
+                        reference_extra={"model_name": "ref-lm"})
+  for name in ("config.json", "model.safetensors", "README.md"):   # the reference layout only
+    os.remove(os.path.join(ref, name))
+  GLP.from_pretrained(ref).save_pretrained(str(tmp_path / "resaved"))
+  for prior, lm in ((ref, "ref-lm"), (str(tmp_path / "resaved"), "ref-lm")):
+    ctx = runner.Context(runner.Options(prior=prior, store=str(tmp_path / "store01")))
+    assert ctx.layer == 1, prior
+    assert runner.Context(runner.Options(prior=prior)).lm_name == lm   # without a store: its model_name

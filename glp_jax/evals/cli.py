@@ -6,17 +6,18 @@ r"""glp-eval: downstream evaluations of a prior; each writes one flat JSON objec
   glp-eval probe    --prior=runs/d6 [--tasks=builtin | --tasks=/path/to/sae_probes_csvs]
   glp-eval all      --prior=exports/d6 --store=STORE --out=DIR
 
-`--prior` is a glp_jax run dir, an exported / reference prior folder, or a Hugging Face Hub repo id of one
-(fetched into the Hub cache; then `--out` is required). The LM, its layer, the real held-out activations (fd)
-and the held-out documents (delta_lm) come from the activation store the run was trained on (`--store`
-overrides; an export's recorded store is used when it is reachable, else it and a reference folder need
-`--store` or `--lm/--layer`). `--quick` shrinks every evaluation to a smoke-test size
+`--prior` is a glp_jax run dir, an exported / reference prior folder, or a Hugging Face Hub repo id of one (fetched
+into the Hub cache; then `--out` is required). The LM, its layer, the real held-out activations (fd) and the
+held-out documents (delta_lm) come from the activation store the run was trained on (`--store` overrides; an
+export's recorded store is used when it is reachable, else it and a reference folder need `--store` or
+`--lm/--layer`; the layer a prior was trained on, from its provenance or its tracedict_config, a reference folder's
+config.yaml included, is preferred to the store's first). `--quick` shrinks every evaluation to a smoke-test size
 (used by `make demo`). Keys written (docs/design.md lists them all): fd: fd, fd_floor; delta_lm: delta_lm,
 delta_lm_sem, delta_lm_mean, delta_lm_identity; steer: steer_{add,glp}_{concept,nll} and per-r rows; probe:
 probe_auc_{raw,mlp,t0.1,t0.5} with _lo/_hi bootstrap CIs. What would silently weaken a number is logged as a
 warning on the `glp_jax` logger and recorded: fd sample counts at or below D (`fd_rank_deficient`) or below 2D,
-small probe classes (`probe_class_min/<task>`, `probe_small_tasks`, `probe_skipped_tasks`), fewer steering
-prompts than asked (`steer_num_prompts`) and empty continuations (`steer_<mode>_r<r>_empty`).
+small probe classes (`probe_class_min/<task>`, `probe_small_tasks`, `probe_skipped_tasks`), fewer steering prompts
+than asked (`steer_num_prompts`) and empty continuations (`steer_<mode>_r<r>_empty`).
 """
 from __future__ import annotations
 

@@ -283,6 +283,30 @@ def is_run_dir(path: str) -> bool:
 
 
 def export_provenance(path: str) -> dict:
-  """The `provenance` block of a glp-export folder's config.json ({} for other folders)."""
-  meta = {} if is_run_dir(path) else files.read_json(os.path.join(path, "config.json"), {})
-  return dict(meta.get("provenance") or {}) if meta.get("format") else {}
+  """The `provenance` block of a glp-export folder's config.json, {} for a run dir. Its `layer` is completed
+  from the folder's `tracedict_config` where it records none, and a reference folder (config.yaml) gives its
+  `model_name` and `glp_kwargs.tracedict_config`: a reference prior, or one re-saved from it, names the LM layer
+  it models only there (without it the evaluations took the store's first layer)."""
+  if is_run_dir(path):
+    return {}
+  meta = files.read_json(os.path.join(path, "config.json"), {})
+  if meta.get("format"):
+    prov, tracedict = dict(meta.get("provenance") or {}), meta.get("tracedict_config") or {}
+  else:
+    ref = _reference_config(path)
+    prov, tracedict = {"lm": ref.get("model_name")}, (ref.get("glp_kwargs") or {}).get("tracedict_config") or {}
+  layers = tracedict.get("layers") if isinstance(tracedict, dict) else None
+  if prov.get("layer") is None and layers:
+    prov["layer"] = int(layers[0]) if len(layers) == 1 else [int(l) for l in layers]
+  return prov
+
+
+def _reference_config(path: str) -> dict:
+  """A reference folder's config.yaml ({} when absent or not a mapping)."""
+  import yaml
+  yml = os.path.join(path, "config.yaml")
+  if not os.path.exists(yml):
+    return {}
+  with open(yml) as fh:
+    ref = yaml.safe_load(fh)
+  return ref if isinstance(ref, dict) else {}

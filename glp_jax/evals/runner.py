@@ -102,9 +102,10 @@ class Context:
       log.warning("the prior's recorded store %s is not reachable here: evaluating without it (pass --store "
                   "for fd, --lm and --layer if they are not recorded)", self.store)
       self.store = None
-    # The layer the prior was trained on: a run's config, else an export's provenance (the store alone would
-    # answer with its first). A multi-layer prior models several: load_prior refuses one without --layer.
-    hint = _cfg(self.config, "data", "layer") if self.config else prov.get("layer")
+    # The layer the prior was trained on: a run's config, else an export's (or an imported run's source's)
+    # provenance (the store alone would answer with its first). A multi-layer prior models several: load_prior
+    # refuses one without --layer.
+    hint = _cfg(self.config, "data", "layer") if self.config and not imported else prov.get("layer")
     hint = hint if isinstance(hint, int) else None
     info = prior_lib.lm_info_from_store(self.store, hint) if self.store else {}
     self.lm_name = opts.lm or info.get("lm") or prov.get("lm")
