@@ -1,6 +1,7 @@
 """Checkpointer: retention, sharded restore, partial checkpoints ignored, shape refusal, stop signals."""
 import os
 import signal
+import time
 
 import jax
 import ml_collections
@@ -69,3 +70,21 @@ def test_stop_request_catches_sigterm_and_restores_handler():
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.requested and stop.signum == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_repeated_stop_signal_is_one_request_unless_a_second_apart(monkeypatch):
+  """glp-sweep passes its SIGTERM on, and a scheduler may signal every process too: a repeat within
+  REPEAT_S is the same request (a hard stop would lose the save); a later one still stops at once."""
+  hard = []
+  before = signal.signal(signal.SIGTERM, lambda *a: hard.append(1))   # stands in for the default (exit)
+  try:
+    monkeypatch.setattr(runtime, "REPEAT_S", 0.2)
+    with runtime.StopRequest() as stop:
+      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert stop.requested and not hard
+      time.sleep(0.3)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert hard == [1]
+  finally:
+    signal.signal(signal.SIGTERM, before)

@@ -6,8 +6,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 import types
 
 import numpy as np
@@ -323,3 +326,35 @@ def test_emitted_launchers_go_on_past_a_failed_run_and_stop_on_a_failed_scontrol
     out = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
   assert calls.read_text().splitlines() == ["srun cpus=8"] * 2
+
+
+def test_a_stopped_sweep_stops_its_runs_and_starts_no_more(tmp_path, monkeypatch, capsys):
+  """SIGTERM to glp-sweep (kill, a terminal's Ctrl-C as SIGINT) reached only the sweep: its runs trained on,
+  orphaned, and the next sweep found their workdirs locked. Now each running run gets one SIGTERM (it saves
+  and exits 143), no other run starts, and the sweep exits 128 + the signal."""
+  runs = sweep.expand(sweep_config("runlocal"), str(tmp_path))[:2]
+  # A fake glp-train: says it is up, counts the SIGTERMs it gets within a second, then exits 143 as one does.
+  script = ("import os, signal, sys, time\n"
+            "got = []\n"
+            "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+            "open(os.path.join(sys.argv[1], 'up'), 'w').close()\n"
+            "t0 = time.time()\n"
+            "while not got and time.time() - t0 < 60: time.sleep(0.01)\n"
+            "time.sleep(1.0)\n"
+            "open(os.path.join(sys.argv[1], 'terms'), 'w').write(str(len(got)))\n"
+            "sys.exit(143)\n")
+  monkeypatch.setattr(sweep, "command", lambda r: [sys.executable, "-c", script, r.workdir])
+  up = os.path.join(runs[0].workdir, "up")
+
+  def stop_when_up():
+    while not os.path.exists(up):
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGINT)   # as a terminal's Ctrl-C reaches the sweep (the runs have own sessions)
+  threading.Thread(target=stop_when_up, daemon=True).start()
+  with pytest.raises(SystemExit) as stopped:
+    sweep.run_local(runs, poll_s=0.01)
+  assert stopped.value.code == 128 + signal.SIGINT
+  assert open(os.path.join(runs[0].workdir, "terms")).read() == "1"   # one SIGTERM: it saves, no hard stop
+  assert not os.path.exists(os.path.join(runs[1].workdir, "up"))        # the second run never started
+  assert "1 runs not started; the same command resumes" in capsys.readouterr().out
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the sweep's handlers are gone

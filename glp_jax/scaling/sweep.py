@@ -22,6 +22,7 @@ import itertools
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -321,19 +322,55 @@ def _log_path(workdir: str) -> str:
 def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, poll_s: float = 0.2) -> dict:
   """Runs every run not done, `parallel` at a time, each on its own devices (`device_slots`); each logs to
   <workdir>/train.log (a run folder on a bucket: a local log, uploaded when the run ends). Returns name -> rc
-  (1 for a diverged run and for a conflict, which is reported and not run)."""
+  (1 for a diverged run and for a conflict, which is reported and not run). SIGTERM / SIGINT stop it: the
+  running runs save, and it exits with 128 + the signal (a killed sweep left its runs training, orphaned)."""
   clash = report_conflicts(runs)
   todo = [r for r in runs if not r.finished and r not in clash]
   results = {r.name: 0 if r.status() == "done" else 1 for r in runs if r not in todo}
   free = device_slots(parallel, dict(os.environ if env is None else env))
   active: list[tuple[Run, subprocess.Popen, Any, dict]] = []
-  while todo or active:
-    while todo and free:
+  with _forwarded_stops(active) as stops:
+    _run_all(todo, free, active, results, stops, poll_s)
+  if stops:   # every run it had started saved and exited; the same command resumes them and starts the rest
+    print(f"[glp-sweep] stopped by signal {stops[0]}: {len(todo)} runs not started; the same command resumes",
+          flush=True)
+    raise SystemExit(128 + stops[0])
+  return results
+
+
+@contextlib.contextmanager
+def _forwarded_stops(active: list):
+  """While the runs train, SIGTERM / SIGINT to the sweep are passed to each running run as SIGTERM (it saves
+  and exits 143) and no further run starts; a second signal is passed on too (the runs then stop at once).
+  The runs have sessions of their own, so a terminal's Ctrl-C reaches them this way only: once (glp-train takes
+  a repeat within a second, from a scheduler that signals every process as well, as the same request)."""
+  stops: list[int] = []
+
+  def handle(signum, frame):  # pylint: disable=unused-argument
+    stops.append(signum)
+    for _, proc, _, _ in active:
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+  previous = {}
+  for s in (signal.SIGTERM, signal.SIGINT):
+    with contextlib.suppress(ValueError):   # not the main thread: no forwarding, as before
+      previous[s] = signal.signal(s, handle)
+  try:
+    yield stops
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _run_all(todo: list, free: list, active: list, results: dict, stops: list, poll_s: float) -> None:
+  while (todo and not stops) or active:
+    while todo and free and not stops:
       r, slot = todo.pop(0), free.pop(0)
       log = open(_log_path(r.workdir), "a")
       print(f"[glp-sweep] start {r.name} ({r.status()})", flush=True)
       # One process per run, never a jax.distributed job, even in a salloc / sbatch shell (SLURM_* inherited).
-      proc = subprocess.Popen(command(r), stdout=log, stderr=subprocess.STDOUT, env=dict(slot, GLP_DISTRIBUTED="0"))
+      proc = subprocess.Popen(command(r), stdout=log, stderr=subprocess.STDOUT, env=dict(slot, GLP_DISTRIBUTED="0"),
+                              start_new_session=True)
       active.append((r, proc, log, slot))
     time.sleep(poll_s)
     for item in list(active):
@@ -347,5 +384,4 @@ def run_local(runs: list[Run], parallel: int = 1, *, env: dict | None = None, po
         free.append(slot)
         results[r.name] = proc.returncode
         state = "done" if proc.returncode == 0 else f"FAILED rc={proc.returncode}, see {r.workdir}/train.log"
-        print(f"[glp-sweep] {state}: {r.name}", flush=True)
-  return results
+        print(f"[glp-sweep] {state if not stops else f'stopped (rc={proc.returncode})'}: {r.name}", flush=True)

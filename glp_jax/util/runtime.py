@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 from glp_jax.util.errors import ConfigError
@@ -186,10 +187,15 @@ def log_environment(logger: logging.Logger | None = None) -> dict:
   return info
 
 
+REPEAT_S = 1.0   # a second stop signal within this many seconds of the first is the same request
+
+
 class StopRequest:
   """Turns SIGTERM / SIGINT into a flag the train loop polls, so it can checkpoint before exiting.
 
-  A second signal of the same kind restores the default handler behaviour (a hard stop). In a multi-process
+  A second signal, a second or more after the first, restores the default handler behaviour (a hard stop);
+  a repeat within that second is the same request delivered twice (glp-sweep passes its signal on, and a
+  scheduler may signal every process of the job as well), and must not lose the save. In a multi-process
   job SIGTERM is left to jax's preemption service (`preempted`), which tells every process the same step to
   save at, whichever process got the signal.
   """
@@ -208,10 +214,13 @@ class StopRequest:
     return self
 
   def _handle(self, signum, frame) -> None:
+    now = time.monotonic()
     if self.signum is not None:
+      if now - self._at < REPEAT_S:
+        return
       signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
       signal.raise_signal(signum)
-    self.signum = signum
+    self.signum, self._at = signum, now
 
   def __exit__(self, *exc) -> None:
     for s, h in self._previous.items():
