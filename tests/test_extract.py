@@ -1,5 +1,6 @@
 """extract.py: rows equal the LM's hidden states, BOS excluded, resumable after SIGKILL, stats, bad input."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -187,13 +188,18 @@ def test_bad_inputs(tiny, workdir, tmp_path):
 
 
 @pytest.mark.torch
-def test_a_resume_may_change_the_streaming_bound(tiny, workdir):
+def test_a_resume_may_change_the_streaming_bound_and_says_the_layout_is_kept(tiny, workdir, caplog):
   """A streaming trainer refusing a too small producer buffer says to raise it: the resume with a larger one
   was refused as a different store ("refusing to mix"), though the bound does not change the rows."""
   extract.extract(_config(tiny, max_rows=20, **{"stream.buffer_rows": 1024, "stream.warmup_rows": 256}), workdir)
   extract.extract(_config(tiny, max_rows=40, **{"stream.buffer_rows": 4096, "stream.warmup_rows": 256}), workdir)
   st = store_lib.ActivationStore.open(os.path.join(workdir, "store"))
   assert st.num_rows >= 40 and st.metadata["stream"]["buffer_rows"] == 4096   # what the trainer reads
+  # The layout is the store's, fixed at creation: another one in the config is said, not silently dropped.
+  with caplog.at_level(logging.WARNING):
+    extract.extract(_config(tiny, max_rows=60, **{"store.shard_rows": 256}), workdir)
+  assert "keeps its layout {'shard_rows': 128, 'chunk_rows': 64" in caplog.text
+  assert store_lib.ActivationStore.open(os.path.join(workdir, "store")).manifest["shard_rows"] == 128
 
 
 @pytest.mark.torch

@@ -276,6 +276,10 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
       store = StoreWriter.open_for_append(path, expect=dict(rows_meta, layers=layers, d=info["d"],
                                                             dtype=config.store.dtype), **kw)
       store.update_metadata(stream=meta["stream"])
+      asked = {k: config.store[k] for k in ("shard_rows", "chunk_rows", "compression") if config.store[k]}
+      if any(store.manifest[k] != v for k, v in asked.items()):   # fixed when the store was created
+        logging.warning("store %s keeps its layout %s: config.store's %s applies to new stores only", path,
+                        {k: store.manifest[k] for k in asked}, asked)
     config_lib.write_config(config, workdir)   # only now: a store that refused this config keeps the old one
     # Documents are appended once each, in order, so the committed ones are exactly those below this index.
     start_doc, start_rows = store.num_docs + store.heldout_num_docs, store.num_rows
