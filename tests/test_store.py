@@ -90,8 +90,11 @@ def test_refuses_overwrite_and_mismatched_append(workdir):
     write_docs(st, range(3))
   with pytest.raises(StoreError, match="already exists"):
     new_store(path)
-  with pytest.raises(StoreError, match=r"model='tiny' but 'other'"):
+  with pytest.raises(StoreError, match=r"model='tiny' but 'other'.*refusing to mix$"):
     StoreWriter.open_for_append(path, expect={"model": "other"})
+  new_store(os.path.join(workdir, "empty")).close()   # as a kill before the first commit leaves one
+  with pytest.raises(StoreError, match="holds no documents yet: remove it to start over"):
+    StoreWriter.open_for_append(os.path.join(workdir, "empty"), expect={"model": "other"})
   with pytest.raises(StoreError, match="layers"):
     StoreWriter.open_for_append(path, expect={"layers": [7]})
   with pytest.raises(StoreError, match="dtype"):

@@ -70,8 +70,11 @@ class ActivationStore:
       if diffs:
         name, a, b = diffs[0]
         also = f" (also differ: {', '.join(d[0] for d in diffs[1:6])})" if len(diffs) > 1 else ""
+        # A store killed before its first commit holds nothing to keep: say how to start over.
+        empty = not (self.manifest["num_docs"] or self.manifest["heldout"]["num_docs"])
         raise StoreError(f"{self.path}: store has {name}={_short(a)} but {_short(b)} was expected{also}; "
-                         "refusing to mix")
+                         "refusing to mix" + ("; it holds no documents yet: remove it to start over with this "
+                                              "config" if empty else ""))
 
   # ---------------------------------------------------------------- shape of the store
   @property
