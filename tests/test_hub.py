@@ -165,3 +165,16 @@ def test_card_reads_eval_files_of_the_folder(tmp_path):
   assert card.read_evals(str(tmp_path)) == {"probe": {"probe_auc_raw": 0.75, "probe_auc_t0.1": 0.8}}
   hub.refresh_card(str(tmp_path))
   assert "| probe | `probe_auc_t0.1` | 0.8 |" in (tmp_path / "README.md").read_text()
+
+
+def test_card_of_a_resaved_reference_prior_names_its_layer(tmp_path):
+  """A reference folder names its layer only in config.yaml's tracedict_config: the re-saved card says it."""
+  glp = prior()
+  glp.meta["tracedict_config"] = {"layer_prefix": "model.layers", "layers": [7], "retain": "output"}
+  glp.save_pretrained(tmp_path / "ours")
+  os.makedirs(tmp_path / "ref")
+  for name in ("config.yaml", "rep_statistics.pt", "final.safetensors"):   # the reference layout only
+    os.link(tmp_path / "ours" / name, tmp_path / "ref" / name)
+  GLP.from_pretrained(tmp_path / "ref").save_pretrained(tmp_path / "again")
+  text = (tmp_path / "again" / "README.md").read_text()
+  assert "| LM layer (residual stream after it) | 7 |" in text and "with steer(model, 7, w" in text
