@@ -178,3 +178,18 @@ def test_card_of_a_resaved_reference_prior_names_its_layer(tmp_path):
   GLP.from_pretrained(tmp_path / "ref").save_pretrained(tmp_path / "again")
   text = (tmp_path / "again" / "README.md").read_text()
   assert "| LM layer (residual stream after it) | 7 |" in text and "with steer(model, 7, w" in text
+
+
+def test_refreshed_card_leaves_out_evals_of_earlier_weights(tmp_path):
+  """Re-saving other weights into a folder that glp-eval wrote eval_*.json into: on push the card must not show
+  the old weights' numbers as the new ones'."""
+  prior(0).save_pretrained(tmp_path)
+  (tmp_path / "eval_fd.json").write_text(json.dumps({"fd": 12.5}))       # glp-eval --prior=<folder>
+  (tmp_path / "eval_probe.json").write_text(json.dumps({"probe_auc_raw": 0.75}))
+  prior(1).save_pretrained(tmp_path)                                      # a re-export into the same folder
+  weights = os.path.getmtime(tmp_path / "model.safetensors")
+  os.utime(tmp_path / "eval_fd.json", (weights - 60, weights - 60))
+  os.utime(tmp_path / "eval_probe.json", (weights + 60, weights + 60))     # measured the new weights
+  assert hub.refresh_card(str(tmp_path), "org/x")
+  text = (tmp_path / "README.md").read_text()
+  assert "| fd |" not in text and "| probe | `probe_auc_raw` | 0.75 |" in text
