@@ -165,3 +165,31 @@ def test_card_reads_eval_files_of_the_folder(tmp_path):
   assert card.read_evals(str(tmp_path)) == {"probe": {"probe_auc_raw": 0.75, "probe_auc_t0.1": 0.8}}
   hub.refresh_card(str(tmp_path))
   assert "| probe | `probe_auc_t0.1` | 0.8 |" in (tmp_path / "README.md").read_text()
+
+
+def test_card_of_a_resaved_reference_prior_names_its_layer(tmp_path):
+  """A reference folder names its layer only in config.yaml's tracedict_config: the re-saved card says it."""
+  glp = prior()
+  glp.meta["tracedict_config"] = {"layer_prefix": "model.layers", "layers": [7], "retain": "output"}
+  glp.save_pretrained(tmp_path / "ours")
+  os.makedirs(tmp_path / "ref")
+  for name in ("config.yaml", "rep_statistics.pt", "final.safetensors"):   # the reference layout only
+    os.link(tmp_path / "ours" / name, tmp_path / "ref" / name)
+  GLP.from_pretrained(tmp_path / "ref").save_pretrained(tmp_path / "again")
+  text = (tmp_path / "again" / "README.md").read_text()
+  assert "| LM layer (residual stream after it) | 7 |" in text and "with steer(model, 7, w" in text
+
+
+def test_refreshed_card_leaves_out_evals_of_earlier_weights(tmp_path):
+  """Re-saving other weights into a folder that glp-eval wrote eval_*.json into: on push the card must not show
+  the old weights' numbers as the new ones'."""
+  prior(0).save_pretrained(tmp_path)
+  (tmp_path / "eval_fd.json").write_text(json.dumps({"fd": 12.5}))       # glp-eval --prior=<folder>
+  (tmp_path / "eval_probe.json").write_text(json.dumps({"probe_auc_raw": 0.75}))
+  prior(1).save_pretrained(tmp_path)                                      # a re-export into the same folder
+  weights = os.path.getmtime(tmp_path / "model.safetensors")
+  os.utime(tmp_path / "eval_fd.json", (weights - 60, weights - 60))
+  os.utime(tmp_path / "eval_probe.json", (weights + 60, weights + 60))     # measured the new weights
+  assert hub.refresh_card(str(tmp_path), "org/x")
+  text = (tmp_path / "README.md").read_text()
+  assert "| fd |" not in text and "| probe | `probe_auc_raw` | 0.75 |" in text

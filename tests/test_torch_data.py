@@ -48,3 +48,24 @@ def test_iterable_covers_every_row_once_and_normalises(store):
   assert sorted(ids.tolist()) == sorted(torch.cat([StoreDataset(store, dtype=torch.float32)[:]])[:, 0].tolist())
   assert not torch.equal(ids, torch.sort(ids).values)   # shuffled
   assert abs(float(rows[:, 1:].mean())) < 0.1 and abs(float(rows[:, 1:].std()) - 1) < 0.1
+
+
+def test_strided_slice_reads_only_its_rows(store, monkeypatch):
+  """ds[::k] of a huge store must not load the k-times larger range it spans (a covering read did)."""
+  fetched = []
+  for name in ("read", "read_heldout", "take"):
+    orig = getattr(ActivationStore, name)
+    def spy(self, *a, _orig=orig, **kw):
+      out = _orig(self, *a, **kw)
+      fetched.append(len(out))
+      return out
+    monkeypatch.setattr(ActivationStore, name, spy)
+  ds = StoreDataset(store)
+  want = ActivationStore.open(store).read(0, 900).view(np.int16)
+  for sl in (slice(None, None, 300), slice(850, 10, -200), slice(3, 4, 5)):
+    fetched.clear()
+    got = ds[sl]
+    assert np.array_equal(got.view(torch.int16).numpy(), want[sl]) and sum(fetched) == len(want[sl]), sl
+  assert ds[7:7].shape == (0, 8) and np.array_equal(ds[10:20].view(torch.int16).numpy(), want[10:20])
+  held = StoreDataset(store, split="heldout", dtype=torch.float32)
+  assert held[::50][:, 0].tolist() == [400.0, 450.0]

@@ -98,6 +98,9 @@ def model_card(config: Mapping, repo_id: str | None = None,
   prov = dict(config.get("provenance") or {})
   arch = dict(config.get("architecture") or {})
   lm, layer = prov.get("lm"), prov.get("layer")
+  traced = (config.get("tracedict_config") or {}).get("layers")
+  if layer is None and isinstance(traced, list) and traced:   # e.g. re-saved from a reference folder
+    layer = int(traced[0]) if len(traced) == 1 else [int(l) for l in traced]
   title = f"GLP prior of {prov.get('lm_description') or lm or 'an unknown LM'}" + (
       f", layer {layer}" if layer is not None else "")
   loss = prov.get("eval_loss")

@@ -41,11 +41,16 @@ class _StoreView:
     self._std = torch.sqrt(torch.as_tensor(stats["var"], dtype=torch.float32))
     self._store = None   # opened lazily per worker process (tensorstore handles do not pickle)
 
-  def _read(self, start: int, stop: int) -> torch.Tensor:
+  def _read(self, start: int, stop: int, rows: np.ndarray | None = None) -> torch.Tensor:
+    """Rows [start, stop) in one contiguous read, or just the rows `rows` (int indices) when given."""
     if self._store is None:
       self._store = ActivationStore.open(self.path)
-    read = self._store.read_heldout if self.split == "heldout" else self._store.read
-    x = to_tensor(read(start, stop, self.layer))
+    if rows is not None:
+      x = self._store.take(rows, self.layer, heldout=self.split == "heldout")
+    else:
+      read = self._store.read_heldout if self.split == "heldout" else self._store.read
+      x = read(start, stop, self.layer)
+    x = to_tensor(x)
     if self.normalize:
       x = (x.float() - self._mean) / self._std
     return x if self.dtype is None else x.to(self.dtype)
@@ -66,11 +71,12 @@ class StoreDataset(_StoreView, torch.utils.data.Dataset):
     return self.num_rows
 
   def __getitem__(self, i):
-    if isinstance(i, slice):   # one contiguous read covering the slice, then the slice's rows of it
-      idx = np.arange(*i.indices(self.num_rows))
-      if not len(idx):
-        return self._read(0, 0) if self.num_rows else torch.zeros(0)
-      return self._read(int(idx.min()), int(idx.max()) + 1)[torch.from_numpy(idx - idx.min())]
+    if isinstance(i, slice):
+      start, stop, step = i.indices(self.num_rows)
+      if step == 1:   # one contiguous read
+        return self._read(start, max(start, stop)) if self.num_rows else torch.zeros(0)
+      # Just the slice's rows: a covering read of ds[::1000] would load 1000x the rows asked for.
+      return self._read(0, 0, np.arange(start, stop, step))
     i = int(i) + (self.num_rows if int(i) < 0 else 0)
     if not 0 <= i < self.num_rows:
       raise IndexError(f"row {i} out of range for {self.num_rows} rows")

@@ -10,6 +10,7 @@ reference layout), so a reference repo's many intermediate checkpoints are never
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,7 @@ from glp_jax.torch import card as card_lib
 from glp_jax.torch import io
 from glp_jax.util import files
 
+log = logging.getLogger("glp_jax")
 # Small files that tell the layout (and describe the prior); the weights come in a second, targeted pass.
 META_PATTERNS = ["config.json", "config.yaml", "rep_statistics.pt", card_lib.CARD_FILE]
 
@@ -86,7 +88,15 @@ def refresh_card(folder: str, repo_id: str | None = None) -> bool:
   config = files.read_json(os.path.join(folder, "config.json"), {})
   if config.get("format") != "glp_jax.torch" or not card_lib.is_generated(path):
     return False
-  files.atomic_write(path, card_lib.model_card(config, repo_id, card_lib.read_evals(folder)).encode("utf-8"))
+  evals = card_lib.read_evals(folder)
+  # An eval_*.json older than the weights measured other weights (a re-export into this folder): not theirs.
+  born = files.mtime(os.path.join(folder, io.MODEL_FILE))
+  for name in sorted(evals):
+    if files.mtime(os.path.join(folder, f"eval_{name}.json")) < born:
+      log.warning("%s: eval_%s.json predates the weights %s; not recorded in the model card", folder, name,
+                  io.MODEL_FILE)
+      del evals[name]
+  files.atomic_write(path, card_lib.model_card(config, repo_id, evals).encode("utf-8"))
   return True
 
 
