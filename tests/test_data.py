@@ -403,3 +403,46 @@ def test_streaming_refuses_a_producer_buffer_it_would_deadlock_on_and_a_stop_end
     ld.raw_batch(100)   # rows far past the 600 committed
   assert time.time() - t0 < 5
   st1.close(), st2.close()
+
+
+def test_streaming_multi_layer_windows_that_start_inside_a_row_block_are_counted_in_the_bound(workdir):
+  """5 layers interleaved in windows of 24 blocks: window 1 holds row-blocks 4..9 (its first block is layer 4 of
+  row-block 4), so two windows from there span 6 + 5 = 11 row-blocks (88 rows), not 2 x ceil(24 / 5) = 10. A buffer
+  of 80 was accepted and left producer (113 rows committed) and trainer (waiting for 120) waiting for good."""
+  import ml_collections
+  from glp_jax.data.streaming import Producer
+  from glp_jax.util.errors import ConfigError
+  layers = [0, 1, 2, 3, 4]
+  kw = dict(streaming=True, batch_size=40, block_rows=8, window_blocks=24, groups=8, heldout_rows=0, poll_s=0.005,
+            wait_timeout_s=30)
+
+  def producer_store(buffer):
+    path = os.path.join(workdir, f"s{buffer}")
+    prod = Producer(ml_collections.ConfigDict({"buffer_rows": buffer, "warmup_rows": 8, "poll_seconds": 0.005}))
+    st = StoreWriter.create(path, layers=layers, d=D, dtype="float32", shard_rows=1, chunk_rows=1, first_shard_rows=8,
+                            metadata={"model": "synthetic", "stream": {"buffer_rows": buffer}})
+    prod.start(st)
+
+    def produce():   # one-row documents: commits stop one row past the bound
+      for doc in range(400):
+        prod.wait_for_room(st)
+        x = np.random.default_rng(doc).normal(size=(1, D)).astype(np.float32)
+        x[:, 0] = doc
+        st.append({l: x for l in layers}, doc, np.arange(1))
+      st.close()
+    writer = threading.Thread(target=produce, daemon=True)
+    writer.start()
+    return path, writer
+
+  small, idle = producer_store(80)
+  with pytest.raises(ConfigError, match=r"stream.buffer_rows=80 rows ahead, but this trainer reads 88"):
+    loader(small, **kw)
+  publish_consumed(small, "nobody", 0, done=True)   # lets that producer run to its end
+  enough, writer = producer_store(88)
+  ld = loader(enough, **kw)
+  rows = ids_of(ld, 24)
+  assert len({tuple(r) for r in rows}) == len(rows) == 24 * 40
+  ld.retire()
+  for t in (idle, writer):
+    t.join(timeout=60)
+    assert not t.is_alive()

@@ -253,6 +253,33 @@ def test_processes_that_opened_a_growing_store_at_different_sizes_fail_every_pro
   assert not os.path.exists(os.path.join(workdir, "config.json"))
 
 
+def test_processes_normalise_alike_on_a_streaming_store_with_all_row_statistics(store, tmp_path):
+  """data.stats=all on a store still being written: each process's statistics are those of the rows committed
+  when it opened the store. Process 1 here sees others (as if one commit later); both processes must train with
+  process 0's, the ones it saves (each trained with its own, and nothing was refused)."""
+  workdir = str(tmp_path / "stream_all")
+  argv = _train_argv(workdir, store, **{"data.streaming": True, "data.stats": "all", "num_activations": 64 * 6,
+                                        "eval_every": 6, "ckpt.every_steps": 6})
+  code = ("import os, runpy, sys; import numpy as np; from glp_jax.data import store as s; "
+          "from glp_jax.training import state as t\n"
+          "if os.environ['GLP_PROCESS_ID'] == '1':\n"
+          "  stats = s.ActivationStore.stats\n"
+          "  s.ActivationStore.stats = lambda self, layer=None, which='all': (lambda d: {**d, 'mean': d['mean'] + "
+          "(which == 'all')})(stats(self, layer, which))\n"
+          "make = t.make_train_step\n"
+          "def logged(graphdef, config, total, normalizer, *a, **k):\n"
+          "  print('normaliser', float(normalizer.mean[0]), flush=True)\n"
+          "  return make(graphdef, config, total, normalizer, *a, **k)\n"
+          "t.make_train_step = logged\n"
+          f"sys.argv = {['glp-train', *argv[3:]]!r}; runpy.run_module('glp_jax.training.cli', run_name='__main__')")
+  out = subprocess.run(["bash", LAUNCHER, "2", sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  used = {l.split()[0]: float(l.split()[-1]) for l in out.stdout.splitlines() if " normaliser " in l}
+  saved = np.load(os.path.join(workdir, "normalizer.npz"))["mean"][0]
+  assert used == {"[p0]": pytest.approx(saved), "[p1]": pytest.approx(saved)}, used
+
+
 def test_coordinator_port_in_use_fails_fast(store, tmp_path):
   import socket
   busy = socket.socket()

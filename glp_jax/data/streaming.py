@@ -96,7 +96,10 @@ class StreamingLoader(loader.Loader):
     # leave both sides waiting for good.
     buffer = int((self.store.metadata.get("stream") or {}).get("buffer_rows") or 0)
     windows = 1 + -(-(self.group_batch - 1) // (self.group_window * self.block_rows))
-    ahead = windows * -(-self.window_blocks // len(self.layers)) * self.block_rows
+    # Window w holds the row-blocks [floor(w wb / k), ceil((w + 1) wb / k)) of k interleaved layers: where k does
+    # not divide wb, a run of windows can start late in a row-block and cover one more than windows * ceil(wb / k).
+    wb, k = self.window_blocks, len(self.layers)
+    ahead = max(-(-(w + windows) * wb // k) - w * wb // k for w in range(k)) * self.block_rows
     if buffer and buffer < ahead and not self.store.manifest.get("finished"):
       raise ConfigError(f"{self.path}: its producer keeps at most stream.buffer_rows={buffer} rows ahead, but "
                         f"this trainer reads {ahead} ahead ({windows} windows of data.window_blocks="

@@ -5,6 +5,7 @@ The batch of step s is a pure function of (seed, s) (see `glp_jax.data.loader`),
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -20,7 +21,7 @@ from glp_jax.data import loader as loader_lib
 from glp_jax.data import layout
 from glp_jax.data import store as store_lib
 from glp_jax.training import sharding
-from glp_jax.util import files
+from glp_jax.util import files, runtime
 from glp_jax.util.errors import ConfigError
 
 NORMALIZER_FILE = "normalizer.npz"
@@ -65,6 +66,15 @@ class Input:
                         f"{normalizer.layers}) but the store {self.path} gives {self.normalizer.mean.shape} "
                         f"(layers {self.normalizer.layers}): use a new --workdir for a different store layout")
     self.normalizer = self.loader.normalizer = normalizer
+
+  def use_process_0_normalizer(self) -> None:
+    """Every process normalises with process 0's statistics (the ones it saves). Each process opened the store
+    itself, and the statistics of a store still being written are those of the rows committed then
+    (data.stats=all on a streaming store): processes that opened it a commit apart would each normalise their own
+    rows otherwise."""
+    n = self.normalizer
+    mean, var = runtime.from_process_0(n.mean, n.var)
+    self.use_normalizer(dataclasses.replace(n, mean=mean, var=var))
 
   def batches(self, start_step: int, stop_step: int, mesh: jax.sharding.Mesh):
     """(step, (x_raw_BxD[, layer_B])) as global arrays on `mesh`, rows in the store's dtype (the step

@@ -86,6 +86,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_changes: bool,
   sharding.check_batch(config.batch_size, mesh)
   config_dict = config_lib.to_dict(config)
   runtime.check_same_everywhere("config", json.dumps(config_dict, sort_keys=True))
+  if config.data.streaming and not keep_normalizer:
+    data.use_process_0_normalizer()
   heldout_x, heldout_group, heldout_layer = data.heldout(config.eval_rows)
   evals = state_lib.eval_set(heldout_x, heldout_group, config.batch_size, mesh, heldout_layer)
 

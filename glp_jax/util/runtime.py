@@ -135,6 +135,16 @@ def agree_max(value: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
+def from_process_0(*arrays):
+  """Process 0's values of `arrays` (NumPy, the same shape and dtype everywhere), on every process."""
+  import jax
+  if jax.process_count() == 1:
+    return arrays
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return tuple(np.asarray(multihost_utils.process_allgather(np.asarray(a)))[0] for a in arrays)
+
+
 def sync(name: str) -> None:
   """A barrier across the job's processes (nothing on one process)."""
   import jax
