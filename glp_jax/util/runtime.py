@@ -142,7 +142,7 @@ def from_process_0(*arrays):
     return arrays
   import numpy as np
   from jax.experimental import multihost_utils
-  return tuple(np.asarray(multihost_utils.process_allgather(np.asarray(a)))[0] for a in arrays)
+  return tuple(np.asarray(a) for a in multihost_utils.broadcast_one_to_all(tuple(np.asarray(a) for a in arrays)))
 
 
 def sync(name: str) -> None:
