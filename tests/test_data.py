@@ -14,6 +14,7 @@ from glp_jax.data.store import ActivationStore, StoreError
 from glp_jax.data.writer import StoreWriter
 from glp_jax.data import streaming as streaming_lib
 from glp_jax.data.streaming import min_consumed, publish_consumed
+from glp_jax.util.errors import ConfigError
 
 D = 4
 
@@ -246,6 +247,11 @@ def test_bad_inputs_give_clear_errors(workdir):
     loader(other, expect_dtype="bfloat16")
   with pytest.raises(StoreError, match="layer 9 not in"):
     loader(other, layer=9)
+  # A mistyped data.stats is a one-line config error, not a KeyError from the manifest (static or streaming).
+  with pytest.raises(ConfigError, match=r"config.data.stats must be one of \('all', 'first_shard'\).*'firstshard'"):
+    loader(other, stats="firstshard")
+  with pytest.raises(ConfigError, match="config.data.stats must be one of"):
+    loader(other, stats="mean", streaming=True)
   with pytest.raises(ValueError, match="multiple of config.data.groups=4"):
     loader(other, batch_size=66)
   with pytest.raises(ValueError, match="process count"):
@@ -376,7 +382,6 @@ def test_streaming_steps_that_span_several_windows_run_beside_a_producer_at_its_
 def test_streaming_refuses_a_producer_buffer_it_would_deadlock_on_and_a_stop_ends_a_wait(workdir):
   """The producer stops buffer_rows past the window in use; a trainer reads two windows ahead: a smaller buffer
   would leave both waiting, so it is refused before any work. A stop request ends a wait for rows at once."""
-  from glp_jax.util.errors import ConfigError
   def producer_store(name, buffer_rows):
     path = os.path.join(workdir, name)
     st = StoreWriter.create(path, layers=[0], d=D, dtype="float32", shard_rows=256, chunk_rows=32,

@@ -15,6 +15,7 @@ from glp_jax.extraction import extractor as extract
 from glp_jax.data import layout
 from glp_jax.data import store as store_lib
 from glp_jax.data.writer import StoreWriter
+from glp_jax.util.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,6 +172,11 @@ def test_bad_inputs(tiny, workdir, tmp_path):
     extract.extract(_config(str(tmp_path / "no_such_model")), workdir)
   with pytest.raises(extract.ExtractError, match=r"layers: layer\(s\) \[9\] out of range"):
     extract.extract(_config(tiny, layers=(1, 9)), workdir)
+  # Mistyped config values are one-line config errors (exit 2) before the model loads, not tracebacks.
+  for key, value, what in (("model.dtype", "fp8", "unknown dtype 'fp8'"), ("store.dtype", "int8", "unknown dtype"),
+                           ("model.device", "tpu", "unknown device 'tpu'")):
+    with pytest.raises(ConfigError, match=f"config.{key}: {what}"):
+      extract.extract(_config(tiny, **{key: value}), workdir)
   assert not os.path.exists(os.path.join(workdir, "store"))
   extract.extract(_config(tiny, max_rows=20), workdir)
   written = open(os.path.join(workdir, "config.json")).read()

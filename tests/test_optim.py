@@ -59,6 +59,11 @@ def test_constant_and_wsd():
   assert factor("cosine", 0, 100, warmup_ratio=0.0) == 1.0   # no warmup: the peak at once
   with pytest.raises(ConfigError, match="schedule"):
     optim.make_schedule(opt_cfg(schedule="linear"), 10)
+  # A mistyped first-moment dtype is a one-line config error, not a TypeError traceback from jnp.dtype.
+  for bad in ("bogus", "int8"):
+    with pytest.raises(ConfigError, match=f"config.opt.mu_dtype must be a float dtype.*'{bad}'"):
+      optim.make_tx(opt_cfg(mu_dtype=bad), 10)
+  optim.make_tx(opt_cfg(mu_dtype="bfloat16"), 10)
 
 
 def test_a_warmup_shorter_than_one_step_still_starts_low():

@@ -41,6 +41,7 @@ from glp_jax.util import threads
 from glp_jax.util.errors import ConfigError
 
 log = logging.getLogger("glp_jax")
+STATS = ("all", "first_shard")   # config.data.stats: the manifest's statistics entries
 
 
 @dataclasses.dataclass
@@ -96,6 +97,8 @@ class Loader:
                window_blocks: int = 64, groups: int = 8, heldout_rows: int = 4096, layer: int = -1,
                prefetch: int = 2, workers: int = 0, stats: str = "", expect_d: int = 0, expect_dtype: str = "",
                process_index: int | None = None, process_count: int | None = None):
+    if stats not in ("", *STATS):   # the store's statistics are keyed by these; another is a typo
+      raise ConfigError(f"config.data.stats must be one of {STATS} (or '' for the default), got {stats!r}")
     if process_index is None or process_count is None:
       import jax
       process_index, process_count = jax.process_index(), jax.process_count()

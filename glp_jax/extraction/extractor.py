@@ -46,7 +46,7 @@ from glp_jax.data.writer import LOCK_FILE, StoreWriter
 from glp_jax.extraction import corpus as corpus_lib
 from glp_jax.util import config as config_lib
 from glp_jax.util import files, threads
-from glp_jax.util.errors import GlpError
+from glp_jax.util.errors import ConfigError, GlpError
 
 
 class ExtractError(GlpError, ValueError):
@@ -236,10 +236,17 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
     logging.info("resuming %s: downloading it to %s", target, path)   # e.g. on a new VM
     files.copy_tree(target, path)
   corpus = corpus_lib.Corpus.from_config(config.corpus)
+  try:
+    lm.resolve_device(config.model.device)
+  except ValueError as e:
+    raise ConfigError(f"config.model.device: {e}") from None
   try:   # recorded: a resume must match it
     forward_dtype = lm.resolve_dtype(config.model.dtype, config.model.device)
   except ValueError as e:
-    raise ExtractError(f"config.model.dtype: {e}") from None
+    raise ConfigError(f"config.model.dtype: {e}") from None
+  if config.store.dtype not in layout.DTYPES:   # else a traceback once the model is loaded
+    raise ConfigError(f"config.store.dtype: unknown dtype {config.store.dtype!r}; expected one of "
+                      f"{sorted(layout.DTYPES)}")
   if corpus.streamed:
     _ = corpus.hf_pin   # the commit (or folder hash) the manifest records: fails before the model loads
   try:

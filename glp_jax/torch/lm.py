@@ -74,9 +74,13 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> str:
 
 
 def resolve_device(device: str) -> str:
-  """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+  """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; any other name as given, if torch knows it."""
   if device == "auto":
     return "cuda" if torch.cuda.is_available() else "cpu"
+  try:
+    torch.device(device)
+  except RuntimeError as e:   # torch's message lists the device types it knows
+    raise ValueError(f"unknown device {device!r}: {e}") from None
   return device
 
 

@@ -67,6 +67,12 @@ def make_tx(opt_cfg: Any, total_steps: int) -> optax.GradientTransformation:
   if opt_cfg.lr <= 0:
     raise ConfigError(f"config.opt.lr must be positive, got {opt_cfg.lr}")
   mu_dtype = opt_cfg.get("mu_dtype", "float32")   # bfloat16 halves the first moment's traffic: off by default
+  try:   # a typo was a TypeError traceback
+    ok = jnp.issubdtype(jnp.dtype(mu_dtype), jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ConfigError(f"config.opt.mu_dtype must be a float dtype (float32, bfloat16), got {mu_dtype!r}")
   mask = None if opt_cfg.get("decay_all_params", False) else decay_mask
   adamw = optax.adamw(make_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                       weight_decay=opt_cfg.weight_decay, mask=mask, mu_dtype=jnp.dtype(mu_dtype))
