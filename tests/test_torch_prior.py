@@ -1,6 +1,7 @@
 """The PyTorch prior (`glp_jax.torch`) against the JAX model and sampler, and on its own without JAX."""
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -70,6 +71,14 @@ def test_velocity_parity_f32(tmp_path, multi):
   if multi:  # the layer index really conditions the output
     other = glp(torch.from_numpy(z), torch.from_numpy(t), torch.from_numpy((layer + 1) % K)).detach().numpy()
     assert rel_err(other, v_jax) > 1e-3
+
+
+def test_exported_weights_are_as_readable_as_the_rest_of_the_folder(tmp_path):
+  """safetensors writes owner-only files: on a shared cluster others could read config.json but not the
+  weights."""
+  export(jax_model(0), tmp_path)
+  mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+  assert mode(torch_io.MODEL_FILE) == mode("final.safetensors") == mode(torch_io.CONFIG_FILE)
 
 
 def test_velocity_parity_bf16(tmp_path):

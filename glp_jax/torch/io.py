@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any, Mapping
 
 import numpy as np
@@ -143,6 +144,11 @@ def write_folder(out: str, state_dict: Mapping[str, Any], cfg: DenoiserConfig, m
     os.link(paths[MODEL_FILE], final)
   except OSError:
     safetensors.torch.save_file(tensors, final, metadata={"format": "pt"})
+  # safetensors writes owner-only (0600) files: in a folder shared on a cluster others could read config.json
+  # but not the weights. They get the mode of the folder's other new files.
+  mode = stat.S_IMODE(os.stat(paths[CONFIG_FILE]).st_mode)
+  for weights in (paths[MODEL_FILE], final):
+    os.chmod(weights, mode)
   return paths
 
 
