@@ -252,6 +252,8 @@ def test_bad_inputs_give_clear_errors(workdir):
     loader(other, stats="firstshard")
   with pytest.raises(ConfigError, match="config.data.stats must be one of"):
     loader(other, stats="mean", streaming=True)
+  with pytest.raises(ConfigError, match=r"config.data.block_rows \(0\) and window_blocks"):
+    loader(other, block_rows=0)   # was a ZeroDivisionError traceback
   with pytest.raises(ValueError, match="multiple of config.data.groups=4"):
     loader(other, batch_size=66)
   with pytest.raises(ValueError, match="process count"):

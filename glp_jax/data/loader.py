@@ -99,6 +99,8 @@ class Loader:
                process_index: int | None = None, process_count: int | None = None):
     if stats not in ("", *STATS):   # the store's statistics are keyed by these; another is a typo
       raise ConfigError(f"config.data.stats must be one of {STATS} (or '' for the default), got {stats!r}")
+    if block_rows < 1 or window_blocks < 1:   # else a ZeroDivisionError deep in the plan
+      raise ConfigError(f"config.data.block_rows ({block_rows}) and window_blocks ({window_blocks}) must be >= 1")
     if process_index is None or process_count is None:
       import jax
       process_index, process_count = jax.process_index(), jax.process_count()
