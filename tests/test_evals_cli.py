@@ -71,8 +71,13 @@ def test_jax_run_and_torch_export_give_the_same_fd(setup, tmp_path):
   from glp_jax.evals import runner
   cfg = import_ref.default_config()
   cfg.batch_size, cfg.num_activations = 8, 80
+  cfg.model.compute_dtype = "bfloat16"   # as a run trained on a GPU records: evaluated in float32 all the same
   run = str(tmp_path / "run")
   import_ref.import_prior(f"{setup}/export", run, config=cfg)
+  assert json.load(open(os.path.join(run, "config.json")))["model"]["compute_dtype"] == "bfloat16"
+  from glp_jax.evals import prior as prior_lib
+  samples = [prior_lib.load_prior(p).sample_raw(64, steps=50) for p in (run, f"{setup}/export")]
+  np.testing.assert_allclose(samples[0], samples[1], rtol=1e-4, atol=1e-4 * np.abs(samples[1]).max())
   got = {}
   for name, prior in (("jax", run), ("torch", f"{setup}/export")):   # from Python, no flags involved
     got[name] = runner.evaluate_all("fd", runner.Options(prior=prior, store=f"{setup}/store",

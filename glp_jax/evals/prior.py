@@ -251,7 +251,9 @@ def load_prior(path: str, step: int | None = None, layer: int | None = None, dev
   if is_run_dir(path):
     from glp_jax.training.prior import checkpoint_step, load_prior as load_run   # JAX: only for run dirs
     step, _ = checkpoint_step(path, step)   # recorded: an evaluation says which checkpoint it measured
-    model, normalizer, config = load_run(path, step=step)
+    # float32 whatever the run trained in (bf16 on a GPU): the same weights score as their float32 export does,
+    # on any machine; bf16 matmuls over a sampler's steps would move fd and the rest by the run's hardware.
+    model, normalizer, config = load_run(path, step=step, compute_dtype="float32")
     multi = bool(model.cfg.multi_layer_n_layers)
     if multi and layer is None:
       raise ConfigError(f"{path} holds a multi-layer prior: say which LM layer to evaluate (--layer)")

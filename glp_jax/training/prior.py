@@ -38,11 +38,12 @@ def checkpoint_step(workdir: str, step: int | None) -> tuple[int, dict]:
     ckpt.close()
 
 
-def load_prior(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[model_lib.Denoiser, Normalizer, ml_collections.ConfigDict]:
+def load_prior(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
+               compute_dtype: str | None = None) -> tuple[model_lib.Denoiser, Normalizer, ml_collections.ConfigDict]:
   """(model, normalizer, config) of a run: the EMA parameters when the run kept them, else the raw ones.
 
-  Built on `mesh` (default: the first local device), whatever mesh saved them.
+  Built on `mesh` (default: the first local device), whatever mesh saved them; `compute_dtype` replaces the one
+  the run trained in (the parameters are float32 either way).
   """
   config = files.read_json(os.path.join(workdir, "config.json"))
   if config is None:
@@ -51,7 +52,7 @@ def load_prior(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | 
   step, meta = checkpoint_step(workdir, step)
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)   # a run may be training
   try:
-    model_cfg = model_lib.ModelConfig(**meta["model"])
+    model_cfg = model_lib.ModelConfig(**{**meta["model"], **({"compute_dtype": compute_dtype} if compute_dtype else {})})
     if mesh is None:
       mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), devices=jax.local_devices()[:1])
     graphdef, target = sharding.abstract_state_with_shardings(
