@@ -148,3 +148,16 @@ def test_steering_summary_averages_only_r_above_one(tiny_lm, monkeypatch):
     for m in ("concept", "nll"):
       want = np.mean([out[f"steer_{mode}_r{r}_{m}"] for r in (2, 3)])
       assert out[f"steer_{mode}_{m}"] == pytest.approx(want), (mode, m)
+
+
+def test_steering_summary_leaves_out_negative_r(tiny_lm):
+  """A grid with r < 0 (steering away from the concept, whose <h, w> is negative) averaged r = -2 with r = 2 into
+  the summary: the concept gains cancelled. The reference's metric is over the positive-concept runs only."""
+  from glp_jax.evals import steer, tasks
+  model, tok = tiny_lm
+  pos, neg = tasks.sentiment_texts()
+  out, _ = steer.evaluate_steering(_stats_prior(model, tok, 1), model, tok, 1, pos[::80], neg[::80],
+                                   tasks.neutral_prompts()[:2], rs=(-2.0, 0.0, 2.0), max_new_tokens=3)
+  for mode in ("add", "glp"):
+    for m in ("concept", "nll"):
+      assert out[f"steer_{mode}_{m}"] == pytest.approx(out[f"steer_{mode}_r2_{m}"]), (mode, m)

@@ -149,7 +149,9 @@ def evaluate_steering(prior, model, tokenizer, layer: int, pos_texts: Sequence[s
         out[key + "_judge_concept"], out[key + "_judge_fluency"] = (float(v) for v in scores.mean(0))
       rows.append({"mode": mode, "r": r, "concept": out[key + "_concept"], "nll": out[key + "_nll"],
                    "example": tokenizer.decode(conts[0])})
-  big = [r for r in rs if abs(r) > 1.0] or [r for r in rs if r > 0] or list(rs)   # reference: |r| > 1
+  # Reference: the positive-concept runs with |r| > 1. Here r < 0 steers away from the concept (<h, w> < 0):
+  # averaged in, it would cancel the r > 1 gains.
+  big = [r for r in rs if r > 1.0] or [r for r in rs if r > 0] or list(rs)
   for mode in ("add", "glp"):   # the summaries the scaling collector reads
     out[f"steer_{mode}_concept"] = float(np.mean([out[f"steer_{mode}_r{r:g}_concept"] for r in big]))
     out[f"steer_{mode}_nll"] = float(np.mean([out[f"steer_{mode}_r{r:g}_nll"] for r in big]))
