@@ -79,11 +79,14 @@ def generate(model, tokenizer, prompts: Sequence[str], layer: int | None = None,
   with ctx, torch.inference_mode():
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tasks.pad_id(tokenizer))
+  # Generation ends at the tokenizer's EOS or any of the generation config's (an Instruct model's lists several,
+  # e.g. Llama 3's end_of_text, eom and eot), and HF fills the rest of the row with the pad id: a real token
+  # when the tokenizer has none. Cut at the first of them all, or the pads are scored as the continuation.
+  gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+  stops = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])} - {None}
   conts = []
   for row in out[:, ids.shape[1]:].tolist():
-    if tokenizer.eos_token_id in row:
-      row = row[:row.index(tokenizer.eos_token_id)]
-    conts.append(row)
+    conts.append(row[:next((i for i, t in enumerate(row) if t in stops), len(row))])
   return conts
 
 
