@@ -82,6 +82,21 @@ def test_steering_concept_grows_with_alpha(tiny_lm, tmp_path):
   assert all(np.isfinite(out[k]) for k in ("steer_add_nll", "steer_glp_nll", "steer_glp_concept"))
 
 
+def test_continuations_end_at_every_stop_token_of_the_generation_config(tiny_lm, monkeypatch):
+  """An Instruct model's generation config lists several stop tokens besides the tokenizer's EOS, and a finished
+  row is filled with the pad id (0 for a tokenizer without a pad, as Llama 3's): the continuation kept the stop
+  token and the pads, and they were scored as generated text."""
+  from glp_jax.evals import steer, tasks
+  model, tok = tiny_lm
+  prompts = tasks.neutral_prompts()[:2]
+  first = steer.generate(model, tok, prompts, max_new_tokens=4)[0]
+  stop = first[-1]   # a token the first continuation emits: made a stop token of the generation config
+  monkeypatch.setattr(tasks, "pad_id", lambda tokenizer: 0)   # the tokenizer's pad is its EOS: make it another
+  monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, stop])
+  conts = steer.generate(model, tok, prompts, max_new_tokens=4)
+  assert conts[0] == first[:first.index(stop)] and all(stop not in c and 0 not in c for c in conts), conts
+
+
 def test_judge_rating_parser():
   from glp_jax.evals import steer
   assert steer.parse_rating("blah Rating: [[1]] ... Rating: [[2]]") == 2.0
@@ -148,3 +163,16 @@ def test_steering_summary_averages_only_r_above_one(tiny_lm, monkeypatch):
     for m in ("concept", "nll"):
       want = np.mean([out[f"steer_{mode}_r{r}_{m}"] for r in (2, 3)])
       assert out[f"steer_{mode}_{m}"] == pytest.approx(want), (mode, m)
+
+
+def test_steering_summary_leaves_out_negative_r(tiny_lm):
+  """A grid with r < 0 (steering away from the concept, whose <h, w> is negative) averaged r = -2 with r = 2 into
+  the summary: the concept gains cancelled. The reference's metric is over the positive-concept runs only."""
+  from glp_jax.evals import steer, tasks
+  model, tok = tiny_lm
+  pos, neg = tasks.sentiment_texts()
+  out, _ = steer.evaluate_steering(_stats_prior(model, tok, 1), model, tok, 1, pos[::80], neg[::80],
+                                   tasks.neutral_prompts()[:2], rs=(-2.0, 0.0, 2.0), max_new_tokens=3)
+  for mode in ("add", "glp"):
+    for m in ("concept", "nll"):
+      assert out[f"steer_{mode}_{m}"] == pytest.approx(out[f"steer_{mode}_r2_{m}"]), (mode, m)

@@ -108,6 +108,19 @@ def test_evaluate_probe_planted_axis_and_random_labels():
   assert out["probe_auc_raw_lo"] <= out["probe_auc_raw"] <= out["probe_auc_raw_hi"]
 
 
+def test_labels_may_be_a_list():
+  """`task_data[name] = (x, y)` with y a list of 0/1 (not an array) failed on `y[train_rows]` (TypeError)."""
+  from glp_jax.evals import prior as prior_lib
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((300, 6)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(int)
+  prior = prior_lib.gaussian_prior(np.zeros(6), np.ones(6))
+  prior.meta_neurons_fn = lambda z_BxD, t_B: z_BxD
+  got = probe.evaluate_probe(prior, {"t": (x, y.tolist())}, sigmas=(0.1,), n_bootstrap=100)
+  want = probe.evaluate_probe(prior, {"t": (x, y)}, sigmas=(0.1,), n_bootstrap=100)
+  assert got == want and got["probe_auc_raw"] > 0.95
+
+
 def test_builtin_tasks_are_balanced_and_deterministic():
   from glp_jax.evals import tasks
   a = tasks.builtin_tasks(100, seed=3)

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-from glp_jax.torch import lm  # noqa: E402
+from glp_jax.torch import hooks, lm  # noqa: E402
 from glp_jax.torch import GLP, DenoiserConfig, steer, steering_edit  # noqa: E402
 from glp_jax.torch.steering import position_mask  # noqa: E402
 
@@ -112,6 +112,24 @@ def test_positions_select_where_alpha_w_is_added(positions, want):
   assert torch.equal(out[~sel], h[~sel])
   # A mask for another sequence length (e.g. the prompt's, during cached decoding) selects nothing.
   assert not position_mask(torch.ones(4, dtype=torch.bool), torch.Size([2, 6]), h.device).any()
+
+
+@pytest.mark.parametrize("positions", [0, [0, 1, 2], -1])
+def test_indices_leave_the_one_token_forwards_of_generate_alone(tiny, positions):
+  """Indices address the prompt's forward (docs/steering.md); 0 and -1 also fit every one-token forward of
+  cached generation, so positions=[0, 1, 2] (the first prompt tokens) steered every generated token too."""
+  _, model, tok = tiny
+  ids, mask = batch(tok)
+  seen = []   # (sequence length, steered?) of each forward
+  edit = steering_edit(unit(), 50.0, positions)
+  def record(h):
+    out = edit(h)
+    seen.append((h.shape[-2], not torch.equal(out, h)))
+    return out
+  with hooks.edit_output(lm.decoder_layers(model)[LAYER], record), torch.no_grad():
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                   pad_token_id=tok.eos_token_id)
+  assert seen == [(ids.shape[1], True), (1, False), (1, False)], seen
 
 
 def test_prior_projects_exactly_the_edited_positions(tiny):

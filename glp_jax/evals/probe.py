@@ -218,7 +218,7 @@ def evaluate_probe(prior, task_data: dict[str, tuple[np.ndarray, np.ndarray]], s
       feats[f"t{s:g}"] = prior.meta_neurons(x, s, seed=seed)
     feats.update((baselines or {}).get(name, {}))
     for kind, f in feats.items():
-      res = probe_1d(f[tr], y[tr], f[te], y[te], top_k=top_k, cs=cs, n_folds=n_folds)
+      res = probe_1d(f[tr], yb[tr], f[te], yb[te], top_k=top_k, cs=cs, n_folds=n_folds)
       per_kind.setdefault(kind, []).append(res["test_auc"])
       out[f"probe_auc_{kind}/{name}"] = res["test_auc"]
   if not per_kind:

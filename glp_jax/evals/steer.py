@@ -79,11 +79,14 @@ def generate(model, tokenizer, prompts: Sequence[str], layer: int | None = None,
   with ctx, torch.inference_mode():
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tasks.pad_id(tokenizer))
+  # Generation ends at the tokenizer's EOS or any of the generation config's (an Instruct model's lists several,
+  # e.g. Llama 3's end_of_text, eom and eot), and HF fills the rest of the row with the pad id: a real token
+  # when the tokenizer has none. Cut at the first of them all, or the pads are scored as the continuation.
+  gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+  stops = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])} - {None}
   conts = []
   for row in out[:, ids.shape[1]:].tolist():
-    if tokenizer.eos_token_id in row:
-      row = row[:row.index(tokenizer.eos_token_id)]
-    conts.append(row)
+    conts.append(row[:next((i for i, t in enumerate(row) if t in stops), len(row))])
   return conts
 
 
@@ -149,7 +152,9 @@ def evaluate_steering(prior, model, tokenizer, layer: int, pos_texts: Sequence[s
         out[key + "_judge_concept"], out[key + "_judge_fluency"] = (float(v) for v in scores.mean(0))
       rows.append({"mode": mode, "r": r, "concept": out[key + "_concept"], "nll": out[key + "_nll"],
                    "example": tokenizer.decode(conts[0])})
-  big = [r for r in rs if abs(r) > 1.0] or [r for r in rs if r > 0] or list(rs)   # reference: |r| > 1
+  # Reference: the positive-concept runs with |r| > 1. Here r < 0 steers away from the concept (<h, w> < 0):
+  # averaged in, it would cancel the r > 1 gains.
+  big = [r for r in rs if r > 1.0] or [r for r in rs if r > 0] or list(rs)
   for mode in ("add", "glp"):   # the summaries the scaling collector reads
     out[f"steer_{mode}_concept"] = float(np.mean([out[f"steer_{mode}_r{r:g}_concept"] for r in big]))
     out[f"steer_{mode}_nll"] = float(np.mean([out[f"steer_{mode}_r{r:g}_nll"] for r in big]))

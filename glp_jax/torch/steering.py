@@ -12,7 +12,8 @@ libraries (TransformerLens `model.hooks`, nnsight). Walk-through: docs/steering.
 
 Positions are counted within each forward call. During cached generation the first forward holds the prompt
 and every later one a single new token, so "last" steers the last prompt token and then every generated
-token; explicit indices and masks address the forwards they fit (usually the prompt's).
+token; explicit indices address the prompt's forward (never a one-token one) and masks the forwards of their
+length (usually the prompt's).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ Positions = Union[None, str, int, Sequence[int], torch.Tensor]
 def position_mask(positions: Positions, lead_shape: torch.Size, device: torch.device) -> torch.Tensor | None:
   """Bool mask over the leading dims ([..., S]) of a hidden state; None means every position.
 
-  Indices outside [-S, S) and masks of another length select nothing in that forward.
+  Indices outside [-S, S) and masks of another length select nothing in that forward, and indices select
+  nothing in a one-token forward (a cached generation step: index 0 or -1 would be every new token).
   """
   if positions is None or (isinstance(positions, str) and positions == "all"):
     return None
@@ -51,6 +53,8 @@ def position_mask(positions: Positions, lead_shape: torch.Size, device: torch.de
     return mask | pos.broadcast_to(lead_shape)
   if pos.is_floating_point():
     raise ValueError(f"positions: indices must be integers, got dtype {pos.dtype}")
+  if s == 1:   # a KV-cached step of `generate`: indices address the prompt's forward (docs/steering.md)
+    return mask
   pos = pos.reshape(-1)
   pos = pos[(pos >= -s) & (pos < s)]
   mask[..., pos] = True
