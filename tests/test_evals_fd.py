@@ -5,6 +5,7 @@ import pytest
 from glp_jax.evals import fd
 from glp_jax.evals import prior as prior_lib
 from glp_jax.core import grid
+from glp_jax.util.errors import GlpError
 
 
 def _random_spd(rng, d, cond=10.0):
@@ -89,6 +90,15 @@ def test_exact_prior_is_at_floor_and_mismatched_prior_matches_closed_form():
   wrong = prior_lib.gaussian_prior(mean, var, np.full(d, 0.5), np.full(d, 0.25))
   out = fd.evaluate_fd(wrong, real, num_samples=n, steps=200)
   np.testing.assert_allclose(out["fd"], 0.5 * var.sum(), rtol=0.08)
+
+
+def test_non_finite_samples_are_named_not_a_linalg_error():
+  rng = np.random.default_rng(5)
+  real = rng.standard_normal((400, 4))
+  prior = prior_lib.gaussian_prior(np.zeros(4), np.ones(4))
+  prior.sample_raw = lambda n, **kw: np.where(np.arange(n)[:, None] < 3, np.inf, np.zeros((n, 4)))
+  with pytest.raises(GlpError, match="3 of the prior's 200 samples are not finite"):
+    fd.evaluate_fd(prior, real, num_samples=200, steps=10)
 
 
 def test_euler_grid_matches_reference():

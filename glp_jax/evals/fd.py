@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
+from glp_jax.util.errors import GlpError
+
 METHODS = ("sqrtm", "eigh")
 log = logging.getLogger("glp_jax")
 
@@ -166,6 +168,9 @@ def evaluate_fd(prior: Any, real_NxD: Any, num_samples: int = 50_000, steps: int
   t0 = time.time()
   samples = prior.sample_raw(n, steps=steps, seed=seed, batch_size=batch_size)
   sample_time = time.time() - t0
+  bad = int((~np.isfinite(samples).all(-1)).sum())
+  if bad:   # else a LinAlgError from eigh (no convergence) that does not say why
+    raise GlpError(f"fd: {bad} of the prior's {n} samples are not finite: its sampler diverged over {steps} steps")
   mu_ref, cov_ref = gaussian_stats(ref_A)
   out = {
       "fd": frechet_distance(*gaussian_stats(samples), mu_ref, cov_ref, method=method),
