@@ -16,6 +16,7 @@ FAKE_PYTHON = f"""#!/bin/bash
 case "$*" in
   *extract.py*llama-3.2-1b*) echo "CUDA error: out of memory" >&2; exit 3;;
   -c*|-|"- "*) exec {sys.executable} "$@";;
+  *"${{HANG_ON:-no such check}}"*) echo "started" >&2; sleep 600;;
   *profile_step.py*) for a in "$@"; do case "$a" in --out_dir=*) d="${{a#--out_dir=}}"; mkdir -p "$d/trace"
       echo "HloModule step" > "$d/step.hlo.txt"; echo pb > "$d/trace/t.xplane.pb";; esac; done
     echo "{{\\"args\\": \\"$*\\"}}";;
@@ -112,3 +113,21 @@ def test_the_rehearsal_runs_the_same_checks_at_quick_size(tmp_path):
                                      "--tokenizer=.whl/smollm2-tokenizer --quick")
   assert args["profile_d6_mu_bf16"] == ("bench/profile_step.py --mu_dtype=bfloat16 "
                                         f"--out_dir={out}.logs/profile_d6_mu_bf16 --quick")
+
+
+def test_a_hung_check_times_out_and_the_budget_skips_what_cannot_run(tmp_path):
+  """A check that hangs is killed at its limit (here the whole call's GPU_CHECK_BUDGET_S, less 5 s for the
+  script's end) and fails like a crash, its stderr in failures.txt and logs.tar.gz; a check left under 10 s is
+  skipped, not started; the script ends inside the budget, so a device call gets its files."""
+  import time
+  t = time.monotonic()
+  p, out = _run(tmp_path, "extract flags", tokenizer=True, GPU_CHECK_BUDGET_S="16", HANG_ON="smollm2-135m")
+  assert p.returncode == 1
+  assert time.monotonic() - t < 16 + 5
+  failures = (out / "failures.txt").read_text()
+  assert "extract_smollm2: TIMED OUT" in failures and "started" in failures, failures
+  assert "extract_llama1b: SKIPPED" in failures and "xla_flags_d6: SKIPPED" in failures
+  results = _results(out)
+  assert results["extract_smollm2"]["ok"] is False and results["extract_llama1b"]["skipped"] is True
+  with tarfile.open(out / "logs.tar.gz") as tar:
+    assert tar.extractfile("./extract_smollm2.err").read().decode().strip() == "started"
