@@ -9,8 +9,9 @@
 # names the failures. Each check has a time limit of its own (about twice its estimate on an H200), so a hung one
 # fails like a crash instead of holding the call until the device kills it with its log unsent; GPU_CHECK_BUDGET_S
 # (a device call: 20 s under its timeout_s) caps them all so that the script itself ends inside the call, its
-# files written, and a check left under 10 s is skipped (recorded, not started). A device call returns at most 8 files from
-# $OUT, so OUT_DIR holds only device.txt, results.jsonl, failures.txt, logs.tar.gz (every check's stdout/stderr) and one
+# files written, and a check left under 10 s is skipped (recorded, not started). The last line of results.jsonl is
+# the issues' figures side by side (bench/benchlib/headline.py). A device call returns at most 8 files from $OUT,
+# so OUT_DIR holds only device.txt, results.jsonl, failures.txt, logs.tar.gz (every check's stdout/stderr) and one
 # profile_*.tar.gz per profile (its HLO, summary and, when small enough, trace); the logs themselves live in
 # OUT_DIR.logs (GPU_CHECK_LOGS).
 # The accelerator image lacks some of our pure-Python dependencies (grain, ml-collections, array-record,
@@ -154,6 +155,13 @@ fi
 # speedups inside `block_spread` are noise.
 if want flags; then
   run xla_flags_d6 540 "$PY" bench/xla_flags.py --depth=6 --batch=4096 --steps=20 --blocks=3 --timeout=150
+fi
+# The issues' figures that no one check prints (glp-train end to end over the fused torch step, d3/d12 in points
+# off d6), with the others beside them, as the last line of results.jsonl.
+if [[ -s "$OUT_DIR/results.jsonl" ]]; then
+  "$PY" bench/benchlib/headline.py "$OUT_DIR/results.jsonl" > "$OUT_DIR/headline.tmp" \
+    && cat "$OUT_DIR/headline.tmp" >> "$OUT_DIR/results.jsonl" || echo "=== the headline could not be computed" >&2
+  rm -f "$OUT_DIR/headline.tmp"
 fi
 echo "=== results ($OUT_DIR/results.jsonl)" >&2
 cat "$OUT_DIR/results.jsonl" 2>/dev/null || true   # last in the output too: a call's reply keeps its tail
