@@ -202,7 +202,10 @@ def measure(depths: list[int], d_input: int, batch: int, steps: int, torch_setup
   dtype = model_lib.resolve_compute_dtype(jax_dtype)
   peak, peak_source = device_peak()
   for row in rows:
-    row["jax"] = time_jax(config_for(row["depth"], d_input, batch, dtype), steps)
+    try:
+      row["jax"] = time_jax(config_for(row["depth"], d_input, batch, dtype), steps)
+    except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory at d12: keep the other figures)
+      row["jax"] = {"error": f"{type(e).__name__}: {e}"}
     for name in ["jax"] + torch_setups:
       r = row[name]
       if "error" in r:
@@ -212,7 +215,7 @@ def measure(depths: list[int], d_input: int, batch: int, steps: int, torch_setup
       print(f"d{row['depth']} {name}: {r['examples_per_s']:.1f} examples/s, step {r['step_s'] * 1e3:.1f} ms, "
             f"MFU {100 * r['mfu']:.2f}%", flush=True)
     for name in torch_setups:
-      row[f"jax_over_{name}"] = (None if "error" in row[name]
+      row[f"jax_over_{name}"] = (None if "error" in row[name] or "error" in row["jax"]
                                  else row["jax"]["examples_per_s"] / row[name]["examples_per_s"])
   return rows, peak, peak_source
 

@@ -115,3 +115,24 @@ def test_one_failed_torch_setup_keeps_the_jax_figures(monkeypatch):
   assert row["jax_over_torch_compile"] is None
   assert row["jax_over_torch_eager"] == pytest.approx(row["jax"]["examples_per_s"] / 800.0)
   assert row["torch_eager"]["mfu"] == pytest.approx(800.0 * row["train_flops_per_example"] / peak)
+
+
+def test_a_failed_jax_step_keeps_the_torch_rows_and_the_other_depths(monkeypatch):
+  """The JAX step running out of memory at one depth (d12 on a smaller card) lost the whole JSON, torch rows
+  and the other depths included: it is now that depth's error and null ratios."""
+  eager = {"step_s": 0.01, "examples_per_s": 800.0, "first_step_s": 0.1, "loss": 2.0, "dtype": "float32"}
+  monkeypatch.setattr(train_step, "run_torch_worker", lambda spec: dict(eager))
+  monkeypatch.setattr(train_step, "device_peak", lambda: (1e12, "test peak"))
+  real = train_step.time_jax
+
+  def time_jax(config, steps):
+    if config.model.n_layers == 3:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    return real(config, steps)
+  monkeypatch.setattr(train_step, "time_jax", time_jax)
+  rows, _, _ = train_step.measure([2, 3], d_input=16, batch=8, steps=2, torch_setups=["torch_eager"],
+                                  torch_threads=1, torch_dtype="float32", jax_dtype="float32")
+  ok, oom = json.loads(json.dumps(rows))
+  assert ok["jax"]["examples_per_s"] > 0 and ok["jax_over_torch_eager"] > 0
+  assert "RESOURCE_EXHAUSTED" in oom["jax"]["error"] and oom["jax_over_torch_eager"] is None
+  assert oom["torch_eager"]["examples_per_s"] == 800.0
