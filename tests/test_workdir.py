@@ -168,3 +168,28 @@ def test_a_groups_change_is_refused_with_the_process_counts_that_fit():
   assert "--allow_changes would change the row order mid-pass" in str(e.value)
   with pytest.raises(config_lib.ConfigError, match="pass --allow_changes to continue"):
     workdir_lib.refuse("runs/x", [("batch_size", 64, 128)])
+
+
+def test_a_finished_run_extended_is_not_done_until_it_finishes_again(finished, tmp_path, monkeypatch):
+  """A finished run given a larger budget (--allow_changes) trains on: its summary.json (done, at the old
+  step) stayed while it did, so a stop (or a crash) left a run that sweeps and the run table took for done."""
+  import signal
+  from glp_jax.training import input as input_lib
+  store, ref, _ = finished
+  workdir = str(tmp_path / "extended")
+  shutil.copytree(ref, workdir)
+  real = input_lib.Input.batches
+
+  def batches(self, *args):   # SIGTERM once the extension has taken two steps
+    for step, inputs in real(self, *args):
+      if step == 14:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield step, inputs
+  monkeypatch.setattr(input_lib.Input, "batches", batches)
+  longer = make_config(store, num_activations=64 * 18)
+  stopped = trainer.train_and_evaluate(longer, workdir, allow_changes=True)
+  assert not stopped["done"] and stopped["steps"] == 15
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  monkeypatch.setattr(input_lib.Input, "batches", real)
+  again = trainer.train_and_evaluate(longer, workdir)
+  assert again["done"] and files.read_json(os.path.join(workdir, "summary.json"))["steps"] == 18

@@ -169,6 +169,14 @@ def rename(path: str, new_path: str) -> None:
     os.rename(path, new_path)
 
 
+def remove(path: str) -> None:
+  """Deletes a file if it is there."""
+  if is_remote(path):
+    epath.Path(path).unlink(missing_ok=True)
+  elif os.path.exists(path):
+    os.remove(path)
+
+
 def atomic_write(path: str, data: bytes | str, *, durable: bool = False) -> None:
   """Writes `data` to `path` through a temporary file and a rename (fsynced when `durable`); on an object
   store, as one upload (atomic and durable by itself)."""
