@@ -302,6 +302,25 @@ def test_bad_reference_folder_names_the_key(tmp_path):
     import_ref.import_prior(str(ref), str(tmp_path / "ok"), config=cfg)
 
 
+def test_an_import_cut_short_during_its_save_is_imported_again_not_trained_from_scratch(tmp_path):
+  """A glp-import killed while saving its checkpoint leaves an orbax temporary folder: a second import was
+  refused ("already holds checkpoints"), and glp-train there trained a random model under the store's
+  normaliser, done, as if it had continued the prior."""
+  tensors, _ = write_reference(tmp_path / "ref")
+  run = str(tmp_path / "run")
+  cfg = config_lib.override(small_config(), {"data.heldout_rows": 256, "eval_rows": 256, "data.block_rows": 8,
+                                              "data.window_blocks": 8})
+  import_ref.import_prior(str(tmp_path / "ref"), run, config=cfg)
+  ck = os.path.join(run, "checkpoints")
+  os.rename(os.path.join(ck, "0"), os.path.join(ck, "0.orbax-checkpoint-tmp-1700000000000000"))
+  with pytest.raises(config_lib.ConfigError, match="run the same glp-import again"):
+    train.train_and_evaluate(cfg, run)
+  assert not os.path.exists(os.path.join(run, "metrics.jsonl"))
+  import_ref.import_prior(str(tmp_path / "ref"), run, config=cfg)
+  got = model_lib.to_reference_state_dict(load_prior(run)[0])
+  assert all(np.array_equal(got[k], v.numpy()) for k, v in tensors.items())
+
+
 def tiny_store(path: str, rows: int = 2048, metadata: dict | None = None) -> str:
   rng = np.random.default_rng(0)
   mean, scale, mix = rng.normal(size=D) * 3, rng.uniform(0.5, 2, size=D), rng.normal(size=(2, D))

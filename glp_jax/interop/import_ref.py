@@ -23,6 +23,7 @@ from glp_jax.torch import io as torch_io
 from glp_jax.training import checkpoint as ckpt_lib
 from glp_jax.training import sharding
 from glp_jax.training import state as state_lib
+from glp_jax.training import workdir as workdir_lib
 from glp_jax.training.input import save_normalizer
 from glp_jax.util import config as config_lib
 from glp_jax.util import files
@@ -69,7 +70,9 @@ def import_prior(src: str, workdir: str, checkpoint: str | None = None,
   cfg, meta = got["config"], got["meta"]
   config, model_cfg = run_config(config if config is not None else default_config(), cfg, _tracedict(meta))
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  # Committed steps only: an import cut short during its save leaves an orbax temporary folder, and importing
+  # again is how that run is finished (glp-train refuses it).
+  if os.path.isdir(ckpt_dir) and ckpt_lib.Checkpointer(ckpt_dir, read_only=True).all_steps():
     raise FileExistsError(f"{ckpt_dir} already holds checkpoints: import into a fresh --workdir")
 
   # The same train state glp-train builds (model, optimizer[, EMA]) on one device, then the weights.
@@ -95,7 +98,7 @@ def import_prior(src: str, workdir: str, checkpoint: str | None = None,
   os.makedirs(workdir, exist_ok=True)
   config_lib.write_config(config, workdir)
   save_normalizer(normalizer, workdir)
-  files.write_json(os.path.join(workdir, "imported_from.json"), source)
+  files.write_json(os.path.join(workdir, workdir_lib.IMPORTED_FILE), source)   # before the checkpoint: see there
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=config.ckpt.keep, keep_every=config.ckpt.keep_every,
                                async_save=False)
   ckpt.save(0, pure, {"step": 0, "examples": 0, "flops": 0, "wall_time": 0.0,

@@ -122,6 +122,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_changes: bool,
     reader.close()
   contract, diffs = plan.contract, plan.diffs
   fresh = start_step is None
+  if fresh and files.exists(os.path.join(workdir, workdir_lib.IMPORTED_FILE)):
+    raise ConfigError(f"{workdir} holds a glp-import whose checkpoint was never committed (the import was cut "
+                      "short): run the same glp-import again before training")
   # Each process restores its own shards: damage seen by some only would have them resume different steps.
   runtime.check_same_everywhere("checkpoint step", str(start_step),
                                 "a checkpoint readable on some hosts only: set it aside and restart")

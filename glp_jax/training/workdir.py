@@ -27,6 +27,9 @@ OWNER_FILE = ".glp-train.owner.json"
 # Written when a run stops on a non-finite loss: the same config diverges again on a rerun, so a sweep counts
 # the run as finished and lost (an lr search's too-high rate) instead of starting it over.
 DIVERGED_FILE = "diverged.json"
+# Written by glp-import before its checkpoint: with no checkpoint beside it, the import was cut short, and a
+# fresh start there would train from random weights under another normaliser instead of the imported prior.
+IMPORTED_FILE = "imported_from.json"
 # Config fields that decide the trajectory: a resumed run must see the same values (mesh, logging, checkpoint
 # cadence and prefetching may change freely between restarts).
 PLAN_FIELDS = ("seed", "batch_size", "num_activations", "eval_rows", "model", "flow", "opt", "data.layer",
