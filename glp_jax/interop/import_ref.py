@@ -72,8 +72,13 @@ def import_prior(src: str, workdir: str, checkpoint: str | None = None,
   ckpt_dir = os.path.join(workdir, "checkpoints")
   # Committed steps only: an import cut short during its save leaves an orbax temporary folder, and importing
   # again is how that run is finished (glp-train refuses it).
-  if os.path.isdir(ckpt_dir) and ckpt_lib.Checkpointer(ckpt_dir, read_only=True).all_steps():
-    raise FileExistsError(f"{ckpt_dir} already holds checkpoints: import into a fresh --workdir")
+  if os.path.isdir(ckpt_dir):
+    reader = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
+    try:
+      if reader.all_steps():
+        raise FileExistsError(f"{ckpt_dir} already holds checkpoints: import into a fresh --workdir")
+    finally:
+      reader.close()
 
   # The same train state glp-train builds (model, optimizer[, EMA]) on one device, then the weights.
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), devices=jax.local_devices()[:1])
