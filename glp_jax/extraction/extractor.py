@@ -234,7 +234,7 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
   if path != target and not os.path.exists(os.path.join(path, layout.MANIFEST)) and \
       files.exists(os.path.join(target, layout.MANIFEST)):
     logging.info("resuming %s: downloading it to %s", target, path)   # e.g. on a new VM
-    files.copy_tree(target, path)
+    files.copy_tree(target, path, last=(layout.MANIFEST,))   # a cut download has none: the next run redoes it
   corpus = corpus_lib.Corpus.from_config(config.corpus)
   try:
     lm.resolve_device(config.model.device)
