@@ -243,6 +243,26 @@ def test_a_store_extracted_to_a_bucket_is_uploaded_manifest_last_read_back_and_r
   assert json.loads(read_object(url, "runs/on_remote_store/summary.json"))["done"]
 
 
+def test_an_upload_cut_short_leaves_the_object_it_was_replacing_whole(gcs, tmp_path, monkeypatch):
+  """A store's upload rewrites every object (the committed shards too): one cut short by an error must not
+  publish the part it sent (fsspec's files finalise what they hold when closed, an error or not)."""
+  import shutil
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "shard").write_bytes(b"x" * 1000)
+  files.copy_tree(str(src), f"gs://{BUCKET}/cut/s")
+  copy = shutil.copyfileobj
+
+  def cut(fin, fout, size):
+    fout.write(fin.read(300))
+    raise KeyboardInterrupt
+  monkeypatch.setattr(shutil, "copyfileobj", cut)
+  with pytest.raises(KeyboardInterrupt):
+    files.copy_tree(str(src), f"gs://{BUCKET}/cut/s")
+  monkeypatch.setattr(shutil, "copyfileobj", copy)
+  assert files.read_bytes(f"gs://{BUCKET}/cut/s/shard") == b"x" * 1000
+
+
 @pytest.mark.torch
 def test_a_download_of_a_bucket_store_cut_inside_a_shard_is_redone_not_resumed_from(gcs, tmp_path, monkeypatch):
   """A new VM preempted while downloading a store: the next run must not take the partial copy for the store

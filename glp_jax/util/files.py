@@ -166,8 +166,16 @@ def copy_tree(src: str, dst: str, *, last: tuple[str, ...] = (), skip: tuple[str
 def _whole(path: str) -> Iterator[Any]:
   """A binary file to fill that is published only when the block succeeds."""
   if is_remote(path):
-    with open_file(path, "wb") as f:
+    f = open_file(path, "wb")
+    try:
       yield f
+    except BaseException:
+      # fsspec's files publish what they hold when closed (or collected), an error or not: an upload cut
+      # short would replace a whole object (a committed shard of a store being re-uploaded) with its start.
+      getattr(f, "discard", lambda: None)()   # cancels a resumable / multipart upload already begun
+      f.closed = True                         # and sends nothing more
+      raise
+    f.close()
     return
   with atomic_path(path) as tmp, open(tmp, "wb") as f:
     yield f
