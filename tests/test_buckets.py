@@ -243,6 +243,62 @@ def test_a_store_extracted_to_a_bucket_is_uploaded_manifest_last_read_back_and_r
   assert json.loads(read_object(url, "runs/on_remote_store/summary.json"))["done"]
 
 
+def test_an_upload_cut_short_leaves_the_object_it_was_replacing_whole(gcs, tmp_path, monkeypatch):
+  """A store's upload rewrites every object (the committed shards too): one cut short by an error must not
+  publish the part it sent (fsspec's files finalise what they hold when closed, an error or not)."""
+  import shutil
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "shard").write_bytes(b"x" * 1000)
+  files.copy_tree(str(src), f"gs://{BUCKET}/cut/s")
+  copy = shutil.copyfileobj
+
+  def cut(fin, fout, size):
+    fout.write(fin.read(300))
+    raise KeyboardInterrupt
+  monkeypatch.setattr(shutil, "copyfileobj", cut)
+  with pytest.raises(KeyboardInterrupt):
+    files.copy_tree(str(src), f"gs://{BUCKET}/cut/s")
+  monkeypatch.setattr(shutil, "copyfileobj", copy)
+  assert files.read_bytes(f"gs://{BUCKET}/cut/s/shard") == b"x" * 1000
+
+
+@pytest.mark.torch
+def test_a_download_of_a_bucket_store_cut_inside_a_shard_is_redone_not_resumed_from(gcs, tmp_path, monkeypatch):
+  """A new VM preempted while downloading a store: the next run must not take the partial copy for the store
+  (the manifest came first, so it did: it resumed and uploaded the cut shard over the bucket's whole one)."""
+  import shutil
+  from glp_jax.data import store as store_lib
+  from glp_jax.extraction import extractor
+  from glp_jax.torch import lm
+  from glp_jax.util import config as config_lib
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  tiny = lm.save_tiny_llama(str(tmp_path / "tiny"), hidden=32, n_layers=2)
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "extract.py"), "runlocal,layers=1")
+  config = config_lib.override(config, {
+      "model.name": tiny, "model.dtype": "float32", "store.dtype": "float32", "corpus.max_docs": 40,
+      "context_length": 64, "max_rows": 300, "store.shard_rows": 128, "store.chunk_rows": 64, "progress": False})
+  target = config.store.path = f"gs://{BUCKET}/stores/cut"
+  first = extractor.extract(config, str(tmp_path / "w"))
+  want = store_lib.ActivationStore.open(target).read(0, first["num_rows"], layer=1)
+  shutil.rmtree(first["staging"])
+  copy = shutil.copyfileobj
+
+  def preempted(fin, fout, size):
+    if "/c/" in getattr(fin, "path", ""):   # the first shard file: half of it, then the VM is gone
+      fout.write(fin.read(100))
+      raise KeyboardInterrupt
+    copy(fin, fout, size)
+  monkeypatch.setattr(shutil, "copyfileobj", preempted)
+  with pytest.raises(KeyboardInterrupt):
+    extractor.extract(config, str(tmp_path / "w"))
+  monkeypatch.setattr(shutil, "copyfileobj", copy)
+  config.max_rows = 600
+  second = extractor.extract(config, str(tmp_path / "w"))
+  assert second["resumed_from_doc"] == first["num_docs"] and second["num_rows"] >= 600
+  np.testing.assert_array_equal(store_lib.ActivationStore.open(target).read(0, first["num_rows"], layer=1), want)
+
+
 @pytest.mark.torch
 def test_export_provenance_of_a_bucket_run_keeps_its_url_and_reads_its_evals(gcs):
   """A run on a bucket: source_run and the command line keep the gs:// URL, its eval_*.json reach the card,

@@ -103,6 +103,26 @@ def test_resume_and_prefetch_equal_uninterrupted(workdir):
   assert not np.array_equal(other_seed.batch(0).x_BxD, first[0][1])
 
 
+@pytest.mark.parametrize("last", ["end", "error"])
+def test_prefetch_closed_with_a_full_queue_ends_its_thread(last):
+  """The producer's end marker (or error) goes to a queue only a consumer empties: once that consumer has
+  stopped, the thread must stop too, not wait forever holding its source."""
+  from glp_jax.util import threads
+
+  def items():
+    yield from (1, 2, 3)
+    if last == "error":
+      raise ValueError("source failed")
+  before = set(threading.enumerate())
+  gen = threads.prefetch(items(), depth=2)
+  assert next(gen) == 1
+  (producer,) = set(threading.enumerate()) - before
+  time.sleep(0.3)   # 2 and 3 are queued; the producer is past its last item
+  gen.close()
+  producer.join(timeout=2.0)
+  assert not producer.is_alive()
+
+
 def test_shuffle_not_correlated_with_store_order(workdir):
   path = os.path.join(workdir, "s")
   make_store(path, 6000, doc_rows=500)

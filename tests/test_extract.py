@@ -312,6 +312,16 @@ def test_disk_full_is_a_clear_error(tiny, workdir, monkeypatch):
     extract.extract(_config(tiny), workdir)
 
 
+@pytest.mark.torch
+def test_disk_full_writing_the_config_removes_the_store_just_created(tiny, workdir, monkeypatch):
+  def full(*a, **k):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(config_lib, "write_config", full)
+  with pytest.raises(extract.ExtractError, match="disk full"):
+    extract.extract(_config(tiny), workdir)
+  assert not os.path.exists(os.path.join(workdir, "store"))   # nothing committed: no store left behind
+
+
 def _cli(workdir, *extra):
   env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu")
   return [sys.executable, "-m", "glp_jax.extraction.cli", f"--workdir={workdir}", *extra], env

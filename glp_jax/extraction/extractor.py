@@ -234,7 +234,7 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
   if path != target and not os.path.exists(os.path.join(path, layout.MANIFEST)) and \
       files.exists(os.path.join(target, layout.MANIFEST)):
     logging.info("resuming %s: downloading it to %s", target, path)   # e.g. on a new VM
-    files.copy_tree(target, path)
+    files.copy_tree(target, path, last=(layout.MANIFEST,))   # a cut download has none: the next run redoes it
   corpus = corpus_lib.Corpus.from_config(config.corpus)
   try:
     lm.resolve_device(config.model.device)
@@ -287,7 +287,6 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
       if any(store.manifest[k] != v for k, v in asked.items()):   # fixed when the store was created
         logging.warning("store %s keeps its layout %s: config.store's %s applies to new stores only", path,
                         {k: store.manifest[k] for k in asked}, asked)
-    config_lib.write_config(config, workdir)   # only now: a store that refused this config keeps the old one
     # Documents are appended once each, in order, so the committed ones are exactly those below this index.
     start_doc, start_rows = store.num_docs + store.heldout_num_docs, store.num_rows
     logging.info("store %s: %s at document %d (%d rows committed); batching %s", path,
@@ -296,6 +295,7 @@ def extract(config, workdir: str, producer=None, loaded=None) -> dict:
     host = bar = None
     t0 = time.time()
     try:
+      config_lib.write_config(config, workdir)   # only now: a store that refused this config keeps the old one
       if producer is not None:
         producer.start(store)
       bar = _progress(config, corpus, start_doc, start_rows)

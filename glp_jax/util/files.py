@@ -145,7 +145,8 @@ def open_file(path: str, mode: str = "rb"):
 def copy_tree(src: str, dst: str, *, last: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> int:
   """Copies every file below `src` to the same place below `dst` (each side local or on a bucket), streamed
   in 16 MiB pieces; files named in `last` go after all others (a store's manifest: a reader must not see it
-  before the data it names), names in `skip` not at all. Returns the bytes copied."""
+  before the data it names), names in `skip` not at all. A local file appears whole or not at all (through
+  `atomic_path`). Returns the bytes copied."""
   todo = []
   for folder, _, names in walk(src):
     rel = os.path.relpath(folder, src) if folder.rstrip("/") != src.rstrip("/") else ""
@@ -155,10 +156,29 @@ def copy_tree(src: str, dst: str, *, last: tuple[str, ...] = (), skip: tuple[str
   for rel in todo:
     target = os.path.join(dst, rel)
     _make_parent(target)
-    with open_file(os.path.join(src, rel), "rb") as fin, open_file(target, "wb") as fout:
+    with open_file(os.path.join(src, rel), "rb") as fin, _whole(target) as fout:
       shutil.copyfileobj(fin, fout, 16 << 20)
       copied += fin.tell()
   return copied
+
+
+@contextlib.contextmanager
+def _whole(path: str) -> Iterator[Any]:
+  """A binary file to fill that is published only when the block succeeds."""
+  if is_remote(path):
+    f = open_file(path, "wb")
+    try:
+      yield f
+    except BaseException:
+      # fsspec's files publish what they hold when closed (or collected), an error or not: an upload cut
+      # short would replace a whole object (a committed shard of a store being re-uploaded) with its start.
+      getattr(f, "discard", lambda: None)()   # cancels a resumable / multipart upload already begun
+      f.closed = True                         # and sends nothing more
+      raise
+    f.close()
+    return
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    yield f
 
 
 def rename(path: str, new_path: str) -> None:

@@ -16,20 +16,24 @@ def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
   q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
   stop = threading.Event()
 
+  def put(item) -> bool:
+    """Queues `item` unless the consumer has stopped (then nothing would ever take it): whether it did."""
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
   def work():
     try:
       for item in items:
-        while not stop.is_set():
-          try:
-            q.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            pass
-        if stop.is_set():
+        if not put(item):
           return
-      q.put(_DONE)
+      put(_DONE)   # the end and an error too: a consumer closed with the queue full never takes them
     except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer thread)
-      q.put(e)
+      put(e)
 
   threading.Thread(target=work, daemon=True, name="glp-prefetch").start()
   try:
