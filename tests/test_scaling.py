@@ -156,6 +156,12 @@ def test_too_few_distinct_design_points_are_refused_and_fail_their_resamples():
   N, D = np.array([1e5, 1e5, 1e6, 1e6, 1e5, 1e5, 1e6]), np.array([1e7, 1e8, 1e7, 1e8, 1e7, 1e8, 1e7])
   with pytest.raises(scaling.FitError, match="4 distinct .N, D. points: need at least 6"):
     scaling.fit_chinchilla(N, D, noisy(N, D))
+  # One budget per size (D = 20 N, rounded to whole batches): N^-alpha and D^-beta are two power laws of N,
+  # which fitted silently to an arbitrary split (a = 0.06 for a true 0.45) with nothing on a bound.
+  N = np.geomspace(1e5, 1e8, 8)
+  for D in (20 * N, np.round(20 * N / 4096) * 4096, 3e4 * np.sqrt(N)):
+    with pytest.raises(scaling.FitError, match="one line in .log N, log D"):
+      scaling.fit_chinchilla(N, D, noisy(N, D))
   C = np.repeat(np.logspace(15, 20, 3), 3)                 # 9 points, 3 distinct computes
   with pytest.raises(scaling.FitError, match="3 distinct .C. points: need at least 4"):
     scaling.fit_compute(C, scaling.predict_compute(TRUE_C, C))

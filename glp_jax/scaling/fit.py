@@ -25,6 +25,7 @@ COMPUTE_PARAMS = ("E", "A", "alpha")
 CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")
 METRIC_POWER_PARAMS = ("a", "b", "c")
 LINEAR_PARAMS = ("intercept", "slope")
+COLLINEAR_TOL = 1e-3   # (log N, log D) spread across the line / along it, below which L(N, D) is refused
 
 
 class FitError(ValueError):
@@ -188,6 +189,13 @@ def fit_chinchilla(N, D, L, *, delta: float = HUBER_DELTA, init: Sequence[np.nda
     if len(np.unique(d[k])) < 2:
       raise FitError(f"refusing to fit L(N, D): every run has the same {k} (one {what}), so {term} cannot be "
                      f"told from E: need at least 2 distinct {k}")
+  # Runs on one line in (log N, log D) (D ~ N^k, e.g. one budget per size): the N and D terms are then two
+  # power laws of one variable, so which is which (and a = beta/(alpha+beta)) is not determined.
+  logs = np.log(np.stack([d["N"], d["D"]], 1))
+  sv = np.linalg.svd(logs - logs.mean(0), compute_uv=False)
+  if sv[1] < COLLINEAR_TOL * sv[0]:
+    raise FitError("refusing to fit L(N, D): the runs lie on one line in (log N, log D) (D ~ N^k, e.g. one "
+                   "budget per size), so A*N^-alpha cannot be told from B*D^-beta: need runs off that line")
   o = canonical_order(d["N"], d["D"], d["L"])
   theta, obj, resid, on_bound = _fit_lse(np.log(np.stack([d["N"][o], d["D"][o]])), d["L"][o], delta, init)
   params = dict(E=float(np.exp(theta[0])), A=float(np.exp(theta[1])), B=float(np.exp(theta[2])),
