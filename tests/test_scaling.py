@@ -392,6 +392,18 @@ def test_eval_sem_widens_the_bootstrap_ci_and_is_recorded():
   assert part["bootstrap"]["n_points_without_sem"] == 3
   none = scaling_report.analyze_compute(C, L, g, loss_sem=np.full_like(L, np.nan), **kw)
   assert none["bootstrap"]["sources"] == ["residuals"] and none["ci"] == plain["ci"]   # claims no SEM it lacks
+  # Only the frontier's SEMs reach its bootstrap: SEMs of points off it are neither a source nor counted.
+  Cf, Lf = _compute_data(3, n=8, noise=0.003)
+  Cx = np.logspace(15.2, 19.8, 5)
+  Ca, La = np.r_[Cf, Cx], np.r_[Lf, 1.5 * scaling.predict_compute(TRUE_C, Cx)]   # 5 points above the law
+  on = np.isin(np.arange(13), scaling.compute_frontier(Ca, La))
+  assert on.sum() == 8
+  bare = scaling_report.analyze_compute(Ca, La, **kw)
+  off = scaling_report.analyze_compute(Ca, La, loss_sem=np.where(on, np.nan, 0.01), **kw)
+  assert off["bootstrap"]["sources"] == ["residuals"] and off["ci"] == bare["ci"]
+  assert off["bootstrap"]["n_points_without_sem"] == 8
+  half = scaling_report.analyze_compute(Ca, La, loss_sem=np.where(on, 0.0, np.nan), **kw)
+  assert half["bootstrap"]["n_points_without_sem"] == 0
   # The Chinchilla form carries it the same way.
   N, D, L2 = _chinchilla_data(9, n=20)
   kw = dict(n_boot=40, seed=0, n_holdout=0)
