@@ -227,6 +227,16 @@ def test_metric_fits_recover_published_downstream_laws():
   assert fit.params["intercept"] == pytest.approx(y.mean() - slope * loss.mean(), rel=1e-9)
 
 
+def test_metric_bootstrap_leaves_an_exponent_on_its_bound_when_resamples_do():
+  """A metric fit with c on its lower bound (the law linear in log C): refits started only there stayed
+  there, so c's CI was [1e-4, 1e-4] for a true 0.12; a coarse grid besides the warm start lets them leave."""
+  C = np.logspace(15, 19, 12)
+  y = scaling.predict_metric_power(dict(a=0.9, b=5.0, c=0.12), C) + np.random.default_rng(3).normal(0, 0.01, 12)
+  rep = scaling_report.analyze_metric(C, y, kind="power", n_boot=40, seed=0)
+  assert rep["params"]["c"] < 1e-3                        # the full fit sits on the bound
+  assert rep["ci"]["c"][1] > 0.12
+
+
 def test_report_bands_are_separate_and_holdout_is_accurate_on_a_true_law():
   C, L = _compute_data(7, n=14, noise=0.01)
   rep = scaling_report.analyze_compute(C, L, use_frontier=False, n_boot=40, seed=0, n_holdout=2)
