@@ -235,6 +235,8 @@ def test_metric_bootstrap_leaves_an_exponent_on_its_bound_when_resamples_do():
   rep = scaling_report.analyze_metric(C, y, kind="power", n_boot=40, seed=0)
   assert rep["params"]["c"] < 1e-3                        # the full fit sits on the bound
   assert rep["ci"]["c"][1] > 0.12
+  assert rep["at_bounds"] == ["c"]                          # and says so (it was silent)
+  assert scaling.fit_metric_power(C, scaling.predict_metric_power(dict(a=1.0, b=8.0, c=0.085), C)).at_bounds == ()
 
 
 def test_report_bands_are_separate_and_holdout_is_accurate_on_a_true_law():

@@ -198,6 +198,6 @@ def analyze_metric(x, y, *, kind: str = "linear", n_boot: int = 1000, seed: int 
   # Pearson r of the metric with loss (linear) or log compute (power): how tightly loss/compute predict it.
   r = float(np.corrcoef(x if kind == "linear" else np.log(x), y)[0, 1])
   return dict(form=fit.form, n_points=int(len(x)), params=fit.params, ci=_ci_dict(boot, level, fit.params), level=level,
-              residual_std=fit.residual_std, pearson_r=r,
+              residual_std=fit.residual_std, pearson_r=r, at_bounds=list(fit.at_bounds),
               bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, sources=list(CI_SOURCES[:1])),
               band=dict(x=grid.tolist(), **_lists(band)))
