@@ -28,17 +28,20 @@ def test_scaling_laws_notebook_runs_on_a_tiny_sweep(tmp_path, monkeypatch):
   runs = str(tmp_path / "sweep")
   scaling_fakes.write_sweep(runs, sizes=(2e4, 6e4, 2e5, 6e5), budgets=(2e6, 6e6, 2e7))
   out = str(tmp_path / "fit")
-  text, images = execute("scaling_laws.ipynb", monkeypatch, GLP_RUNS=runs, GLP_FIT_OUT=out, GLP_N_BOOT="10")
-  assert "13 runs under" in text and "N_opt ~ C^" in text and "alpha" in text
+  # 0 resamples (point estimates, null CIs) here; the committed study below runs the bootstrap.
+  text, images = execute("scaling_laws.ipynb", monkeypatch, GLP_RUNS=runs, GLP_FIT_OUT=out, GLP_N_BOOT="0")
+  assert "13 runs under" in text and "N_opt ~ C^" in text and "alpha" in text and "no CI (0 resamples)" in text
   assert images >= 3                                        # loss vs compute, IsoFLOP, metric vs loss
   with open(os.path.join(out, "fit.json")) as f:
     fit = json.load(f)
   assert "alpha" in fit["compute"] and "beta" in fit["chinchilla"]
 
 
-def test_reference_curves_notebook_fits_the_published_points(tmp_path, monkeypatch):
-  text, images = execute("reference_curves.ipynb", monkeypatch, GLP_FIT_OUT=str(tmp_path), GLP_N_BOOT="10")
+@pytest.mark.parametrize("n_boot", ["10", "0"])
+def test_reference_curves_notebook_fits_the_published_points(tmp_path, monkeypatch, n_boot):
+  text, images = execute("reference_curves.ipynb", monkeypatch, GLP_FIT_OUT=str(tmp_path), GLP_N_BOOT=n_boot)
   assert "paper envelope: 0.169" in text and images == 2
+  assert ("95% CI" in text) == (n_boot != "0")
   assert os.path.exists(tmp_path / "reference_loss_vs_compute.pdf")
   assert os.path.exists(tmp_path / "reference_fd_vs_compute.png")
 

@@ -156,6 +156,12 @@ def test_too_few_distinct_design_points_are_refused_and_fail_their_resamples():
   N, D = np.array([1e5, 1e5, 1e6, 1e6, 1e5, 1e5, 1e6]), np.array([1e7, 1e8, 1e7, 1e8, 1e7, 1e8, 1e7])
   with pytest.raises(scaling.FitError, match="4 distinct .N, D. points: need at least 6"):
     scaling.fit_chinchilla(N, D, noisy(N, D))
+  # One budget per size (D = 20 N, rounded to whole batches): N^-alpha and D^-beta are two power laws of N,
+  # which fitted silently to an arbitrary split (a = 0.06 for a true 0.45) with nothing on a bound.
+  N = np.geomspace(1e5, 1e8, 8)
+  for D in (20 * N, np.round(20 * N / 4096) * 4096, 3e4 * np.sqrt(N)):
+    with pytest.raises(scaling.FitError, match="one line in .log N, log D"):
+      scaling.fit_chinchilla(N, D, noisy(N, D))
   C = np.repeat(np.logspace(15, 20, 3), 3)                 # 9 points, 3 distinct computes
   with pytest.raises(scaling.FitError, match="3 distinct .C. points: need at least 4"):
     scaling.fit_compute(C, scaling.predict_compute(TRUE_C, C))
@@ -219,6 +225,18 @@ def test_metric_fits_recover_published_downstream_laws():
   fit = scaling.fit_linear(loss, y)
   assert fit.params["slope"] == pytest.approx(slope, rel=1e-9)
   assert fit.params["intercept"] == pytest.approx(y.mean() - slope * loss.mean(), rel=1e-9)
+
+
+def test_metric_bootstrap_leaves_an_exponent_on_its_bound_when_resamples_do():
+  """A metric fit with c on its lower bound (the law linear in log C): refits started only there stayed
+  there, so c's CI was [1e-4, 1e-4] for a true 0.12; a coarse grid besides the warm start lets them leave."""
+  C = np.logspace(15, 19, 12)
+  y = scaling.predict_metric_power(dict(a=0.9, b=5.0, c=0.12), C) + np.random.default_rng(3).normal(0, 0.01, 12)
+  rep = scaling_report.analyze_metric(C, y, kind="power", n_boot=40, seed=0)
+  assert rep["params"]["c"] < 1e-3                        # the full fit sits on the bound
+  assert rep["ci"]["c"][1] > 0.12
+  assert rep["at_bounds"] == ["c"]                          # and says so (it was silent)
+  assert scaling.fit_metric_power(C, scaling.predict_metric_power(dict(a=1.0, b=8.0, c=0.085), C)).at_bounds == ()
 
 
 def test_report_bands_are_separate_and_holdout_is_accurate_on_a_true_law():
@@ -386,6 +404,18 @@ def test_eval_sem_widens_the_bootstrap_ci_and_is_recorded():
   assert part["bootstrap"]["n_points_without_sem"] == 3
   none = scaling_report.analyze_compute(C, L, g, loss_sem=np.full_like(L, np.nan), **kw)
   assert none["bootstrap"]["sources"] == ["residuals"] and none["ci"] == plain["ci"]   # claims no SEM it lacks
+  # Only the frontier's SEMs reach its bootstrap: SEMs of points off it are neither a source nor counted.
+  Cf, Lf = _compute_data(3, n=8, noise=0.003)
+  Cx = np.logspace(15.2, 19.8, 5)
+  Ca, La = np.r_[Cf, Cx], np.r_[Lf, 1.5 * scaling.predict_compute(TRUE_C, Cx)]   # 5 points above the law
+  on = np.isin(np.arange(13), scaling.compute_frontier(Ca, La))
+  assert on.sum() == 8
+  bare = scaling_report.analyze_compute(Ca, La, **kw)
+  off = scaling_report.analyze_compute(Ca, La, loss_sem=np.where(on, np.nan, 0.01), **kw)
+  assert off["bootstrap"]["sources"] == ["residuals"] and off["ci"] == bare["ci"]
+  assert off["bootstrap"]["n_points_without_sem"] == 8
+  half = scaling_report.analyze_compute(Ca, La, loss_sem=np.where(on, 0.0, np.nan), **kw)
+  assert half["bootstrap"]["n_points_without_sem"] == 0
   # The Chinchilla form carries it the same way.
   N, D, L2 = _chinchilla_data(9, n=20)
   kw = dict(n_boot=40, seed=0, n_holdout=0)

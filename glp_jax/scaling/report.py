@@ -62,10 +62,12 @@ def _fit_boot_compute(C, L, groups, sem, use_frontier: bool, n_boot: int, seed: 
                      n=n_boot, seed=seed, noise=noise)
     return fit, boot, np.argsort(C, kind="stable"), sources
   front = compute_frontier(C, L)
+  # Only the frontier's SEMs enter the bootstrap, so only they decide the CI's sources and the count.
+  noise, sources = _loss_noise(L[front], None if noise is None else sem[front])
   fit = fit_compute(C[front], L[front])
   boot = residual_bootstrap(functools.partial(fit_compute, init=warm_starts(fit)), dict(C=C[front], L=L[front]),
                             predict_compute(fit.params, C[front]), n_params=len(COMPUTE_PARAMS), n=n_boot,
-                            seed=seed, loss_sd=None if noise is None else noise["L"][front])
+                            seed=seed, loss_sd=None if noise is None else noise["L"])
   sources = dict(sources, sources=[FRONTIER_SOURCES[0]] + [s for s in sources["sources"] if s != "runs"])
   return fit, boot, front, sources
 
@@ -196,6 +198,6 @@ def analyze_metric(x, y, *, kind: str = "linear", n_boot: int = 1000, seed: int 
   # Pearson r of the metric with loss (linear) or log compute (power): how tightly loss/compute predict it.
   r = float(np.corrcoef(x if kind == "linear" else np.log(x), y)[0, 1])
   return dict(form=fit.form, n_points=int(len(x)), params=fit.params, ci=_ci_dict(boot, level, fit.params), level=level,
-              residual_std=fit.residual_std, pearson_r=r,
+              residual_std=fit.residual_std, pearson_r=r, at_bounds=list(fit.at_bounds),
               bootstrap=dict(n=n_boot, n_failed=boot.n_failed, seed=seed, sources=list(CI_SOURCES[:1])),
               band=dict(x=grid.tolist(), **_lists(band)))
