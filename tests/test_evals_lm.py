@@ -176,3 +176,34 @@ def test_steering_summary_leaves_out_negative_r(tiny_lm):
   for mode in ("add", "glp"):
     for m in ("concept", "nll"):
       assert out[f"steer_{mode}_{m}"] == pytest.approx(out[f"steer_{mode}_r2_{m}"]), (mode, m)
+
+
+@pytest.mark.parametrize("family", ["phi", "gptj", "mpt"])
+def test_mlp_neurons_of_other_families(tiny_lm, family):
+  """Phi-1/2, GPT-J and MPT name their MLP down-projection mlp.fc2, mlp.fc_out and ffn.down_proj: the probe's
+  MLP-neuron baseline was silently missing (None) for them."""
+  import torch
+  import transformers as T
+  from glp_jax.evals import tasks
+  _, tok = tiny_lm
+  v = len(tok)
+  cls, cfg = {
+      "phi": (T.PhiForCausalLM, T.PhiConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4)),
+      "gptj": (T.GPTJForCausalLM, T.GPTJConfig(vocab_size=v, n_embd=32, n_inner=64, n_layer=2, n_head=4,
+                                               rotary_dim=4)),
+      "mpt": (T.MptForCausalLM, T.MptConfig(vocab_size=v, d_model=32, n_layers=2, n_heads=4, expansion_ratio=2)),
+  }[family]
+  torch.manual_seed(0)
+  model = cls(cfg).eval()
+  texts = ["A short one.", "A somewhat longer sentence than the first one is."]
+  x, mlp = tasks.last_token_activations(model, tok, texts, layer=1, mlp_neurons=True)
+  down = tasks._mlp_down_proj(model, 1)
+  assert x.shape == (2, 32) and mlp is not None and mlp.shape == (2, down.in_features)
+  ids = torch.as_tensor([tasks.encode(tok, texts[1])])
+  seen = []
+  handle = down.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+  with torch.no_grad():
+    model(input_ids=ids)
+  handle.remove()
+  np.testing.assert_allclose(mlp[1], seen[0][0, -1].numpy(), rtol=1e-5, atol=1e-6)

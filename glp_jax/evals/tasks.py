@@ -182,7 +182,9 @@ def _mlp_down_proj(model, layer: int):
   """The LM layer's MLP down-projection (its input = the MLP neurons), or None when it cannot be found."""
   from glp_jax.torch import lm
   block = lm.decoder_layers(model)[layer]
-  for path in ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "fc2"):
+  # Llama-likes, GPT-2/StarCoder2, NeoX/Falcon/Bloom, OPT, Phi-1/2, GPT-J/CodeGen, MPT
+  for path in ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "fc2", "mlp.fc2", "mlp.fc_out",
+               "ffn.down_proj"):
     obj = block
     for part in path.split("."):
       obj = getattr(obj, part, None)
