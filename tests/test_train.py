@@ -394,3 +394,16 @@ def test_compile_cache_lets_a_second_run_skip_its_compiles(store, tmp_path):
   assert set(os.listdir(cache)) == entries
   assert '"compile_cache": null' in run("cpu_auto", "auto")
   assert not (tmp_path / "glp_cache" / "xla").exists()
+
+
+def test_a_resumed_run_purges_its_tensorboard_events_past_the_checkpoint(tmp_path, monkeypatch):
+  """metrics.jsonl is cut back to the resumed step; TensorBoard kept the events logged after it before the
+  stop, so those steps showed twice."""
+  from unittest import mock
+  import tensorboardX
+  from glp_jax.training import metrics as metrics_lib
+  made = []
+  monkeypatch.setattr(tensorboardX, "SummaryWriter", lambda logdir, **kw: made.append(kw) or mock.MagicMock())
+  for start in (0, 40):
+    metrics_lib.MetricsWriter(str(tmp_path), total_steps=80, start_step=start, enabled=True, progress=False).close()
+  assert [kw.get("purge_step") for kw in made] == [None, 41]

@@ -178,6 +178,7 @@ def test_a_finished_run_extended_is_not_done_until_it_finishes_again(finished, t
   store, ref, _ = finished
   workdir = str(tmp_path / "extended")
   shutil.copytree(ref, workdir)
+  files.write_json(os.path.join(workdir, "diverged.json"), {"step": 3})   # and an earlier try that diverged
   real = input_lib.Input.batches
 
   def batches(self, *args):   # SIGTERM once the extension has taken two steps
@@ -190,6 +191,7 @@ def test_a_finished_run_extended_is_not_done_until_it_finishes_again(finished, t
   stopped = trainer.train_and_evaluate(longer, workdir, allow_changes=True)
   assert not stopped["done"] and stopped["steps"] == 15
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  assert not os.path.exists(os.path.join(workdir, "diverged.json"))   # a sweep would never resume it
   monkeypatch.setattr(input_lib.Input, "batches", real)
   again = trainer.train_and_evaluate(longer, workdir)
   assert again["done"] and files.read_json(os.path.join(workdir, "summary.json"))["steps"] == 18

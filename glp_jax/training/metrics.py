@@ -50,7 +50,9 @@ class MetricsWriter:
     if tensorboard:
       try:
         import tensorboardX
-        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+        # Events past the resumed step were written before a stop or crash (metrics.jsonl is cut the same way).
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"),
+                                              purge_step=start_step + 1 if start_step else None)
       except ImportError:
         log.warning("log.tensorboard is on but tensorboardX is not installed (pip install tensorboardX)")
     if progress if progress is not None else runtime.interactive():

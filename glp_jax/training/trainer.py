@@ -150,8 +150,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_changes: bool,
       config_lib.write_config(config, workdir)
     if not keep_normalizer:
       input_lib.save_normalizer(data.normalizer, workdir)
-    if start_step < total_steps:   # a finished run given a larger budget is not done until it finishes again
-      files.remove(os.path.join(workdir, "summary.json"))
+    if start_step < total_steps:   # neither done (a finished run given a larger budget) nor diverged (a retry
+      for name in ("summary.json", workdir_lib.DIVERGED_FILE):   # by hand) until it ends again
+        files.remove(os.path.join(workdir, name))
     if diffs:
       files.append_jsonl(os.path.join(workdir, "metrics.jsonl"),
                          {"step": start_step, "event": "allow_changes",
