@@ -1,5 +1,6 @@
 """Checkpointer: retention, sharded restore, partial checkpoints ignored, shape refusal, stop signals."""
 import os
+import shutil
 import signal
 import time
 
@@ -29,6 +30,29 @@ def test_keep_last_n_plus_every_k(tmp_path):
   assert ck.all_steps() == [4, 8, 9, 10]
   assert ck.read_meta() == {"step": 10}
   ck.close()
+
+
+def test_a_reader_lists_again_when_a_trainer_deletes_a_step_under_it(tmp_path, monkeypatch):
+  """orbax lists the steps, then reads each one's metadata; a live run's retention may delete one in between
+  (seen in CI as NotADirectoryError from an export beside a training run)."""
+  from orbax.checkpoint._src.metadata import checkpoint as step_meta  # where orbax builds the path it reads
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8)))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=5)
+  for step in (1, 2, 3):
+    ck.save(step, state_on(mesh, step), {"step": step})
+  ck.close()
+  real, gone = step_meta.step_metadata_file_path, []
+
+  def deleted_after_listing(path):
+    if not gone and os.path.basename(str(path)) == "1":
+      shutil.rmtree(str(path))
+      gone.append(path)
+    return real(path)
+
+  monkeypatch.setattr(step_meta, "step_metadata_file_path", deleted_after_listing)
+  reader = ckpt_lib.Checkpointer(str(tmp_path / "ck"), read_only=True)
+  assert gone and reader.all_steps() == [2, 3]
+  assert reader.read_meta() == {"step": 3}
 
 
 def test_restore_onto_fewer_devices_and_ignore_partial(tmp_path):

@@ -62,6 +62,9 @@ def check_options(ckpt_cfg: Any) -> None:
                       f"keep={ckpt_cfg.keep}, keep_every={ckpt_cfg.keep_every}, every_steps={ckpt_cfg.every_steps}")
 
 
+_LIST_TRIES = 5
+
+
 class Checkpointer:
   """Async orbax CheckpointManager over `<workdir>/checkpoints`, keeping the last N plus every K-th step.
 
@@ -75,7 +78,16 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(int(keep), 1), keep_period=int(keep_every) or None, create=not read_only,
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save, read_only=read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    for attempt in range(_LIST_TRIES):
+      try:
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        break
+      except (FileNotFoundError, NotADirectoryError):
+        # orbax lists the steps, then reads each one's metadata: a running trainer's retention may delete a
+        # step in between. A reader lists again; a writer is the only one deleting, so its error is real.
+        if not read_only or attempt == _LIST_TRIES - 1:
+          raise
+        time.sleep(0.05 * (attempt + 1))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
