@@ -167,7 +167,20 @@ def test_a_groups_change_is_refused_with_the_process_counts_that_fit():
   assert "data.groups=8, not 16" in str(e.value) and "process count that divides 8" in str(e.value)
   assert "--allow_changes would change the row order mid-pass" in str(e.value)
   with pytest.raises(config_lib.ConfigError, match="pass --allow_changes to continue"):
-    workdir_lib.refuse("runs/x", [("batch_size", 64, 128)])
+    workdir_lib.refuse("runs/x", [("num_activations", 640, 1280)])
+
+
+def test_a_batch_size_change_is_refused_even_with_allow_changes(finished, tmp_path):
+  """Step s reads batches 0..s-1 and counts s x batch examples: a resumed run under another batch skipped or
+  repeated rows and logged examples and FLOPs as if every step had had the new batch."""
+  store, ref, _ = finished
+  workdir = str(tmp_path / "rebatched")
+  shutil.copytree(ref, workdir)
+  before = files.file_digests(workdir)
+  cfg = make_config(store, batch_size=32, num_activations=64 * 18)
+  with pytest.raises(config_lib.ConfigError, match="batch_size=64, not 32.*--allow_changes does not apply"):
+    trainer.train_and_evaluate(cfg, workdir, allow_changes=True)
+  assert files.file_digests(workdir) == before
 
 
 def test_a_finished_run_extended_is_not_done_until_it_finishes_again(finished, tmp_path, monkeypatch):

@@ -25,8 +25,8 @@ cli.define_config(FLAGS, "Train config file (configs/train.py:<args>).", "config
 flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints, summary).", flag_values=FLAGS)
 flags.DEFINE_bool("dry_run", False, "Build abstractly, AOT-compile the step, print one JSON object, exit.",
                   flag_values=FLAGS)
-flags.DEFINE_bool("allow_changes", False, "Resume a workdir although plan fields (batch, budget, schedule, model, "
-                  "data plan) or the store changed; the changes are logged in metrics.jsonl.", flag_values=FLAGS)
+flags.DEFINE_bool("allow_changes", False, "Resume a workdir although plan fields (budget, schedule, model, data "
+                  "plan; never the batch size) or the store changed; the changes are logged in metrics.jsonl.", flag_values=FLAGS)
 
 
 def main(fv: flags.FlagValues) -> None:

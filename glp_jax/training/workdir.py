@@ -35,6 +35,9 @@ IMPORTED_FILE = "imported_from.json"
 PLAN_FIELDS = ("seed", "batch_size", "num_activations", "eval_rows", "model", "flow", "opt", "data.layer",
                "data.block_rows", "data.window_blocks", "data.heldout_rows", "data.groups", "data.stats",
                "data.streaming")
+# Plan fields no restart may change, --allow_changes or not: batches, the data position, and the examples and
+# FLOPs of the run's record are all counted in steps of this batch.
+FIXED_FIELDS = ("batch_size",)
 
 
 class WorkdirBusy(GlpError):
@@ -87,7 +90,11 @@ def refuse(workdir: str, diffs: list[tuple[str, Any, Any]]) -> None:
   field, old, new = diffs[0]
   more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:4])})" if len(diffs) > 1 else ""
   groups = next((d[1] for d in diffs if d[0] == "data.groups"), None)
-  if groups is not None:   # most often not asked for: auto picked another value for another process count
+  if field in FIXED_FIELDS:
+    hint = (f"step s reads the rows of batches 0..s-1 and has seen s x {field} examples, so another {field} would "
+            "skip or repeat rows and miscount the examples and FLOPs; use a new --workdir (--allow_changes does "
+            "not apply)")
+  elif groups is not None:   # most often not asked for: auto picked another value for another process count
     hint = (f"data.groups fixes the row order and each process reads whole groups, so this run resumes only on a "
             f"process count that divides {groups}; use a new --workdir (--allow_changes would change the row "
             "order mid-pass: rows of this pass seen twice or not at all)")
@@ -113,8 +120,9 @@ class PlanCheck:
   def __call__(self, meta: dict) -> None:
     self.contract = meta.get("identity")
     self.diffs = changes(self.recorded_config, self.config, self.contract, self.new_identity) if self.contract else []
-    if self.diffs and not self.allow_changes:
-      refuse(self.workdir, self.diffs)
+    fixed = [d for d in self.diffs if d[0] in FIXED_FIELDS]
+    if fixed or (self.diffs and not self.allow_changes):
+      refuse(self.workdir, fixed + [d for d in self.diffs if d not in fixed])
 
   def unrestorable(self, error: Exception) -> Exception:
     """The error to raise when no checkpoint restored: with allowed changes, they are the likely cause."""
