@@ -352,15 +352,23 @@ def test_wandb_and_loss_curve(store, tmp_path, monkeypatch):
   """log.wandb_project sends every metrics line to W&B (a stand-in module here); the run ends with a loss-curve
   PNG; without wandb installed the option fails before the workdir is touched."""
   import types
-  logged = []
-  fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(
-      log=lambda d, step: logged.append((step, d)), finish=lambda: logged.append(("finish", kw["project"]))))
-  monkeypatch.setitem(sys.modules, "wandb", fake)
+  logged, ids = [], []
+
+  def init(**kw):
+    ids.append((kw["name"], kw["id"]))
+    return types.SimpleNamespace(log=lambda d, step: logged.append((step, d)),
+                                 finish=lambda: logged.append(("finish", kw["project"])))
+  monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
   w = str(tmp_path / "wb")
   train.train_and_evaluate(make_config(store, num_activations=64 * 6, log_every=3,
                                        **{"log.wandb_project": "glp-test"}), w)
   assert [s for s, _ in logged[:-1]] == [3, 6] and logged[-1] == ("finish", "glp-test")
   assert "loss" in logged[0][1] and "eval_loss" in logged[1][1]
+  # A restart resumes the same W&B run; a run of the same name under another root is another W&B run.
+  train.train_and_evaluate(make_config(store, num_activations=64 * 6, **{"log.wandb_project": "glp-test"}), w)
+  train.train_and_evaluate(make_config(store, num_activations=64 * 6, **{"log.wandb_project": "glp-test"}),
+                           str(tmp_path / "other" / "wb"))
+  assert [n for n, _ in ids] == ["wb"] * 3 and ids[0][1] == ids[1][1] != ids[2][1]
   assert os.path.getsize(os.path.join(w, "loss_curve.png")) > 1000
   monkeypatch.undo()
   if importlib.util.find_spec("wandb") is None:

@@ -217,14 +217,24 @@ def check_logging(log_cfg: Any) -> None:
       raise ConfigError("config.log.wandb_project is set but wandb is not installed: pip install wandb") from None
 
 
+WANDB_FILE = "wandb.json"
+
+
 def start_wandb(log_cfg: Any, config: dict, workdir: str):
-  """A W&B run when `log.wandb_project` is set (resumed under the workdir's name), else None."""
+  """A W&B run when `log.wandb_project` is set, else None. Named after the workdir; its id is drawn at the first
+  start and kept in the workdir, so a restart resumes that run (moved or not) while two sweeps' runs of the same
+  name (`w0.5_l3_...` under two roots) stay two runs."""
   if not log_cfg.get("wandb_project"):
     return None
   import wandb
   name = os.path.basename(workdir.rstrip("/"))
+  path = os.path.join(workdir, WANDB_FILE)
+  run_id = (files.read_json(path) or {}).get("id")
+  if not run_id:
+    run_id = f"{name[:48]}-{os.urandom(4).hex()}"   # W&B ids: at most 64 characters
+    files.write_json(path, {"id": run_id})
   return wandb.init(project=log_cfg.wandb_project, entity=log_cfg.get("wandb_entity") or None, name=name,
-                    id=name, resume="allow", config=config,
+                    id=run_id, resume="allow", config=config,
                     dir=None if files.is_remote(workdir) else workdir)   # wandb keeps its files locally
 
 
