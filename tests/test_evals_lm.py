@@ -57,6 +57,26 @@ def test_delta_lm_identity_is_exactly_zero(tiny_lm):
   assert res["delta_lm"] != 0.0
 
 
+def test_a_store_extracted_without_bos_is_evaluated_without_one(tiny_lm):
+  """prepend_bos off with a tokenizer that adds none trains the prior on every position, the first included:
+  the evaluations fed text with a BOS anyway, and delta LM never edited position 0."""
+  from glp_jax.evals import delta_lm, tasks
+  model, tok = tiny_lm
+  plain = tok(DOCS[0], add_special_tokens=False)["input_ids"]
+  assert tasks.encode(tok, DOCS[0], 8, bos=False) == plain[:8]
+  assert tasks.encode(tok, DOCS[0], 8, keep_end=True, bos=False) == plain[-8:]
+  assert tasks.encode(tok, DOCS[0], 8) == [tok.bos_token_id] + plain[:7]
+  edited = []
+
+  def record(h_BxSxD, mask_BxS):
+    edited.append(mask_BxS.clone())
+    return h_BxSxD
+  delta_lm.delta_lm_losses(model, tok, DOCS[:2], 0, {"id": record}, max_length=16, bos=False)
+  delta_lm.delta_lm_losses(model, tok, DOCS[:2], 0, {"id": record}, max_length=16)
+  assert bool(edited[0][:, 0].all()) and not bool(edited[1][:, 0].any())
+  assert int(edited[0].sum()) == sum(len(d) for d in delta_lm.tokenize_documents(tok, DOCS[:2], 16, bos=False))
+
+
 def test_delta_lm_mean_replacement_hurts_a_real_lm():
   from glp_jax.torch import lm
   from glp_jax.evals import delta_lm, tasks

@@ -438,6 +438,13 @@ def test_token_rule_names_what_it_keeps(monkeypatch):
   monkeypatch.setattr(extract.logging, "warning", lambda msg, *a: warned.append(msg % a))
   qwen = extract.token_rule(Tok(None, False), True)
   assert qwen["skip"] == 0 and "defines no BOS" in qwen["description"] and "attention sink" in warned[0]
+  # The evaluations read back from the recorded rule whether documents began with a BOS (they feed text alike).
+  from glp_jax.evals.prior import leads_with_bos
+  rules = {(bos, adds, prepend): extract.token_rule(Tok(bos, adds), prepend)
+           for bos in (None, 1) for adds in (False, True) for prepend in (False, True) if bos or not adds}
+  for rule in rules.values():
+    assert leads_with_bos({"token_selection": {"rule": rule["description"]}}) == bool(rule["skip"])
+  assert leads_with_bos({}) is True   # a store not written by glp-extract
 
 
 @pytest.mark.torch

@@ -4,7 +4,9 @@ by the prior's on-manifold reconstruction.
 For each held-out document (truncated to `max_length` tokens, right-padded in batches) the LM runs once as
 is and once per intervention; layer L's output at every real position except index 0 is replaced. Index 0
 is the BOS slot, as in the reference; a BOS is prepended when the tokenizer adds none, exactly as the
-extractor does, so the edited positions are the kind of positions the prior was trained on. Per-document
+extractor does, so the edited positions are the kind of positions the prior was trained on. A store extracted
+without a BOS (prepend_bos off, a tokenizer that adds none) trained the prior on every position, index 0
+included: then no BOS is added and every position is edited (`bos=False`). Per-document
 loss is the mean next-token cross-entropy over the document's real tokens; delta = mean over documents of
 (loss_edited - loss_base), its standard error paired over documents.
 Rows: `glp` (prior.project, start 0.5, 20 steps), `mean` (the normaliser mean: must be > 0) and `identity`
@@ -24,11 +26,12 @@ import numpy as np
 EditFn = Callable[..., object]
 
 
-def tokenize_documents(tokenizer, texts: Sequence[str], max_length: int = 128, min_tokens: int = 3
-                       ) -> list[list[int]]:
-  """Token ids of each text with a leading BOS (the extractor's rule), right-truncated; short ones dropped."""
+def tokenize_documents(tokenizer, texts: Sequence[str], max_length: int = 128, min_tokens: int = 3,
+                       bos: bool = True) -> list[list[int]]:
+  """Token ids of each text with a leading BOS (the extractor's rule; none with `bos=False`), right-truncated;
+  short ones dropped."""
   from glp_jax.evals import tasks
-  docs = [tasks.encode(tokenizer, t, max_length) for t in texts]
+  docs = [tasks.encode(tokenizer, t, max_length, bos=bos) for t in texts]
   return [d for d in docs if len(d) >= min_tokens]
 
 
@@ -74,12 +77,13 @@ def identity_edit(h_BxSxD, mask_BxS):
 
 
 def delta_lm_losses(model, tokenizer, texts: Iterable[str], layer: int, edits: dict[str, EditFn],
-                    max_length: int = 128, batch_size: int = 8, skip_first: bool = True) -> dict[str, dict]:
-  """Per intervention: {delta, sem, base, edited, n_docs} (losses in nats per token)."""
+                    max_length: int = 128, batch_size: int = 8, bos: bool = True) -> dict[str, dict]:
+  """Per intervention: {delta, sem, base, edited, n_docs} (losses in nats per token). With `bos`, documents
+  start with a BOS that is never edited; without, every position is."""
   import torch
   from glp_jax.torch import lm
 
-  docs = tokenize_documents(tokenizer, list(texts), max_length)
+  docs = tokenize_documents(tokenizer, list(texts), max_length, bos=bos)
   if not docs:
     raise ValueError("no document has >= 3 tokens (BOS + 2)")
   from glp_jax.evals import tasks
@@ -88,7 +92,7 @@ def delta_lm_losses(model, tokenizer, texts: Iterable[str], layer: int, edits: d
   for i in range(0, len(docs), batch_size):
     ids, mask = (t.to(device) for t in tasks.pad(docs[i:i + batch_size], tasks.pad_id(tokenizer)))
     edit_mask = mask.bool().clone()
-    if skip_first:
+    if bos:
       edit_mask[:, 0] = False
     with torch.inference_mode():
       base.append(per_doc_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask))
@@ -108,12 +112,13 @@ def delta_lm_losses(model, tokenizer, texts: Iterable[str], layer: int, edits: d
 
 
 def evaluate_delta_lm(prior, model, tokenizer, texts: Iterable[str], layer: int, max_length: int = 128,
-                      batch_size: int = 8, start: float = 0.5, steps: int = 20, seed: int = 0) -> dict[str, float]:
+                      batch_size: int = 8, start: float = 0.5, steps: int = 20, seed: int = 0,
+                      bos: bool = True) -> dict[str, float]:
   """The flat result row: delta_lm (GLP) with SEM, and the mean / identity anchors."""
   t0 = time.time()
   edits = {"glp": project_edit(prior, start, steps, seed), "mean": constant_edit(prior.mean_D),
            "identity": identity_edit}
-  res = delta_lm_losses(model, tokenizer, texts, layer, edits, max_length, batch_size)
+  res = delta_lm_losses(model, tokenizer, texts, layer, edits, max_length, batch_size, bos=bos)
   return {"delta_lm": res["glp"]["delta"], "delta_lm_sem": res["glp"]["sem"],
           "delta_lm_mean": res["mean"]["delta"], "delta_lm_mean_sem": res["mean"]["sem"],
           "delta_lm_identity": res["identity"]["delta"], "lm_loss_base": res["glp"]["base"],

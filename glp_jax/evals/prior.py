@@ -232,14 +232,24 @@ def lm_info_from_config(config: Any) -> dict:
 
 
 def lm_info_from_store(store: str, layer: int | None = None) -> dict:
-  """{'lm', 'layer'} from a store's manifest (layer -1/None = the store's first layer); {} when absent."""
+  """{'lm', 'layer', 'bos'} from a store's manifest (layer -1/None = the store's first layer; bos: see
+  `leads_with_bos`); {} when absent."""
   man = files.read_json(os.path.join(store, "manifest.json")) if store else None
   if man is None:
     return {}
   layers = man.get("layers") or []
-  out = {"lm": (man.get("metadata") or {}).get("model")}
+  meta = man.get("metadata") or {}
+  out = {"lm": meta.get("model"), "bos": leads_with_bos(meta)}
   out["layer"] = int(layer) if layer is not None and int(layer) >= 0 else (int(layers[0]) if layers else None)
   return out
+
+
+def leads_with_bos(metadata: dict) -> bool:
+  """Whether the store's documents were fed to the LM with a leading BOS, from its token-selection rule
+  (`extraction.extractor.token_rule`): False only for a store extracted without one (prepend_bos off and a
+  tokenizer that adds none, or one with no BOS at all). A store not written by glp-extract: True."""
+  rule = str((metadata.get("token_selection") or {}).get("rule", ""))
+  return not rule.startswith("every position (")
 
 
 def load_prior(path: str, step: int | None = None, layer: int | None = None, device: str = "auto") -> Prior:

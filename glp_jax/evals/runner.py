@@ -110,6 +110,8 @@ class Context:
     info = prior_lib.lm_info_from_store(self.store, hint) if self.store else {}
     self.lm_name = opts.lm or info.get("lm") or prov.get("lm")
     self.layer = opts.layer if opts.layer is not None else info.get("layer", prov.get("layer"))
+    # Whether the prior's documents began with a BOS: evaluations feed text the same way (unknown: they did).
+    self.bos = info.get("bos", True)
     self.prior = prior_lib.load_prior(self.path, opts.step, opts.layer, opts.device)
     if self.store:   # a prior of another width would fail only after minutes of sampling
       from glp_jax.data.store import ActivationStore
@@ -173,7 +175,7 @@ def run_delta_lm(ctx: Context) -> dict:
   model, tok = ctx.lm()
   n, length = (8, 48) if opts.quick else (opts.num_docs, opts.max_length)
   return delta_lm.evaluate_delta_lm(ctx.prior, model, tok, _heldout_texts(ctx, n), ctx.layer, length,
-                                    opts.batch_size, opts.start, opts.manifold_steps, opts.seed)
+                                    opts.batch_size, opts.start, opts.manifold_steps, opts.seed, bos=ctx.bos)
 
 
 def run_steer(ctx: Context, out_dir: str) -> dict:
@@ -193,7 +195,7 @@ def run_steer(ctx: Context, out_dir: str) -> dict:
                                       neg[::16 if quick else 1], prompts, rs=rs,
                                       max_new_tokens=8 if quick else opts.max_new_tokens, start=opts.start,
                                       steps=opts.manifold_steps, seed=opts.seed, judge=judge,
-                                      plot_path=os.path.join(out_dir, "steer_frontier.png"))
+                                      plot_path=os.path.join(out_dir, "steer_frontier.png"), bos=ctx.bos)
   res["steer_num_prompts_requested"] = float(wanted)
   files.write_json(os.path.join(out_dir, "steer_rows.json"), rows, indent=1, sort_keys=True)
   return res
@@ -210,7 +212,7 @@ def run_probe(ctx: Context) -> dict:
     task_list = tasks.load_sae_probes_csv(opts.tasks, max_rows=n)
   data, baselines = {}, {}
   for t in task_list:
-    x, mlp = tasks.last_token_activations(model, tok, list(t.texts), ctx.layer, mlp_neurons=True)
+    x, mlp = tasks.last_token_activations(model, tok, list(t.texts), ctx.layer, mlp_neurons=True, bos=ctx.bos)
     data[t.name] = (x, t.labels)
     if mlp is not None:
       baselines[t.name] = {"mlp": mlp}

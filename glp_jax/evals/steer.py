@@ -31,12 +31,12 @@ log = logging.getLogger("glp_jax")
 JudgeFn = Callable[[str, str, str], tuple[float, float]]
 
 
-def diffmean_direction(model, tokenizer, pos_texts: Sequence[str], neg_texts: Sequence[str], layer: int
-                       ) -> np.ndarray:
+def diffmean_direction(model, tokenizer, pos_texts: Sequence[str], neg_texts: Sequence[str], layer: int,
+                       bos: bool = True) -> np.ndarray:
   """Unit vector mean(h_pos) - mean(h_neg) of last-token activations at `layer`: [D] float32."""
   from glp_jax.evals import tasks
-  pos = tasks.last_token_activations(model, tokenizer, pos_texts, layer)
-  neg = tasks.last_token_activations(model, tokenizer, neg_texts, layer)
+  pos = tasks.last_token_activations(model, tokenizer, pos_texts, layer, bos=bos)
+  neg = tasks.last_token_activations(model, tokenizer, neg_texts, layer, bos=bos)
   w = pos.mean(0) - neg.mean(0)
   return (w / np.linalg.norm(w)).astype(np.float32)
 
@@ -66,14 +66,14 @@ class _Projection:
 
 
 def generate(model, tokenizer, prompts: Sequence[str], layer: int | None = None, edit=None,
-             max_new_tokens: int = 20) -> list[list[int]]:
+             max_new_tokens: int = 20, bos: bool = True) -> list[list[int]]:
   """Greedy continuations (token ids, cut at EOS) of each prompt, with `edit` on layer `layer`'s output."""
   import contextlib
   import torch
   from glp_jax.torch import lm
   from glp_jax.evals import tasks
   # Left padding: new tokens must follow each prompt's real last token.
-  ids, mask = tasks.pad([tasks.encode(tokenizer, p) for p in prompts], tasks.pad_id(tokenizer), left=True)
+  ids, mask = tasks.pad([tasks.encode(tokenizer, p, bos=bos) for p in prompts], tasks.pad_id(tokenizer), left=True)
   device = next(model.parameters()).device
   ctx = lm.edit_layer_output(model, layer, edit) if edit is not None else contextlib.nullcontext()
   with ctx, torch.inference_mode():
@@ -91,7 +91,7 @@ def generate(model, tokenizer, prompts: Sequence[str], layer: int | None = None,
 
 
 def score_continuations(model, tokenizer, prompts: Sequence[str], conts: Sequence[Sequence[int]], layer: int,
-                        w_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                        w_D: np.ndarray, bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """(concept [N], nll [N]) of each continuation under the base LM; NaN for empty continuations."""
   import torch
   from glp_jax.torch import lm
@@ -103,7 +103,7 @@ def score_continuations(model, tokenizer, prompts: Sequence[str], conts: Sequenc
     for i, (p, c) in enumerate(zip(prompts, conts)):
       if not c:
         continue
-      pid = tasks.encode(tokenizer, p)
+      pid = tasks.encode(tokenizer, p, bos=bos)
       ids = torch.as_tensor([pid + list(c)], device=device)
       cap.outputs = {}
       with torch.inference_mode():
@@ -120,16 +120,17 @@ def evaluate_steering(prior, model, tokenizer, layer: int, pos_texts: Sequence[s
                       prompts: Sequence[str], rs: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0),
                       max_new_tokens: int = 20, start: float = 0.5, steps: int = 20, seed: int = 0,
                       judge: JudgeFn | None = None, concept_name: str = "positive sentiment",
-                      plot_path: str | None = None) -> tuple[dict[str, float], list[dict]]:
+                      plot_path: str | None = None, bos: bool = True) -> tuple[dict[str, float], list[dict]]:
   """Concept and fluency over the r grid, plain and with the prior: (flat metrics, one row per point).
 
-  Also draws the frontier PNG when `plot_path` is given.
+  Also draws the frontier PNG when `plot_path` is given. `bos`: prompts start with a BOS, as the prior's store
+  documents did (`tasks.encode`).
   """
   t0 = time.time()
   if not prompts or not pos_texts or not neg_texts:
     raise ValueError(f"steering needs prompts and both concept sets; got {len(prompts)} prompts, "
                      f"{len(pos_texts)} positive and {len(neg_texts)} negative texts")
-  w = diffmean_direction(model, tokenizer, pos_texts, neg_texts, layer)
+  w = diffmean_direction(model, tokenizer, pos_texts, neg_texts, layer, bos=bos)
   norm = prior.act_norm
   out: dict[str, float] = {"steer_act_norm": norm, "steer_layer": float(layer),
                            "steer_num_prompts": float(len(prompts))}
@@ -137,8 +138,8 @@ def evaluate_steering(prior, model, tokenizer, layer: int, pos_texts: Sequence[s
   for mode, p in (("add", None), ("glp", prior)):
     for r in rs:
       conts = generate(model, tokenizer, prompts, layer, steer_edit(w, r * norm, p, start, steps, seed),
-                       max_new_tokens)
-      concept, nll = score_continuations(model, tokenizer, prompts, conts, layer, w)
+                       max_new_tokens, bos=bos)
+      concept, nll = score_continuations(model, tokenizer, prompts, conts, layer, w, bos=bos)
       key = f"steer_{mode}_r{r:g}"
       empty = sum(1 for c in conts if not c)
       out[key + "_empty"] = float(empty)

@@ -148,11 +148,12 @@ def load_sae_probes_csv(path: str, text_column: str = "prompt", label_column: st
   return tasks
 
 
-def encode(tokenizer, text: str, max_length: int = 128, keep_end: bool = False) -> list[int]:
+def encode(tokenizer, text: str, max_length: int = 128, keep_end: bool = False, bos: bool = True) -> list[int]:
   """Token ids with a leading BOS, as the extractor feeds documents (BOS prepended when the tokenizer adds
   none), truncated to `max_length` tokens in all: the text's first tokens, or with `keep_end` its last ones
-  (what a last-token probe reads)."""
-  bos = tokenizer.bos_token_id
+  (what a last-token probe reads). `bos=False` for a store whose documents started without one (extracted with
+  prepend_bos off from a tokenizer that adds none: `prior.leads_with_bos`): the text's tokens alone."""
+  bos = tokenizer.bos_token_id if bos else None
   # Cut by the tokenizer when the start is kept (one spare token: it may add a BOS of its own).
   ids = list(tokenizer(text, truncation=not keep_end, max_length=None if keep_end else max_length + 1)["input_ids"])
   if bos is not None and ids and ids[0] == bos:
@@ -194,9 +195,9 @@ def _mlp_down_proj(model, layer: int):
 
 
 def last_token_activations(model, tokenizer, texts: Sequence[str], layer: int, batch_size: int = 32,
-                           max_length: int = 512, mlp_neurons: bool = False):
+                           max_length: int = 512, mlp_neurons: bool = False, bos: bool = True):
   """The residual stream after decoder layer `layer` at each text's last token: [N, D] float32. A text longer
-  than `max_length` tokens keeps its end (the token read), after the BOS.
+  than `max_length` tokens keeps its end (the token read), after the BOS (`bos`: see `encode`).
 
   With `mlp_neurons`, returns (residual [N, D], MLP neurons [N, F] or None): the input of that layer's MLP
   down-projection at the same token (the reference's "raw MLP neuron" baseline).
@@ -211,7 +212,7 @@ def last_token_activations(model, tokenizer, texts: Sequence[str], layer: int, b
   try:
     with lm.ResidualCapture(model, [layer]) as cap:
       for i in range(0, len(texts), batch_size):
-        ids, mask = pad([encode(tokenizer, t, max_length, keep_end=True) for t in texts[i:i + batch_size]],
+        ids, mask = pad([encode(tokenizer, t, max_length, keep_end=True, bos=bos) for t in texts[i:i + batch_size]],
                          pad_id(tokenizer))
         seen.clear()
         h_BxSxD = cap.run(input_ids=ids.to(device), attention_mask=mask.to(device))[layer]
