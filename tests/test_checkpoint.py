@@ -53,6 +53,16 @@ def test_a_reader_lists_again_when_a_trainer_deletes_a_step_under_it(tmp_path, m
   reader = ckpt_lib.Checkpointer(str(tmp_path / "ck"), read_only=True)
   assert gone and reader.all_steps() == [2, 3]
   assert reader.read_meta() == {"step": 3}
+  # Deleted while being restored (orbax raises FileNotFoundError only when it is gone before): one
+  # FileNotFoundError, whatever tensorstore raised for the chunks that vanished under it.
+  def deleted_while_read(step, args):
+    shutil.rmtree(str(tmp_path / "ck" / str(step)))
+    raise ValueError("NOT_FOUND: Error opening \"zarr\" driver")
+  monkeypatch.setattr(reader._manager, "restore", deleted_while_read)
+  with pytest.raises(FileNotFoundError, match="checkpoint 2 .* was deleted while it was read"):
+    reader.restore_parts(2, {"model": {"w": np.zeros((4, 16), np.float32)}})
+  with pytest.raises(FileNotFoundError, match="checkpoint 3 .* was deleted while it was read"):
+    reader.read_meta(3)
 
 
 def test_restore_onto_fewer_devices_and_ignore_partial(tmp_path):

@@ -9,6 +9,7 @@ so a run saved on 8 devices resumes on 1, 2 or 4.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -105,7 +106,8 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    with self._vanished_as_not_found(step):
+      return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """Restores `state` into `target` (a tree of jax.ShapeDtypeStruct with shardings) and the meta."""
@@ -141,7 +143,22 @@ class Checkpointer:
     the optimizer state: what export and evaluation need, at a third of the memory."""
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
-    return dict(self._manager.restore(step, args=ocp.args.Composite(state=args)).state)
+    with self._vanished_as_not_found(step):
+      return dict(self._manager.restore(step, args=ocp.args.Composite(state=args)).state)
+
+  @contextlib.contextmanager
+  def _vanished_as_not_found(self, step: int):
+    """A reader of a live run: when the trainer's retention deleted `step` under the read, orbax and tensorstore
+    fail in many ways; the caller gets one FileNotFoundError to act on (read the newest step again)."""
+    try:
+      yield
+    except FileNotFoundError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if files.isdir(os.path.join(self.directory, str(step))):
+        raise
+      raise FileNotFoundError(f"checkpoint {step} of {self.directory} was deleted while it was read (a running "
+                              "trainer keeps only its newest ones): read the newest again") from e
 
   def wait(self) -> None:
     """Blocks until every pending save is committed (call before the process exits)."""
