@@ -231,6 +231,9 @@ def test_streaming_waits_for_producer_and_publishes_progress(workdir, layers):
   kw = dict(streaming=True, heldout_rows=100, poll_s=0.01, wait_timeout_s=60, consumer="t1")
   ld = loader(path, **kw)
   assert ld.normalizer.mean.shape == ((k, D) if k > 1 else (D,))
+  # The held-out rows lead the store (v1): the producer learns at once that they are consumed, or its bound
+  # counted them against the buffer before the first step and could wait on the trainer while it waited.
+  assert json.load(open(os.path.join(path, "consumers", "t1.json")))["rows_consumed"] == 100
   t = threading.Thread(target=produce)
   t.start()
   got = ids_of(ld, 40)      # 40 steps x 64 rows = 2560 (row, layer) pairs: needs rows written later

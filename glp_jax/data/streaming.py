@@ -116,6 +116,12 @@ class StreamingLoader(loader.Loader):
     first_n = self.store.manifest["first_shard_rows"]
     need = max(self._train_start, first_n if self._stats == "first_shard" else 1)
     self._wait_rows(need, allow_finished=True)
+    mine = files.read_json(os.path.join(self.path, CONSUMERS, f"{self.consumer}.json")) or {}
+    if self.process_index == 0 and int(mine.get("rows_consumed", 0)) < self._train_start:
+      # Rows below the first training row are never needed again (the held-out ones are read once, now): said
+      # at once, or the producer bounds its lead from row 0 and a buffer that holds step 0's windows but not the
+      # held-out rows before them leaves both sides waiting.
+      publish_consumed(self.path, self.consumer, self._train_start)
     if self.heldout_split:
       self._wait_rows(heldout_rows, allow_finished=True, heldout=True)
       self.heldout_ids = np.arange(min(heldout_rows, self.store.heldout_num_rows))
