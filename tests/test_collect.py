@@ -225,6 +225,26 @@ def test_end_of_schedule_point_falls_back_on_the_summary(tmp_path):
   assert [(p["step"], p["loss"], p["why"]) for p in pts] == [(row["steps"], row["final_eval_loss"], "end_of_schedule")]
 
 
+def test_a_non_finite_final_eval_is_not_replaced_by_an_earlier_one(tmp_path):
+  """A finished run whose last eval came out NaN got the loss of an earlier eval as its final one, and the
+  L(C) frontier took it at the final compute as an end-of-schedule point."""
+  root = str(tmp_path / "sweep")
+  scaling_fakes.write_run(os.path.join(root, "r"), n_params=20000, budget=2e6)
+  for name in ("metrics.jsonl", "summary.json"):
+    path = os.path.join(root, "r", name)
+    with open(path) as f:
+      text = f.read()
+    last = json.loads(text.splitlines()[-1])
+    text = text.replace(json.dumps(last["eval_loss"]), "NaN")   # the trainer writes a NaN eval loss so
+    with open(path, "w") as f:
+      f.write(text)
+  row = collect.collect(root)[0]
+  assert row["done"] and math.isnan(row["final_eval_loss"]) and np.isfinite(row["best_eval_loss"])
+  sel = frontier.select([row])
+  assert sel["points"] == [] and sel["excluded"] == [
+      {"run": "r", "why": f"no finite eval loss at its last step {int(row['steps'])}"}]
+
+
 def _glp_fit(*args):
   out = subprocess.run([tool("glp-fit"), *args], cwd=ROOT, capture_output=True,
                        text=True)
