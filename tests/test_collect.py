@@ -48,6 +48,17 @@ def test_collect_builds_one_row_per_run(fake_sweep):
   assert collect.metric_columns(rows) == ["probe.auc", "probe.detail.auc_t05"]   # probe.n is constant
 
 
+def test_a_preset_runs_table_row_has_the_presets_shape(tmp_path):
+  """config.json records the custom-only width/depth fields at the train config's defaults for a preset run too:
+  every llama1b-d* run of the default sweep had n_layers 3 in the table."""
+  run = tmp_path / "r"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps({"model": {"preset": "llama1b-d12", "width_mult": 1.0,
+                                                         "mlp_mult": 4.0, "n_layers": 3}}))
+  row = collect.collect(str(tmp_path))[0]
+  assert (row["preset"], row["width_mult"], row["mlp_mult"], row["n_layers"]) == ("llama1b-d12", 2.0, 2.0, 12)
+
+
 def test_an_eval_of_an_earlier_checkpoint_is_not_fitted_against_the_final_compute(tmp_path, caplog):
   """An eval_*.json taken while the run trained (ckpt_step 10 of 7812) stayed in the folder and went into the
   table beside the final loss and compute."""

@@ -104,6 +104,10 @@ def load_run(workdir: str, root: str | None = None) -> dict:
   curve = eval_curve(workdir)
   last = metrics[-1] if metrics else {}
   model, opt = config.get("model", {}), config.get("opt", {})
+  if model.get("preset", "custom") not in ("custom", ""):
+    # config.json also records the custom-only width/depth fields, at their defaults: a preset has its own.
+    from glp_jax.core.model import PRESETS  # pylint: disable=g-import-not-at-top  (jax, only for a preset)
+    model = {**model, **PRESETS.get(model["preset"], {})}
 
   def num(*vals) -> float:
     return next((float(v) for v in vals if is_number(v)), math.nan)
