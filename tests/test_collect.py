@@ -48,6 +48,17 @@ def test_collect_builds_one_row_per_run(fake_sweep):
   assert collect.metric_columns(rows) == ["probe.auc", "probe.detail.auc_t05"]   # probe.n is constant
 
 
+def test_a_preset_runs_table_row_has_the_presets_shape(tmp_path):
+  """config.json records the custom-only width/depth fields at the train config's defaults for a preset run too:
+  every llama1b-d* run of the default sweep had n_layers 3 in the table."""
+  run = tmp_path / "r"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps({"model": {"preset": "llama1b-d12", "width_mult": 1.0,
+                                                         "mlp_mult": 4.0, "n_layers": 3}}))
+  row = collect.collect(str(tmp_path))[0]
+  assert (row["preset"], row["width_mult"], row["mlp_mult"], row["n_layers"]) == ("llama1b-d12", 2.0, 2.0, 12)
+
+
 def test_an_eval_of_an_earlier_checkpoint_is_not_fitted_against_the_final_compute(tmp_path, caplog):
   """An eval_*.json taken while the run trained (ckpt_step 10 of 7812) stayed in the folder and went into the
   table beside the final loss and compute."""
@@ -223,6 +234,26 @@ def test_end_of_schedule_point_falls_back_on_the_summary(tmp_path):
   row = collect.collect(root)[0]
   pts = frontier.select([row])["points"]
   assert [(p["step"], p["loss"], p["why"]) for p in pts] == [(row["steps"], row["final_eval_loss"], "end_of_schedule")]
+
+
+def test_a_non_finite_final_eval_is_not_replaced_by_an_earlier_one(tmp_path):
+  """A finished run whose last eval came out NaN got the loss of an earlier eval as its final one, and the
+  L(C) frontier took it at the final compute as an end-of-schedule point."""
+  root = str(tmp_path / "sweep")
+  scaling_fakes.write_run(os.path.join(root, "r"), n_params=20000, budget=2e6)
+  for name in ("metrics.jsonl", "summary.json"):
+    path = os.path.join(root, "r", name)
+    with open(path) as f:
+      text = f.read()
+    last = json.loads(text.splitlines()[-1])
+    text = text.replace(json.dumps(last["eval_loss"]), "NaN")   # the trainer writes a NaN eval loss so
+    with open(path, "w") as f:
+      f.write(text)
+  row = collect.collect(root)[0]
+  assert row["done"] and math.isnan(row["final_eval_loss"]) and np.isfinite(row["best_eval_loss"])
+  sel = frontier.select([row])
+  assert sel["points"] == [] and sel["excluded"] == [
+      {"run": "r", "why": f"no finite eval loss at its last step {int(row['steps'])}"}]
 
 
 def _glp_fit(*args):

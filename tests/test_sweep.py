@@ -358,3 +358,31 @@ def test_a_stopped_sweep_stops_its_runs_and_starts_no_more(tmp_path, monkeypatch
   assert not os.path.exists(os.path.join(runs[1].workdir, "up"))        # the second run never started
   assert "1 runs not started; the same command resumes" in capsys.readouterr().out
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the sweep's handlers are gone
+
+
+def test_a_signal_while_a_run_starts_reaches_that_run_too(tmp_path, monkeypatch):
+  """A SIGTERM that came while a run was being started (inside Popen, before the run was in the list the
+  handler signals) never reached it: the sweep waited for that run to train to its end."""
+  run = sweep.expand(sweep_config("runlocal"), str(tmp_path))[0]
+  script = ("import os, signal, sys, time\n"
+            "got = []\n"
+            "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+            "open(os.path.join(sys.argv[1], 'up'), 'w').close()\n"
+            "t0 = time.time()\n"
+            "while not got and time.time() - t0 < 5: time.sleep(0.01)\n"
+            "open(os.path.join(sys.argv[1], 'terms'), 'w').write(str(len(got)))\n"
+            "sys.exit(143 if got else 0)\n")
+  monkeypatch.setattr(sweep, "command", lambda r: [sys.executable, "-c", script, r.workdir])
+  popen = subprocess.Popen
+
+  def start_then_signal(*args, **kw):   # the signal lands once the run is up, before Popen has returned
+    proc = popen(*args, **kw)
+    while not os.path.exists(os.path.join(run.workdir, "up")):
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return proc
+  monkeypatch.setattr(sweep.subprocess, "Popen", start_then_signal)
+  with pytest.raises(SystemExit) as stopped:
+    sweep.run_local([run], poll_s=0.01)
+  assert stopped.value.code == 128 + signal.SIGTERM
+  assert open(os.path.join(run.workdir, "terms")).read() == "1"

@@ -104,10 +104,19 @@ def load_run(workdir: str, root: str | None = None) -> dict:
   curve = eval_curve(workdir)
   last = metrics[-1] if metrics else {}
   model, opt = config.get("model", {}), config.get("opt", {})
+  if model.get("preset", "custom") not in ("custom", ""):
+    # config.json also records the custom-only width/depth fields, at their defaults: a preset has its own.
+    from glp_jax.core.model import PRESETS  # pylint: disable=g-import-not-at-top  (jax, only for a preset)
+    model = {**model, **PRESETS.get(model["preset"], {})}
 
   def num(*vals) -> float:
     return next((float(v) for v in vals if is_number(v)), math.nan)
 
+  # A finished run's final eval is its summary's, NaN included: the curve's last finite eval would be an earlier
+  # step's loss put at the final compute. A run without one has only its curve so far.
+  final = summary if "eval_loss" in summary else {
+      "eval_loss": curve["eval_loss"][-1] if len(curve["step"]) else None,
+      "eval_loss_sem": curve["eval_loss_sem"][-1] if len(curve["step"]) else None}
   row: dict[str, Any] = {
       "run": os.path.relpath(workdir, root) if root else os.path.basename(os.path.normpath(workdir)),
       "workdir": workdir if files.is_remote(workdir) else os.path.abspath(workdir),
@@ -116,9 +125,8 @@ def load_run(workdir: str, root: str | None = None) -> dict:
       "D": num(summary.get("examples"), last.get("examples")),
       "C": num(summary.get("flops"), last.get("flops")),
       "steps": num(summary.get("steps"), last.get("step")),
-      "final_eval_loss": num(summary.get("eval_loss"), curve["eval_loss"][-1] if len(curve["step"]) else None),
-      "final_eval_loss_sem": num(summary.get("eval_loss_sem"),
-                                 curve["eval_loss_sem"][-1] if len(curve["step"]) else None),
+      "final_eval_loss": num(final.get("eval_loss")),
+      "final_eval_loss_sem": num(final.get("eval_loss_sem")),
       "final_train_loss": num(summary.get("final_train_loss"), last.get("loss")),
       "wall_time": num(summary.get("wall_time"), last.get("wall_time")),
       "preset": model.get("preset", ""),

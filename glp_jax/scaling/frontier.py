@@ -79,8 +79,9 @@ def select(rows: Iterable[dict], mode: str = "annealed") -> dict:
       excluded.append(dict(run=r["run"], why="no eval loss"))
     elif not got:
       sched = r.get("schedule") or DEFAULT_SCHEDULE
-      excluded.append(dict(run=r["run"], why=f"no annealed eval: schedule {sched!r} does not anneal and no "
-                                             "metrics line is marked annealed"))
+      excluded.append(dict(run=r["run"], why=f"no finite eval loss at its last step {last_step}"
+                           if sched in ANNEALING_SCHEDULES else f"no annealed eval: schedule {sched!r} does not "
+                           "anneal and no metrics line is marked annealed"))
   return dict(points=points, excluded=excluded)
 
 

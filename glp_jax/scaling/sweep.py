@@ -372,6 +372,8 @@ def _run_all(todo: list, free: list, active: list, results: dict, stops: list, p
       proc = subprocess.Popen(command(r), stdout=log, stderr=subprocess.STDOUT, env=dict(slot, GLP_DISTRIBUTED="0"),
                               start_new_session=True)
       active.append((r, proc, log, slot))
+      if stops:   # the signal came while it started, before the handler could see it (a repeat within 1 s is one)
+        proc.send_signal(signal.SIGTERM)
     time.sleep(poll_s)
     for item in list(active):
       r, proc, log, slot = item
