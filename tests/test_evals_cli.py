@@ -215,7 +215,7 @@ def test_fewer_steering_prompts_than_asked_are_warned_and_recorded(tmp_path, mon
     seen["prompts"] = prompts
     return {"steer_num_prompts": float(len(prompts))}, []
   monkeypatch.setattr(steer, "evaluate_steering", fake_steering)
-  ctx = type("Ctx", (), {"prior": None, "layer": 1, "lm": lambda self: (None, None),
+  ctx = type("Ctx", (), {"prior": None, "layer": 1, "bos": True, "lm": lambda self: (None, None),
                          "opts": runner.Options(prior="x", num_prompts=50)})()
   with caplog.at_level("WARNING", logger="glp_jax"):
     res = runner.run_steer(ctx, str(tmp_path))
