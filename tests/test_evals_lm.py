@@ -125,6 +125,21 @@ def test_judge_rating_parser():
     steer.openai_judge("m", "http://localhost:1", api_key_env="GLP_TEST_NO_SUCH_KEY")
 
 
+def test_a_judge_reply_without_a_rating_is_left_out_not_a_nan_mean(tiny_lm):
+  """parse_rating gives NaN for a reply without 'Rating: [[n]]'; one such reply made that r's judge means NaN."""
+  from glp_jax.evals import steer, tasks
+  model, tok = tiny_lm
+  pos, neg = tasks.sentiment_texts()
+  prompts = tasks.neutral_prompts()[:3]
+  judge = lambda prompt, cont, concept: (float("nan"), 0.0) if prompt == prompts[0] else (2.0, 1.0)
+  out, _ = steer.evaluate_steering(_stats_prior(model, tok, 1), model, tok, 1, pos[::80], neg[::80], prompts,
+                                   rs=(0.0,), max_new_tokens=2, judge=judge)
+  for mode in ("add", "glp"):
+    assert out[f"steer_{mode}_r0_judge_concept"] == 2.0, out   # the fluency reply was parsed: it counts
+    assert out[f"steer_{mode}_r0_judge_fluency"] == pytest.approx(2 / 3), out
+    assert out[f"steer_{mode}_r0_judge_unparsed"] == 1.0
+
+
 def test_last_token_activations_and_mlp_neurons(tiny_lm):
   import torch
   from glp_jax.torch import lm

@@ -149,8 +149,15 @@ def evaluate_steering(prior, model, tokenizer, layer: int, pos_texts: Sequence[s
       out[key + "_concept"], out[key + "_nll"] = float(np.nanmean(concept)), float(np.nanmean(nll))
       out[key + "_concept_sem"] = float(np.nanstd(concept, ddof=1) / np.sqrt(np.isfinite(concept).sum()))
       if judge is not None:
-        scores = np.array([judge(pr, tokenizer.decode(c), concept_name) for pr, c in zip(prompts, conts)])
-        out[key + "_judge_concept"], out[key + "_judge_fluency"] = (float(v) for v in scores.mean(0))
+        scores = np.array([judge(pr, tokenizer.decode(c), concept_name) for pr, c in zip(prompts, conts)], float)
+        # A reply without "Rating: [[n]]" is NaN (`parse_rating`): left out of the means, counted, not a NaN mean.
+        unparsed = int((~np.isfinite(scores)).any(1).sum())
+        out[key + "_judge_unparsed"] = float(unparsed)
+        if unparsed:
+          log.warning("steer: %s r=%g: %d of %d judge replies had no rating; left out of the judge means "
+                      "(recorded as %s_judge_unparsed)", mode, r, unparsed, len(conts), key)
+        out[key + "_judge_concept"], out[key + "_judge_fluency"] = (
+            float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in scores.T)
       rows.append({"mode": mode, "r": r, "concept": out[key + "_concept"], "nll": out[key + "_nll"],
                    "example": tokenizer.decode(conts[0])})
   # Reference: the positive-concept runs with |r| > 1. Here r < 0 steers away from the concept (<h, w> < 0):
