@@ -77,6 +77,24 @@ def test_a_store_extracted_without_bos_is_evaluated_without_one(tiny_lm):
   assert int(edited[0].sum()) == sum(len(d) for d in delta_lm.tokenize_documents(tok, DOCS[:2], 16, bos=False))
 
 
+def test_a_tokenizer_without_bos_gets_its_first_token_edited(tiny_lm):
+  """encode prepends no BOS when the tokenizer defines none (Qwen-style); delta LM still left position 0, a real
+  token then, unedited."""
+  import copy
+  from glp_jax.evals import delta_lm
+  model, tok = tiny_lm
+  tok = copy.deepcopy(tok)
+  tok.bos_token = None
+  assert tok.bos_token_id is None
+  edited = []
+
+  def record(h_BxSxD, mask_BxS):
+    edited.append(mask_BxS.clone())
+    return h_BxSxD
+  delta_lm.delta_lm_losses(model, tok, DOCS[:2], 0, {"id": record}, max_length=16)
+  assert bool(edited[0][:, 0].all())
+
+
 def test_delta_lm_mean_replacement_hurts_a_real_lm():
   from glp_jax.torch import lm
   from glp_jax.evals import delta_lm, tasks

@@ -92,7 +92,7 @@ def delta_lm_losses(model, tokenizer, texts: Iterable[str], layer: int, edits: d
   for i in range(0, len(docs), batch_size):
     ids, mask = (t.to(device) for t in tasks.pad(docs[i:i + batch_size], tasks.pad_id(tokenizer)))
     edit_mask = mask.bool().clone()
-    if bos:
+    if bos and tokenizer.bos_token_id is not None:   # a tokenizer with no BOS: `encode` prepends none
       edit_mask[:, 0] = False
     with torch.inference_mode():
       base.append(per_doc_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask))
