@@ -264,6 +264,12 @@ def test_stacked_stats_of_some_lm_layers_spread_for_the_reference(tmp_path):
   np.testing.assert_array_equal(ref["var"][[0, 2, 4]].numpy(), np.ones((3, D), np.float32))
   ours = glp_torch.GLP.from_pretrained(tmp_path)
   assert ours.normalizer.layers == [1, 3]
+  # Layers beyond multi_layer_n_layers are refused before the folder is touched: it still holds its prior.
+  other = model_lib.to_reference_state_dict(jax_model(K, seed=1))
+  with pytest.raises(ValueError, match="exceed multi_layer_n_layers"):
+    torch_io.write_folder(str(tmp_path), other, cfg, mean, var, layers=[1, K])
+  assert torch.equal(glp_torch.GLP.from_pretrained(tmp_path).denoiser.model.in_proj.weight,
+                     ours.denoiser.model.in_proj.weight)
   for name in ("config.json", "model.safetensors"):
     os.remove(tmp_path / name)
   theirs = glp_torch.GLP.from_pretrained(tmp_path)

@@ -117,6 +117,7 @@ def write_folder(out: str, state_dict: Mapping[str, Any], cfg: DenoiserConfig, m
   mean, var = ((t.detach().float().cpu() if torch.is_tensor(t) else torch.from_numpy(np.array(t, np.float32)))
                for t in (mean, var))
   check_stats(mean, var, cfg, "export", layers)
+  ref_mean, ref_var = reference_stats(mean, var, layers, cfg)   # checks the layers before the folder is touched
   os.makedirs(out, exist_ok=True)
   paths = {name: os.path.join(out, name) for name in
            (MODEL_FILE, CONFIG_FILE, REF_CONFIG_FILE, REF_STATS_FILE, REF_CHECKPOINT + ".safetensors")}
@@ -129,7 +130,6 @@ def write_folder(out: str, state_dict: Mapping[str, Any], cfg: DenoiserConfig, m
       os.remove(paths[name])
   with files.atomic_path(paths[MODEL_FILE]) as tmp:
     safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})
-  ref_mean, ref_var = reference_stats(mean, var, layers, cfg)
   with files.atomic_path(paths[REF_STATS_FILE]) as tmp:
     torch.save({"mean": ref_mean.clone(), "var": ref_var.clone()}, tmp)
   if os.path.lexists(final):
