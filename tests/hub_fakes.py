@@ -4,13 +4,15 @@ import hashlib
 import os
 import shutil
 
+from huggingface_hub.utils import filter_repo_objects
+
 
 def put_in_hub_cache(folder: str, cache: str, repo_id: str, commit: str | None = None,
-                     ref: str = "main") -> str:
-  """Lays `folder` out as the Hub cache does (`models--org--name/{blobs,snapshots/<commit>,refs/<ref>}`, files as
-  symlinks to content-addressed blobs); returns the snapshot folder."""
+                     ref: str = "main", names: list[str] | None = None) -> str:
+  """Lays `folder` (or its files `names`) out as the Hub cache does (`models--org--name/{blobs,
+  snapshots/<commit>,refs/<ref>}`, files as symlinks to content-addressed blobs); returns the snapshot folder."""
   repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
-  names = sorted(os.listdir(folder))
+  names = sorted(os.listdir(folder) if names is None else names)
   if commit is None:   # a deterministic 40-hex "commit" from the content
     h = hashlib.sha1()
     for name in names:
@@ -62,10 +64,15 @@ class FakeHfApi:
   def create_branch(self, repo_id, **kwargs):
     FakeHfApi.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
 
-  def upload_folder(self, *, repo_id, folder_path, revision=None, **kwargs):
+  def upload_folder(self, *, repo_id, folder_path, revision=None, allow_patterns=None, ignore_patterns=None,
+                    **kwargs):
     FakeHfApi.calls.append(("upload_folder", {"repo_id": repo_id, "folder_path": folder_path,
-                                              "revision": revision, **kwargs}))
-    snapshot = put_in_hub_cache(folder_path, FakeHfApi.cache, repo_id, ref=revision or "main")
+                                              "revision": revision, "allow_patterns": allow_patterns,
+                                              "ignore_patterns": ignore_patterns, **kwargs}))
+    # The files the real upload_folder sends: the folder's, filtered by the patterns as it filters them.
+    names = list(filter_repo_objects(os.listdir(folder_path), allow_patterns=allow_patterns,
+                                     ignore_patterns=ignore_patterns))
+    snapshot = put_in_hub_cache(folder_path, FakeHfApi.cache, repo_id, ref=revision or "main", names=names)
     return FakeCommitInfo(repo_id, os.path.basename(snapshot))
 
 

@@ -45,6 +45,9 @@ def test_export_of_a_default_store_run_names_what_it_models(tmp_path, tiny_defau
   assert "| eval loss (flow matching, held-out rows) | 1 ± 0.1 (SEM) at step 6 |" in card
   assert f"glp-export --workdir={os.path.abspath(run)} --out={tmp_path / 'out'} --step=6 --dtype=float32" in card
   assert conf["provenance"]["export_command"] in card
+  # A license given to export() is in the card's metadata, so the command that reproduces the card names it.
+  prov = export_lib.export(run, str(tmp_path / "licensed"), license="apache-2.0")["provenance"]
+  assert prov["export_command"].endswith("--dtype=float32 --license=apache-2.0") and prov["license"] == "apache-2.0"
 
 
 def test_store_of_another_width_is_not_claimed(tmp_path, monkeypatch, caplog):

@@ -93,6 +93,20 @@ def test_push_to_hub_then_from_pretrained_offline(tmp_path, monkeypatch):
   assert same(GLP.from_pretrained("org/glp-tiny"), glp)
 
 
+def test_push_leaves_out_the_temporaries_of_a_killed_write(tmp_path, monkeypatch):
+  """A killed export leaves `files.atomic_path`'s temporaries (`<name>.tmp.<pid>`, up to a whole weights file)
+  in --out: `glp-export --push_to_hub` into that folder must not upload them."""
+  install_fake_hub(monkeypatch, str(tmp_path / "hub"))
+  glp = prior()
+  glp.save_pretrained(tmp_path / "out")
+  for name in ("model.safetensors.tmp.4242", "config.json.tmp.4242", "README.md.tmp.4242"):
+    (tmp_path / "out" / name).write_bytes(b"cut short")
+  info = hub.push_folder(str(tmp_path / "out"), "org/glp-tiny")
+  snap = tmp_path / "hub" / "models--org--glp-tiny" / "snapshots" / info.oid
+  assert not [n for n in os.listdir(snap) if ".tmp" in n]
+  assert "model.safetensors" in os.listdir(snap) and same(GLP.from_pretrained("org/glp-tiny"), glp)
+
+
 def test_missing_repo_and_bad_ids_are_clear(tmp_path, monkeypatch):
   install_fake_hub(monkeypatch, str(tmp_path / "hub"))
   with pytest.raises(FileNotFoundError, match=r"'org/absent' is not a local folder.*Hub cache"):

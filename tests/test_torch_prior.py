@@ -81,6 +81,66 @@ def test_exported_weights_are_as_readable_as_the_rest_of_the_folder(tmp_path):
   assert mode(torch_io.MODEL_FILE) == mode("final.safetensors") == mode(torch_io.CONFIG_FILE)
 
 
+class Killed(BaseException):
+  """Stands in for a SIGKILL: no `except Exception` in the writer catches it."""
+
+
+def test_a_reexport_killed_half_way_never_loads_as_a_mix_of_two_priors(tmp_path, monkeypatch):
+  """Killed before each file operation of a re-export into a folder holding another prior (same architecture),
+  each layout loads as the old prior, the new one, or not at all: never new weights under the old config.json
+  (statistics, provenance), nor the old final.safetensors under the new config.yaml and rep_statistics.pt."""
+  cfg = glp_torch.DenoiserConfig(D, M, F, L)
+  old = (model_lib.to_reference_state_dict(jax_model(seed=0)), *stats(seed=1))
+  new = (model_lib.to_reference_state_dict(jax_model(seed=1)), *stats(seed=2))
+
+  def which(folder) -> str:
+    try:
+      got = torch_io.read_folder(str(folder))
+    except (FileNotFoundError, KeyError):
+      return "none"
+    for name, (sd, mean, var) in (("old", old), ("new", new)):
+      w = np.array_equal(got["state_dict"]["model.in_proj.weight"].numpy(), sd["model.in_proj.weight"])
+      m = np.array_equal(got["mean"].numpy(), mean) and np.array_equal(got["var"].numpy(), var)
+      if w and m:
+        return name
+    return "mixed"
+
+  real = {name: getattr(os, name) for name in ("replace", "link", "remove")}
+  for kill_at in range(1, 20):
+    out = tmp_path / f"k{kill_at}"
+    torch_io.write_folder(str(out), old[0], cfg, old[1], old[2])
+    calls = []
+
+    def op(name):
+      def run(*args, **kw):
+        calls.append(name)
+        if len(calls) == kill_at:
+          raise Killed()
+        return real[name](*args, **kw)
+      return run
+    for name in real:
+      monkeypatch.setattr(os, name, op(name))
+    try:
+      torch_io.write_folder(str(out), new[0], cfg, new[1], new[2])
+      done = True
+    except Killed:
+      done = False
+    finally:
+      for name, fn in real.items():
+        monkeypatch.setattr(os, name, fn)
+    ref = tmp_path / f"ref{kill_at}"   # the reference layout on its own (what load_glp reads)
+    ref.mkdir()
+    for name in ("config.yaml", "rep_statistics.pt", "final.safetensors"):
+      if os.path.exists(out / name):
+        os.link(out / name, ref / name)
+    assert which(out) in ("old", "new", "none") and which(ref) in ("old", "new", "none"), (kill_at, calls)
+    if done:
+      assert which(out) == which(ref) == "new"
+      break
+  else:
+    raise AssertionError("the re-export never finished")
+
+
 def test_velocity_parity_bf16(tmp_path):
   model = jax_model()
   glp, _, _ = export(model, tmp_path, dtype="bfloat16")
@@ -204,6 +264,12 @@ def test_stacked_stats_of_some_lm_layers_spread_for_the_reference(tmp_path):
   np.testing.assert_array_equal(ref["var"][[0, 2, 4]].numpy(), np.ones((3, D), np.float32))
   ours = glp_torch.GLP.from_pretrained(tmp_path)
   assert ours.normalizer.layers == [1, 3]
+  # Layers beyond multi_layer_n_layers are refused before the folder is touched: it still holds its prior.
+  other = model_lib.to_reference_state_dict(jax_model(K, seed=1))
+  with pytest.raises(ValueError, match="exceed multi_layer_n_layers"):
+    torch_io.write_folder(str(tmp_path), other, cfg, mean, var, layers=[1, K])
+  assert torch.equal(glp_torch.GLP.from_pretrained(tmp_path).denoiser.model.in_proj.weight,
+                     ours.denoiser.model.in_proj.weight)
   for name in ("config.json", "model.safetensors"):
     os.remove(tmp_path / name)
   theirs = glp_torch.GLP.from_pretrained(tmp_path)

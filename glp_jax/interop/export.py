@@ -165,10 +165,11 @@ def run_evals(workdir: str, step: int, latest: int) -> dict:
   return evals
 
 
-def export_command(workdir: str, out: str, step: int, dtype: str) -> str:
+def export_command(workdir: str, out: str, step: int, dtype: str,
+                   license: str | None = None) -> str:  # pylint: disable=redefined-builtin
   """The glp-export command line that reproduces an `export()` call (the step made explicit)."""
   return shlex.join(["glp-export", f"--workdir={_location(workdir)}", f"--out={_location(out)}",
-                     f"--step={step}", f"--dtype={dtype}"])
+                     f"--step={step}", f"--dtype={dtype}"] + ([f"--license={license}"] if license else []))
 
 
 def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32", *,
@@ -196,7 +197,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
   if license:
     prov["license"] = license
   prov["evals"] = run_evals(workdir, step, latest)
-  prov["export_command"] = command or export_command(workdir, out, step, dtype)
+  prov["export_command"] = command or export_command(workdir, out, step, dtype, license)
   extra = {"model_name": info["lm"],
            "batch_size": _get(config, "batch_size"), "learning_rate": _get(config, "opt.lr"),
            "lr_scheduler": _get(config, "opt.schedule"), "num_activations": _get(config, "num_activations"),

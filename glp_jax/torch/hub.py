@@ -117,8 +117,9 @@ def push_folder(folder: str, repo_id: str, *, revision: str | None = None, priva
   config = files.read_json(os.path.join(folder, "config.json"), {})
   step = (config.get("provenance") or {}).get("step")
   message = commit_message or ("Upload GLP prior" + (f" (step {step})" if step is not None else ""))
+  # `files.atomic_path` names its temporaries `<name>.tmp.<pid>`: a killed export leaves them in the folder.
   return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
-                           ignore_patterns=["*.tmp", ".*"])
+                           ignore_patterns=["*.tmp", "*.tmp.*", ".*"])
 
 
 def describe_commit(info: Any) -> dict:

@@ -117,33 +117,39 @@ def write_folder(out: str, state_dict: Mapping[str, Any], cfg: DenoiserConfig, m
   mean, var = ((t.detach().float().cpu() if torch.is_tensor(t) else torch.from_numpy(np.array(t, np.float32)))
                for t in (mean, var))
   check_stats(mean, var, cfg, "export", layers)
+  ref_mean, ref_var = reference_stats(mean, var, layers, cfg)   # checks the layers before the folder is touched
   os.makedirs(out, exist_ok=True)
   paths = {name: os.path.join(out, name) for name in
            (MODEL_FILE, CONFIG_FILE, REF_CONFIG_FILE, REF_STATS_FILE, REF_CHECKPOINT + ".safetensors")}
+  final = paths[REF_CHECKPOINT + ".safetensors"]
+  # The config file of each layout is what makes it load: both go first and come back last, so an export
+  # killed half way into a folder holding a prior leaves one that loads as neither, never new weights under
+  # the old config.json (statistics, provenance) or the old final.safetensors under the new config.yaml.
+  for name in (CONFIG_FILE, REF_CONFIG_FILE):
+    if os.path.lexists(paths[name]):
+      os.remove(paths[name])
   with files.atomic_path(paths[MODEL_FILE]) as tmp:
     safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})
-  config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": cfg.to_dict(), "dtype": dtype,
-            "normalizer": {"shape": list(mean.shape), "layers": None if mean.ndim == 1 else layers,
-                           "mean": mean.tolist(), "var": var.tolist()},
-            "sampler": {**SAMPLER_DEFAULTS, **(sampler or {})},
-            "tracedict_config": dict(tracedict) if tracedict else None,
-            "provenance": dict(provenance or {})}
-  # float32 values print as the shortest float64 repr, which reads back to the same float32: lossless.
-  files.atomic_write(paths[CONFIG_FILE], json.dumps(config, indent=1) + "\n")
-  paths[card_lib.CARD_FILE] = os.path.join(out, card_lib.CARD_FILE)
-  if card_lib.is_generated(paths[card_lib.CARD_FILE]):
-    files.atomic_write(paths[card_lib.CARD_FILE], card_lib.model_card(config).encode("utf-8"))
-  files.atomic_write(paths[REF_CONFIG_FILE], reference_config(cfg, tracedict, reference_extra))
-  ref_mean, ref_var = reference_stats(mean, var, layers, cfg)
   with files.atomic_path(paths[REF_STATS_FILE]) as tmp:
     torch.save({"mean": ref_mean.clone(), "var": ref_var.clone()}, tmp)
-  final = paths[REF_CHECKPOINT + ".safetensors"]
   if os.path.lexists(final):
     os.remove(final)
   try:  # same bytes twice; a hard link keeps a multi-GB prior from doubling on disk
     os.link(paths[MODEL_FILE], final)
   except OSError:
     safetensors.torch.save_file(tensors, final, metadata={"format": "pt"})
+  config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": cfg.to_dict(), "dtype": dtype,
+            "normalizer": {"shape": list(mean.shape), "layers": None if mean.ndim == 1 else layers,
+                           "mean": mean.tolist(), "var": var.tolist()},
+            "sampler": {**SAMPLER_DEFAULTS, **(sampler or {})},
+            "tracedict_config": dict(tracedict) if tracedict else None,
+            "provenance": dict(provenance or {})}
+  paths[card_lib.CARD_FILE] = os.path.join(out, card_lib.CARD_FILE)
+  if card_lib.is_generated(paths[card_lib.CARD_FILE]):
+    files.atomic_write(paths[card_lib.CARD_FILE], card_lib.model_card(config).encode("utf-8"))
+  files.atomic_write(paths[REF_CONFIG_FILE], reference_config(cfg, tracedict, reference_extra))
+  # float32 values print as the shortest float64 repr, which reads back to the same float32: lossless.
+  files.atomic_write(paths[CONFIG_FILE], json.dumps(config, indent=1) + "\n")
   # safetensors writes owner-only (0600) files: in a folder shared on a cluster others could read config.json
   # but not the weights. They get the mode of the folder's other new files.
   mode = stat.S_IMODE(os.stat(paths[CONFIG_FILE]).st_mode)
