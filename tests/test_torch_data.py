@@ -48,6 +48,17 @@ def test_iterable_covers_every_row_once_and_normalises(store):
   assert sorted(ids.tolist()) == sorted(torch.cat([StoreDataset(store, dtype=torch.float32)[:]])[:, 0].tolist())
   assert not torch.equal(ids, torch.sort(ids).values)   # shuffled
   assert abs(float(rows[:, 1:].mean())) < 0.1 and abs(float(rows[:, 1:].std()) - 1) < 0.1
+  # The order depends on (seed, epoch) only: any worker count reads it, and set_epoch gives a new one.
+  assert torch.equal(torch.sort(torch.cat(list(loader))[:, 0]).values, torch.sort(rows[:, 0]).values)
+  assert torch.equal(torch.cat(list(raw))[:, 0], ids)
+  raw.set_epoch(1)
+  again = torch.cat(list(raw))[:, 0]
+  assert sorted(again.tolist()) == sorted(ids.tolist()) and not torch.equal(again, ids)
+  two = StoreIterableDataset(store, batch_rows=128, seed=1, dtype=torch.float32)
+  two.set_epoch(1)
+  by_block = {int(b[:, 0].min()) // 128: b[:, 0] for b in torch.utils.data.DataLoader(
+      two, batch_size=None, num_workers=2, multiprocessing_context="spawn")}
+  assert all(torch.equal(b[:, 0], by_block[int(b[:, 0].min()) // 128]) for b in raw)
 
 
 def test_strided_slice_reads_only_its_rows(store, monkeypatch):

@@ -2,8 +2,10 @@
 
   ds = StoreDataset("runs/extract/store")            # map-style: ds[i] -> [D] tensor, len(ds) rows
   it = StoreIterableDataset("runs/extract/store", batch_rows=4096, shuffle_blocks=True, seed=0)
-  for x_BxD in torch.utils.data.DataLoader(it, batch_size=None, num_workers=2,
-                                           multiprocessing_context="spawn"): ...
+  for epoch in range(n_epochs):
+    it.set_epoch(epoch)   # another order each epoch, as DistributedSampler.set_epoch
+    for x_BxD in torch.utils.data.DataLoader(it, batch_size=None, num_workers=2,
+                                             multiprocessing_context="spawn"): ...
 
 Worker processes must be spawned, not forked: tensorstore refuses to run in a child forked after it started
 its threads.
@@ -85,21 +87,29 @@ class StoreDataset(_StoreView, torch.utils.data.Dataset):
 
 class StoreIterableDataset(_StoreView, torch.utils.data.IterableDataset):
   """Batches of `batch_rows` contiguous rows (the store's fast path), blocks in a seeded random order when
-  `shuffle_blocks`, rows shuffled within each block; DataLoader workers take disjoint blocks."""
+  `shuffle_blocks`, rows shuffled within each block; DataLoader workers take disjoint blocks. The order is a
+  function of (seed, epoch, block) alone: `set_epoch` before each epoch gives a new one, the same for any
+  number of workers."""
 
   def __init__(self, path: str, layer: int | None = None, split: str = "train", batch_rows: int = 4096,
                shuffle_blocks: bool = True, seed: int = 0, normalize: bool = False, dtype: torch.dtype | None = None):
     super().__init__(path, layer, split, normalize, dtype)
     self.batch_rows, self.shuffle_blocks, self.seed = batch_rows, shuffle_blocks, seed
+    self.epoch = 0
+
+  def set_epoch(self, epoch: int) -> None:
+    """Orders the next pass by `epoch` (with one fixed seed every epoch read the rows in the same order)."""
+    self.epoch = int(epoch)
 
   def __iter__(self):
     starts = np.arange(0, self.num_rows, self.batch_rows)
-    rng = np.random.default_rng(self.seed)
     if self.shuffle_blocks:
-      starts = rng.permutation(starts)
+      starts = np.random.default_rng([self.seed, self.epoch]).permutation(starts)
     info = torch.utils.data.get_worker_info()
     if info is not None:
       starts = starts[info.id::info.num_workers]
     for a in starts:
       x = self._read(int(a), min(int(a) + self.batch_rows, self.num_rows))
-      yield x[torch.from_numpy(rng.permutation(len(x)))] if self.shuffle_blocks else x
+      if self.shuffle_blocks:   # a stream per block: each worker's k-th block was permuted alike
+        x = x[torch.from_numpy(np.random.default_rng([self.seed, self.epoch, int(a)]).permutation(len(x)))]
+      yield x
