@@ -105,6 +105,12 @@ def test_push_leaves_out_the_temporaries_of_a_killed_write(tmp_path, monkeypatch
   snap = tmp_path / "hub" / "models--org--glp-tiny" / "snapshots" / info.oid
   assert not [n for n in os.listdir(snap) if ".tmp" in n]
   assert "model.safetensors" in os.listdir(snap) and same(GLP.from_pretrained("org/glp-tiny"), glp)
+  # Cut before its config files were written again (they go last): nothing to push, and nothing is pushed.
+  os.remove(tmp_path / "out" / "config.json")
+  os.remove(tmp_path / "out" / "config.yaml")
+  with pytest.raises(FileNotFoundError, match="holds no complete prior"):
+    hub.push_folder(str(tmp_path / "out"), "org/glp-cut")
+  assert not (tmp_path / "hub" / "models--org--glp-cut").exists()
 
 
 def test_missing_repo_and_bad_ids_are_clear(tmp_path, monkeypatch):

@@ -109,6 +109,11 @@ def push_folder(folder: str, repo_id: str, *, revision: str | None = None, priva
   check_repo_id(repo_id)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"prior folder {folder!r} does not exist")
+  layouts = ((io.CONFIG_FILE, io.MODEL_FILE), (io.REF_CONFIG_FILE, io.REF_CHECKPOINT + ".safetensors"))
+  if not any(all(os.path.exists(os.path.join(folder, f)) for f in pair) for pair in layouts):
+    # An export writes its config files last: a folder without them is one cut short, and would load as nothing.
+    raise FileNotFoundError(f"{folder} holds no complete prior (neither {' + '.join(layouts[0])} nor "
+                            f"{' + '.join(layouts[1])}; an export cut short?): export it again before pushing")
   refresh_card(folder, repo_id)
   api = huggingface_hub.HfApi(token=token)
   api.create_repo(repo_id, private=private, exist_ok=True)
