@@ -26,7 +26,8 @@ flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoint
 flags.DEFINE_bool("dry_run", False, "Build abstractly, AOT-compile the step, print one JSON object, exit.",
                   flag_values=FLAGS)
 flags.DEFINE_bool("allow_changes", False, "Resume a workdir although plan fields (budget, schedule, model, data "
-                  "plan; never the batch size) or the store changed; the changes are logged in metrics.jsonl.", flag_values=FLAGS)
+                  "plan; never the batch size) or the store changed; the changes are logged in metrics.jsonl.",
+                  flag_values=FLAGS)
 
 
 def main(fv: flags.FlagValues) -> None:
