@@ -307,9 +307,10 @@ def export_provenance(path: str) -> dict:
   else:
     ref = _reference_config(path)
     prov, tracedict = {"lm": ref.get("model_name")}, (ref.get("glp_kwargs") or {}).get("tracedict_config") or {}
-  layers = tracedict.get("layers") if isinstance(tracedict, dict) else None
-  if prov.get("layer") is None and layers:
-    prov["layer"] = int(layers[0]) if len(layers) == 1 else [int(l) for l in layers]
+  if prov.get("layer") is None:
+    from glp_jax.torch.card import traced_layer   # an export folder: torch loads it anyway
+    if traced_layer(tracedict) is not None:   # no `layer: None` key: callers fall back with .get("layer", x)
+      prov["layer"] = traced_layer(tracedict)
   return prov
 
 

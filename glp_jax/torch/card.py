@@ -86,6 +86,15 @@ def _params(config: Mapping) -> int | None:
   return total
 
 
+def traced_layer(tracedict: Mapping | None) -> int | list[int] | None:
+  """The LM layer (or layers) a reference `tracedict_config` traces: a reference prior, or one re-saved from it,
+  names the layer it models only there."""
+  layers = tracedict.get("layers") if isinstance(tracedict, Mapping) else None
+  if not isinstance(layers, list) or not layers:
+    return None
+  return int(layers[0]) if len(layers) == 1 else [int(l) for l in layers]
+
+
 def metadata(config: Mapping) -> huggingface_hub.ModelCardData:
   prov = config.get("provenance") or {}
   return huggingface_hub.ModelCardData(library_name="glp_jax", license=prov.get("license"),
@@ -98,9 +107,8 @@ def model_card(config: Mapping, repo_id: str | None = None,
   prov = dict(config.get("provenance") or {})
   arch = dict(config.get("architecture") or {})
   lm, layer = prov.get("lm"), prov.get("layer")
-  traced = (config.get("tracedict_config") or {}).get("layers")
-  if layer is None and isinstance(traced, list) and traced:   # e.g. re-saved from a reference folder
-    layer = int(traced[0]) if len(traced) == 1 else [int(l) for l in traced]
+  if layer is None:   # e.g. re-saved from a reference folder
+    layer = traced_layer(config.get("tracedict_config"))
   title = f"GLP prior of {prov.get('lm_description') or lm or 'an unknown LM'}" + (
       f", layer {layer}" if layer is not None else "")
   loss = prov.get("eval_loss")
