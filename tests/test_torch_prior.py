@@ -141,6 +141,19 @@ def test_a_reexport_killed_half_way_never_loads_as_a_mix_of_two_priors(tmp_path,
     raise AssertionError("the re-export never finished")
 
 
+def test_a_timestep_per_sample_conditions_every_position_of_that_sample(tmp_path):
+  """Latents (b, s, D) with timesteps and layers (b,): one per sample (the reference's `u`), also when b == s,
+  where trailing-axis broadcasting would read them per position instead."""
+  glp, _, _ = export(jax_model(K), tmp_path, K)
+  rng = np.random.default_rng(3)
+  for b, s in ((3, 3), (3, 4)):
+    z = torch.from_numpy(rng.standard_normal((b, s, D)).astype(np.float32))
+    t, layer = torch.tensor([10.0, 500.0, 990.0]), torch.tensor([0, 2, 4])
+    v = glp(z, t, layer).detach()
+    for i in range(b):
+      torch.testing.assert_close(v[i], glp(z[i], t[i], layer[i]).detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_velocity_parity_bf16(tmp_path):
   model = jax_model()
   glp, _, _ = export(model, tmp_path, dtype="bfloat16")

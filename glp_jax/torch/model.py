@@ -142,8 +142,13 @@ class TransformerMLPDenoiser(nn.Module):
 
 
 def _rows(value, lead: tuple[int, ...], device, dtype) -> torch.Tensor:
-  """A scalar or a tensor broadcastable to the leading shape `lead`, flattened to one value per row."""
+  """A scalar, one value per sample (a (b,) tensor for (b, s, ...) rows, the reference's `u`), one per row in any
+  layout, or a tensor broadcastable to the leading shape `lead`; flattened to one value per row."""
   t = torch.as_tensor(value, device=device, dtype=dtype)
+  if t.ndim == 1 and len(lead) > 1 and t.shape[0] == lead[0]:
+    # Per sample, aligned on the leading axis. Plain broadcasting aligns trailing axes: a (b,) tensor for (b, s)
+    # rows would be read per position when b == s, and refused otherwise.
+    t = t.reshape((lead[0],) + (1,) * (len(lead) - 1))
   if t.ndim and t.numel() == math.prod(lead):
     return t.reshape(-1)  # one per row in any layout: the reference passes (b, 1) or (b, 1, 1)
   return torch.broadcast_to(t, lead).reshape(-1)
@@ -158,7 +163,9 @@ class Denoiser(nn.Module):
     self.model = TransformerMLPDenoiser(cfg)
 
   def forward(self, latents: torch.Tensor, timesteps, layer_idx=None) -> torch.Tensor:
-    """v_hat for `latents` (..., D) at `timesteps` (0..1000 scale, scalar or per row); dtype of `latents` kept."""
+    """v_hat for `latents` (..., D) at `timesteps` (0..1000 scale: scalar, per sample or per row); dtype of
+    `latents` kept. A single-layer prior ignores `layer_idx`, as the reference does (its scripts pass one to
+    either kind); the JAX model, which no reference script calls, refuses it."""
     lead = tuple(latents.shape[:-1])
     w = self.model.in_proj.weight
     z_BxD = latents.reshape(-1, latents.shape[-1]).to(w.dtype)
