@@ -164,8 +164,8 @@ class Denoiser(nn.Module):
 
   def forward(self, latents: torch.Tensor, timesteps, layer_idx=None) -> torch.Tensor:
     """v_hat for `latents` (..., D) at `timesteps` (0..1000 scale: scalar, per sample or per row); dtype of
-    `latents` kept. A single-layer prior ignores `layer_idx`, as the reference does (its scripts pass one to
-    either kind); the JAX model, which no reference script calls, refuses it."""
+    `latents` kept. A single-layer prior ignores `layer_idx`, so that code written for either kind of prior
+    runs on both (the JAX model, used only inside glp_jax, refuses it)."""
     lead = tuple(latents.shape[:-1])
     w = self.model.in_proj.weight
     z_BxD = latents.reshape(-1, latents.shape[-1]).to(w.dtype)
