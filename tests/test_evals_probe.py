@@ -108,6 +108,25 @@ def test_evaluate_probe_planted_axis_and_random_labels():
   assert out["probe_auc_raw_lo"] <= out["probe_auc_raw"] <= out["probe_auc_raw_hi"]
 
 
+def test_the_seed_reaches_the_cv_folds_and_the_bootstrap(monkeypatch):
+  """`--seed` redraws every random choice of the probe eval: split, noise, CV folds and bootstrap (the last two
+  were drawn with seed 0 whatever the seed, so a second seed did not show their share of the spread)."""
+  from glp_jax.evals import prior as prior_lib
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((300, 6)).astype(np.float32)
+  y = x[:, 0] > 0
+  prior = prior_lib.gaussian_prior(np.zeros(6), np.ones(6))
+  prior.meta_neurons_fn = lambda z_BxD, t_B: z_BxD
+  seen = []
+  folds, boot = probe.stratified_folds, probe.bootstrap_mean_ci
+  monkeypatch.setattr(probe, "stratified_folds",
+                      lambda y, n, seed=0: seen.append(("folds", seed)) or folds(y, n, seed))
+  monkeypatch.setattr(probe, "bootstrap_mean_ci",
+                      lambda v, n, seed=0: seen.append(("boot", seed)) or boot(v, n, seed=seed))
+  probe.evaluate_probe(prior, {"t": (x, y)}, sigmas=(0.1,), n_bootstrap=100, seed=7)
+  assert {"folds", "boot"} == {k for k, _ in seen} and {s for _, s in seen} == {7}, seen
+
+
 def test_labels_may_be_a_list():
   """`task_data[name] = (x, y)` with y a list of 0/1 (not an array) failed on `y[train_rows]` (TypeError)."""
   from glp_jax.evals import prior as prior_lib

@@ -196,7 +196,8 @@ def evaluate_probe(prior, task_data: dict[str, tuple[np.ndarray, np.ndarray]], s
   `task_data[name] = (x_NxD raw last-token activations, y_N)`; `baselines[name] = {kind: features_NxK}` adds
   other feature sets (e.g. "mlp", the LM's MLP neurons). Returns flat keys: `probe_auc_<kind>` (mean test AUC
   over tasks) with `_lo`/`_hi` (95% bootstrap CI), kinds `raw`, `t{sigma}` and the baselines, and per task
-  `probe_auc_<kind>/<task>`. The meta-neuron noise is fixed (seeded), as the reference. Small classes are
+  `probe_auc_<kind>/<task>`. `seed` fixes the split, the meta-neuron noise (as the reference), the CV folds
+  and the bootstrap, so a second seed shows how much of a difference is the draw. Small classes are
   warned about and recorded: `probe_class_min/<task>` (smallest class count over the train/test splits),
   `probe_small_tasks` (tasks below SMALL_CLASS) and `probe_skipped_tasks` (tasks that cannot be probed).
   """
@@ -218,13 +219,13 @@ def evaluate_probe(prior, task_data: dict[str, tuple[np.ndarray, np.ndarray]], s
       feats[f"t{s:g}"] = prior.meta_neurons(x, s, seed=seed)
     feats.update((baselines or {}).get(name, {}))
     for kind, f in feats.items():
-      res = probe_1d(f[tr], yb[tr], f[te], yb[te], top_k=top_k, cs=cs, n_folds=n_folds)
+      res = probe_1d(f[tr], yb[tr], f[te], yb[te], top_k=top_k, cs=cs, n_folds=n_folds, seed=seed)
       per_kind.setdefault(kind, []).append(res["test_auc"])
       out[f"probe_auc_{kind}/{name}"] = res["test_auc"]
   if not per_kind:
     raise ValueError(f"no task has enough examples of both classes to probe ({sorted(task_data)})")
   for kind, aucs in per_kind.items():
-    mean, lo, hi = bootstrap_mean_ci(aucs, n_bootstrap)
+    mean, lo, hi = bootstrap_mean_ci(aucs, n_bootstrap, seed=seed)
     out[f"probe_auc_{kind}"], out[f"probe_auc_{kind}_lo"], out[f"probe_auc_{kind}_hi"] = mean, lo, hi
   out["probe_tasks"] = float(len(task_data) - out["probe_skipped_tasks"])
   return out
