@@ -154,6 +154,19 @@ def test_a_timestep_per_sample_conditions_every_position_of_that_sample(tmp_path
       torch.testing.assert_close(v[i], glp(z[i], t[i], layer[i]).detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_save_pretrained_keeps_the_weights_dtype_unless_told(tmp_path):
+  """A bf16 folder loaded and saved again stays bf16 (it was widened to float32 by default); dtype= overrides."""
+  glp, _, _ = export(jax_model(), tmp_path / "bf16", dtype="bfloat16")
+  glp.save_pretrained(tmp_path / "again")
+  again = glp_torch.GLP.from_pretrained(tmp_path / "again")
+  assert json.loads((tmp_path / "again" / "config.json").read_text())["dtype"] == "bfloat16"
+  assert again.denoiser.model.in_proj.weight.dtype == torch.bfloat16
+  for k, v in glp.denoiser.state_dict().items():
+    torch.testing.assert_close(again.denoiser.state_dict()[k], v, rtol=0, atol=0)
+  glp.save_pretrained(tmp_path / "wide", dtype="float32")
+  assert glp_torch.GLP.from_pretrained(tmp_path / "wide").denoiser.model.in_proj.weight.dtype == torch.float32
+
+
 def test_velocity_parity_bf16(tmp_path):
   model = jax_model()
   glp, _, _ = export(model, tmp_path, dtype="bfloat16")

@@ -206,7 +206,9 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
   stacked_layers = list(normalizer.layers) if mean.ndim == 2 and normalizer.layers is not None else None
   state_dict = model_lib.to_reference_state_dict(model)
   prov["params"] = int(sum(v.size for v in state_dict.values()))
-  # Of the weights written (the EMA ones when the run kept them; summary.json's is of the raw ones).
+  # Of the checkpoint's float32 weights that are written (the EMA ones when the run kept them; summary.json's is of
+  # the raw ones), whatever `dtype` the file stores: it names the run state the export came from, so a bf16 and a
+  # float32 export of one step carry the same checksum.
   prov["params_checksum"] = params_checksum(nnx.to_pure_dict(nnx.state(model)))
   paths = torch_io.write_folder(out, state_dict, cfg, mean, var, layers=stacked_layers, dtype=dtype,
                                 tracedict=tracedict, provenance=prov, reference_extra=extra)

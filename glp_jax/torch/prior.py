@@ -66,10 +66,15 @@ class GLP(nn.Module):
     glp = cls(got["config"], got["mean"], got["var"], got["meta"], got["layers"], denoiser=denoiser)
     return glp.to(device or "cpu").eval()
 
-  def save_pretrained(self, path: str | os.PathLike, dtype: str = "float32",
+  def save_pretrained(self, path: str | os.PathLike, dtype: str | None = None,
                       provenance: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Writes both layouts and the model card README.md (see `glp_jax.torch.io`); the provenance defaults to
-    the loaded folder's (a reference folder's `model_name` names the LM)."""
+    """Writes both layouts and the model card README.md (see `glp_jax.torch.io`). `dtype` ("float32" or
+    "bfloat16") defaults to the weights' own (float32 for any other), so a prior loaded from a bf16 folder saves
+    as one. The provenance defaults to the loaded folder's (a reference folder's `model_name` names the LM):
+    pass your own once the weights have been trained further, as the old one describes the old weights."""
+    if dtype is None:
+      own = self.denoiser.model.in_proj.weight.dtype
+      dtype = next((name for name, t in io.DTYPES.items() if t == own), "float32")
     if provenance is None:
       provenance = self.meta.get("provenance") or (
           {"lm": self.meta["model_name"]} if self.meta.get("model_name") else None)
@@ -80,7 +85,7 @@ class GLP(nn.Module):
                            provenance=provenance)
 
   def push_to_hub(self, repo_id: str, *, revision: str | None = None, private: bool | None = None,
-                  token: str | bool | None = None, commit_message: str | None = None, dtype: str = "float32",
+                  token: str | bool | None = None, commit_message: str | None = None, dtype: str | None = None,
                   provenance: Mapping[str, Any] | None = None) -> Any:
     """`save_pretrained` into a temporary folder, then upload it to the Hub model repo `repo_id` (created when
     missing; `revision` a branch). Returns huggingface_hub's CommitInfo."""
