@@ -124,18 +124,18 @@ def bare_forward(model, tok, config, batching: dict, n_docs: int, labelled: bool
   import numpy as np
   import torch
   from glp_jax.extraction import corpus as corpus_lib
-  from glp_jax.extraction import extractor as extract
+  from glp_jax.extraction import tokens as tokens_lib
   from glp_jax.torch import lm
   corpus = corpus_lib.Corpus.from_config(config.corpus)
   docs = [d for d, _ in corpus.labelled()] if labelled else list(corpus.train())
-  rule = extract.token_rule(tok, config.prepend_bos)
+  rule = tokens_lib.token_rule(tok, config.prepend_bos)
   device = next(model.parameters()).device
   inputs, tokens = [], 0
-  for _, window in extract._windows(iter(docs[:n_docs]), batching["window_docs"], 0):
-    ids = extract.encode(tok, [d.text for d in window], config.context_length, rule)
+  for _, window in tokens_lib.windows(iter(docs[:n_docs]), batching["window_docs"], 0):
+    ids = tokens_lib.encode(tok, [d.text for d in window], config.context_length, rule)
     tokens += sum(len(x) for x in ids)
-    for batch in extract.plan_batches([len(x) if len(x) > rule["skip"] else 0 for x in ids],
-                                      batching["batch_tokens"], batching["max_batch_docs"]):
+    for batch in tokens_lib.plan_batches([len(x) if len(x) > rule["skip"] else 0 for x in ids],
+                                         batching["batch_tokens"], batching["max_batch_docs"]):
       s = len(ids[batch[0]])
       x, m = np.zeros((len(batch), s), np.int64), np.zeros((len(batch), s), np.int64)
       for r, i in enumerate(batch):
@@ -174,6 +174,7 @@ def host_ceiling(folder: str, config, d: int, n_layers: int, megabytes: int) -> 
   from glp_jax.data import layout
   from glp_jax.data.writer import StoreWriter
   from glp_jax.extraction import extractor as extract
+  from glp_jax.extraction import tokens as tokens_lib
   try:
     from glp_jax.extraction import pipeline
   except ImportError:   # an extractor without the pipeline
@@ -189,8 +190,8 @@ def host_ceiling(folder: str, config, d: int, n_layers: int, megabytes: int) -> 
   windows = max(2, -(-megabytes * 1_000_000 // rows.nbytes))
   t0 = time.perf_counter()
   for w in range(windows):
-    host.put(extract.WindowPlan(w * docs, [False] * docs, [np.zeros(n + 1, np.int64)] * docs,
-                                [np.arange(1, n + 1)] * docs, []), [batch])
+    host.put(tokens_lib.WindowPlan(w * docs, [False] * docs, [np.zeros(n + 1, np.int64)] * docs,
+                                   [np.arange(1, n + 1)] * docs, []), [batch])
   host.close()
   st.close()
   seconds = time.perf_counter() - t0

@@ -12,6 +12,7 @@ import pytest
 
 from glp_jax.util import config as config_lib
 from glp_jax.extraction import extractor as extract
+from glp_jax.extraction import tokens
 from glp_jax.data import layout
 from glp_jax.data import store as store_lib
 from glp_jax.data.writer import StoreWriter
@@ -24,32 +25,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_plan_batches_covers_every_nonempty_doc_once_within_budget():
   rng = np.random.default_rng(0)
   lengths = [int(x) for x in rng.integers(0, 60, 200)]
-  batches = extract.plan_batches(lengths, batch_tokens=256, max_batch_docs=8)
+  batches = tokens.plan_batches(lengths, batch_tokens=256, max_batch_docs=8)
   flat = sorted(i for b in batches for i in b)
   assert flat == [i for i, n in enumerate(lengths) if n > 0]
   for b in batches:
     assert len(b) <= 8
     assert len(b) * max(lengths[i] for i in b) <= 256
     assert lengths[b[0]] == max(lengths[i] for i in b)   # first doc sets the padded length
-  assert extract.plan_batches([500, 3], 100, 8) == [[0], [1]]  # a doc longer than the budget goes alone
+  assert tokens.plan_batches([500, 3], 100, 8) == [[0], [1]]  # a doc longer than the budget goes alone
 
 
 def test_select_positions():
-  assert extract.select_positions(5, 1, 0, 0, 0).tolist() == [1, 2, 3, 4]
-  assert extract.select_positions(1, 1, 0, 0, 0).tolist() == []
-  assert extract.select_positions(3, 0, 0, 0, 0).tolist() == [0, 1, 2]
-  a = extract.select_positions(100, 1, 10, seed=5, doc_index=7)
+  assert tokens.select_positions(5, 1, 0, 0, 0).tolist() == [1, 2, 3, 4]
+  assert tokens.select_positions(1, 1, 0, 0, 0).tolist() == []
+  assert tokens.select_positions(3, 0, 0, 0, 0).tolist() == [0, 1, 2]
+  a = tokens.select_positions(100, 1, 10, seed=5, doc_index=7)
   assert len(a) == 10 and (np.diff(a) > 0).all() and a.min() >= 1
-  assert a.tolist() == extract.select_positions(100, 1, 10, seed=5, doc_index=7).tolist()
-  assert a.tolist() != extract.select_positions(100, 1, 10, seed=5, doc_index=8).tolist()
-  assert extract.select_positions(6, 1, 10, 5, 7).tolist() == [1, 2, 3, 4, 5]
+  assert a.tolist() == tokens.select_positions(100, 1, 10, seed=5, doc_index=7).tolist()
+  assert a.tolist() != tokens.select_positions(100, 1, 10, seed=5, doc_index=8).tolist()
+  assert tokens.select_positions(6, 1, 10, 5, 7).tolist() == [1, 2, 3, 4, 5]
 
 
 def test_windows_are_aligned_to_fixed_boundaries():
   docs = list(range(23))
-  full = list(extract._windows(iter(docs), 5, 0))
+  full = list(tokens.windows(iter(docs), 5, 0))
   assert [(f, w) for f, w in full][-1] == (20, [20, 21, 22])
-  assert list(extract._windows(iter(docs), 5, 12)) == full[2:]   # a resume recomputes the window of doc 12
+  assert list(tokens.windows(iter(docs), 5, 12)) == full[2:]   # a resume recomputes the window of doc 12
 
 
 # ------------------------------------------------------------------ with torch
@@ -82,9 +83,9 @@ def _reference(model_path, config, layer_ids):
   output_hidden_states=True, BOS dropped. Returns (token ids, held-out flags, {layer: rows of each doc})."""
   from glp_jax.extraction import corpus as corpus_lib
   model, tok = lm.load_causal_lm(model_path, "float32", "cpu")
-  rule = extract.token_rule(tok, True)
+  rule = tokens.token_rule(tok, True)
   docs = list(corpus_lib.Corpus.from_config(config.corpus).labelled())
-  ids = extract.encode(tok, [d.text for d, _ in docs], config.context_length, rule)
+  ids = tokens.encode(tok, [d.text for d, _ in docs], config.context_length, rule)
   out = {l: [] for l in layer_ids}
   with torch.inference_mode():
     for x in ids:
@@ -260,7 +261,7 @@ def _poison(model, tok, config, doc_index, value=float("nan")):
   from glp_jax.extraction import corpus as corpus_lib
   from glp_jax.torch.hooks import hidden_of
   doc = list(corpus_lib.Corpus.from_config(config.corpus).labelled())[doc_index][0]
-  target = extract.encode(tok, [doc.text], config.context_length, extract.token_rule(tok, True))[0]
+  target = tokens.encode(tok, [doc.text], config.context_length, tokens.token_rule(tok, True))[0]
   seen = {}
 
   def inputs(module, args, kwargs):
@@ -389,7 +390,7 @@ def test_embedded_default_model(workdir):
   model, tok = lm.load_causal_lm(lm.EMBEDDED, "bfloat16", "cpu")
   from glp_jax.extraction import corpus as corpus_lib
   doc = next(corpus_lib.Corpus.from_config(config.corpus).train())
-  x = torch.from_numpy(extract.encode(tok, [doc.text], 64, extract.token_rule(tok, True))[0])[None]
+  x = torch.from_numpy(tokens.encode(tok, [doc.text], 64, tokens.token_rule(tok, True))[0])[None]
   with torch.inference_mode():
     hs = model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True).hidden_states
   want = hs[16][0, 1:].float().numpy()
@@ -431,16 +432,16 @@ def test_token_rule_names_what_it_keeps(monkeypatch):
 
     def __call__(self, text, add_special_tokens=True):
       return {"input_ids": ([self.bos_token_id] if self.adds else []) + [7]}
-  assert extract.token_rule(Tok(1, True), False)["skip"] == 1
-  gpt2 = extract.token_rule(Tok(50256, False), False)
+  assert tokens.token_rule(Tok(1, True), False)["skip"] == 1
+  gpt2 = tokens.token_rule(Tok(50256, False), False)
   assert gpt2["skip"] == 0 and "prepend_bos is off and the tokenizer adds no BOS, id 50256" in gpt2["description"]
   warned = []
   monkeypatch.setattr(extract.logging, "warning", lambda msg, *a: warned.append(msg % a))
-  qwen = extract.token_rule(Tok(None, False), True)
+  qwen = tokens.token_rule(Tok(None, False), True)
   assert qwen["skip"] == 0 and "defines no BOS" in qwen["description"] and "attention sink" in warned[0]
   # The evaluations read back from the recorded rule whether documents began with a BOS (they feed text alike).
   from glp_jax.evals.prior import leads_with_bos
-  rules = {(bos, adds, prepend): extract.token_rule(Tok(bos, adds), prepend)
+  rules = {(bos, adds, prepend): tokens.token_rule(Tok(bos, adds), prepend)
            for bos in (None, 1) for adds in (False, True) for prepend in (False, True) if bos or not adds}
   for rule in rules.values():
     assert leads_with_bos({"token_selection": {"rule": rule["description"]}}) == bool(rule["skip"])
@@ -456,7 +457,7 @@ def test_documents_keep_their_first_tokens_whatever_the_tokenizer_config(tmp_pat
   cfg_path = tmp_path / "tokenizer_config.json"
   cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "truncation_side": "left"}))
   loaded = lm.load_tokenizer(str(tmp_path))
-  rule = extract.token_rule(loaded, True)
+  rule = tokens.token_rule(loaded, True)
   text = " ".join(f"w{i}" for i in range(200))
   full = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
-  assert extract.encode(loaded, [text], 16, rule)[0].tolist() == full[:16]
+  assert tokens.encode(loaded, [text], 16, rule)[0].tolist() == full[:16]

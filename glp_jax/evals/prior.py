@@ -246,7 +246,7 @@ def lm_info_from_store(store: str, layer: int | None = None) -> dict:
 
 def leads_with_bos(metadata: dict) -> bool:
   """Whether the store's documents were fed to the LM with a leading BOS, from its token-selection rule
-  (`extraction.extractor.token_rule`): False only for a store extracted without one (prepend_bos off and a
+  (`extraction.tokens.token_rule`): False only for a store extracted without one (prepend_bos off and a
   tokenizer that adds none, or one with no BOS at all). A store not written by glp-extract: True."""
   rule = str((metadata.get("token_selection") or {}).get("rule", ""))
   return not rule.startswith("every position (")

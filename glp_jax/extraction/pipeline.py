@@ -231,7 +231,7 @@ class HostStage:
           self.error = e
 
   def put(self, plan, batches: list[HostBatch]) -> None:
-    """Hands over one window (`extractor.WindowPlan`) and its batches; blocks while `depth` wait."""
+    """Hands over one window (`tokens.WindowPlan`) and its batches; blocks while `depth` wait."""
     if self.queue is None:
       self._consume(plan, batches)
       return
