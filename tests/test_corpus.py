@@ -4,13 +4,14 @@ import json
 import pytest
 
 from glp_jax.extraction import corpus as corpus_lib
+from glp_jax.extraction import pydocs
 
 
 def test_embedded_corpus_is_deterministic_deduplicated_and_split():
   a = corpus_lib.Corpus(seed=3, heldout_fraction=0.1)
   train, held = list(a.train()), list(a.heldout())
   assert len(train) > 1000 and sum(len(d.text) for d in train) > 800_000
-  assert all(len(d.text) <= 2 * corpus_lib.EMBEDDED_MAX_CHARS or "\n\n" not in d.text for d in train)
+  assert all(len(d.text) <= 2 * pydocs.MAX_CHARS or "\n\n" not in d.text for d in train)
   ids = [d.id for d in train + held]
   assert len(set(ids)) == len(ids)                                # ids unique
   assert len({d.text for d in train + held}) == len(ids)         # no duplicate texts

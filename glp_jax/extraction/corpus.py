@@ -1,10 +1,8 @@
 """Documents for extraction: local files, an HF dataset, or the embedded default (Python's own docs).
 
 Sources (`config.corpus.source`):
-* `"embedded"`: Python's documentation as shipped with every interpreter: the `pydoc_data.topics` help
-  topics plus the docstrings of the standard-library modules (module docstring, then one document per public
-  class or function; read with `ast`, nothing is imported). Pieces are cut at paragraph boundaries to at most
-  `EMBEDDED_MAX_CHARS` characters so little text is lost to truncation. ~1.2M characters, English prose.
+* `"embedded"`: Python's documentation as shipped with every interpreter (help topics and standard-library
+  docstrings, read without importing anything, in pieces of at most `pydocs.MAX_CHARS` characters; see pydocs.py).
 * a path (file or folder, several joined with `;`): `.txt` files are ONE document per file by default
   (`txt_mode="file"`), or one document per blank-line-separated paragraph block (`txt_mode="blank_line"`);
   `.jsonl` files give one document per line (field `text_field`); `.parquet` files one per row (column
@@ -22,14 +20,14 @@ Text files are decoded as strict UTF-8; an undecodable file or a malformed .json
 naming the file and line. Every document has a stable id (`path`, `path:line`, `path:row`, `pydoc:...`,
 `pypkg:...`, `hf:index`). Empty documents are dropped and exact duplicates (after stripping) keep their first
 occurrence. Local corpora (files, embedded, python-packages) are shuffled with `seed` into a fixed order;
-streamed HF corpora keep the hub's order. Held-out documents are chosen by a seeded hash of the id (`heldout(id) <=> blake2b(f"{seed}:{id}") / 2**64 < heldout_fraction`), which needs no
-pass over the corpus and is the same in every process; `description()` records the rule in the manifest.
+streamed HF corpora keep the hub's order. Held-out documents are chosen by a seeded hash of the id
+(`heldout(id) <=> blake2b(f"{seed}:{id}") / 2**64 < heldout_fraction`), which needs no pass over the corpus
+and is the same in every process; `description()` records the rule in the manifest.
 Extraction reads `labelled()`: every document of `documents()` in order with its split (its index there is the
 store's doc_id); `train()` / `heldout()` are the two splits in that same order.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import hashlib
@@ -37,20 +35,14 @@ import json
 import os
 import random
 import re
-import sys
-import sysconfig
 from typing import Iterable, Iterator
 
-from glp_jax.extraction import pypackages
+from glp_jax.extraction import pydocs, pypackages
 from glp_jax.util import files
 from glp_jax.util.errors import GlpError
 
 EMBEDDED = "embedded"
-EMBEDDED_MAX_CHARS = 2000
 PYPACKAGES = "python-packages"
-# Never read for the embedded corpus: tests, the IDE, and modules with side effects on import-free parsing
-# are harmless, but these carry no prose worth having.
-_SKIP_MODULES = {"test", "idlelib", "antigravity", "this", "lib2to3", "turtledemo", "pydoc_data"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,67 +56,6 @@ class CorpusError(GlpError, ValueError):
 
 
 # --- raw readers (source order) ---
-
-def _split_chars(text: str, max_chars: int) -> list[str]:
-  """Cuts `text` at blank lines into pieces of at most ~max_chars (a single huge paragraph stays whole)."""
-  pieces, cur = [], ""
-  for para in text.split("\n\n"):
-    if cur and len(cur) + 2 + len(para) > max_chars:
-      pieces.append(cur)
-      cur = para
-    else:
-      cur = f"{cur}\n\n{para}" if cur else para
-  if cur:
-    pieces.append(cur)
-  return pieces
-
-
-def _module_docs(name: str, path: str) -> Iterator[tuple[str, str]]:
-  with open(path, encoding="utf-8", errors="replace") as f:
-    tree = ast.parse(f.read())
-  doc = ast.get_docstring(tree)
-  if doc:
-    yield f"{name}", f"Module {name}\n\n{doc}"
-  for node in tree.body:
-    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name[0] == "_":
-      continue
-    parts = []
-    if (d := ast.get_docstring(node)):
-      parts.append(f"{name}.{node.name}\n\n{d}")
-    if isinstance(node, ast.ClassDef):
-      for sub in node.body:
-        if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)) and sub.name[0] != "_":
-          if (d := ast.get_docstring(sub)):
-            parts.append(f"{name}.{node.name}.{sub.name}\n\n{d}")
-    if parts:
-      yield f"{name}.{node.name}", "\n\n".join(parts)
-
-
-def embedded_documents() -> Iterator[Document]:
-  """Python's help topics, then standard-library docstrings, in a fixed (sorted) order."""
-  return iter(_embedded_documents())
-
-
-@functools.lru_cache(maxsize=1)
-def _embedded_documents() -> tuple[Document, ...]:
-  return tuple(_read_embedded())
-
-
-def _read_embedded() -> Iterator[Document]:
-  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
-  for name in sorted(topics):
-    for k, piece in enumerate(_split_chars(topics[name], EMBEDDED_MAX_CHARS)):
-      yield Document(f"pydoc:topic:{name}#{k}", piece)
-  lib = sysconfig.get_paths()["stdlib"]
-  for name in sorted(sys.stdlib_module_names):
-    if name.startswith("_") or name in _SKIP_MODULES:
-      continue
-    for path in (os.path.join(lib, name + ".py"), os.path.join(lib, name, "__init__.py")):
-      if os.path.exists(path):
-        for key, text in _module_docs(name, path):
-          for k, piece in enumerate(_split_chars(text, EMBEDDED_MAX_CHARS)):
-            yield Document(f"pydoc:module:{key}#{k}", piece)
-
 
 def _files(source: str) -> list[str]:
   paths = []
@@ -322,7 +253,7 @@ class Corpus:
 
   def _raw(self) -> Iterator[Document]:
     if self.source == EMBEDDED:
-      return embedded_documents()
+      return (Document(doc_id, text) for doc_id, text in pydocs.documents())
     if self.streamed:   # a local folder is read as is: its hash is only for the manifest
       revision = None if os.path.isdir(self._hf_name) else self.hf_pin["revision"]
       return hf_documents(self.source, self.text_field, revision)
@@ -389,8 +320,7 @@ class Corpus:
          "heldout": {"rule": "blake2b(f'{seed}:{doc_id}', 8 bytes) / 2**64 < fraction",
                      "seed": self.seed, "fraction": self.heldout_fraction}}
     if self.source == EMBEDDED:
-      d["description"] = (f"Python {sys.version.split()[0]} documentation: pydoc_data.topics + standard-library "
-                          f"docstrings, pieces <= {EMBEDDED_MAX_CHARS} chars")
+      d["description"] = pydocs.description()
     if self.streamed:
       d.update(self.hf_pin)
     if self.packages is not None:
