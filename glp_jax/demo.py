@@ -176,7 +176,8 @@ def _report(out: str, store: str, sweep_dir: str, fit_dir: str, export_dir: str)
   for name, fits in sorted(fit.get("metrics", {}).items()):
     rep = fits["vs_loss"].get("report", {})
     if "params" in rep:
-      print(f"  {name:<34} slope {rep['params']['slope']:+.4g} per unit loss, r = {rep.get('pearson_r', float('nan')):+.2f}")
+      pearson = rep.get("pearson_r", float("nan"))
+      print(f"  {name:<34} slope {rep['params']['slope']:+.4g} per unit loss, r = {pearson:+.2f}")
   print(f"plot: {os.path.join(fit_dir, 'loss_vs_utility.png')}")
 
 
@@ -208,7 +209,8 @@ def _lr_report(lr_dir: str, out: str) -> None:
   print("\nlearning-rate search (final eval loss at the smallest budget; * = chosen for the grid):")
   for size, rows in sorted(choice.get("search", {}).items()):
     cells = [f"{r['lr']:.3g}{'*' if r['lr'] == choice['lrs'][size] else ''} "
-             + (f"{r['loss']:.4f}" if r["loss"] is not None else r["status"]) for r in sorted(rows, key=lambda r: r["lr"])]
+             + (f"{r['loss']:.4f}" if r["loss"] is not None else r["status"])
+             for r in sorted(rows, key=lambda r: r["lr"])]
     print(f"  {size}: " + "  ".join(cells))
   if choice.get("at_edge"):
     print(f"  best lr at the edge of the ladder for {choice['at_edge']}: the optimum may lie outside it")

@@ -52,7 +52,8 @@ def load_prior(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | 
   step, meta = checkpoint_step(workdir, step)
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)   # a run may be training
   try:
-    model_cfg = model_lib.ModelConfig(**{**meta["model"], **({"compute_dtype": compute_dtype} if compute_dtype else {})})
+    overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}
+    model_cfg = model_lib.ModelConfig(**{**meta["model"], **overrides})
     if mesh is None:
       mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), devices=jax.local_devices()[:1])
     graphdef, target = sharding.abstract_state_with_shardings(

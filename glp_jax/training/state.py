@@ -216,7 +216,8 @@ def compile_step(config: ml_collections.ConfigDict, devices=None):
   shape = (multi, model_cfg.d_input) if multi else (model_cfg.d_input,)
   step_fn = make_train_step(graphdef, config, n_steps, Normalizer(np.zeros(shape), np.ones(shape)),
                             sharding.shardings_of(target), mesh, multi_layer=bool(multi))
-  layer = (jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1)),) * bool(multi)
+  layer_B = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
+  layer = (layer_B,) * bool(multi)
   counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
   with sharding.activation_context(mesh):
     return step_fn.lower(target, counter, x, *layer).compile(), mesh, model_cfg
