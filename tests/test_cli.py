@@ -6,7 +6,8 @@ import pytest
 
 from tools import tool
 
-CONFIG_TOOLS = {"glp-train": ("configs/train.py", ("opt.lr", "peak learning rate", "--workdir", "dry_run", "allow_changes")),
+CONFIG_TOOLS = {"glp-train": ("configs/train.py",
+                              ("opt.lr", "peak learning rate", "--workdir", "dry_run", "allow_changes")),
                 "glp-extract": ("configs/extract.py", ("store.dtype", "context_length", "--workdir")),
                 "glp-sweep": ("configs/sweep.py", ("budgets", "--root", "--emit"))}
 PLAIN_TOOLS = {"glp-fit": ("--runs", "--points", "--n_bootstrap"), "glp-export": ("--workdir", "--push_to_hub"),
@@ -81,7 +82,8 @@ def test_run_takes_config_overrides_from_the_argv_it_is_given(monkeypatch, capsy
   cli.define_config(fv, "A config.", "configs/train.py")
   config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "train.py")
   with pytest.raises(SystemExit) as e:
-    cli.run(lambda _: None, fv, "doc", ["glp-x", f"--config={config}:runlocal", "--config.opt.lr=0.01", "--print_config"])
+    cli.run(lambda _: None, fv, "doc",
+            ["glp-x", f"--config={config}:runlocal", "--config.opt.lr=0.01", "--print_config"])
   out = capsys.readouterr()
   assert e.value.code == 0, out.err
   assert json.loads(out.out)["opt"]["lr"] == 0.01 and sys.argv == ["python"]

@@ -294,7 +294,8 @@ def test_glp_fit_table_with_too_few_points_is_a_one_line_error(tmp_path):
   out = subprocess.run([tool("glp-fit"), f"--table={tmp_path / 'c.csv'}", "--form=compute"], cwd=ROOT,
                        capture_output=True, text=True)
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-  assert out.stderr.strip() == f"glp-fit: error: {tmp_path / 'c.csv'}: refusing to fit 3 parameters to 3 points: need at least 5"
+  assert out.stderr.strip() == (f"glp-fit: error: {tmp_path / 'c.csv'}: "
+                                "refusing to fit 3 parameters to 3 points: need at least 5")
 
 
 def test_glp_fit_runs_cli(fake_sweep, tmp_path):

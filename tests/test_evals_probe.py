@@ -163,7 +163,8 @@ def test_sae_probes_csv_loader(tmp_path):
   assert len(tasks.load_sae_probes_csv(str(tmp_path / "7_str.csv"), max_rows=2)[0].texts) == 2
   # A file sorted by label: max_rows samples across it (the first rows were all one class: an error).
   (tmp_path / "sorted").mkdir()
-  (tmp_path / "sorted" / "s.csv").write_text("prompt,target\n" + "".join(f"t{i},{int(i >= 500)}\n" for i in range(1000)))
+  rows = "".join(f"t{i},{int(i >= 500)}\n" for i in range(1000))
+  (tmp_path / "sorted" / "s.csv").write_text("prompt,target\n" + rows)
   sample = tasks.load_sae_probes_csv(str(tmp_path / "sorted"), max_rows=100)[0]
   assert len(sample.texts) == 100 and 30 < sample.labels.sum() < 70
   assert sample.texts == tasks.load_sae_probes_csv(str(tmp_path / "sorted"), max_rows=100)[0].texts   # seeded

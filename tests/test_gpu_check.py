@@ -10,8 +10,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Stands in for the image's `python3`: the probes (-c / stdin) run on the real interpreter; a bench prints its arguments as
-# its JSON line, and the Llama-1B extraction fails the way a crash would.
+# Stands in for the image's `python3`: the probes (-c / stdin) run on the real interpreter; a bench prints its
+# arguments as its JSON line, and the Llama-1B extraction fails the way a crash would.
 FAKE_PYTHON = f"""#!/bin/bash
 case "$*" in
   *extract.py*llama-3.2-1b*) echo "CUDA error: out of memory" >&2; exit 3;;
@@ -70,7 +70,8 @@ def test_a_failed_check_is_named_and_the_others_still_run(tmp_path):
   assert "NVIDIA H200" in device and "SmolLM2 tokenizer for the extraction checks: .whl/smollm2-tokenizer" in device
   assert "train_step_d6" not in results   # a part not asked for
   with tarfile.open(out / "logs.tar.gz") as tar:   # every check's stdout and stderr come back in one file
-    logs = {os.path.basename(n): tar.extractfile(n).read().decode() for n in tar.getnames() if tar.getmember(n).isfile()}
+    logs = {os.path.basename(n): tar.extractfile(n).read().decode()
+            for n in tar.getnames() if tar.getmember(n).isfile()}
   assert logs["extract_llama1b.err"].strip() == "CUDA error: out of memory"
   assert logs["extract_smollm2.log"].startswith("progress line")
   # the results end the output too, the headline (here of a stand-in's JSON: the figures' names, no values) last

@@ -61,8 +61,8 @@ def test_lr_search_picks_each_sizes_best_lr_then_the_grid_runs_it(tmp_path):
   assert "lr search first" in out and all(r.name in out for r in search) and "/lr_search/" in out
   slurm = _cli(*args, "--emit=slurm", "--dry_run")
   assert f"#SBATCH --array=0-{len(search) - 1}" in slurm
-  # Losses: the smallest size is best at 4e-3 (its NaN at 1e-3 loses), the middle one at the top of the ladder, the largest at 1e-3
-  # with its 1.6e-2 run diverged (glp-train leaves diverged.json and no summary).
+  # Losses: the smallest size is best at 4e-3 (its NaN at 1e-3 loses), the middle one at the top of the ladder, the
+  # largest at 1e-3 with its 1.6e-2 run diverged (glp-train leaves diverged.json and no summary).
   # The smallest size's first run ended with a NaN eval loss, which never compares lower: it was chosen.
   losses = {c.sizes[0]: (float("nan"), 1.5, 1.7), c.sizes[1]: (2.0, 1.9, 1.8), c.sizes[2]: (1.2, 1.3, None)}
   for r in search:

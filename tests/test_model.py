@@ -128,9 +128,10 @@ def test_init_matches_torch_linear_default():
 def test_reference_state_dict_keys_and_strict_load():
   model = M.Denoiser(CFG, rngs=nnx.Rngs(0))
   sd = M.to_reference_state_dict(model)
-  block = {f"model.layers.{i}.{m}.{p}" for i in range(3) for m in ("up_proj", "gate_proj", "time_proj", "down_proj", "ln")
-           for p in ("weight", "bias")}
-  top = {f"model.{m}.{p}" for m in ("in_proj", "out_proj", "ln", "time_embed.0", "time_embed.2") for p in ("weight", "bias")}
+  block = {f"model.layers.{i}.{m}.{p}" for i in range(3)
+           for m in ("up_proj", "gate_proj", "time_proj", "down_proj", "ln") for p in ("weight", "bias")}
+  top = {f"model.{m}.{p}" for m in ("in_proj", "out_proj", "ln", "time_embed.0", "time_embed.2")
+         for p in ("weight", "bias")}
   assert set(sd) == block | top
   assert sd["model.in_proj.weight"].shape == (16, 12) and sd["model.layers.1.down_proj.weight"].shape == (16, 40)
   assert all(v.dtype == np.float32 and v.flags.writeable and v.flags.c_contiguous for v in sd.values())

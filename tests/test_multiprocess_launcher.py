@@ -109,7 +109,8 @@ def test_env_and_device_split(tmp_path):
   """Other XLA flags survive; GLP_DEVICES_PER_PROCESS and GLP_COORDINATOR_PORT override; prefixes on both streams."""
   prog = tmp_path / "env.py"
   prog.write_text("import os, sys\n"
-                  "print(os.environ['GLP_PROCESS_ID'], os.environ['GLP_COORDINATOR_ADDRESS'], os.environ['XLA_FLAGS'])\n"
+                  "e = os.environ\n"
+                  "print(e['GLP_PROCESS_ID'], e['GLP_COORDINATOR_ADDRESS'], e['XLA_FLAGS'])\n"
                   "print('err', os.environ['GLP_PROCESS_ID'], file=sys.stderr)\n")
   r = _launch([3, sys.executable, prog], timeout=60, GLP_DEVICES_PER_PROCESS="2", GLP_COORDINATOR_PORT="23456",
               XLA_FLAGS="--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=8")

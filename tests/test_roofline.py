@@ -76,9 +76,9 @@ ENTRY %main.1 (a: f32[1000], b: f32[1000], x: bf16[64,128], w: bf16[128,32]) -> 
 
 def test_kernels_count_operand_and_result_bytes_and_matmul_flops():
   """A fusion reads its operands and writes its result; a GEMM (Triton fusion, cuBLAS call whose workspace result
-  is not data, or a TPU program's convolution) has 2 M N K FLOPs; a loop body's kernels count once; views and tuples are free; each kernel
-  is named by the source function of its stack frame; a collective's `-done` only waits, its `-start` sends its
-  operand."""
+  is not data, or a TPU program's convolution) has 2 M N K FLOPs; a loop body's kernels count once; views and
+  tuples are free; each kernel is named by the source function of its stack frame; a collective's `-done` only
+  waits, its `-start` sends its operand."""
   ks = {k["name"]: k for k in roofline.kernels(roofline.parse(HLO))}
   assert set(ks) == {"sum", "gemm", "cublas", "conv", "twice", "ar", "ag"}
   assert ks["ar"]["sent"] == 4000 and ks["ar"]["bytes"] == 8000 and ks["sum"]["sent"] == 0
