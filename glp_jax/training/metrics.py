@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -22,6 +23,21 @@ log = logging.getLogger("glp_jax")
 
 class NonFiniteLoss(GlpError, FloatingPointError):
   """The train loss became NaN/inf; nothing from that step on is checkpointed."""
+
+def _import_tensorboardx():
+  """tensorboardX, imported without torch: its writer module imports torch whenever it is installed (the torch
+  extra), only to accept torch tensors, and that cost every trainer ~2.5 s of start-up on 2 cores and a few hundred
+  MB. The trainer logs floats. A process that already has torch keeps it."""
+  if "torch" in sys.modules:
+    import tensorboardX
+    return tensorboardX
+  sys.modules["torch"] = None   # `import torch` raises ImportError for this one import, which tensorboardX expects
+  try:
+    import tensorboardX
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
+
 
 def to_host(metrics: dict[str, Any]) -> dict[str, float]:
   """Device scalars -> Python floats (blocks until they are computed)."""
@@ -49,7 +65,7 @@ class MetricsWriter:
     truncate_after(self.path, start_step)
     if tensorboard:
       try:
-        import tensorboardX
+        tensorboardX = _import_tensorboardx()
         # Events past the resumed step were written before a stop or crash (metrics.jsonl is cut the same way).
         self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"),
                                               purge_step=start_step + 1 if start_step else None)
