@@ -1,7 +1,7 @@
 r"""Compile time and step time of the denoiser train step (loss + grad + AdamW, jitted) on this machine.
 
-  python bench/denoiser.py --quick     # tiny (D=576, batch 256) and llama1b-d3 (batch 4, 1 step); ~30 s on a quiet CPU
-  python bench/denoiser.py             # more steps, d3 at batch 32
+  python bench/denoiser.py --quick     # tiny and small (D=576, batch 256, 20 steps); ~15 s on a 2-core CPU
+  python bench/denoiser.py             # tiny (100 steps) and llama1b-d3 (453M params, batch 32, 5 steps)
 
 The step is the trainer's shape: `nnx.split` once, plain `jax.jit` with donated state, `nnx.merge` inside.
 Compile time is `lower().compile()`; step time is the mean over timed steps after one warm-up step.
@@ -16,7 +16,9 @@ import time
 from absl import app, flags
 
 flags.DEFINE_bool("quick", False, "Small sizes (< 30 s).")
-flags.DEFINE_list("configs", ["tiny", "llama1b-d3"], "Presets to time (tiny/small take d_input=576).")
+# --quick leaves out the 453M-parameter reference shape: drawing its random init alone took 20 s on 2 cores.
+flags.DEFINE_list("configs", [], "Presets to time (tiny/small take d_input=576); default tiny,small with --quick, "
+                  "else tiny,llama1b-d3.")
 flags.DEFINE_integer("tiny_batch", 256, "Rows per step for the CPU presets.")
 flags.DEFINE_integer("big_batch", 0, "Rows per step for reference presets (0: 4 quick, 32 full).")
 flags.DEFINE_string("compute_dtype", "float32", "float32 | bfloat16")
@@ -83,7 +85,7 @@ def main(argv):
   import jax
   out = {"backend": jax.default_backend(), "devices": jax.device_count(), "machine": platform.machine(),
          "compute_dtype": FLAGS.compute_dtype, "configs": {}}
-  for name in FLAGS.configs:
+  for name in FLAGS.configs or (["tiny", "small"] if FLAGS.quick else ["tiny", "llama1b-d3"]):
     big = name.startswith("llama")
     batch = (FLAGS.big_batch or (4 if FLAGS.quick else 32)) if big else FLAGS.tiny_batch
     steps = (1 if FLAGS.quick else 5) if big else (20 if FLAGS.quick else 100)
