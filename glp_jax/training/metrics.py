@@ -26,8 +26,8 @@ class NonFiniteLoss(GlpError, FloatingPointError):
 
 def _import_tensorboardx():
   """tensorboardX, imported without torch: its writer module imports torch whenever it is installed (the torch
-  extra), only to accept torch tensors, and that cost every trainer ~2.5 s of start-up on 2 cores and a few hundred
-  MB. The trainer logs floats. A process that already has torch keeps it."""
+  extra) for type hints only (it converts torch tensors where it meets them), and that cost every trainer ~3 s of
+  start-up on 2 cores and ~200 MB. A process that already has torch keeps it; a later `import torch` works."""
   if "torch" in sys.modules:
     import tensorboardX
     return tensorboardX
