@@ -38,7 +38,7 @@ EXTRAS = {
     ],
     "test": [
         "pytest>=9.2,<10",
-        "pytest-xdist>=3.8,<4",   # the suite on every core (Makefile TEST_WORKERS)
+        "pytest-xdist>=3.8,<4",   # the suite in several processes (Makefile TEST_WORKERS)
         "zarr>=3.1.6,<4",
         "nbclient>=0.11,<0.12",
         "nbformat>=5.11,<6",

@@ -1,7 +1,7 @@
 r"""Reliability battery through the real command lines: SIGKILLs at random moments, then resume, must end
 identical to an uninterrupted run; bad inputs must give a short error, the right exit status and change no file.
 
-  python bench/reliability.py --quick        # one kill of a shorter training run, one bad input (~40 s, below)
+  python bench/reliability.py --quick        # one kill of a shorter run, one bad input (~40 s on 2 cores)
   python bench/reliability.py --kills=10     # 10 training + 10 extraction kills and every bad input
 
 Training: a tiny runlocal job on a random 16-wide store (a small per-step sleep spreads the kills over the run,
