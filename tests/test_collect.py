@@ -108,6 +108,17 @@ def test_metrics_reader_survives_resume_duplicates_and_a_torn_line(workdir):
   assert curve["step"].tolist() == [10, 20, 30] and curve["eval_loss"].tolist() == [1.0, 0.8, 0.7]
 
 
+def test_fits_in_worker_processes_equal_the_fits_in_one(fake_sweep, tmp_path):
+  """glp-fit spreads its fits over processes from POOL_MIN_BOOT resamples on; fit.json must not depend on it."""
+  kw = dict(n_boot=8, seed=3, holdout=1, level=0.9, loss="final", make_plots=False)
+  one = fit_cli.fit_runs(fake_sweep[0], str(tmp_path / "one"), workers=1, **kw)
+  two = fit_cli.fit_runs(fake_sweep[0], str(tmp_path / "two"), workers=2, **kw)
+  assert one["metrics"] and one["chinchilla"]["alpha"]["ci"] and not one["chinchilla"]["report"].get("error")
+  drop = lambda r: {k: v for k, v in r.items() if k != "table"}   # noqa: E731  (the table's path differs)
+  assert json.dumps(drop(one), sort_keys=True) == json.dumps(drop(two), sort_keys=True)
+  assert fit_cli._workers(None, fit_cli.POOL_MIN_BOOT - 1, 40) == 1 and fit_cli._workers(None, 10**4, 1) == 1
+
+
 def test_fit_runs_writes_table_fit_json_and_plots(fake_sweep, tmp_path):
   root, _ = fake_sweep
   out = str(tmp_path / "fit")

@@ -9,6 +9,8 @@ reported in fit.json, not fatal. fit.json: {form: {param: {"value", "ci"}, ...,
 """
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 
 import numpy as np
@@ -35,12 +37,39 @@ def _try(fn, *args, **kw) -> dict:
     return {"error": str(e)}
 
 
+# Below this many resamples the fits take seconds, less than starting the worker processes.
+POOL_MIN_BOOT = 200
+
+
+def _workers(workers: int | None, n_boot: int, n_tasks: int) -> int:
+  if workers is not None:
+    return max(1, workers)
+  if n_boot < POOL_MIN_BOOT:
+    return 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  return max(1, min(n_tasks, cores))
+
+
+def _run_all(tasks: dict, workers: int) -> dict:
+  """{key: (fn, args, kw)} -> {key: _try(fn, *args, **kw)}. Each fit draws from its own seeded generator, so the
+  results are the same in any number of processes. Spawned, not forked: a notebook's process may hold JAX,
+  whose threads a fork does not carry."""
+  if workers <= 1:
+    return {k: _try(fn, *args, **kw) for k, (fn, args, kw) in tasks.items()}
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    futures = {k: pool.submit(_try, fn, *args, **kw) for k, (fn, args, kw) in tasks.items()}
+    return {k: f.result() for k, f in futures.items()}
+
+
 def fit_runs(root: str, out: str, *, n_boot: int, seed: int, holdout: int, level: float, loss: str,
-             points: str = "annealed", make_plots: bool = True) -> dict:
+             points: str = "annealed", make_plots: bool = True, workers: int | None = None) -> dict:
   """Collects `root`, fits every form, writes the table, fit.json and plots under `out`; returns fit.json.
 
   `points` picks the L(C) candidates: "annealed" (each run's end-of-schedule eval and evals marked
-  annealed) or "all" (every eval point; fit.json then carries a warning).
+  annealed) or "all" (every eval point; fit.json then carries a warning). The fits (each law, each metric
+  against loss and against compute) run in `workers` processes (None: one per core from `POOL_MIN_BOOT`
+  resamples on; the bootstraps are nearly all of glp-fit's time).
   """
   if points not in frontier.MODES:
     raise ConfigError(f"points must be one of {frontier.MODES}, got {points!r}")
@@ -56,13 +85,8 @@ def fit_runs(root: str, out: str, *, n_boot: int, seed: int, holdout: int, level
   # L(C): the frontier of the selected eval points; its bootstrap resamples residuals and perturbs by the SEM.
   selection = frontier.select(done, points)
   C, L, sem, groups = frontier.arrays(selection["points"])
-  result["compute"] = _try(scaling_report.analyze_compute, C, L, groups, loss_sem=sem, n_holdout=holdout, **kw)
-  if "error" in result["compute"] and points == "annealed":
-    result["compute"]["error"] += (f" ({len(C)} annealed eval points from {len(done)} finished runs; "
-                                   "--points=all also takes un-annealed ones)")
-  result["compute_points"] = frontier.describe(selection, points)
-  if points == "all":
-    result["warnings"].append(frontier.ALL_WARNING)
+  tasks = {"compute": (scaling_report.analyze_compute, (C, L, groups),
+                       dict(loss_sem=sem, n_holdout=holdout, **kw))}
 
   # L(N, D): one point per finished run; the best eval's loss goes with the activations seen by then.
   N, D = collect.column(done, "N"), collect.column(done, "D")
@@ -70,17 +94,29 @@ def fit_runs(root: str, out: str, *, n_boot: int, seed: int, holdout: int, level
   y = collect.column(done, f"{loss}_eval_loss")
   y_sem = collect.column(done, f"{loss}_eval_loss_sem")
   ok = np.isfinite(y) & np.isfinite(D_loss)
-  result["chinchilla"] = _try(scaling_report.analyze_chinchilla, N[ok], D_loss[ok], y[ok], loss_sem=y_sem[ok],
-                              n_holdout=holdout, **kw)
+  tasks["chinchilla"] = (scaling_report.analyze_chinchilla, (N[ok], D_loss[ok], y[ok]),
+                         dict(loss_sem=y_sem[ok], n_holdout=holdout, **kw))
 
   # Downstream metrics vs loss and vs compute.
-  result["metrics"] = {}
-  for name in collect.metric_columns(done):
+  names = collect.metric_columns(done)
+  for name in names:
     m = collect.column(done, name)
     sel = np.isfinite(m) & ok
-    result["metrics"][name] = {
-        "vs_loss": _try(scaling_report.analyze_metric, y[sel], m[sel], kind="linear", **kw),
-        "vs_compute": _try(scaling_report.analyze_metric, 6 * N[sel] * D[sel], m[sel], kind="power", **kw)}
+    tasks[name, "vs_loss"] = (scaling_report.analyze_metric, (y[sel], m[sel]), dict(kind="linear", **kw))
+    tasks[name, "vs_compute"] = (scaling_report.analyze_metric, (6 * N[sel] * D[sel], m[sel]),
+                                 dict(kind="power", **kw))
+  fits = _run_all(tasks, _workers(workers, n_boot, len(tasks)))
+
+  result["compute"] = fits["compute"]
+  if "error" in result["compute"] and points == "annealed":
+    result["compute"]["error"] += (f" ({len(C)} annealed eval points from {len(done)} finished runs; "
+                                   "--points=all also takes un-annealed ones)")
+  result["compute_points"] = frontier.describe(selection, points)
+  if points == "all":
+    result["warnings"].append(frontier.ALL_WARNING)
+  result["chinchilla"] = fits["chinchilla"]
+  result["metrics"] = {name: {"vs_loss": fits[name, "vs_loss"], "vs_compute": fits[name, "vs_compute"]}
+                       for name in names}
 
   if make_plots:
     result["plots"] = _plot_runs(out, done, selection["points"], result, loss)

@@ -50,6 +50,8 @@ flags.DEFINE_enum("points", "annealed", ["annealed", "all"],
                   "L(C) candidates: each run's end-of-schedule eval and evals marked annealed, or every eval "
                   "point (intermediate cosine evals are not annealed and bias the exponent).", flag_values=FIT_FLAGS)
 flags.DEFINE_bool("plots", True, "Write PNG + PDF plots.", flag_values=FIT_FLAGS)
+flags.DEFINE_integer("workers", None, "Processes for the --runs fits (default: one per core from "
+                     f"{analysis.POOL_MIN_BOOT} resamples on, else 1).", flag_values=FIT_FLAGS)
 
 
 @sweep.read_once()   # a command reads each run's files once (a bucket read is a round trip)
@@ -132,7 +134,7 @@ def fit_main(fv: flags.FlagValues) -> None:
   kw = dict(n_boot=fv.n_bootstrap, seed=fv.seed, holdout=fv.holdout, level=fv.level, make_plots=fv.plots)
   if fv.runs:
     out = fv.out or os.path.join(fv.runs, "fit")
-    result = analysis.fit_runs(fv.runs, out, loss=fv.loss, points=fv.points, **kw)
+    result = analysis.fit_runs(fv.runs, out, loss=fv.loss, points=fv.points, workers=fv.workers, **kw)
     pts = result["compute_points"]
     print(f"[glp-fit] L(C) frontier: {pts['n_frontier']} of {pts['n_candidates']} {fv.points} points from "
           f"{pts['n_runs']} runs ({pts['n_not_annealed']} not annealed)", flush=True)
