@@ -91,12 +91,17 @@ def main(fv: flags.FlagValues) -> None:
                                                    f"--root={spread_dir}", f"--config.lr_from={sweep_dir}"))
 
   # --- evaluate every grid prior; results land in <run>/eval_<name>.json for the collector ---
-  # One process per run and evaluation list, so the LM is loaded once per run.
+  # Runs that lack the same evaluations share one process per evaluation list, which loads the LM and runs its
+  # prior-independent forwards once (a stopped demo's half-evaluated run gets just what it lacks).
+  groups: dict[tuple[str, ...], list[str]] = {}
   for run in runs:
-    todo = [n for n in fv.evals if not os.path.exists(os.path.join(run, f"eval_{n}.json"))]
-    for name in (["all"] if todo == ["fd", "delta_lm", "steer", "probe"] else todo):
-      _stage(f"eval {name}: {os.path.basename(run)}",
-             _tool("glp-eval", name, f"--prior={run}", f"--store={store}", *spec["evals"]))
+    todo = tuple(n for n in fv.evals if not os.path.exists(os.path.join(run, f"eval_{n}.json")))
+    if todo:
+      groups.setdefault(todo, []).append(run)
+  for todo, group in groups.items():
+    for name in (["all"] if todo == ("fd", "delta_lm", "steer", "probe") else todo):
+      _stage(f"eval {name}: {len(group)} run(s)", _tool("glp-eval", name, f"--prior={','.join(group)}",
+                                                          f"--store={store}", *spec["evals"]))
 
   # --- fit: loss vs compute, Chinchilla form, loss -> utility ---
   _stage("scaling fits and plots", _tool("glp-fit", f"--runs={sweep_dir}", f"--out={fit_dir}", *spec["fit"]))

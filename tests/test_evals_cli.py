@@ -65,6 +65,55 @@ def test_cli_all_quick_writes_flat_json(setup):
   assert not [f for f in os.listdir(out) if f.startswith("eval_") and f[5:-5] not in cli.runner.NAMES]
 
 
+def test_several_priors_in_one_call_load_the_lm_once_and_equal_one_call_each(setup, tmp_path, monkeypatch, capsys):
+  """`--prior=a,b`: each prior's results in its own folder, the same numbers as evaluating each alone, with the LM
+  loaded once and its prior-independent forwards (probe tasks, steering direction, plain steering) run once."""
+  import shutil
+  import torch
+  from glp_jax.evals import cli, runner, steer, tasks
+  from glp_jax.torch import GLP, lm
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  shutil.copytree(f"{setup}/export", a)
+  torch.manual_seed(1)
+  first = GLP.from_pretrained(a)
+  GLP(first.cfg, first.normalizer.mean, first.normalizer.var).save_pretrained(b)   # other weights, same shape
+  alone = {p: runner.evaluate_all("all", runner.Options(prior=p, store=f"{setup}/store", out=f"{p}_alone",
+                                                        quick=True)) for p in (a, b)}
+  calls = {"load": 0, "forward": 0, "generate": 0}
+  def counted(name, fn):
+    def wrapped(*args, **kw):
+      calls[name] += 1
+      return fn(*args, **kw)
+    return wrapped
+  monkeypatch.setattr(lm, "load_causal_lm", counted("load", lm.load_causal_lm))
+  monkeypatch.setattr(tasks, "last_token_activations", counted("forward", tasks.last_token_activations))
+  monkeypatch.setattr(steer, "generate", counted("generate", steer.generate))
+  cli.FLAGS(["glp-eval", f"--prior={a},{b}", f"--store={setup}/store", "--quick"])
+  try:
+    cli.main(cli.FLAGS, ["all"])
+  finally:
+    cli.FLAGS.unparse_flags()
+  printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  assert [(r["prior"], r["eval"]) for r in printed] == [(p, n) for p in (a, b) for n in runner.NAMES]
+  assert calls["load"] == 1
+  n_tasks = len(tasks.builtin_tasks(120, seed=runner.Options.seed))
+  assert calls["forward"] == n_tasks + 2   # each probe task once, plus the steering direction's two sets
+  # --quick steers at 3 strengths: plain steering (b copies a's normaliser, so the same norm) once, the prior's
+  # on-manifold steering for each prior
+  assert calls["generate"] == 3 + 2 * 3
+  timing = ("_seconds", "_wall_seconds")
+  for p in (a, b):
+    for name in runner.NAMES:
+      got = json.load(open(os.path.join(p, f"eval_{name}.json")))
+      want = alone[p][name]
+      assert {k for k in got if not k.endswith(timing)} == {k for k in want if not k.endswith(timing)}
+      assert {k: v for k, v in got.items() if not k.endswith(timing)} == \
+          {k: v for k, v in want.items() if not k.endswith(timing)}, (p, name)
+  assert alone[a]["fd"]["fd"] != alone[b]["fd"]["fd"]   # two priors really were evaluated
+  with pytest.raises(runner.ConfigError, match="--out names one folder"):
+    runner.evaluate_priors("fd", runner.Options(prior=f"{a},{b}", out=str(tmp_path / "one")))
+
+
 def test_jax_run_and_torch_export_give_the_same_fd(setup, tmp_path):
   # The same weights as a glp_jax run dir (glp-import of the export) and as the torch export: one number.
   from glp_jax.interop import import_ref
@@ -216,6 +265,7 @@ def test_fewer_steering_prompts_than_asked_are_warned_and_recorded(tmp_path, mon
     return {"steer_num_prompts": float(len(prompts))}, []
   monkeypatch.setattr(steer, "evaluate_steering", fake_steering)
   ctx = type("Ctx", (), {"prior": None, "layer": 1, "bos": True, "lm": lambda self: (None, None),
+                         "lm_key": lambda self: (), "share": lambda self, key, make: None,
                          "opts": runner.Options(prior="x", num_prompts=50)})()
   with caplog.at_level("WARNING", logger="glp_jax"):
     res = runner.run_steer(ctx, str(tmp_path))

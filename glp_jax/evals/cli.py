@@ -7,7 +7,9 @@ r"""glp-eval: downstream evaluations of a prior; each writes one flat JSON objec
   glp-eval all      --prior=exports/d6 --store=STORE --out=DIR
 
 `--prior` is a glp_jax run dir, an exported / reference prior folder, or a Hugging Face Hub repo id of one (fetched
-into the Hub cache; then `--out` is required). The LM, its layer, the real held-out activations (fd) and the
+into the Hub cache; then `--out` is required). Several, comma-separated (`--prior=runs/a,runs/b`), are evaluated in
+one process, each into its own folder: the LM is loaded once and its prior-independent forwards (the probe tasks'
+activations) run once, as a sweep's evaluations want. The LM, its layer, the real held-out activations (fd) and the
 held-out documents (delta_lm) come from the activation store the run was trained on (`--store` overrides; an
 export's recorded store is used when it is reachable, else it and a reference folder need `--store` or
 `--lm/--layer`; the layer a prior was trained on, from its provenance or its tracedict_config, a reference folder's
@@ -49,8 +51,9 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
   if len(args) != 1:
     raise ConfigError(f"usage: glp-eval {{{','.join(runner.NAMES)},all}} --prior=RUN_OR_EXPORT [flags]; "
                              f"got {args}")
-  for name, res in runner.evaluate_all(args[0], options(fv)).items():
-    print(json.dumps({"eval": name, **res}), flush=True)
+  for prior, results in runner.evaluate_priors(args[0], options(fv)).items():
+    for name, res in results.items():
+      print(json.dumps({"eval": name, "prior": prior, **res}), flush=True)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -120,26 +120,38 @@ def evaluate_steering(prior, model, tokenizer, layer: int, pos_texts: Sequence[s
                       prompts: Sequence[str], rs: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0),
                       max_new_tokens: int = 20, start: float = 0.5, steps: int = 20, seed: int = 0,
                       judge: JudgeFn | None = None, concept_name: str = "positive sentiment",
-                      plot_path: str | None = None, bos: bool = True) -> tuple[dict[str, float], list[dict]]:
+                      plot_path: str | None = None, bos: bool = True,
+                      direction: np.ndarray | None = None,
+                      plain_cache: dict | None = None) -> tuple[dict[str, float], list[dict]]:
   """Concept and fluency over the r grid, plain and with the prior: (flat metrics, one row per point).
 
   Also draws the frontier PNG when `plot_path` is given. `bos`: prompts start with a BOS, as the prior's store
-  documents did (`tasks.encode`).
+  documents did (`tasks.encode`). `direction`: the concept's `diffmean_direction` when already computed.
+  `plain_cache`: a dict (one per LM) that keeps the plain steering's continuations and scores, which depend on
+  the prior only through the activation norm, for the next prior evaluated in this process.
   """
   t0 = time.time()
   if not prompts or not pos_texts or not neg_texts:
     raise ValueError(f"steering needs prompts and both concept sets; got {len(prompts)} prompts, "
                      f"{len(pos_texts)} positive and {len(neg_texts)} negative texts")
-  w = diffmean_direction(model, tokenizer, pos_texts, neg_texts, layer, bos=bos)
+  w = diffmean_direction(model, tokenizer, pos_texts, neg_texts, layer, bos=bos) if direction is None else direction
   norm = prior.act_norm
   out: dict[str, float] = {"steer_act_norm": norm, "steer_layer": float(layer),
                            "steer_num_prompts": float(len(prompts))}
   rows = []
   for mode, p in (("add", None), ("glp", prior)):
     for r in rs:
-      conts = generate(model, tokenizer, prompts, layer, steer_edit(w, r * norm, p, start, steps, seed),
-                       max_new_tokens, bos=bos)
-      concept, nll = score_continuations(model, tokenizer, prompts, conts, layer, w, bos=bos)
+      def run(r=r, p=p):
+        conts = generate(model, tokenizer, prompts, layer, steer_edit(w, r * norm, p, start, steps, seed),
+                         max_new_tokens, bos=bos)
+        return conts, *score_continuations(model, tokenizer, prompts, conts, layer, w, bos=bos)
+      if p is None and plain_cache is not None:
+        memo = (float(r * norm), tuple(prompts), max_new_tokens, layer, bos, w.tobytes())
+        if memo not in plain_cache:
+          plain_cache[memo] = run()
+        conts, concept, nll = plain_cache[memo]
+      else:
+        conts, concept, nll = run()
       key = f"steer_{mode}_r{r:g}"
       empty = sum(1 for c in conts if not c)
       out[key + "_empty"] = float(empty)
