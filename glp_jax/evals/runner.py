@@ -82,8 +82,9 @@ def _cfg(config: dict, *keys, default=None):
 
 class Context:
   """The prior plus the LM side it belongs to, resolved once per invocation. `shared` holds what does not
-  depend on the prior (the loaded LM, the probe tasks' LM activations, the held-out texts): the priors of one
-  `evaluate_priors` call pass the same dict, so a sweep's priors load the LM and run those forwards once."""
+  depend on the prior (the loaded LM, the probe tasks' LM activations, the steering direction and the plain
+  steering, the held-out texts): the priors of one `evaluate_priors` call pass the same dict, so a sweep's priors
+  load the LM and run those forwards once."""
 
   def __init__(self, opts: Options, shared: dict | None = None):
     self.opts = opts
@@ -125,7 +126,7 @@ class Context:
       if width != self.prior.d:
         raise ConfigError(f"the prior {opts.prior} models activations of width {self.prior.d}, but the store "
                           f"{self.store} holds width {width}: pass the store it was trained on (--store)")
-    self._lm = None
+    self._lm, self._lm_id = None, ()
 
   def lm(self):
     opts = self.opts
@@ -134,14 +135,15 @@ class Context:
       if not self.lm_name or self.layer is None:
         raise ConfigError("cannot tell which LM/layer this prior models: pass --store or --lm and --layer")
       dtype = "auto" if opts.quick else opts.lm_dtype   # auto: bf16 where this CPU has native bf16 (~3x faster)
-      self._lm = self.share(("lm", self.lm_name, dtype, opts.device),
+      self._lm_id = (self.lm_name, dtype, opts.device)
+      self._lm = self.share(("lm", *self._lm_id),
                             lambda: lm.load_causal_lm(self.lm_name, dtype=dtype, device=opts.device))
     return self._lm
 
   def lm_key(self) -> tuple:
     """What an LM-side result depends on besides its own inputs: the LM as loaded, the layer, the BOS rule."""
     self.lm()
-    return (self.lm_name, "auto" if self.opts.quick else self.opts.lm_dtype, self.opts.device, self.layer, self.bos)
+    return (*self._lm_id, self.layer, self.bos)
 
   def share(self, key: tuple, make):
     """`make()`, computed once per `shared` dict for `key`."""
@@ -282,8 +284,8 @@ def evaluate_all(names, opts: Options, shared: dict | None = None) -> dict[str, 
 
 def evaluate_priors(names, opts: Options) -> dict[str, dict[str, dict]]:
   """`evaluate_all` of each prior in the comma-separated `opts.prior`, in one process: the LM is loaded once and
-  its prior-independent forwards run once (a sweep's evaluations: ~20 s less per prior of `make demo` on 2
-  cores). Each prior's results go to its own folder. Returns {prior: {name: result}}."""
+  its prior-independent forwards run once (--quick on 2 cores: ~13 s per prior after the first, not ~48 s).
+  Each prior's results go to its own folder. Returns {prior: {name: result}}."""
   priors = [p for p in opts.prior.split(",") if p] or [""]
   if len(priors) > 1 and opts.out:
     raise ConfigError(f"--out names one folder, but {len(priors)} priors were given: each writes into its own "
