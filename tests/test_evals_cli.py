@@ -254,6 +254,11 @@ def test_a_downloaded_export_whose_recorded_store_is_elsewhere_evaluates_with_th
     runner.run_fd(ctx)
   with pytest.raises(Exception, match="/elsewhere/extract/store"):
     runner.Context(runner.Options(prior=str(tmp_path / "copied"), store="/elsewhere/extract/store"))
+  # An export of a store fed without a BOS says so, and is evaluated alike where its store is out of reach.
+  assert ctx.bos is True
+  GLP.from_pretrained(f"{setup}/export").save_pretrained(
+      str(tmp_path / "no_bos"), provenance={"lm": f"{setup}/lm", "layer": 1, "store": "/elsewhere", "bos": False})
+  assert runner.Context(runner.Options(prior=str(tmp_path / "no_bos"), quick=True)).bos is False
 
 
 def test_fewer_steering_prompts_than_asked_are_warned_and_recorded(tmp_path, monkeypatch, caplog):

@@ -27,6 +27,7 @@ def check_identity(out: str, cache: str) -> dict:
   prov = conf["provenance"]
   assert (prov["lm"], prov["layer"], prov["store"]) == (DEFAULT_LM, 3, default_store_path(cache))
   assert prov["corpus"] == DEFAULT_CORPUS and prov["store_rows"] == 2048
+  assert prov["bos"] is True   # how the LM was fed (a store not written by glp-extract: with a BOS)
   ycfg = yaml.safe_load(open(os.path.join(out, "config.yaml")))
   assert ycfg["model_name"] == DEFAULT_LM and ycfg["glp_kwargs"]["tracedict_config"]["layers"] == [3]
   card = open(os.path.join(out, "README.md")).read()

@@ -440,7 +440,7 @@ def test_token_rule_names_what_it_keeps(monkeypatch):
   qwen = tokens.token_rule(Tok(None, False), True)
   assert qwen["skip"] == 0 and "defines no BOS" in qwen["description"] and "attention sink" in warned[0]
   # The evaluations read back from the recorded rule whether documents began with a BOS (they feed text alike).
-  from glp_jax.evals.prior import leads_with_bos
+  from glp_jax.data.layout import leads_with_bos
   rules = {(bos, adds, prepend): tokens.token_rule(Tok(bos, adds), prepend)
            for bos in (None, 1) for adds in (False, True) for prepend in (False, True) if bos or not adds}
   for rule in rules.values():

@@ -24,9 +24,14 @@ OVERRIDES = {"batch_size": 64, "num_activations": 64 * 12, "data.block_rows": 32
              "ckpt.keep": 5, "mesh.data": 2, "mesh.fsdp": 4, "opt.lr": 3e-3}
 
 
-def make_store(path, docs=48):
+# What glp-extract records for an LM fed without a BOS (prepend_bos off, a tokenizer that adds none).
+NO_BOS = {"token_selection": {"rule": "every position (prepend_bos is off and the tokenizer adds no BOS, id 1)"}}
+
+
+def make_store(path, docs=48, metadata=None):
   rng = np.random.default_rng(0)
-  st = StoreWriter.create(path, layers=[0], d=D, dtype="float32", shard_rows=1024, chunk_rows=256)
+  st = StoreWriter.create(path, layers=[0], d=D, dtype="float32", shard_rows=1024, chunk_rows=256,
+                          metadata=metadata)
   for doc in range(docs):
     st.append({0: rng.normal(size=(64, D)).astype(np.float32)}, doc_id=doc, positions=np.arange(64))
   st.close()
@@ -41,7 +46,7 @@ def make_config(store, **extra):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   base = tmp_path_factory.mktemp("wd")
-  store = make_store(str(base / "store"))
+  store = make_store(str(base / "store"), metadata=NO_BOS)
   workdir = str(base / "run")
   summary = trainer.train_and_evaluate(make_config(store), workdir)
   return store, workdir, summary
@@ -128,6 +133,23 @@ def test_readers_never_write(finished, tmp_path):
   assert reader.all_steps() == [6, 12]
   reader.close()
   assert os.path.isdir(in_progress)
+
+
+def test_a_prior_whose_store_is_out_of_reach_is_fed_text_as_its_store_was(finished, tmp_path):
+  """Evaluations feed the LM text as the prior's store was fed (here: no BOS). The store said so; a run copied
+  where its store is not was evaluated with a BOS: the checkpoint now records the rule."""
+  import json
+  from glp_jax.evals import runner
+  store, workdir, _ = finished
+  assert runner.Context(runner.Options(prior=workdir)).bos is False   # from the store
+  copy = str(tmp_path / "copied")
+  shutil.copytree(workdir, copy)
+  config = json.load(open(os.path.join(copy, "config.json")))
+  config["data"]["store"] = "/elsewhere/store"
+  json.dump(config, open(os.path.join(copy, "config.json"), "w"))
+  ctx = runner.Context(runner.Options(prior=copy))
+  assert ctx.store is None and ctx.bos is False
+  assert runner.Context(runner.Options(prior=copy, store=make_store(str(tmp_path / "bos_store")))).bos is True
 
 
 def test_a_streaming_runs_store_may_grow_between_restarts():

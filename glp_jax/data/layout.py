@@ -167,3 +167,12 @@ def read_manifest(path: str) -> dict:
     raise StoreError(f"{path}: manifest format {m.get('format')!r} v{m.get('format_version')} is not "
                      f"{FORMAT!r} v{'/'.join(map(str, READABLE_VERSIONS))}")
   return m
+
+
+def leads_with_bos(metadata: dict) -> bool:
+  """Whether the store's documents were fed to the LM with a leading BOS, from the token-selection rule its
+  manifest's metadata records (`extraction.tokens.token_rule`): False only for a store extracted without one
+  (prepend_bos off and a tokenizer that adds none, or one with no BOS at all). A store not written by
+  glp-extract: True."""
+  rule = str((metadata.get("token_selection") or {}).get("rule", ""))
+  return not rule.startswith("every position (")

@@ -24,6 +24,7 @@ import numpy as np
 
 from glp_jax.core import grid
 from glp_jax.core.normalizer import Normalizer
+from glp_jax.data import layout
 from glp_jax.util import files
 from glp_jax.util.errors import ConfigError
 
@@ -239,17 +240,9 @@ def lm_info_from_store(store: str, layer: int | None = None) -> dict:
     return {}
   layers = man.get("layers") or []
   meta = man.get("metadata") or {}
-  out = {"lm": meta.get("model"), "bos": leads_with_bos(meta)}
+  out = {"lm": meta.get("model"), "bos": layout.leads_with_bos(meta)}
   out["layer"] = int(layer) if layer is not None and int(layer) >= 0 else (int(layers[0]) if layers else None)
   return out
-
-
-def leads_with_bos(metadata: dict) -> bool:
-  """Whether the store's documents were fed to the LM with a leading BOS, from its token-selection rule
-  (`extraction.tokens.token_rule`): False only for a store extracted without one (prepend_bos off and a
-  tokenizer that adds none, or one with no BOS at all). A store not written by glp-extract: True."""
-  rule = str((metadata.get("token_selection") or {}).get("rule", ""))
-  return not rule.startswith("every position (")
 
 
 def load_prior(path: str, step: int | None = None, layer: int | None = None, device: str = "auto") -> Prior:

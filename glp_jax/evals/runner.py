@@ -115,8 +115,12 @@ class Context:
     info = prior_lib.lm_info_from_store(self.store, hint) if self.store else {}
     self.lm_name = opts.lm or info.get("lm") or prov.get("lm")
     self.layer = opts.layer if opts.layer is not None else info.get("layer", prov.get("layer"))
-    # Whether the prior's documents began with a BOS: evaluations feed text the same way (unknown: they did).
-    self.bos = info.get("bos", True)
+    # Whether the prior's documents began with a BOS: evaluations feed text the same way. The store says; out of
+    # its reach, what the export or the run's checkpoint recorded of it; recorded nowhere (older runs): they did.
+    if "bos" not in info and "bos" not in prov and prior_lib.is_run_dir(self.path):
+      from glp_jax.training.prior import checkpoint_step   # JAX: run dirs load it anyway
+      prov["bos"] = checkpoint_step(self.path, opts.step)[1].get("identity", {}).get("store", {}).get("bos")
+    self.bos = info.get("bos", prov.get("bos") is not False)
     self.prior = prior_lib.load_prior(self.path, opts.step, opts.layer, opts.device)
     if self.store:   # a prior of another width would fail only after minutes of sampling
       from glp_jax.data.store import ActivationStore

@@ -31,8 +31,8 @@ log = logging.getLogger("glp_jax")
 # The Hub model the embedded default LM (torch/lm.py) was converted from.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # What the prior models (carried over from the source of an imported export).
-IDENTITY_KEYS = ("lm", "layer", "store", "corpus", "lm_description", "lm_revision", "store_rows", "store_docs",
-                 "store_dtype")
+IDENTITY_KEYS = ("lm", "layer", "bos", "store", "corpus", "lm_description", "lm_revision", "store_rows",
+                 "store_docs", "store_dtype")
 # How the weights of an imported checkpoint were trained: the source's figures (None where it recorded none).
 TRAINING_KEYS = ("step", "activations_seen", "flops", "eval_loss", "eval_loss_sem", "eval_step", "ema")
 
@@ -122,7 +122,9 @@ def lm_info(normalizer: Any, config: Any, multi: int, imported: bool = False,
           "lm": metadata.get("model"),
           "layer": layers[0] if layers and len(layers) == 1 else layers}
   if manifest:
-    info.update(lm_description=metadata.get("model_description"), lm_revision=metadata.get("model_revision"),
+    # bos: whether documents reached the LM behind a BOS; evaluations of the export feed text alike
+    info.update(bos=layout.leads_with_bos(metadata),
+                lm_description=metadata.get("model_description"), lm_revision=metadata.get("model_revision"),
                 corpus=metadata.get("corpus"), store_rows=manifest.get("num_rows"),
                 store_docs=manifest.get("num_docs"), store_dtype=manifest.get("dtype"))
   return {"layer_prefix": "model.layers", "layers": layers, "retain": "output"}, info

@@ -18,6 +18,7 @@ from typing import Any
 
 import filelock
 
+from glp_jax.data import layout
 from glp_jax.util import config as config_lib
 from glp_jax.util import files
 from glp_jax.util.errors import ConfigError, GlpError
@@ -63,8 +64,10 @@ def identity(config: dict, store: Any, normalizer_layers: Any = None) -> dict:
     stats = {"first_shard": stats.get("first_shard", {})}
   stats = json.dumps(stats, sort_keys=True)
   return {"config_hash": hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest(),
+          # bos: how the LM was fed, for evaluations of this run where the store is out of reach (not compared)
           "store": {"path": store.path, "num_rows": store.num_rows, "layers": store.layers, "d": store.d,
-                    "dtype": store.dtype, "stats_hash": hashlib.sha256(stats.encode()).hexdigest()},
+                    "dtype": store.dtype, "stats_hash": hashlib.sha256(stats.encode()).hexdigest(),
+                    "bos": layout.leads_with_bos(store.manifest.get("metadata") or {})},
           "plan": {k: plan[k] for k in plan if k.startswith("data.") or k in ("seed", "batch_size")}}
 
 
