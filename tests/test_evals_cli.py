@@ -67,7 +67,8 @@ def test_cli_all_quick_writes_flat_json(setup):
 
 def test_several_priors_in_one_call_load_the_lm_once_and_equal_one_call_each(setup, tmp_path, monkeypatch, capsys):
   """`--prior=a,b`: each prior's results in its own folder, the same numbers as evaluating each alone, with the LM
-  loaded once and its prior-independent forwards (probe tasks, steering direction, plain steering) run once."""
+  loaded once and its prior-independent forwards (probe tasks, steering direction, plain steering, delta LM's
+  unedited and anchor forwards) run once."""
   import shutil
   import torch
   from glp_jax.evals import cli, runner, steer, tasks
@@ -79,7 +80,7 @@ def test_several_priors_in_one_call_load_the_lm_once_and_equal_one_call_each(set
   GLP(first.cfg, first.normalizer.mean, first.normalizer.var).save_pretrained(b)   # other weights, same shape
   alone = {p: runner.evaluate_all("all", runner.Options(prior=p, store=f"{setup}/store", out=f"{p}_alone",
                                                         quick=True)) for p in (a, b)}
-  calls = {"load": 0, "forward": 0, "generate": 0}
+  calls = {"load": 0, "forward": 0, "generate": 0, "delta_lm_edit": 0}
   def counted(name, fn):
     def wrapped(*args, **kw):
       calls[name] += 1
@@ -88,6 +89,8 @@ def test_several_priors_in_one_call_load_the_lm_once_and_equal_one_call_each(set
   monkeypatch.setattr(lm, "load_causal_lm", counted("load", lm.load_causal_lm))
   monkeypatch.setattr(tasks, "last_token_activations", counted("forward", tasks.last_token_activations))
   monkeypatch.setattr(steer, "generate", counted("generate", steer.generate))
+  from glp_jax.evals import delta_lm
+  monkeypatch.setattr(delta_lm, "per_doc_loss", counted("delta_lm_edit", delta_lm.per_doc_loss))
   cli.FLAGS(["glp-eval", f"--prior={a},{b}", f"--store={setup}/store", "--quick"])
   try:
     cli.main(cli.FLAGS, ["all"])
@@ -101,6 +104,9 @@ def test_several_priors_in_one_call_load_the_lm_once_and_equal_one_call_each(set
   # --quick steers at 3 strengths: plain steering (b copies a's normaliser, so the same norm) once, the prior's
   # on-manifold steering for each prior
   assert calls["generate"] == 3 + 2 * 3
+  # delta LM, one batch of --quick's 8 documents: the unedited, mean and identity forwards once (b has a's
+  # normaliser mean), the on-manifold one for each prior
+  assert calls["delta_lm_edit"] == 3 + 2
   timing = ("_seconds", "_wall_seconds")
   for p in (a, b):
     for name in runner.NAMES:

@@ -17,8 +17,10 @@ counting 0 (short documents look better); here padded positions are excluded fro
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -76,10 +78,18 @@ def identity_edit(h_BxSxD, mask_BxS):
   return h_BxSxD
 
 
+_BASE = ("base",)
+
+
 def delta_lm_losses(model, tokenizer, texts: Iterable[str], layer: int, edits: dict[str, EditFn],
-                    max_length: int = 128, batch_size: int = 8, bos: bool = True) -> dict[str, dict]:
+                    max_length: int = 128, batch_size: int = 8, bos: bool = True, cache: dict | None = None,
+                    keys: dict[str, Hashable] | None = None) -> dict[str, dict]:
   """Per intervention: {delta, sem, base, edited, n_docs} (losses in nats per token). With `bos`, documents
-  start with a BOS that is never edited; without, every position is."""
+  start with a BOS that is never edited; without, every position is.
+
+  `cache`, a dict kept for one LM, layer, BOS rule, text list, length and batch size, holds the per-document
+  losses that do not depend on the prior: the unedited forward, and each edit named in `keys` under its key
+  (what it depends on, e.g. the vector it writes). The next prior then runs only its own edits."""
   import torch
   from glp_jax.torch import lm
 
@@ -87,23 +97,31 @@ def delta_lm_losses(model, tokenizer, texts: Iterable[str], layer: int, edits: d
   if not docs:
     raise ValueError("no document has >= 3 tokens (BOS + 2)")
   from glp_jax.evals import tasks
+  cache, keys = ({} if cache is None else cache), (keys or {})
+  # What this call runs, per batch: the unedited forward (`_BASE`, no edit) unless cached, then the edits.
+  run = ({} if _BASE in cache else {_BASE: None}) | {
+      name: fn for name, fn in edits.items() if name not in keys or keys[name] not in cache}
   device = next(model.parameters()).device
-  base, edited = [], {name: [] for name in edits}
-  for i in range(0, len(docs), batch_size):
+  parts = {name: [] for name in run}
+  for i in range(0, len(docs) if run else 0, batch_size):
     ids, mask = (t.to(device) for t in tasks.pad(docs[i:i + batch_size], tasks.pad_id(tokenizer)))
     edit_mask = mask.bool().clone()
     if bos and tokenizer.bos_token_id is not None:   # a tokenizer with no BOS: `encode` prepends none
       edit_mask[:, 0] = False
     with torch.inference_mode():
-      base.append(per_doc_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask))
-      for name, fn in edits.items():
-        with lm.edit_layer_output(model, layer, lambda h, fn=fn: fn(h, edit_mask)):
+      for name, fn in run.items():
+        with (lm.edit_layer_output(model, layer, lambda h, fn=fn: fn(h, edit_mask)) if fn else
+              contextlib.nullcontext()):
           logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        edited[name].append(per_doc_loss(logits, ids, mask))
-  base_N = np.concatenate(base)
+        parts[name].append(per_doc_loss(logits, ids, mask))
+  losses = {name: np.concatenate(p) for name, p in parts.items()}
+  for name, key in [(_BASE, _BASE), *keys.items()]:
+    if name in losses:
+      cache[key] = losses[name]
+  base_N = cache[_BASE]
   out = {}
-  for name, parts in edited.items():
-    ed_N = np.concatenate(parts)
+  for name in edits:
+    ed_N = losses[name] if name in losses else cache[keys[name]]
     diff = ed_N - base_N
     out[name] = {"delta": float(diff.mean()),
                  "sem": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan"),
@@ -113,12 +131,17 @@ def delta_lm_losses(model, tokenizer, texts: Iterable[str], layer: int, edits: d
 
 def evaluate_delta_lm(prior, model, tokenizer, texts: Iterable[str], layer: int, max_length: int = 128,
                       batch_size: int = 8, start: float = 0.5, steps: int = 20, seed: int = 0,
-                      bos: bool = True) -> dict[str, float]:
-  """The flat result row: delta_lm (GLP) with SEM, and the mean / identity anchors."""
+                      bos: bool = True, cache: dict | None = None) -> dict[str, float]:
+  """The flat result row: delta_lm (GLP) with SEM, and the mean / identity anchors. `cache`: see
+  `delta_lm_losses` (the anchors of priors with one normaliser mean are computed once)."""
   t0 = time.time()
-  edits = {"glp": project_edit(prior, start, steps, seed), "mean": constant_edit(prior.mean_D),
+  mean_D = np.asarray(prior.mean_D)
+  edits = {"glp": project_edit(prior, start, steps, seed), "mean": constant_edit(mean_D),
            "identity": identity_edit}
-  res = delta_lm_losses(model, tokenizer, texts, layer, edits, max_length, batch_size, bos=bos)
+  keys = {"mean": ("mean", mean_D.dtype.str, hashlib.sha256(mean_D.tobytes()).hexdigest()),
+          "identity": ("identity",)}
+  res = delta_lm_losses(model, tokenizer, texts, layer, edits, max_length, batch_size, bos=bos, cache=cache,
+                        keys=keys)
   return {"delta_lm": res["glp"]["delta"], "delta_lm_sem": res["glp"]["sem"],
           "delta_lm_mean": res["mean"]["delta"], "delta_lm_mean_sem": res["mean"]["sem"],
           "delta_lm_identity": res["identity"]["delta"], "lm_loss_base": res["glp"]["base"],

@@ -197,8 +197,9 @@ def run_delta_lm(ctx: Context) -> dict:
   model, tok = ctx.lm()
   n, length = (8, 48) if opts.quick else (opts.num_docs, opts.max_length)
   texts = ctx.share(("heldout_texts", ctx.store, n), lambda: _heldout_texts(ctx, n))
-  return delta_lm.evaluate_delta_lm(ctx.prior, model, tok, texts, ctx.layer, length,
-                                    opts.batch_size, opts.start, opts.manifold_steps, opts.seed, bos=ctx.bos)
+  anchors = ctx.share(("delta_lm_anchors", *ctx.lm_key(), tuple(texts), length, opts.batch_size), dict)
+  return delta_lm.evaluate_delta_lm(ctx.prior, model, tok, texts, ctx.layer, length, opts.batch_size,
+                                    opts.start, opts.manifold_steps, opts.seed, bos=ctx.bos, cache=anchors)
 
 
 def run_steer(ctx: Context, out_dir: str) -> dict:
