@@ -17,9 +17,23 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from glp_jax.util import files
 from glp_jax.util.errors import ConfigError, GlpError
+
+# Replica-parallel saving (orbax's default off GPUs) cuts each replicated array into one slice per replica, so
+# hosts share the writing; for an array of a few KiB (biases, norms, the small models of a sweep) that is one
+# device slice and host copy per replica for nothing: on 8 CPU devices it made a save hold the training loop
+# 4x longer (0.30 -> 0.07 s for 100 small arrays). Arrays whose slices would be smaller are written whole by
+# one replica; large ones are still shared. The handler is orbax's default one, this threshold aside (set
+# through the registry itself: the public `register_type_handler` logs a warning in every process).
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
+    jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                              min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+    override=True, ignore_warnings=True)
 
 
 class CheckpointError(GlpError):
