@@ -350,6 +350,8 @@ def test_a_stopped_sweep_stops_its_runs_and_starts_no_more(tmp_path, monkeypatch
     while not os.path.exists(up):
       time.sleep(0.01)
     os.kill(os.getpid(), signal.SIGINT)   # as a terminal's Ctrl-C reaches the sweep (the runs have own sessions)
+  # What was there before: a shell's background job starts with SIGINT ignored, not Python's default handler.
+  before = signal.getsignal(signal.SIGINT)
   threading.Thread(target=stop_when_up, daemon=True).start()
   with pytest.raises(SystemExit) as stopped:
     sweep.run_local(runs, poll_s=0.01)
@@ -357,7 +359,7 @@ def test_a_stopped_sweep_stops_its_runs_and_starts_no_more(tmp_path, monkeypatch
   assert open(os.path.join(runs[0].workdir, "terms")).read() == "1"   # one SIGTERM: it saves, no hard stop
   assert not os.path.exists(os.path.join(runs[1].workdir, "up"))        # the second run never started
   assert "1 runs not started; the same command resumes" in capsys.readouterr().out
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the sweep's handlers are gone
+  assert signal.getsignal(signal.SIGINT) == before   # the sweep's handlers are gone
 
 
 def test_a_signal_while_a_run_starts_reaches_that_run_too(tmp_path, monkeypatch):
