@@ -55,14 +55,8 @@ def _state(d_model: int, n_layers: int, mesh):
 def _time(root: str, state, min_slice: int | None, saves: int) -> dict:
   import jax
   import numpy as np
-  import orbax.checkpoint as ocp
-  from orbax.checkpoint._src.metadata import array_metadata_store
-  from orbax.checkpoint._src.serialization import type_handler_registry
   from glp_jax.training import checkpoint as ckpt_lib
-  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
-      jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
-                                                min_slice_bytes_for_replica_parallel=min_slice),
-      override=True, ignore_warnings=True)
+  ckpt_lib.set_min_replica_slice_bytes(min_slice)
   directory = tempfile.mkdtemp(dir=root)
   ck = ckpt_lib.Checkpointer(directory, keep=2)
   held, total = [], []

@@ -30,10 +30,17 @@ from glp_jax.util.errors import ConfigError, GlpError
 # one replica; large ones are still shared. The handler is orbax's default one, this threshold aside (set
 # through the registry itself: the public `register_type_handler` logs a warning in every process).
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
-    jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
-                                              min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
-    override=True, ignore_warnings=True)
+
+
+def set_min_replica_slice_bytes(n: int | None) -> None:
+  """Saves from now on write arrays whose per-replica slice is under `n` bytes whole (None: orbax's default)."""
+  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
+      jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                                min_slice_bytes_for_replica_parallel=n),
+      override=True, ignore_warnings=True)
+
+
+set_min_replica_slice_bytes(MIN_REPLICA_SLICE_BYTES)
 
 
 class CheckpointError(GlpError):
