@@ -6,6 +6,7 @@ import sys
 
 from absl import flags as absl_flags
 import pytest
+from tools import xla_flags as session_xla_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
@@ -61,7 +62,7 @@ def test_xla_flag_sets_parse_and_compare_against_the_baseline():
 def test_an_xla_flag_this_xla_does_not_know_fails_its_set_only(monkeypatch):
   """A flag set XLA refuses (flags come and go between releases) reports XLA's message instead of stopping the
   bench."""
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  monkeypatch.setenv("XLA_FLAGS", session_xla_flags(1))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   row = xla_flags.run_set("bogus", "--xla_no_such_flag_glp=1", "2,16,8,1,1,0", timeout=120)
   assert row["set"] == "bogus" and "xla_no_such_flag_glp" in row["error"], row

